@@ -1,0 +1,35 @@
+"""KFP component: extract_features. Logic: transferkit.features.extract_features."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+from transferkit.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def extract_features(
+    config: dict, dataset: Input[Dataset], backbone: Input[Model], features: Output[Dataset]
+) -> None:
+    """Embed every split with the frozen backbone (content-cached).
+
+    Args:
+        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        dataset: output of ingest_data.
+        backbone: output of fetch_backbone.
+        features: one float32 matrix per split plus features.json.
+    """
+    from pathlib import Path
+
+    from transferkit import config as cfg
+    from transferkit.cli import configure_logging
+    from transferkit.features import extract_features as extract
+
+    configure_logging()
+    result = extract(
+        cfg.PipelineConfig.model_validate(config),
+        Path(dataset.path),
+        Path(backbone.path),
+        Path(features.path),
+    )
+    features.metadata.update(
+        {"key": result.key, "dim": result.dim, "cache_hit": result.cache_hit, "rows": result.rows}
+    )

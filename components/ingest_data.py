@@ -1,0 +1,32 @@
+"""KFP component: ingest_data. Logic: transferkit.data.ingest_data."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+from transferkit.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def ingest_data(config: dict, source_stamp: str, dataset: Output[Dataset]) -> None:
+    """Read, validate and split the labelled target data into parquet splits.
+
+    Args:
+        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        source_stamp: content stamp of the data sources, so a changed file misses the cache.
+        dataset: train/validation/test parquet, label map and stats.
+    """
+    from pathlib import Path
+
+    from transferkit import config as cfg
+    from transferkit.cli import configure_logging
+    from transferkit.data import ingest_data as ingest
+
+    configure_logging()
+    result = ingest(cfg.PipelineConfig.model_validate(config), Path(dataset.path))
+    dataset.metadata.update(
+        {
+            "fingerprint": result.fingerprint,
+            "rows": result.rows,
+            "labels": result.labels,
+            "source_stamp": source_stamp,
+        }
+    )

@@ -1,0 +1,47 @@
+"""KFP component: register_model. Logic: transferkit.registry.register_model."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from transferkit.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register_model(
+    config: dict,
+    dataset: Input[Dataset],
+    backbone: Input[Model],
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    pipeline_run_id: str,
+    registration: Output[Artifact],
+) -> None:
+    """Log the run to MLflow, register the model and promote it if it beats the champion.
+
+    Args:
+        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        dataset: output of ingest_data.
+        backbone: output of fetch_backbone.
+        model: output of train.
+        evaluation: output of evaluate.
+        pipeline_run_id: the KFP run id, recorded on the MLflow run and model version.
+        registration: JSON with the model URI, version and champion decision.
+    """
+    from pathlib import Path
+
+    from transferkit import config as cfg
+    from transferkit.cli import configure_logging
+    from transferkit.registry import register_model as register
+
+    configure_logging()
+    result = register(
+        cfg.PipelineConfig.model_validate(config),
+        Path(dataset.path),
+        Path(backbone.path),
+        Path(model.path),
+        Path(evaluation.path),
+        pipeline_run_id,
+        Path(registration.path),
+    )
+    registration.metadata.update(
+        {"model_uri": result.model_uri, "champion": result.champion, "version": result.version}
+    )

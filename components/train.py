@@ -1,0 +1,46 @@
+"""KFP component: train. Logic: transferkit.training.train."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+from transferkit.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def train(
+    config: dict,
+    dataset: Input[Dataset],
+    backbone: Input[Model],
+    features: Input[Dataset],
+    model: Output[Model],
+) -> None:
+    """Train a classifier with the configured transfer strategy.
+
+    Args:
+        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        dataset: output of ingest_data.
+        backbone: output of fetch_backbone.
+        features: output of extract_features.
+        model: the classifier folder (encoder, head, transferkit.json, training.json).
+    """
+    from pathlib import Path
+
+    from transferkit import config as cfg
+    from transferkit.cli import configure_logging
+    from transferkit.training import train as fit
+
+    configure_logging()
+    result = fit(
+        cfg.PipelineConfig.model_validate(config),
+        Path(dataset.path),
+        Path(backbone.path),
+        Path(features.path),
+        Path(model.path),
+    )
+    model.metadata.update(
+        {
+            "strategy": result.strategy,
+            "precision": result.precision,
+            "validation_metric": result.validation_metric,
+            "trainable_parameters": result.trainable_parameters,
+        }
+    )

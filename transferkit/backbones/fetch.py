@@ -1,0 +1,250 @@
+"""fetch_backbone: resolve a pre-trained model, check it and copy it into the pipeline.
+
+Output folder (the KFP ``Model`` artifact)::
+
+    model/          the Hugging Face folder: config.json, *.safetensors, tokenizer files
+    backbone.json   source, architecture, parameter count, sha256 of every weight file,
+                    the content fingerprint, and the resolved pooling / normalisation
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from transferkit import storage
+from transferkit.config import PipelineConfig
+from transferkit.errors import BackboneError, StorageError
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = (".safetensors",)
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Weights for other frameworks are never needed by torch and only cost transfer time.
+FOREIGN_WEIGHTS = (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".gguf")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+class BackboneInfo(BaseModel):
+    """Provenance and shape of a fetched backbone (``backbone.json``)."""
+
+    source: str
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    parameters: int
+    weights: dict[str, str]
+    fingerprint: str
+    pooling: str
+    normalize: bool
+    max_length: int
+    converted_from_pickle: bool = False
+    seconds: float = 0.0
+
+
+def load_backbone_info(backbone_dir: Path) -> BackboneInfo:
+    """Read ``backbone.json`` of a fetched backbone."""
+    return BackboneInfo.model_validate_json((backbone_dir / "backbone.json").read_text())
+
+
+def _select(names: list[str], config: PipelineConfig, uri: str) -> tuple[list[str], bool]:
+    """Files to copy, and whether pickle weights must be converted."""
+    is_weight = [n for n in names if n.endswith(SAFE_WEIGHTS + PICKLE_WEIGHTS)]
+    safe = [n for n in is_weight if n.endswith(SAFE_WEIGHTS)]
+    pickles = [n for n in is_weight if n.endswith(PICKLE_WEIGHTS)]
+    if "config.json" not in names:
+        raise BackboneError(
+            f"{uri}: no config.json; backbone.uri must point at a Hugging Face model folder"
+        )
+    if not safe and not pickles:
+        raise BackboneError(
+            f"{uri}: no weights (*.safetensors or pytorch_model.bin) in the folder; point "
+            "backbone.uri at a complete model"
+        )
+    if not safe and not config.backbone.allow_pickle:
+        raise BackboneError(
+            f"{uri}: only pickle weights ({pickles[0]}), which can run code when loaded; "
+            "provide safetensors or set backbone.allow_pickle: true to convert them safely"
+        )
+    keep = [
+        n
+        for n in names
+        if not n.endswith(FOREIGN_WEIGHTS)
+        and not (safe and n.endswith(PICKLE_WEIGHTS))
+        and not (safe and n.endswith(".bin.index.json"))
+    ]
+    return keep, not safe
+
+
+def _convert_pickles(model_dir: Path) -> None:
+    """Load pickle weights with weights_only=True and rewrite them as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    for path in sorted(model_dir.rglob("*")):
+        if not path.name.endswith(PICKLE_WEIGHTS):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(
+                f"{path.name}: cannot be loaded with weights_only=True "
+                f"({type(exc).__name__}); it is not a plain tensor checkpoint"
+            ) from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        stem = (
+            "model" if path.stem == "pytorch_model" else path.stem.replace("pytorch_model", "model")
+        )
+        save_file(tensors, model_dir / f"{stem}.safetensors", metadata={"format": "pt"})
+        path.unlink()
+    index = model_dir / "pytorch_model.bin.index.json"
+    if index.exists():
+        mapping = json.loads(index.read_text())
+        mapping["weight_map"] = {
+            k: v.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+            for k, v in mapping.get("weight_map", {}).items()
+        }
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(mapping))
+        index.unlink()
+
+
+def _inspect_weights(model_dir: Path, uri: str) -> tuple[dict[str, str], int]:
+    """sha256 of every weight file and the total parameter count (read from headers)."""
+    from safetensors import safe_open
+
+    weights: dict[str, str] = {}
+    parameters = 0
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        rel = path.relative_to(model_dir).as_posix()
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shape = handle.get_slice(key).get_shape()
+                    count = 1
+                    for dim in shape:
+                        count *= dim
+                    parameters += count
+        except Exception as exc:
+            raise BackboneError(
+                f"{uri}: weights file {rel} is unreadable ({type(exc).__name__}); it is "
+                "truncated or corrupt — fetch it again"
+            ) from None
+        weights[rel] = storage.sha256_file(path)
+    return weights, parameters
+
+
+def _sentence_transformers_head(model_dir: Path) -> tuple[str | None, bool]:
+    """Pooling and normalisation declared by a sentence-transformers folder, if any."""
+    pooling = None
+    pooling_config = model_dir / "1_Pooling" / "config.json"
+    if pooling_config.exists():
+        modes = json.loads(pooling_config.read_text())
+        for key, name in (
+            ("pooling_mode_cls_token", "cls"),
+            ("pooling_mode_max_tokens", "max"),
+            ("pooling_mode_mean_tokens", "mean"),
+        ):
+            if modes.get(key):
+                pooling = name
+    normalize = False
+    modules = model_dir / "modules.json"
+    if modules.exists():
+        normalize = any(
+            m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
+        )
+    return pooling, normalize
+
+
+def fetch_backbone(config: PipelineConfig, output_dir: Path) -> BackboneInfo:
+    """Copy the configured backbone into ``output_dir`` and record its provenance.
+
+    Args:
+        config: the run configuration (``backbone`` and ``storage`` are used).
+        output_dir: folder to create atomically.
+
+    Returns:
+        Architecture, parameter count, weight hashes and the content fingerprint.
+
+    Raises:
+        BackboneError: not a model folder, no weights, pickle weights without opt-in,
+            corrupt weights or a sha256 mismatch.
+        StorageError: the URI cannot be read.
+    """
+    started = time.perf_counter()
+    uri = config.backbone.uri
+    try:
+        names = storage.list_tree(uri, config.storage)
+    except StorageError as exc:
+        raise BackboneError(str(exc)) from None
+    keep, convert = _select(names, config, uri)
+    if not any(n.endswith(TOKENIZER_FILES) for n in keep):
+        raise BackboneError(
+            f"{uri}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); save the tokenizer "
+            "next to the model (tokenizer.save_pretrained)"
+        )
+    with storage.atomic_dir(output_dir) as tmp:
+        model_dir = tmp / "model"
+        storage.fetch_tree(uri, model_dir, keep, config.storage)
+        if convert:
+            log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
+            _convert_pickles(model_dir)
+        weights, parameters = _inspect_weights(model_dir, uri)
+        expected = config.backbone.weights_sha256
+        if expected:
+            if len(weights) != 1:
+                raise BackboneError(
+                    f"{uri}: backbone.weights_sha256 needs a single weights file, found "
+                    f"{len(weights)}; remove it or merge the shards"
+                )
+            ((name, actual),) = weights.items()
+            if actual != expected:
+                raise BackboneError(
+                    f"{uri}: sha256 of {name} is {actual[:16]}…, expected {expected[:16]}…; the "
+                    "file is corrupt or not the model you meant — fetch it again"
+                )
+        hf_config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
+        st_pooling, st_normalize = _sentence_transformers_head(model_dir)
+        pooling: str = config.backbone.pooling
+        if pooling == "auto":
+            pooling = st_pooling or "mean"
+        normalize = config.backbone.normalize
+        if normalize == "auto":
+            normalize = st_normalize
+        info = BackboneInfo(
+            source=uri,
+            architecture=(hf_config.get("architectures") or [hf_config.get("model_type", "?")])[0],
+            model_type=str(hf_config.get("model_type", "unknown")),
+            hidden_size=int(hf_config.get("hidden_size") or hf_config.get("d_model") or 0),
+            num_layers=int(hf_config.get("num_hidden_layers") or hf_config.get("n_layer") or 0),
+            parameters=parameters,
+            weights=weights,
+            fingerprint=storage.sha256_tree(model_dir, known=weights),
+            pooling=pooling,
+            normalize=bool(normalize),
+            max_length=config.backbone.max_length,
+            converted_from_pickle=convert,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        storage.write_json(tmp / "backbone.json", info.model_dump())
+    log.info(
+        "fetched %s (%s, %.1fM parameters, fingerprint %s)",
+        uri,
+        info.architecture,
+        parameters / 1e6,
+        info.fingerprint[:12],
+    )
+    return info

@@ -1,0 +1,152 @@
+"""Text encoders: a Hugging Face transformer plus pooling, and fast batched encoding.
+
+Encoding sorts texts by token length so each batch pads to its own longest text (SST-2
+averages 13 tokens; padding everything to 128 would waste ~90% of the work), runs under
+``torch.inference_mode`` with bf16 autocast where the hardware has native bf16, and restores
+the caller's order in the returned array.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+def bf16_supported(device: torch.device | None = None) -> bool:
+    """Whether bf16 matrix work runs natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(setting: str, device: torch.device | None = None) -> str:
+    """'auto' → 'bf16' where supported, else 'fp32'; explicit settings pass through."""
+    if setting == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return setting
+
+
+def autocast(precision: str, device: torch.device | None = None) -> Any:
+    """An autocast context for ``precision`` ('bf16' or 'fp32': disabled)."""
+    device = device or torch.device("cpu")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """Token states [B, T, H] → one float32 vector per text [B, H]."""
+    hidden = hidden.float()
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    elif pooling == "max":
+        pooled = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
+    else:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+class TextEncoder(nn.Module):
+    """A transformer body plus pooling: texts' token ids → sentence vectors."""
+
+    def __init__(self, body: nn.Module, pooling: str, normalize: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.pooling = pooling
+        self.normalize = normalize
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.body.config.hidden_size)  # type: ignore[union-attr, arg-type]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling, self.normalize)
+
+
+def load_text_encoder(model_dir: Path, pooling: str, normalize: bool) -> tuple[Any, TextEncoder]:
+    """Tokenizer and encoder from a Hugging Face folder (offline, safetensors only)."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    body = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+    return tokenizer, TextEncoder(body, pooling, normalize)
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, without padding."""
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Index batches, longest texts first, so each batch pads only to its own maximum."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` tensors."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, sequence in enumerate(ids):
+        input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return input_ids, mask
+
+
+@torch.inference_mode()
+def run_batched(
+    module: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 128,
+    precision: str = "fp32",
+    description: str = "encode",
+) -> np.ndarray:
+    """Apply ``module(input_ids, attention_mask) → [batch, width]`` to texts, in input order.
+
+    Used for sentence vectors (a TextEncoder) and for class logits (a classifier) alike.
+
+    Args:
+        module: maps padded token ids and mask to one row per text (put in eval mode here).
+        tokenizer: the backbone's tokenizer.
+        texts: input texts.
+        max_length: truncation length in tokens.
+        batch_size: texts per forward pass.
+        precision: 'bf16' (autocast) or 'fp32'.
+        description: label for progress output.
+
+    Returns:
+        float32 array [len(texts), width].
+    """
+    device = next(module.parameters()).device
+    module.eval()
+    ids = tokenize(tokenizer, texts, max_length) if texts else []
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    batches = length_sorted_batches(lengths, batch_size)
+    pad_id = tokenizer.pad_token_id or 0
+    out: np.ndarray | None = None
+    with autocast(precision, device):
+        for index in progress(batches, len(batches), description):
+            input_ids, mask = pad([ids[i] for i in index], pad_id)
+            rows = module(input_ids.to(device), mask.to(device)).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), rows.shape[1]), dtype=np.float32)
+            out[index] = rows
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)

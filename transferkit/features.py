@@ -1,0 +1,166 @@
+"""extract_features: embed every split with the frozen backbone, cached by content.
+
+Output folder (the KFP ``Dataset`` artifact)::
+
+    train.npy  validation.npy  test.npy   float32 [rows, hidden], rows in dataset order
+    features.json                         key, dims, pooling, precision, timing, cache hit
+
+The cache key is (data fingerprint, backbone fingerprint, pooling, normalisation, max length,
+precision): content, not URIs, so changed data behind an unchanged path is re-embedded and an
+identical rerun is a file link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+from transferkit import storage
+from transferkit.backbones import load_backbone_info
+from transferkit.config import PipelineConfig
+from transferkit.data import SPLITS, load_split
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout or the numerics of stored features change, to invalidate old caches.
+FEATURE_FORMAT = 1
+
+
+class FeaturesResult(BaseModel):
+    """What extract_features produced."""
+
+    key: str
+    dim: int
+    rows: dict[str, int]
+    pooling: str
+    normalize: bool
+    max_length: int
+    precision: str
+    cache_hit: bool
+    seconds: float
+    texts_per_second: float | None = None
+
+
+def feature_key(
+    data_fingerprint: str,
+    backbone_fingerprint: str,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    precision: str,
+) -> str:
+    """Cache key of a feature set: everything that changes the numbers, nothing else."""
+    payload = json.dumps(
+        {
+            "data": data_fingerprint,
+            "backbone": backbone_fingerprint,
+            "pooling": pooling,
+            "normalize": normalize,
+            "max_length": max_length,
+            "precision": precision,
+            "format": FEATURE_FORMAT,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_features(features_dir: Path, split: str) -> np.ndarray:
+    """Feature matrix of one split."""
+    return np.load(features_dir / f"{split}.npy")
+
+
+def extract_features(
+    config: PipelineConfig, dataset_dir: Path, backbone_dir: Path, output_dir: Path
+) -> FeaturesResult:
+    """Embed every split of the dataset with the frozen backbone.
+
+    Args:
+        config: the run configuration (``training.precision``, ``evaluation.batch_size``,
+            ``runtime``).
+        dataset_dir: the ingest_data artifact.
+        backbone_dir: the fetch_backbone artifact.
+        output_dir: folder to create atomically.
+
+    Returns:
+        The cache key, shapes, timing and whether the cache served the result.
+    """
+    from transferkit.backbones.text import load_text_encoder, resolve_precision, run_batched
+    from transferkit.training.runtime import configure_torch
+
+    started = time.perf_counter()
+    configure_torch(config)
+    info = load_backbone_info(backbone_dir)
+    data_fingerprint = storage.read_json(dataset_dir / "stats.json")["fingerprint"]
+    precision = resolve_precision(config.training.precision)
+    key = feature_key(
+        data_fingerprint, info.fingerprint, info.pooling, info.normalize, info.max_length, precision
+    )
+    cached = Path(config.feature_cache) / key
+    base = {
+        "key": key,
+        "pooling": info.pooling,
+        "normalize": info.normalize,
+        "max_length": info.max_length,
+        "precision": precision,
+    }
+
+    if (cached / "features.json").exists():
+        recorded = storage.read_json(cached / "features.json")
+        result = FeaturesResult(
+            **{**recorded, "cache_hit": True, "seconds": round(time.perf_counter() - started, 3)}
+        )
+        with storage.atomic_dir(output_dir) as tmp:
+            for split in SPLITS:
+                storage.link_or_copy(cached / f"{split}.npy", tmp / f"{split}.npy")
+            storage.write_json(tmp / "features.json", result.model_dump())
+        log.info("features served from cache %s", key[:12])
+        return result
+
+    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+    rows: dict[str, int] = {}
+    total_texts = 0
+    encode_seconds = 0.0
+    with storage.atomic_dir(output_dir) as tmp:
+        for split in SPLITS:
+            texts, _ = load_split(dataset_dir, split)
+            t0 = time.perf_counter()
+            vectors = run_batched(
+                encoder,
+                tokenizer,
+                texts,
+                info.max_length,
+                batch_size=config.evaluation.batch_size,
+                precision=precision,
+                description=f"embed {split}",
+            )
+            encode_seconds += time.perf_counter() - t0
+            total_texts += len(texts)
+            np.save(tmp / f"{split}.npy", vectors)
+            rows[split] = len(texts)
+        result = FeaturesResult(
+            **base,
+            dim=encoder.hidden_size,
+            rows=rows,
+            cache_hit=False,
+            seconds=round(time.perf_counter() - started, 3),
+            texts_per_second=round(total_texts / max(encode_seconds, 1e-9), 1),
+        )
+        storage.write_json(tmp / "features.json", result.model_dump())
+    # Populate the cache from the finished artifact; a crash here costs a cache miss, never
+    # a half-written entry (atomic_dir).
+    with storage.atomic_dir(cached) as entry:
+        storage.link_or_copy_tree(output_dir, entry)
+    log.info(
+        "embedded %s texts at %.0f texts/s (%s)",
+        f"{total_texts:,}",
+        result.texts_per_second or 0,
+        precision,
+    )
+    return result

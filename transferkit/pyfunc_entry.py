@@ -1,0 +1,7 @@
+"""MLflow models-from-code entry: logged as the model's code, so nothing is pickled."""
+
+from mlflow.models import set_model
+
+from transferkit.serving import TextClassifierModel
+
+set_model(TextClassifierModel())

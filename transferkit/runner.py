@@ -1,0 +1,246 @@
+"""Run the pipeline on this machine with KFP's local runner, and summarise the run.
+
+The pipeline runs exactly as compiled for a cluster: every step is a KFP component executed
+by ``kfp.local.SubprocessRunner(use_venv=False)`` in a subprocess of this Python, with KFP's
+local caching and retry policy. Everything the steps print goes to a log file; the terminal
+gets one line per step and the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import BaseModel
+
+from transferkit import storage
+from transferkit.config import PipelineConfig
+from transferkit.errors import TransferkitError
+
+log = logging.getLogger(__name__)
+
+STEPS = ("ingest_data", "fetch_backbone", "extract_features", "train", "evaluate", "register_model")
+# Depth of each step in the DAG: a step starts only after every step of a lower depth ended.
+DEPTH = {
+    "ingest_data": 0,
+    "fetch_backbone": 0,
+    "extract_features": 1,
+    "train": 2,
+    "evaluate": 3,
+    "register_model": 4,
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_START = re.compile(r"Executing task '([\w-]+)'")
+_DONE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
+_RETRY = re.compile(r"Task '?([\w-]+)'? failed \(attempt (\d+)/(\d+)\)")
+_STEP_LOG = re.compile(r"^\s*transferkit (INFO|WARNING|ERROR) ([\w.]+) \| (.*)$")
+_ERROR = re.compile(r"^\s*transferkit\.errors\.\w+: (.*)$")
+_EXCEPTION = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+
+
+class RunFailedError(TransferkitError):
+    """A pipeline step failed; the message carries the step's own one-line cause."""
+
+
+class RunSummary(BaseModel):
+    """What ``transferkit run --summary FILE`` writes."""
+
+    metrics: dict[str, float]
+    scores: dict[str, Any]
+    model_uri: str
+    champion_uri: str
+    tracking_uri: str
+    champion: bool
+    champion_reason: str
+    version: str
+    step_seconds: dict[str, float]
+    cached_steps: list[str]
+    wall_seconds: float
+    log_file: str
+    run_dir: str
+
+
+@dataclass
+class _Events:
+    """Step events parsed from the local runner's output as it streams."""
+
+    on_line: Callable[[str], None]
+    started: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    failed: str | None = None
+    task_lines: dict[str, list[str]] = field(default_factory=dict)
+    current: str | None = None
+    announced: set[str] = field(default_factory=set)
+
+    def feed(self, raw: str) -> None:
+        line = _ANSI.sub("", raw)
+        if match := _START.search(line):
+            self.current = step = match.group(1).replace("-", "_")
+            self.announce_cached(before=step)
+            self.started[step] = time.perf_counter()
+            self.task_lines[step] = []
+            self.on_line(f"start {step}")
+        elif match := _RETRY.search(line):
+            self.on_line(
+                f"retry {match.group(1).replace('-', '_')} {match.group(2)}/{match.group(3)}"
+            )
+        elif match := _DONE.search(line):
+            step = match.group(1).replace("-", "_")
+            self.seconds[step] = time.perf_counter() - self.started.get(step, time.perf_counter())
+            ok = match.group(2) == "SUCCESS"
+            if not ok:
+                self.failed = step
+            self.on_line(f"{'done' if ok else 'failed'} {step} {self.seconds[step]:.1f}")
+        elif self.current is not None:
+            self.task_lines[self.current].append(line)
+            if step_log := _STEP_LOG.match(line):
+                self.on_line(f"log {step_log.group(1)} {step_log.group(2)} {step_log.group(3)}")
+
+    def announce_cached(self, before: str | None = None) -> None:
+        """Report steps that never started as cached (KFP's local runner does not log hits).
+
+        When a step starts, every shallower step that did not start was served from the
+        cache; at the end of a successful run, so were all the others.
+        """
+        depth = DEPTH[before] if before in DEPTH else len(DEPTH)
+        for step in STEPS:
+            if DEPTH[step] >= depth:
+                return
+            if step not in self.started and step not in self.announced:
+                self.announced.add(step)
+                self.on_line(f"cached {step}")
+
+    def cause(self) -> str:
+        """The failed step's own one-line error, or its last exception line."""
+        lines = self.task_lines.get(self.failed or "", [])
+        for pattern in (_ERROR, _EXCEPTION):
+            for line in reversed(lines):
+                if match := pattern.match(line):
+                    return (
+                        match.group(match.lastindex or 1)
+                        if pattern is _ERROR
+                        else (f"{match.group(1)}: {match.group(2)}")
+                    )
+        return "see the log for the traceback"
+
+
+class _LineTee(io.TextIOBase):
+    """A text stream that writes everything to a file and hands complete lines to a parser."""
+
+    def __init__(self, sink: TextIO, events: _Events) -> None:
+        self._sink = sink
+        self._events = events
+        self._buffer = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._sink.write(text)
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            self._events.feed(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+
+def _stamps(config: PipelineConfig) -> tuple[str, str]:
+    data = config.data
+    uris = [u for u in (data.uri, data.train_uri, data.validation_uri, data.test_uri) if u]
+    data_stamp = ",".join(storage.stamp(u, config.storage) for u in uris)
+    return data_stamp, storage.stamp(config.backbone.uri, config.storage)
+
+
+def _child_environment() -> None:
+    # Steps run in subprocesses that inherit this environment: offline model loading, no
+    # tokenizer thread pools fighting torch's, no download progress bars in logs.
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PYTHONUNBUFFERED": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = None) -> RunSummary:
+    """Run the whole DAG locally and return its summary.
+
+    Args:
+        config: a resolved configuration (absolute paths, see ``PipelineConfig.resolved``).
+        on_event: called with short progress strings ('start train', 'done train 12.3', ...).
+
+    Raises:
+        RunFailedError: a step failed (the message names the step and its cause, and the log).
+        TransferkitError: an input could not be read before the run started.
+    """
+    from kfp import local
+
+    from transferkit.pipelines import transfer_learning
+
+    started = time.perf_counter()
+    work_dir = Path(config.runtime.work_dir)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    log_file = work_dir / "logs" / f"run-{stamp}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    data_stamp, backbone_stamp = _stamps(config)
+    _child_environment()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=config.pipeline_root,
+        enable_caching=config.runtime.caching,
+        cache_root=str(work_dir / "kfp-cache"),
+        raise_on_error=True,
+    )
+    events = _Events(on_line=on_event or (lambda _: None))
+    with open(log_file, "w", encoding="utf-8") as sink:
+        tee = _LineTee(sink, events)
+        try:
+            with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+                task = transfer_learning(
+                    config=config.as_parameter(),
+                    data_stamp=data_stamp,
+                    backbone_stamp=backbone_stamp,
+                )
+        except RuntimeError:
+            step = events.failed or "pipeline"
+            raise RunFailedError(f"{step} failed: {events.cause()} (log: {log_file})") from None
+    events.announce_cached()
+    registration_path = Path(task.output.path)
+    result = storage.read_json(registration_path)
+    return RunSummary(
+        metrics=result["metrics"],
+        scores=result["scores"],
+        model_uri=result["model_uri"],
+        champion_uri=result["champion_uri"],
+        tracking_uri=result["tracking_uri"],
+        champion=result["champion"],
+        champion_reason=result["reason"],
+        version=result["version"],
+        step_seconds={s: round(events.seconds.get(s, 0.0), 2) for s in STEPS},
+        # KFP's local runner does not log cache hits: a step of a successful run that never
+        # started was served from the cache.
+        cached_steps=[s for s in STEPS if s not in events.started],
+        wall_seconds=round(time.perf_counter() - started, 2),
+        log_file=str(log_file),
+        run_dir=str(registration_path.parents[1]),
+    )
+
+
+def write_summary(summary: RunSummary, path: Path) -> None:
+    """Write the run summary JSON (atomically)."""
+    storage.write_json(path, json.loads(summary.model_dump_json()))

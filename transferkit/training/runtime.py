@@ -1,0 +1,48 @@
+"""Process-level settings for torch work: threads, seeds, the device, library versions."""
+
+from __future__ import annotations
+
+import platform
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from transferkit.config import PipelineConfig
+
+
+def configure_torch(config: PipelineConfig) -> None:
+    """Apply ``runtime.num_threads`` (when set) to torch's CPU thread pool."""
+    if config.runtime.num_threads:
+        torch.set_num_threads(config.runtime.num_threads)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so splits, shuffles and initialisation repeat."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    """The training device: the first CUDA device when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment() -> dict[str, str]:
+    """Library versions and hardware facts recorded with every model."""
+    import transformers
+
+    from transferkit import __version__
+
+    return {
+        "transferkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": str(device()),
+        "torch_threads": str(torch.get_num_threads()),
+    }
