@@ -74,7 +74,8 @@ class _Console:
             step, seconds = rest.split()
             self._print(f"  ✗ {step:<17} failed after {float(seconds):.1f} s")
         elif kind == "retry":
-            self._print(f"  ↻ {rest} (retrying with backoff)")
+            step, attempt = rest.split()
+            self._print(f"  ↻ {step:<17} attempt {attempt} (retry policy)")
         elif kind == "log":
             level, name, message = rest.split(" ", 2)
             if level != "INFO":
@@ -208,6 +209,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             or os.environ.get("MLFLOW_TRACKING_URI")
             or (f"sqlite:///{Path('transferkit-runs/mlflow.db').absolute()}")
         )
+        store = tracking.removeprefix("sqlite:///")
+        if tracking.startswith("sqlite:///") and not Path(store).exists():
+            # Opening a missing SQLite store would create an empty one: refuse instead.
+            raise TransferkitError(
+                f"no MLflow store at {store}; run a pipeline first or pass --tracking-uri"
+            )
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
         try:

@@ -159,11 +159,13 @@ def evaluate(
     """
     from transferkit.backbones.text import resolve_precision
     from transferkit.training.model import load_classifier, predict_proba
-    from transferkit.training.runtime import configure_torch
+    from transferkit.training.runtime import configure_torch, device
 
     started = time.perf_counter()
     configure_torch(config)
+    target = device()
     tokenizer, model, card = load_classifier(model_dir)
+    model.to(target)
     texts, truth = load_split(dataset_dir, "test")
     proba = predict_proba(
         model,
@@ -171,7 +173,7 @@ def evaluate(
         card,
         texts,
         config.evaluation.batch_size,
-        resolve_precision(config.training.precision),
+        resolve_precision(config.training.precision, target),
     )
     predicted = proba.argmax(axis=1)
     scores = score(truth, predicted, card.labels)

@@ -92,13 +92,14 @@ def extract_features(
         The cache key, shapes, timing and whether the cache served the result.
     """
     from transferkit.backbones.text import load_text_encoder, resolve_precision, run_batched
-    from transferkit.training.runtime import configure_torch
+    from transferkit.training.runtime import configure_torch, device
 
     started = time.perf_counter()
     configure_torch(config)
     info = load_backbone_info(backbone_dir)
     data_fingerprint = storage.read_json(dataset_dir / "stats.json")["fingerprint"]
-    precision = resolve_precision(config.training.precision)
+    target = device()
+    precision = resolve_precision(config.training.precision, target)
     key = feature_key(
         data_fingerprint, info.fingerprint, info.pooling, info.normalize, info.max_length, precision
     )
@@ -124,6 +125,7 @@ def extract_features(
         return result
 
     tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+    encoder.to(target)
     rows: dict[str, int] = {}
     total_texts = 0
     encode_seconds = 0.0

@@ -309,15 +309,26 @@ def register_model(
             promote, reason = False, reason + "; registry.promote is off"
         if promote and previous != str(version.version):
             client.set_registered_model_alias(name, "champion", version.version)
-    except MlflowException as exc:
+    except (MlflowException, ConnectionError) as exc:
+        # MLflow's own message may embed the tracking URI with credentials: never repeat it.
+        where = redact(config.tracking_uri)
+        text = str(exc)
+        if isinstance(exc, ConnectionError) or any(
+            marker in text
+            for marker in (
+                "Failed to establish",
+                "Max retries exceeded",
+                "Connection refused",
+                "Read timed out",
+            )
+        ):
+            raise RegistryError(
+                f"MLflow at {where} is unreachable; check registry.tracking_uri and that the "
+                "server is running, then retry the run"
+            ) from None
         raise RegistryError(
-            f"MLflow at {redact(config.tracking_uri)} refused the registration of '{name}': "
-            f"{exc.error_code}; check registry.tracking_uri and the server logs"
-        ) from None
-    except OSError as exc:
-        raise RegistryError(
-            f"MLflow at {redact(config.tracking_uri)} is unreachable ({type(exc).__name__}); "
-            "check registry.tracking_uri and that the server is running"
+            f"MLflow at {where} refused the registration of '{name}' "
+            f"({getattr(exc, 'error_code', type(exc).__name__)}); check the server logs"
         ) from None
     result = RegistrationResult(
         model_name=name,

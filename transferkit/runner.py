@@ -42,7 +42,6 @@ DEPTH = {
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
 _DONE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
-_RETRY = re.compile(r"Task '?([\w-]+)'? failed \(attempt (\d+)/(\d+)\)")
 _STEP_LOG = re.compile(r"^\s*transferkit (INFO|WARNING|ERROR) ([\w.]+) \| (.*)$")
 _ERROR = re.compile(r"^\s*transferkit\.errors\.\w+: (.*)$")
 _EXCEPTION = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
@@ -81,25 +80,25 @@ class _Events:
     task_lines: dict[str, list[str]] = field(default_factory=dict)
     current: str | None = None
     announced: set[str] = field(default_factory=set)
+    attempts: dict[str, int] = field(default_factory=dict)
+    failure: str | None = None
 
     def feed(self, raw: str) -> None:
         line = _ANSI.sub("", raw)
         if match := _START.search(line):
             self.current = step = match.group(1).replace("-", "_")
             self.announce_cached(before=step)
+            attempt = self.attempts[step] = self.attempts.get(step, 0) + 1
             self.started[step] = time.perf_counter()
             self.task_lines[step] = []
-            self.on_line(f"start {step}")
-        elif match := _RETRY.search(line):
-            self.on_line(
-                f"retry {match.group(1).replace('-', '_')} {match.group(2)}/{match.group(3)}"
-            )
+            self.on_line(f"start {step}" if attempt == 1 else f"retry {step} {attempt}")
         elif match := _DONE.search(line):
             step = match.group(1).replace("-", "_")
             self.seconds[step] = time.perf_counter() - self.started.get(step, time.perf_counter())
             ok = match.group(2) == "SUCCESS"
             if not ok:
                 self.failed = step
+                self.failure = self._cause(self.task_lines.get(step, []))
             self.on_line(f"{'done' if ok else 'failed'} {step} {self.seconds[step]:.1f}")
         elif self.current is not None:
             self.task_lines[self.current].append(line)
@@ -121,8 +120,11 @@ class _Events:
                 self.on_line(f"cached {step}")
 
     def cause(self) -> str:
-        """The failed step's own one-line error, or its last exception line."""
-        lines = self.task_lines.get(self.failed or "", [])
+        """The last failed attempt's own one-line error, or its last exception line."""
+        return self.failure or "see the log for the traceback"
+
+    @staticmethod
+    def _cause(lines: list[str]) -> str | None:
         for pattern in (_ERROR, _EXCEPTION):
             for line in reversed(lines):
                 if match := pattern.match(line):
@@ -131,7 +133,7 @@ class _Events:
                         if pattern is _ERROR
                         else (f"{match.group(1)}: {match.group(2)}")
                     )
-        return "see the log for the traceback"
+        return None
 
 
 class _LineTee(io.TextIOBase):
@@ -243,4 +245,4 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
 
 def write_summary(summary: RunSummary, path: Path) -> None:
     """Write the run summary JSON (atomically)."""
-    storage.write_json(path, json.loads(summary.model_dump_json()))
+    storage.write_json(path, json.loads(summary.model_dump_json()), sort_keys=False)

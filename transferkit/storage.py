@@ -96,7 +96,9 @@ def s3_client(storage: StorageConfig | None) -> Any:
         read_timeout=60,
         s3={"addressing_style": "path"},
     )
-    return boto3.client(
+    # A fresh session per client: the default session caches credentials from first use,
+    # and credentials may be rotated (Secrets) while a process lives.
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=storage.s3_endpoint_url if storage else None,
         region_name=(storage.s3_region if storage else None)
@@ -338,10 +340,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically, sorted and indented for diffs."""
+def write_json(path: Path, payload: Any, sort_keys: bool = True) -> None:
+    """Write JSON atomically, indented (and sorted unless the order means something)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -133,7 +133,10 @@ def _inspect_weights(model_dir: Path, uri: str) -> tuple[dict[str, str], int]:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    shape = handle.get_slice(key).get_shape()
+                    tensor = handle.get_slice(key)
+                    if not tensor.get_dtype().startswith(("F", "BF")):
+                        continue  # integer buffers (position ids) are not parameters
+                    shape = tensor.get_shape()
                     count = 1
                     for dim in shape:
                         count *= dim

@@ -108,30 +108,33 @@ def _split(config: PipelineConfig, scratch: Path) -> tuple[dict[str, pd.DataFram
     return {"train": train, "validation": validation, "test": test}, sources
 
 
-def _check(splits: dict[str, pd.DataFrame], config: PipelineConfig) -> None:
+def _check(
+    splits: dict[str, pd.DataFrame], sources: dict[str, str], config: PipelineConfig
+) -> None:
     train = splits["train"]
     if train.empty:
-        raise DataError("training split is empty after splitting; provide more rows")
+        raise DataError(f"{sources['train']}: training split is empty; provide more rows")
     classes = train["label"].unique()
     if len(classes) < 2:
         raise DataError(
-            f"training split has a single class ('{classes[0]}'); at least two labels are "
-            f"needed — check data.label_column ('{config.data.label_column}')"
+            f"{sources['train']}: training split has a single class ('{classes[0]}'); at least "
+            f"two labels are needed — check data.label_column ('{config.data.label_column}')"
         )
     seen = set(classes)
     for name in ("validation", "test"):
         frame = splits[name]
         if frame.empty:
             raise DataError(
-                f"{name} split is empty; give data.{name}_uri or raise data.split.{name}"
+                f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "
+                f"data.split.{name}"
             )
         unseen = sorted(set(frame["label"].unique()) - seen)
         if unseen:
             count = int(frame["label"].isin(unseen).sum())
             shown = ", ".join(repr(v) for v in unseen[:5])
             raise DataError(
-                f"{name} split has labels never seen in training: {shown} ({count} rows); add "
-                "training examples of those labels or remove the rows"
+                f"{sources[name]}: {name} split has labels never seen in training: {shown} "
+                f"({count} rows); add training examples of those labels or remove the rows"
             )
 
 
@@ -164,7 +167,7 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transferkit-ingest-") as scratch:
         raw_splits, sources = _split(config, Path(scratch))
-    _check(raw_splits, config)
+    _check(raw_splits, sources, config)
     label_map = LabelMap.from_values(raw_splits["train"]["label"].unique(), config.data.label_names)
     splits = {
         name: frame.assign(label=label_map.encode(frame["label"]).astype("int32"))

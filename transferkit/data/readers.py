@@ -105,6 +105,10 @@ def _read_parquet(path: Path, name: str) -> pd.DataFrame:
         ) from None
 
 
+# Spellings of "no value" that exports write into label columns.
+MISSING_LABELS = frozenset({"nan", "NaN", "NAN", "NA", "N/A", "n/a", "null", "NULL", "None"})
+
+
 def _cell(value: Any) -> str | None:
     """Normalise one cell to text; None for missing (None, NaN, empty after stripping)."""
     if value is None:
@@ -152,6 +156,7 @@ def read_table(
             raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
     texts = [_cell(v) for v in frame[text_column].tolist()]
     labels = [_cell(v) for v in frame[label_column].tolist()]
+    labels = [None if label in MISSING_LABELS else label for label in labels]
     # Rows are reported 1-based, as a person counts them; delimited files add the header line.
     offset = 2 if fmt in ("csv", "tsv") else 1
     unit = "line" if fmt in ("csv", "tsv", "jsonl") else "row"

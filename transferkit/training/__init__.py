@@ -91,7 +91,12 @@ def train(
     """
     from transferkit.backbones.text import load_text_encoder, resolve_precision
     from transferkit.training.model import TextClassifier
-    from transferkit.training.runtime import configure_torch, environment, seed_everything
+    from transferkit.training.runtime import (
+        configure_torch,
+        device,
+        environment,
+        seed_everything,
+    )
 
     started = time.perf_counter()
     configure_torch(config)
@@ -99,7 +104,8 @@ def train(
     info = load_backbone_info(backbone_dir)
     label_map = load_label_map(dataset_dir)
     labels = label_map.names
-    precision = resolve_precision(config.training.precision)
+    target = device()
+    precision = resolve_precision(config.training.precision, target)
     strategy = config.strategy
     card = ModelCard(
         labels=labels,
@@ -125,10 +131,10 @@ def train(
         from transferkit.training.finetune import finetune
 
         tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
-        model = TextClassifier(encoder, len(labels))
+        model = TextClassifier(encoder, len(labels)).to(target)
         if strategy.head_init == "probe":
             head, fit = _probe(config, None, dataset_dir, features_dir, labels)
-            model.head.load_state_dict(head.state_dict())
+            model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
             log.info(
                 "head initialised from a linear probe (validation %.4f)", fit.validation_metric
             )

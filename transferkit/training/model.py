@@ -62,8 +62,8 @@ def save_head(head: nn.Linear, path: Path) -> None:
 
     save_file(
         {
-            "weight": head.weight.detach().float().contiguous(),
-            "bias": head.bias.detach().float().contiguous(),
+            "weight": head.weight.detach().float().cpu().contiguous(),
+            "bias": head.bias.detach().float().cpu().contiguous(),
         },
         str(path),
     )
