@@ -148,3 +148,17 @@ def test_cache_key_follows_content_and_settings(
     assert moved.key != base.key
     texts, _ = load_split(tmp_path / "c" / "dataset", "train")
     assert len(texts) == 270
+
+
+def test_half_precision_checkpoints_load_as_fp32(tmp_path: Path, tiny_backbone: Path) -> None:
+    """transformers 5 keeps a checkpoint's dtype; training needs fp32 master weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(tiny_backbone, tmp_path / "half"))
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.half() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    _, encoder = load_text_encoder(folder, "mean", False)
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}

@@ -83,7 +83,12 @@ def load_text_encoder(model_dir: Path, pooling: str, normalize: bool) -> tuple[A
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    body = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+    # fp32 master weights whatever the checkpoint's dtype: transformers 5 would otherwise keep
+    # a half-precision checkpoint in half precision, and fine-tuning such weights diverges.
+    # Speed comes from autocast, not from the stored dtype.
+    body = AutoModel.from_pretrained(
+        model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+    )
     return tokenizer, TextEncoder(body, pooling, normalize)
 
 

@@ -1,0 +1,160 @@
+"""Check and time transferkit's CUDA path on one GPU: extraction, fine-tuning, evaluation.
+
+Runs the core steps (no KFP, no MLflow) exactly as the pipeline's components call them, on
+the real SST-2 data and the real all-MiniLM-L6-v2 backbone, and prints:
+
+- the device, torch version and the measured bf16 matrix-multiply rate (the ceiling);
+- feature extraction throughput (texts/s) on every split;
+- for each learning rate: fine-tuning throughput (examples/s), the best validation accuracy
+  and the GLUE dev accuracy of the kept checkpoint.
+
+    python bench/gpu_check.py --data ../shared/data/sst2 --out /tmp/gpu-check
+
+It refuses to run without CUDA: the CPU path is measured by the test suite and the examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transferkit.backbones import fetch_backbone
+from transferkit.config import PACKAGED_MINILM, PipelineConfig, apply_overrides
+from transferkit.data import ingest_data
+from transferkit.evaluation import evaluate
+from transferkit.features import extract_features
+from transferkit.training import train
+
+
+def matmul_tflops(device: str, size: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 matrix-multiply rate: the ceiling the model's work is compared with."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def config_for(args: argparse.Namespace, work: Path, overrides: list[str]) -> PipelineConfig:
+    raw: dict = {
+        "data": {
+            "train_uri": str(args.data / "train.tsv"),
+            "test_uri": str(args.data / "dev.tsv"),
+            "text_column": "sentence",
+            "label_names": {"0": "negative", "1": "positive"},
+            "split": {"validation": 0.05},
+            "max_rows": args.max_rows,
+        },
+        "backbone": {"uri": args.backbone},
+        "training": {
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "eval_every_steps": args.eval_every,
+            "early_stopping_patience": 0,
+            "precision": "auto",
+        },
+        "evaluation": {"batch_size": 256},
+        "runtime": {"work_dir": str(work)},
+    }
+    return PipelineConfig.model_validate(apply_overrides(raw, overrides)).resolved()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
+    parser.add_argument("--backbone", default=PACKAGED_MINILM)
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        help="comma-separated key=value overrides of one fine-tuning run, e.g. "
+        "'training.learning_rate=1e-4,training.batch_size=64'; repeat for several "
+        "(default: one run with the defaults)",
+    )
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run on the CPU anyway (a smoke test of this script)",
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print(
+            "gpu_check: no CUDA device; nothing to check (--allow-cpu to smoke-test)",
+            file=sys.stderr,
+        )
+        return 2
+    on_gpu = torch.cuda.is_available()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s | %(message)s")
+    logging.getLogger("transferkit.progress").setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "bf16_matmul_tflops": round(
+            matmul_tflops("cuda") if on_gpu else matmul_tflops("cpu", 1024, 3), 1
+        ),
+        "runs": [],
+    }
+    print(json.dumps({k: report[k] for k in ("device", "torch", "bf16_matmul_tflops")}))
+
+    base = config_for(args, args.out / "work", [])
+    ingest_data(base, args.out / "dataset")
+    fetch_backbone(base, args.out / "backbone")
+    features = extract_features(
+        base, args.out / "dataset", args.out / "backbone", args.out / "features"
+    )
+    report["extract"] = {
+        "texts_per_second": features.texts_per_second,
+        "rows": features.rows,
+        "precision": features.precision,
+    }
+    print(json.dumps({"extract": report["extract"]}))
+
+    for index, recipe in enumerate(args.recipe or [""]):
+        overrides = ["strategy.name=full_finetune", *filter(None, recipe.split(","))]
+        config = config_for(args, args.out / "work", overrides)
+        model_dir = args.out / f"model-{index}"
+        started = time.perf_counter()
+        trained = train(
+            config, args.out / "dataset", args.out / "backbone", args.out / "features", model_dir
+        )
+        seconds = time.perf_counter() - started
+        scored = evaluate(config, args.out / "dataset", model_dir, args.out / f"eval-{index}")
+        run = {
+            "recipe": recipe or "defaults",
+            "learning_rate": config.training.learning_rate,
+            "epochs": config.training.epochs,
+            "batch_size": config.training.batch_size,
+            "examples_per_second": trained.details["examples_per_second"],
+            "train_seconds_wall": round(seconds, 1),
+            "best_step": trained.details["best_step"],
+            "best_validation_accuracy": round(trained.validation_metric, 4),
+            "validations": trained.details["validations"],
+            "dev_accuracy": round(scored.scores.accuracy, 4),
+            "precision": trained.precision,
+        }
+        report["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "validations"}))
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
