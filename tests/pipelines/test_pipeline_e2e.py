@@ -31,22 +31,23 @@ def work(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
+def quickstart_subset(work: Path, data: Path, summary: str) -> subprocess.CompletedProcess[str]:
+    """The quickstart on 3,000 SST-2 rows (2,700 train, 300 validation), GLUE dev as test."""
+    overrides = [
+        f"data.train_uri={data / 'sst2' / 'train.tsv'}",
+        f"data.test_uri={data / 'sst2' / 'dev.tsv'}",
+        "data.max_rows=3000",
+        f"runtime.work_dir={work}",
+    ]
+    args = ["run", "examples/sst2-quickstart.yaml", "--summary", str(work / summary)]
+    for override in overrides:
+        args += ["--set", override]
+    return transferkit(*args)
+
+
 @pytest.fixture(scope="module")
 def first_run(work: Path, shared_data: Path) -> dict:
-    result = transferkit(
-        "run",
-        "examples/sst2-quickstart.yaml",
-        "--set",
-        f"data.train_uri={shared_data / 'sst2' / 'train.tsv'}",
-        "--set",
-        f"data.test_uri={shared_data / 'sst2' / 'dev.tsv'}",
-        "--set",
-        "data.max_rows=3000",
-        "--set",
-        f"runtime.work_dir={work}",
-        "--summary",
-        str(work / "first.json"),
-    )
+    result = quickstart_subset(work, shared_data, "first.json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((work / "first.json").read_text())
     summary["stdout"], summary["stderr"] = result.stdout, result.stderr
@@ -82,20 +83,7 @@ def test_registered_champion_predicts_sentiment(first_run: dict, work: Path) -> 
 def test_identical_rerun_is_served_from_the_cache(
     first_run: dict, work: Path, shared_data: Path
 ) -> None:
-    result = transferkit(
-        "run",
-        "examples/sst2-quickstart.yaml",
-        "--set",
-        f"data.train_uri={shared_data / 'sst2' / 'train.tsv'}",
-        "--set",
-        f"data.test_uri={shared_data / 'sst2' / 'dev.tsv'}",
-        "--set",
-        "data.max_rows=3000",
-        "--set",
-        f"runtime.work_dir={work}",
-        "--summary",
-        str(work / "second.json"),
-    )
+    result = quickstart_subset(work, shared_data, "second.json")
     assert result.returncode == 0, result.stderr[-3000:]
     second = json.loads((work / "second.json").read_text())
     assert second["cached_steps"] == STEPS[:5]

@@ -40,19 +40,17 @@ def test_validate_lists_every_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert any("training.lr: unknown key" in line for line in err)
 
 
+def run_quickstart(work: Path, *overrides: str) -> int:
+    args = ["run", QUICKSTART, "--set", f"runtime.work_dir={work}"]
+    for override in overrides:
+        args += ["--set", override]
+    return main(args)
+
+
 def test_run_with_bad_config_exits_2_without_running(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        [
-            "run",
-            QUICKSTART,
-            "--set",
-            f"runtime.work_dir={tmp_path / 'w'}",
-            "--set",
-            "training.batch_size=0",
-        ]
-    )
+    code = run_quickstart(tmp_path / "w", "training.batch_size=0")
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1
@@ -63,16 +61,7 @@ def test_run_with_bad_config_exits_2_without_running(
 def test_run_with_missing_data_exits_1_before_any_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        [
-            "run",
-            QUICKSTART,
-            "--set",
-            f"runtime.work_dir={tmp_path / 'w'}",
-            "--set",
-            f"data.train_uri={tmp_path / 'missing.tsv'}",
-        ]
-    )
+    code = run_quickstart(tmp_path / "w", f"data.train_uri={tmp_path / 'missing.tsv'}")
     err = capsys.readouterr().err
     assert code == 1
     assert f"error: {tmp_path / 'missing.tsv'}: no such file or folder; check the path" in err

@@ -70,6 +70,24 @@ def other_model(model: Path, target: Path) -> Path:
     return target
 
 
+def register_rival(
+    config: PipelineConfig,
+    artifacts: Path,
+    evaluation: Path,
+    tmp_path: Path,
+    name: str,
+    delta: float,
+):
+    """Register a different model whose accuracy differs from the original by ``delta``."""
+    return register(
+        config,
+        artifacts,
+        shifted_evaluation(evaluation, tmp_path / f"e-{name}", delta),
+        tmp_path / f"r-{name}.json",
+        model=other_model(artifacts / "model", tmp_path / f"m-{name}"),
+    )
+
+
 def test_registers_logs_and_serves(tmp_path: Path, evaluated: tuple) -> None:
     config, artifacts, evaluation = evaluated
     config = with_store(config, tmp_path)
@@ -123,22 +141,10 @@ def test_champion_moves_only_to_a_better_model(tmp_path: Path, evaluated: tuple)
     config, artifacts, evaluation = evaluated
     config = with_store(config, tmp_path)
     register(config, artifacts, evaluation, tmp_path / "r1.json")
-    worse = register(
-        config,
-        artifacts,
-        shifted_evaluation(evaluation, tmp_path / "worse", -0.05),
-        tmp_path / "r2.json",
-        model=other_model(artifacts / "model", tmp_path / "m2"),
-    )
+    worse = register_rival(config, artifacts, evaluation, tmp_path, "worse", -0.05)
     assert (worse.version, worse.champion, worse.previous_champion) == ("2", False, "1")
     assert "gain -0.0500" in worse.reason
-    better = register(
-        config,
-        artifacts,
-        shifted_evaluation(evaluation, tmp_path / "better", 0.02),
-        tmp_path / "r3.json",
-        model=other_model(artifacts / "model", tmp_path / "m3"),
-    )
+    better = register_rival(config, artifacts, evaluation, tmp_path, "better", 0.02)
     assert (better.version, better.champion) == ("3", True)
     client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
     assert str(client.get_model_version_by_alias("sst2-test", "champion").version) == "3"
@@ -151,24 +157,12 @@ def test_min_improvement_and_promote_switch(tmp_path: Path, evaluated: tuple) ->
     register(config, artifacts, evaluation, tmp_path / "r1.json")
     strict = config.model_copy(deep=True)
     strict.registry.min_improvement = 0.05
-    small_gain = register(
-        strict,
-        artifacts,
-        shifted_evaluation(evaluation, tmp_path / "e2", 0.01),
-        tmp_path / "r2.json",
-        model=other_model(artifacts / "model", tmp_path / "m2"),
-    )
+    small_gain = register_rival(strict, artifacts, evaluation, tmp_path, "small", 0.01)
     assert not small_gain.champion
     assert "needs > 0.05" in small_gain.reason
     frozen = config.model_copy(deep=True)
     frozen.registry.promote = False
-    no_promote = register(
-        frozen,
-        artifacts,
-        shifted_evaluation(evaluation, tmp_path / "e3", 0.1),
-        tmp_path / "r3.json",
-        model=other_model(artifacts / "model", tmp_path / "m3"),
-    )
+    no_promote = register_rival(frozen, artifacts, evaluation, tmp_path, "frozen", 0.1)
     assert not no_promote.champion
     assert no_promote.reason.endswith("registry.promote is off")
 
