@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -171,18 +170,15 @@ def _log_run(
             output = predictions_frame(
                 predict_proba(model, tokenizer, card, example["text"].tolist()), card.labels
             )
-            with warnings.catch_warnings():
-                # MLflow suggests type hints; the explicit signature below is the contract.
-                warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    # Models from code: the entry file is stored, not a pickle of an object.
-                    python_model=str(PYFUNC_ENTRY),
-                    artifacts={"model": str(model_dir)},
-                    signature=infer_signature(example, output, params={"batch_size": 64}),
-                    input_example=example,
-                    pip_requirements=_requirements(),
-                )
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                # Models from code: the entry file is stored, not a pickle of an object.
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={"model": str(model_dir)},
+                signature=infer_signature(example, output, params={"batch_size": 64}),
+                input_example=example,
+                pip_requirements=_requirements(),
+            )
             version = mlflow.register_model(info.model_uri, config.registry.model_name, tags=tags)
             client.set_registered_model_alias(
                 config.registry.model_name, "challenger", version.version

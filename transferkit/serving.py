@@ -53,8 +53,11 @@ class TextClassifierModel(PythonModel):
 
         self._tokenizer, self._model, self._card = load_classifier(Path(context.artifacts["model"]))
 
-    # No type hints on model_input: MLflow would try to derive a schema from them; the
-    # signature logged with the model is the contract.
+    # The contract is the signature logged with the model (a 'text' column in, label/score/
+    # p_<label> out), enforced by MLflow's pyfunc loader. MLflow's alternative, schemas derived
+    # from type hints, cannot express it and only warns on every import; opt out of it.
+    _skip_type_hint_validation = True
+
     def predict(self, context, model_input, params=None):
         from transferkit.training.model import predict_proba
 

@@ -199,6 +199,7 @@ def test_register_model(config: PipelineConfig, ingested, fetched, trained, eval
         evaluated["metrics"].metadata["accuracy"]
     )
     mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)  # the registry URI is a separate global
     model = mlflow.pyfunc.load_model("models:/component-test@champion")
     version = mlflow.MlflowClient().get_model_version("component-test", "1")
     # The local runner resolves PIPELINE_JOB_ID_PLACEHOLDER to its own run id.

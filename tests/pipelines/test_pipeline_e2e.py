@@ -73,6 +73,7 @@ def test_quickstart_subset_trains_evaluates_and_registers(first_run: dict, work:
 
 def test_registered_champion_predicts_sentiment(first_run: dict, work: Path) -> None:
     mlflow.set_tracking_uri(first_run["tracking_uri"])
+    mlflow.set_registry_uri(first_run["tracking_uri"])  # the registry URI is a separate global
     model = mlflow.pyfunc.load_model("models:/sst2-sentiment@champion")
     predictions = model.predict(
         pd.DataFrame({"text": ["a wonderful, moving film", "a dull, lifeless mess"]})

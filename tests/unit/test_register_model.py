@@ -114,6 +114,7 @@ def test_registers_logs_and_serves(tmp_path: Path, evaluated: tuple) -> None:
     assert {"evaluation/report.md", "evaluation/confusion_matrix.png"} <= logged
 
     mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)  # the registry URI is a separate global
     model = mlflow.pyfunc.load_model("models:/sst2-test@champion")
     assert model.metadata.signature.inputs.input_names() == ["text"]
     predictions = model.predict(
