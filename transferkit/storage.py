@@ -90,20 +90,21 @@ def s3_client(storage: StorageConfig | None) -> Any:
     from botocore.config import Config
 
     retries = storage.retries if storage else 5
+    endpoint = storage.s3_endpoint_url if storage else None
     config = Config(
         retries={"max_attempts": max(retries, 1), "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
-        s3={"addressing_style": "path"},
+        # S3-compatible stores (MinIO, SeaweedFS) want path-style URLs; AWS prefers virtual.
+        s3={"addressing_style": "path" if endpoint else "auto"},
     )
     # A fresh session per client: the default session caches credentials from first use,
-    # and credentials may be rotated (Secrets) while a process lives.
+    # and credentials may be rotated (Secrets) while a process lives. Region and keys not
+    # in the config come from the SDK's own chain (environment, profile, instance role).
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=storage.s3_endpoint_url if storage else None,
-        region_name=(storage.s3_region if storage else None)
-        or os.environ.get("AWS_REGION")
-        or "us-east-1",
+        endpoint_url=endpoint,
+        region_name=storage.s3_region if storage else None,
         config=config,
     )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from torch import nn
 
 from transferkit import storage
 from transferkit.backbones import load_backbone_info
@@ -25,6 +26,7 @@ from transferkit.config import FullFinetuneConfig, LinearProbeConfig, PipelineCo
 from transferkit.data import load_label_map, load_split
 from transferkit.features import load_features
 from transferkit.training.model import ModelCard, save_classifier
+from transferkit.training.probe import ProbeFit, fit_probe
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,12 @@ class TrainResult(BaseModel):
 
 def _probe(
     config: PipelineConfig,
-    strategy: LinearProbeConfig | None,
+    probe: LinearProbeConfig,
     dataset_dir: Path,
     features_dir: Path,
     labels: list[str],
-) -> tuple[Any, Any]:
-    from transferkit.training.probe import fit_probe
-
-    l2_grid = strategy.l2_grid if strategy else LinearProbeConfig().l2_grid
-    max_iter = strategy.max_iter if strategy else LinearProbeConfig().max_iter
+) -> tuple[nn.Linear, ProbeFit]:
+    """Fit the linear probe on the cached train features, selecting L2 on validation."""
     _, train_y = load_split(dataset_dir, "train")
     _, val_y = load_split(dataset_dir, "validation")
     return fit_probe(
@@ -61,8 +60,8 @@ def _probe(
         load_features(features_dir, "validation"),
         val_y,
         labels,
-        l2_grid,
-        max_iter,
+        probe.l2_grid,
+        probe.max_iter,
         config.evaluation.primary_metric,
     )
 
@@ -133,7 +132,7 @@ def train(
         tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
         model = TextClassifier(encoder, len(labels)).to(target)
         if strategy.head_init == "probe":
-            head, fit = _probe(config, None, dataset_dir, features_dir, labels)
+            head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels)
             model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
             log.info(
                 "head initialised from a linear probe (validation %.4f)", fit.validation_metric
