@@ -156,10 +156,9 @@ class LinearProbeConfig(_Model):
     max_iter: int = Field(300, ge=10, le=10000, description="L-BFGS iterations per fit.")
 
 
-class FullFinetuneConfig(_Model):
-    """Train the backbone and the head together."""
+class _TunedHead(_Model):
+    """Options shared by the strategies that train through the backbone."""
 
-    name: Literal["full_finetune"] = "full_finetune"
     head_init: Literal["probe", "random"] = Field(
         "probe",
         description="'probe' starts the head from a linear probe on the frozen features "
@@ -171,7 +170,98 @@ class FullFinetuneConfig(_Model):
     )
 
 
-StrategyConfig = Annotated[LinearProbeConfig | FullFinetuneConfig, Field(discriminator="name")]
+class FullFinetuneConfig(_TunedHead):
+    """Train the backbone and the head together."""
+
+    name: Literal["full_finetune"] = "full_finetune"
+
+
+class PartialFinetuneConfig(_TunedHead):
+    """Freeze the embeddings and the lower encoder layers; train the top layers and the head."""
+
+    name: Literal["partial_finetune"] = "partial_finetune"
+    train_top_layers: int = Field(
+        2,
+        ge=0,
+        le=128,
+        description="Encoder layers trained, counted from the top; the embeddings and the "
+        "layers below stay frozen. 0 trains the head only (through the frozen encoder).",
+    )
+    layerwise_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Learning-rate factor per layer going down from the top (1: no decay; "
+        "0.8: each trained layer gets 0.8× the rate of the one above it).",
+    )
+
+
+class LoraConfig(_TunedHead):
+    """Low-rank adapters (PEFT LoRA) in the backbone plus the head; merged before saving."""
+
+    name: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, le=1024, description="Rank r of each adapter.")
+    alpha: int = Field(16, ge=1, description="Scaling numerator: updates are × alpha / r.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="Names of the linear layers that get adapters: the attention query and "
+        "value projections by default (Hu et al. 2021); BERT also has key and dense.",
+    )
+
+
+class ScratchConfig(_Model):
+    """The control: the backbone's architecture, randomly initialised, trained on the data."""
+
+    name: Literal["scratch"] = "scratch"
+
+
+class ZeroShotConfig(_Model):
+    """No training: classify by cosine similarity to embedded label descriptions."""
+
+    name: Literal["zero_shot"] = "zero_shot"
+    templates: list[str] = Field(
+        default_factory=lambda: ["{}"],
+        min_length=1,
+        description="Prompt templates with one '{}' for the label text; the embeddings of all "
+        "templates are averaged per label.",
+    )
+    label_texts: dict[str, list[str]] | None = Field(
+        None,
+        description="Texts describing each label, keyed by display name (or raw value); "
+        "unset: the label's display name itself.",
+    )
+    scale: float = Field(
+        20.0, gt=0, le=1000, description="Logit scale applied to cosine similarities."
+    )
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} needs exactly one '{{}}' slot")
+        return value
+
+
+STRATEGIES: dict[str, type[_Model]] = {
+    "linear_probe": LinearProbeConfig,
+    "full_finetune": FullFinetuneConfig,
+    "partial_finetune": PartialFinetuneConfig,
+    "lora": LoraConfig,
+    "scratch": ScratchConfig,
+    "zero_shot": ZeroShotConfig,
+}
+StrategyConfig = Annotated[
+    LinearProbeConfig
+    | FullFinetuneConfig
+    | PartialFinetuneConfig
+    | LoraConfig
+    | ScratchConfig
+    | ZeroShotConfig,
+    Field(discriminator="name"),
+]
 
 
 class TrainingConfig(_Model):
@@ -357,9 +447,9 @@ def _describe(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[str, type[B
         if owner is not None and key in owner.model_fields:
             parts.append(key)
             owner = _submodel(owner, key)
-        elif key in ("linear_probe", "full_finetune"):
+        elif key in STRATEGIES:
             # pydantic inserts the union tag into the location; it is not a config key.
-            owner = LinearProbeConfig if key == "linear_probe" else FullFinetuneConfig
+            owner = STRATEGIES[key]
         else:
             parts.append(key)
             break

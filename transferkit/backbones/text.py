@@ -66,6 +66,11 @@ class TextEncoder(nn.Module):
         self.body = body
         self.pooling = pooling
         self.normalize = normalize
+        # Pooling reads the token states; a model's own pooler head (BERT's) is never used,
+        # so it must neither train nor count as trainable.
+        for name, parameter in body.named_parameters():
+            if name.startswith("pooler."):
+                parameter.requires_grad_(False)
 
     @property
     def hidden_size(self) -> int:
@@ -88,6 +93,24 @@ def load_text_encoder(model_dir: Path, pooling: str, normalize: bool) -> tuple[A
     # Speed comes from autocast, not from the stored dtype.
     body = AutoModel.from_pretrained(
         model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+    )
+    return tokenizer, TextEncoder(body, pooling, normalize)
+
+
+def random_text_encoder(
+    model_dir: Path,
+    pooling: str,
+    normalize: bool,
+) -> tuple[Any, TextEncoder]:
+    """Tokenizer and a randomly initialised encoder of the same architecture (the control).
+
+    Initialisation draws from torch's global generator: seed it first.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    body = AutoModel.from_config(
+        AutoConfig.from_pretrained(model_dir, local_files_only=True), dtype=torch.float32
     )
     return tokenizer, TextEncoder(body, pooling, normalize)
 

@@ -4,8 +4,10 @@ Strategies:
 
 - ``linear_probe``: the backbone stays frozen; a logistic-regression head is fitted on the
   cached features from extract_features.
-- ``full_finetune``: backbone and head are trained together (optionally starting the head
-  from the probe: LP-FT).
+- ``zero_shot``: no training; a cosine head built from embedded label descriptions.
+- ``full_finetune``, ``partial_finetune``, ``lora``, ``scratch``: the same training loop over
+  different trainable parameters (see ``transferkit.training.strategies``); the head may start
+  from the probe (LP-FT).
 
 Every strategy writes the same model folder (see ``transferkit.training.model``).
 """
@@ -17,16 +19,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 
 from transferkit import storage
 from transferkit.backbones import load_backbone_info
-from transferkit.config import FullFinetuneConfig, LinearProbeConfig, PipelineConfig
-from transferkit.data import load_label_map, load_split
+from transferkit.backbones.text import load_text_encoder, random_text_encoder, resolve_precision
+from transferkit.config import (
+    LinearProbeConfig,
+    LoraConfig,
+    PipelineConfig,
+    ScratchConfig,
+    ZeroShotConfig,
+)
+from transferkit.data import LabelMap, load_label_map, load_split
 from transferkit.features import load_features
-from transferkit.training.model import ModelCard, save_classifier
+from transferkit.metrics import score
+from transferkit.training.finetune import finetune
+from transferkit.training.model import ModelCard, TextClassifier, save_classifier
 from transferkit.training.probe import ProbeFit, fit_probe
+from transferkit.training.runtime import configure_torch, device, environment, seed_everything
+from transferkit.training.strategies import TunedStrategy, merge_lora, parameter_groups
+from transferkit.training.zero_shot import label_prompts, predict_with_prototypes, zero_shot_head
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +81,69 @@ def _probe(
     )
 
 
+def _tunable_model(
+    config: PipelineConfig,
+    strategy: TunedStrategy,
+    backbone_dir: Path,
+    dataset_dir: Path,
+    features_dir: Path,
+    labels: list[str],
+    target: torch.device,
+) -> tuple[TextClassifier, Any]:
+    """The classifier a training strategy starts from: pre-trained (or random) plus a head."""
+    info = load_backbone_info(backbone_dir)
+    if isinstance(strategy, ScratchConfig):
+        tokenizer, encoder = random_text_encoder(
+            backbone_dir / "model", info.pooling, info.normalize
+        )
+    else:
+        tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+    model = TextClassifier(encoder, len(labels)).to(target)
+    if getattr(strategy, "head_init", "random") == "probe":
+        head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels)
+        model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
+        log.info("head initialised from a linear probe (validation %.4f)", fit.validation_metric)
+    return model, tokenizer
+
+
+def _zero_shot(
+    config: PipelineConfig,
+    strategy: ZeroShotConfig,
+    backbone_dir: Path,
+    dataset_dir: Path,
+    features_dir: Path,
+    label_map: LabelMap,
+) -> tuple[nn.Linear, float, dict[str, Any]]:
+    """The prototype head, its validation metric (from cached features) and the prompts."""
+    info = load_backbone_info(backbone_dir)
+    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, True)
+    # Prototypes are weights: embed the few prompts in full precision whatever the setting.
+    head, prototypes = zero_shot_head(
+        tokenizer,
+        encoder.to(device()),
+        strategy,
+        label_map.names,
+        label_map.values,
+        info.max_length,
+        "fp32",
+    )
+    _, val_y = load_split(dataset_dir, "validation")
+    predicted = predict_with_prototypes(load_features(features_dir, "validation"), prototypes)
+    value = score(val_y, predicted, label_map.names).metric(config.evaluation.primary_metric)
+    prompts = dict(
+        zip(
+            label_map.names, label_prompts(strategy, label_map.names, label_map.values), strict=True
+        )
+    )
+    log.info(
+        "zero-shot prototypes from %d prompts: validation %s %.4f",
+        sum(map(len, prompts.values())),
+        config.evaluation.primary_metric,
+        value,
+    )
+    return head, value, {"prompts": prompts}
+
+
 def train(
     config: PipelineConfig,
     dataset_dir: Path,
@@ -88,15 +166,6 @@ def train(
     Raises:
         TrainingError: training diverged.
     """
-    from transferkit.backbones.text import load_text_encoder, resolve_precision
-    from transferkit.training.model import TextClassifier
-    from transferkit.training.runtime import (
-        configure_torch,
-        device,
-        environment,
-        seed_everything,
-    )
-
     started = time.perf_counter()
     configure_torch(config)
     seed_everything(config.training.seed)
@@ -119,24 +188,23 @@ def train(
         environment=environment(),
     )
     head_parameters = (info.hidden_size + 1) * len(labels)
+    trained_encoder: tuple[Any, Any] | None = None
+    frozen_dir: Path | None = backbone_dir / "model"
     if isinstance(strategy, LinearProbeConfig):
         head, fit = _probe(config, strategy, dataset_dir, features_dir, labels)
         details: dict[str, Any] = fit.model_dump()
         validation_metric = fit.validation_metric
         trainable = head_parameters
-        trained_encoder, frozen_dir = None, backbone_dir / "model"
+    elif isinstance(strategy, ZeroShotConfig):
+        head, validation_metric, details = _zero_shot(
+            config, strategy, backbone_dir, dataset_dir, features_dir, label_map
+        )
+        card.normalize = True  # cosine similarity: the head expects unit vectors
+        trainable = 0
     else:
-        assert isinstance(strategy, FullFinetuneConfig)
-        from transferkit.training.finetune import finetune
-
-        tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
-        model = TextClassifier(encoder, len(labels)).to(target)
-        if strategy.head_init == "probe":
-            head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels)
-            model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
-            log.info(
-                "head initialised from a linear probe (validation %.4f)", fit.validation_metric
-            )
+        model, tokenizer = _tunable_model(
+            config, strategy, backbone_dir, dataset_dir, features_dir, labels, target
+        )
         history = finetune(
             model,
             tokenizer,
@@ -144,13 +212,15 @@ def train(
             load_split(dataset_dir, "train"),
             load_split(dataset_dir, "validation"),
             labels,
-            strategy.head_lr_multiplier,
+            parameter_groups(model, strategy, config),
             precision,
         )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if isinstance(strategy, LoraConfig):
+            merge_lora(model)
         head = model.head
         details = history.model_dump()
         validation_metric = history.best_validation_metric
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trained_encoder, frozen_dir = (tokenizer, model.encoder), None
     result = TrainResult(
         strategy=strategy.name,

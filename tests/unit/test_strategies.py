@@ -1,0 +1,278 @@
+"""Transfer strategies beyond probe and full fine-tune: what trains, what is saved, zero-shot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_config
+from transferkit.backbones import fetch_backbone
+from transferkit.config import PipelineConfig, ZeroShotConfig
+from transferkit.data import ingest_data, load_split
+from transferkit.errors import ConfigError, TrainingError
+from transferkit.evaluation import evaluate
+from transferkit.features import extract_features, load_features
+from transferkit.training import train
+from transferkit.training.model import TextClassifier, load_classifier
+from transferkit.training.strategies import encoder_blocks, parameter_groups
+from transferkit.training.zero_shot import label_prompts, unit
+
+
+@pytest.fixture(scope="module")
+def tiny_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path, sst2_small: dict[str, Path]
+) -> tuple[Path, dict]:
+    """Dataset, tiny random backbone (2 blocks, width 32) and its features."""
+    tmp = tmp_path_factory.mktemp("strategies")
+    data = {
+        "train_uri": str(sst2_small["train"]),
+        "test_uri": str(sst2_small["test"]),
+        "max_rows": 300,
+    }
+    sections = {"backbone": {"uri": str(tiny_backbone), "max_length": 32}}
+    config = make_config(tmp, data, **sections)
+    ingest_data(config, tmp / "dataset")
+    fetch_backbone(config, tmp / "backbone")
+    extract_features(config, tmp / "dataset", tmp / "backbone", tmp / "features")
+    return tmp, {"data": data, **sections}
+
+
+def run(tiny: tuple[Path, dict], strategy: dict, name: str, **training: object) -> tuple:
+    tmp, sections = tiny
+    config = make_config(
+        tmp,
+        sections["data"],
+        backbone=sections["backbone"],
+        strategy=strategy,
+        training={
+            "epochs": 1,
+            "batch_size": 16,
+            "learning_rate": 1e-3,
+            "precision": "fp32",
+            "early_stopping_patience": 0,
+            **training,
+        },
+    )
+    result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / name)
+    return config, result, load_file(str(tmp / name / "encoder" / "model.safetensors"))
+
+
+def backbone_weights(tiny: tuple[Path, dict]) -> dict[str, torch.Tensor]:
+    return load_file(str(tiny[0] / "backbone" / "model" / "model.safetensors"))
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def one_step(tiny_backbone: Path, strategy: dict) -> tuple[TextClassifier, dict, dict]:
+    """Prepare a tiny classifier for ``strategy``, take one optimiser step on real text.
+
+    Returns the model and its body's weights before and after the step.
+    """
+    from transferkit.backbones.text import load_text_encoder, pad, tokenize
+
+    tokenizer, encoder = load_text_encoder(tiny_backbone, "mean", False)
+    model = TextClassifier(encoder, 2)
+    before = {k: v.clone() for k, v in model.encoder.body.state_dict().items()}
+    config = PipelineConfig.model_validate(
+        {"data": {"train_uri": "t", "test_uri": "d"}, "strategy": strategy}
+    )
+    groups = parameter_groups(model, config.strategy, config)  # type: ignore[arg-type]
+    optimizer = torch.optim.AdamW(groups)
+    ids, mask = pad(tokenize(tokenizer, ["a wonderful film", "a dull mess"], 32), 0)
+    loss = torch.nn.functional.cross_entropy(model(ids, mask), torch.tensor([1, 0]))
+    loss.backward()
+    optimizer.step()
+    return model, before, {k: v.clone() for k, v in model.encoder.body.state_dict().items()}
+
+
+def test_partial_finetune_trains_only_the_top_blocks(tiny_backbone: Path) -> None:
+    model, before, after = one_step(
+        tiny_backbone, {"name": "partial_finetune", "train_top_layers": 1}
+    )
+    moved = changed(before, after)
+    assert moved
+    assert all(k.startswith("encoder.layer.1.") for k in moved)
+    top_block = sum(v.numel() for k, v in after.items() if k.startswith("encoder.layer.1."))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == top_block + 33 * 2  # + head (32 + 1) × 2 labels
+
+
+def test_partial_finetune_layerwise_decay_and_frozen_pooler(tiny_backbone: Path) -> None:
+    from transferkit.backbones.text import load_text_encoder
+
+    _, encoder = load_text_encoder(tiny_backbone, "mean", False)
+    model = TextClassifier(encoder, 2)
+    config = PipelineConfig.model_validate(
+        {
+            "data": {"train_uri": "t.tsv", "test_uri": "d.tsv"},
+            "strategy": {
+                "name": "partial_finetune",
+                "train_top_layers": 2,
+                "layerwise_lr_decay": 0.5,
+            },
+            "training": {"learning_rate": 1e-3},
+        }
+    )
+    groups = parameter_groups(model, config.strategy, config)  # type: ignore[arg-type]
+    rates = {}
+    blocks = encoder_blocks(model.encoder.body)
+    for group in groups:
+        for parameter in group["params"]:
+            for index, block in enumerate(blocks):
+                if any(parameter is p for p in block.parameters()):
+                    rates.setdefault(index, set()).add(group["lr"])
+    assert rates == {1: {1e-3}, 0: {5e-4}}
+    assert groups[-1]["lr"] == pytest.approx(1e-2)  # head: × head_lr_multiplier 10
+    frozen = {n for n, p in model.encoder.body.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        n
+        for n, _ in model.encoder.body.named_parameters()
+        if n.startswith(("embeddings.", "pooler."))
+    }
+
+
+def test_lora_trains_only_adapters_and_merges_into_query_and_value(tiny_backbone: Path) -> None:
+    from transferkit.training.strategies import merge_lora
+
+    model, before, _ = one_step(tiny_backbone, {"name": "lora", "rank": 4, "alpha": 8})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # 2 blocks × (query, value) × r × (in + out) + head.
+    assert trainable == 2 * 2 * 4 * (32 + 32) + 33 * 2
+    merge_lora(model)
+    merged = model.encoder.body.state_dict()
+    assert merged.keys() == before.keys()  # a plain model again: serving needs no PEFT
+    moved = changed(before, dict(merged))
+    assert moved
+    assert all(k.endswith(("query.weight", "value.weight")) for k in moved)
+
+
+def test_lora_saves_a_plain_model(tiny_run: tuple) -> None:
+    _, result, saved = run(tiny_run, {"name": "lora", "rank": 4, "alpha": 8}, "lora")
+    assert result.trainable_parameters == 2 * 2 * 4 * (32 + 32) + 33 * 2
+    assert saved.keys() == backbone_weights(tiny_run).keys()
+    _, _, card = load_classifier(tiny_run[0] / "lora")
+    assert card.strategy == "lora"
+
+
+def test_lora_with_unknown_modules_is_a_one_line_error(tiny_run: tuple) -> None:
+    with pytest.raises(TrainingError, match=r"strategy.target_modules \['nope'\] match no layer"):
+        run(tiny_run, {"name": "lora", "target_modules": ["nope"]}, "lora-bad")
+
+
+def test_scratch_is_random_and_reproducible(tiny_run: tuple) -> None:
+    _, first, saved = run(tiny_run, {"name": "scratch"}, "scratch-a", max_steps=3)
+    _, second, again = run(tiny_run, {"name": "scratch"}, "scratch-b", max_steps=3)
+    original = backbone_weights(tiny_run)
+    assert changed(original, saved) >= {k for k in original if k.endswith("query.weight")}
+    assert (
+        first.trainable_parameters
+        == sum(
+            v.numel()
+            for k, v in saved.items()
+            if not k.startswith("pooler.") and v.is_floating_point()
+        )
+        + 33 * 2
+    )
+    # Same seed, same data: the same weights, bit for bit, and the same metric on this CPU.
+    assert changed(saved, again) == set()
+    assert second.validation_metric == first.validation_metric
+    heads = [
+        load_file(str(tiny_run[0] / n / "head.safetensors")) for n in ("scratch-a", "scratch-b")
+    ]
+    assert torch.equal(heads[0]["weight"], heads[1]["weight"])
+
+
+@pytest.fixture(scope="module")
+def minilm_small(tmp_path_factory: pytest.TempPathFactory, sst2_small: dict[str, Path]) -> tuple:
+    tmp = tmp_path_factory.mktemp("zero-shot")
+    data = {
+        "train_uri": str(sst2_small["train"]),
+        "test_uri": str(sst2_small["test"]),
+        "max_rows": 300,
+        "label_names": {"0": "negative", "1": "positive"},
+    }
+    config = make_config(tmp, data)
+    ingest_data(config, tmp / "dataset")
+    fetch_backbone(config, tmp / "backbone")
+    extract_features(config, tmp / "dataset", tmp / "backbone", tmp / "features")
+    return tmp, data
+
+
+def test_zero_shot_classifies_sentiment_without_training(minilm_small: tuple) -> None:
+    tmp, data = minilm_small
+    strategy = {
+        "name": "zero_shot",
+        "templates": ["this movie is {}.", "a {} film."],
+        "label_texts": {"negative": ["bad", "terrible"], "positive": ["good", "great"]},
+    }
+    config = make_config(tmp, data, strategy=strategy)
+    result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "zs")
+    assert result.trainable_parameters == 0
+    assert result.details["prompts"]["positive"] == [
+        "this movie is good.",
+        "this movie is great.",
+        "a good film.",
+        "a great film.",
+    ]
+    assert result.validation_metric > 0.65
+    scored = evaluate(config, tmp / "dataset", tmp / "zs", tmp / "zs-eval")
+    assert scored.scores.accuracy > 0.65
+    # The head is scale × unit prototypes: the saved model computes scaled cosine similarity.
+    head = load_file(str(tmp / "zs" / "head.safetensors"))
+    norms = head["weight"].norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 20.0), atol=1e-4)
+    assert torch.count_nonzero(head["bias"]) == 0
+    features = load_features(tmp / "features", "test")
+    cosine = unit(features) @ (head["weight"].numpy() / 20.0).T
+    _, truth = load_split(tmp / "dataset", "test")
+    assert (cosine.argmax(1) == truth).mean() == pytest.approx(scored.scores.accuracy, abs=0.02)
+
+
+def test_zero_shot_prompts_and_their_errors() -> None:
+    strategy = ZeroShotConfig(templates=["{}", "it was {}"], label_texts={"1": ["great"]})
+    prompts = label_prompts(strategy, ["negative", "positive"], ["0", "1"])
+    assert prompts == [["negative", "it was negative"], ["great", "it was great"]]
+    with pytest.raises(TrainingError, match=r"strategy.label_texts names 'neutral', not a label"):
+        label_prompts(ZeroShotConfig(label_texts={"neutral": ["meh"]}), ["negative"], ["0"])
+
+
+def test_templates_need_one_slot(tmp_path: Path) -> None:
+    from tests.unit.test_config import write
+    from transferkit.config import load_config
+
+    path = write(
+        tmp_path,
+        {
+            "data": {"train_uri": "t", "test_uri": "d"},
+            "strategy": {"name": "zero_shot", "templates": ["no slot"]},
+        },
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy.templates: template 'no slot' needs "
+        r"exactly one '\{\}' slot",
+    ):
+        load_config(path)
+
+
+def test_every_strategy_name_validates() -> None:
+    from transferkit.config import STRATEGIES
+
+    for name in STRATEGIES:
+        config = PipelineConfig.model_validate(
+            {"data": {"train_uri": "t", "test_uri": "d"}, "strategy": {"name": name}}
+        )
+        assert config.strategy.name == name
+    assert np.array_equal(
+        sorted(STRATEGIES),
+        sorted(
+            ["linear_probe", "full_finetune", "partial_finetune", "lora", "scratch", "zero_shot"]
+        ),
+    )
