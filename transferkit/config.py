@@ -322,6 +322,21 @@ class RegistryConfig(_Model):
     min_improvement: float = Field(
         0.0, ge=0, description="Required gain over the champion's primary metric to promote."
     )
+    gate: Literal["mcnemar", "bootstrap", "none"] = Field(
+        "mcnemar",
+        description="How challenger and champion are compared on the same evaluation rows: "
+        "'mcnemar' (exact test on the rows only one of them gets right), 'bootstrap' (paired "
+        "resampling of the primary metric) or 'none' (the metric gain alone).",
+    )
+    significance: float = Field(
+        0.05,
+        gt=0,
+        le=0.5,
+        description="One-sided level of the gate's test: promote only when p is below it.",
+    )
+    bootstrap_samples: int = Field(
+        2000, ge=100, le=100_000, description="Resamples of the 'bootstrap' gate."
+    )
 
 
 class StorageConfig(_Model):

@@ -3,25 +3,32 @@
 The run records the flattened config as params, the evaluation metrics, the report, plot,
 label map and config as artifacts, and the model as a pyfunc with a signature and an input
 example. The new version gets alias ``challenger``; it becomes ``champion`` only when it
-beats the current champion's primary metric (or there is none). Registration is
-all-or-nothing: if anything fails after the version was created, the version is deleted.
-Registering the same model bytes twice reuses the existing version.
+beats the current champion on the same evaluation rows: the champion is downloaded and
+re-scored on this run's evaluation split, and a paired test (McNemar or a bootstrap) must find
+the gain significant (``registry.gate``). The test, its p-value and interval are recorded in the
+run. Registration is all-or-nothing: if anything fails after the version was created, the
+version is deleted. Registering the same model bytes twice reuses the existing version.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
+import pandas as pd
 import yaml
 from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.config import PipelineConfig, flatten
+from transferkit.data import load_split
 from transferkit.errors import RegistryError
+from transferkit.metrics import PairedComparison, paired_comparison
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class RegistrationResult(BaseModel):
     previous_champion: str | None
     metrics: dict[str, float]
     scores: dict[str, Any]
+    comparison: PairedComparison | None
     reused: bool
     seconds: float
 
@@ -107,12 +115,94 @@ def _champion(client: Any, name: str) -> Any | None:
         return None
 
 
-def _champion_value(client: Any, champion: Any, metric: str) -> float | None:
-    tagged = champion.tags.get(f"{TAG}test_{metric}")
-    if tagged is not None:
-        return float(tagged)
-    value = client.get_run(champion.run_id).data.metrics.get(f"test_{metric}")
-    return None if value is None else float(value)
+class _IncomparableError(Exception):
+    """The champion cannot be scored on this run's evaluation rows."""
+
+
+def _champion_predictions(
+    config: PipelineConfig, champion: Any, texts: list[str], labels: list[str], scratch: Path
+) -> np.ndarray:
+    """Download the champion and predict this run's evaluation texts, as evaluate does."""
+    import mlflow
+
+    from transferkit.backbones.text import resolve_precision
+    from transferkit.training.model import load_classifier, predict_proba
+    from transferkit.training.runtime import device
+
+    name = config.registry.model_name
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{champion.version}", dst_path=str(scratch)
+        )
+    )
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        tokenizer, model, card = load_classifier(local / flavor["artifacts"]["model"]["path"])
+    except Exception as exc:
+        raise _IncomparableError(
+            f"champion v{champion.version} is not a transferkit model ({type(exc).__name__})"
+        ) from None
+    if card.labels != labels:
+        raise _IncomparableError(
+            f"champion v{champion.version} predicts {card.labels}, this model {labels}"
+        )
+    target = device()
+    precision = resolve_precision(config.training.precision, target)
+    proba = predict_proba(
+        model.to(target), tokenizer, card, texts, config.evaluation.batch_size, precision
+    )
+    return np.asarray(proba.argmax(axis=1))
+
+
+def compare_with_champion(
+    config: PipelineConfig,
+    champion: Any,
+    dataset_dir: Path,
+    evaluation_dir: Path,
+    labels: list[str],
+) -> PairedComparison:
+    """Score the champion on this run's evaluation rows and test the paired difference."""
+    texts, truth = load_split(dataset_dir, "test")
+    predictions = pd.read_parquet(evaluation_dir / "predictions.parquet")
+    with tempfile.TemporaryDirectory(prefix="transferkit-champion-") as scratch:
+        old = _champion_predictions(config, champion, texts, labels, Path(scratch))
+    method = "mcnemar" if config.registry.gate == "none" else config.registry.gate
+    return paired_comparison(
+        truth,
+        predictions["predicted"].to_numpy(),
+        old,
+        labels,
+        config.evaluation.primary_metric,
+        method,
+        config.registry.significance,
+        config.registry.bootstrap_samples,
+        seed=config.training.seed,
+    )
+
+
+def decide(
+    comparison: PairedComparison,
+    champion_version: str,
+    config: PipelineConfig,
+) -> tuple[bool, str]:
+    """Promote only for a gain above ``min_improvement`` that the gate finds significant."""
+    registry = config.registry
+    c = comparison
+    reason = (
+        f"{c.metric} {c.challenger:.4f} vs champion v{champion_version} {c.champion:.4f} "
+        f"on the same {c.rows} rows (gain {c.gain:+.4f}"
+    )
+    if registry.gate != "none":
+        reason += (
+            f"; {c.method} p={c.p_value:.3g}, {c.ci_level:.0%} interval "
+            f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
+        )
+    reason += ")"
+    if c.gain <= registry.min_improvement:
+        return False, f"{reason}: needs a gain > {registry.min_improvement:g}"
+    if registry.gate != "none" and c.p_value >= registry.significance:
+        return False, f"{reason}: not significant at {registry.significance:g}"
+    return True, reason
 
 
 def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
@@ -155,7 +245,12 @@ def _log_run(
             params = {k: v[:MAX_PARAM] for k, v in flatten(config).items()}
             mlflow.log_params(params)
             mlflow.log_metrics(metrics)
-            for name in ("report.md", "confusion_matrix.png", "evaluation.json"):
+            for name in (
+                "report.md",
+                "confusion_matrix.png",
+                "evaluation.json",
+                "predictions.parquet",
+            ):
                 mlflow.log_artifact(str(paths["evaluation"] / name), artifact_path="evaluation")
             for name in ("label_map.json", "stats.json"):
                 mlflow.log_artifact(str(paths["dataset"] / name), artifact_path="data")
@@ -262,9 +357,38 @@ def register_model(
         TAG + "primary_metric": metric,
         TAG + f"test_{metric}": f"{value:.6f}",
     }
+    comparison: PairedComparison | None = None
     try:
         client = _client(config)
         existing = _find_version(client, name, fingerprint)
+        champion = _champion(client, name)
+        previous = None if champion is None else str(champion.version)
+        if champion is None:
+            promote, reason = True, "no champion yet"
+        elif existing is not None and str(champion.version) == str(existing.version):
+            promote, reason = True, "already the champion"
+        else:
+            try:
+                comparison = compare_with_champion(
+                    config, champion, dataset_dir, evaluation_dir, evaluation["scores"]["labels"]
+                )
+                promote, reason = decide(comparison, str(champion.version), config)
+            except _IncomparableError as exc:
+                promote, reason = False, f"{exc}; compare them by hand"
+        if promote and not config.registry.promote:
+            promote, reason = False, reason + "; registry.promote is off"
+        if comparison is not None:
+            metrics.update(
+                {
+                    f"champion_{metric}_same_rows": comparison.champion,
+                    "gate_gain": comparison.gain,
+                    "gate_p_value": comparison.p_value,
+                    "gate_ci_low": comparison.ci_low,
+                    "gate_ci_high": comparison.ci_high,
+                }
+            )
+        tags[TAG + "gate"] = config.registry.gate
+        tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[:4000]
         if existing is not None:
             run_id, version, reused = existing.run_id, existing, True
             log.info("identical model already registered as %s version %s", name, version.version)
@@ -284,25 +408,6 @@ def register_model(
                 metrics,
             )
             reused = False
-        champion = _champion(client, name)
-        previous = None if champion is None else str(champion.version)
-        if champion is not None and str(champion.version) == str(version.version):
-            promote, reason = True, "already the champion"
-        elif champion is None:
-            promote, reason = True, "no champion yet"
-        else:
-            current = _champion_value(client, champion, metric)
-            if current is None:
-                promote, reason = False, f"champion v{champion.version} has no test_{metric}"
-            else:
-                gain = value - current
-                promote = gain > config.registry.min_improvement
-                reason = (
-                    f"{metric} {value:.4f} vs champion v{champion.version} {current:.4f} "
-                    f"(gain {gain:+.4f}, needs > {config.registry.min_improvement:g})"
-                )
-        if promote and not config.registry.promote:
-            promote, reason = False, reason + "; registry.promote is off"
         if promote and previous != str(version.version):
             client.set_registered_model_alias(name, "champion", version.version)
     except (MlflowException, ConnectionError) as exc:
@@ -338,6 +443,7 @@ def register_model(
         previous_champion=previous,
         metrics=metrics,
         scores=evaluation["scores"],
+        comparison=comparison,
         reused=reused,
         seconds=round(time.perf_counter() - started, 3),
     )

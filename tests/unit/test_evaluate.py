@@ -17,7 +17,7 @@ from sklearn.metrics import (
 from transferkit import storage
 from transferkit.data import load_split
 from transferkit.evaluation import evaluate
-from transferkit.metrics import score
+from transferkit.metrics import mcnemar_p, paired_comparison, score
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -85,3 +85,72 @@ def test_evaluate_writes_report_plot_and_predictions(tmp_path: Path, probe_run: 
         "recall_positive",
         "f1_positive",
     }
+
+
+@pytest.mark.parametrize(("challenger_only", "champion_only"), [(10, 3), (3, 10), (0, 0), (40, 25)])
+def test_mcnemar_is_the_exact_one_sided_binomial_test(
+    challenger_only: int, champion_only: int
+) -> None:
+    from scipy.stats import binomtest
+
+    n = challenger_only + champion_only
+    expected = binomtest(challenger_only, n, 0.5, alternative="greater").pvalue if n else 1.0
+    assert mcnemar_p(challenger_only, champion_only) == pytest.approx(expected)
+
+
+def synthetic_pair(fixes: int, breaks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1,000 rows; the champion is right on 80 %; the challenger fixes and breaks some rows."""
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, 1000)
+    champion = truth.copy()
+    wrong = rng.choice(1000, 200, replace=False)
+    champion[wrong] = 1 - champion[wrong]
+    challenger = champion.copy()
+    challenger[wrong[:fixes]] = truth[wrong[:fixes]]
+    right = np.setdiff1d(np.arange(1000), wrong)[:breaks]
+    challenger[right] = 1 - truth[right]
+    return truth, challenger, champion
+
+
+def test_paired_comparison_mcnemar_and_bootstrap_agree() -> None:
+    truth, challenger, champion = synthetic_pair(fixes=30, breaks=10)
+    labels = ["a", "b"]
+    exact = paired_comparison(truth, challenger, champion, labels, "accuracy", "mcnemar", 0.05)
+    assert (exact.challenger_only_right, exact.champion_only_right) == (30, 10)
+    assert exact.gain == pytest.approx(0.02)
+    assert exact.p_value == pytest.approx(mcnemar_p(30, 10))
+    assert exact.p_value < 0.01
+    assert exact.ci_low < 0.02 < exact.ci_high
+    assert exact.ci_level == pytest.approx(0.9)
+    boot = paired_comparison(
+        truth, challenger, champion, labels, "accuracy", "bootstrap", 0.05, samples=500, seed=1
+    )
+    assert boot.p_value < 0.01
+    assert boot.ci_low > 0
+    again = paired_comparison(
+        truth, challenger, champion, labels, "accuracy", "bootstrap", 0.05, samples=500, seed=1
+    )
+    assert again == boot  # seeded: reproducible
+    same = paired_comparison(
+        truth, champion, champion, labels, "macro_f1", "bootstrap", 0.05, samples=200
+    )
+    assert (same.gain, same.p_value) == (0.0, 1.0)
+
+
+def test_promotion_decision() -> None:
+    from transferkit.config import PipelineConfig
+    from transferkit.registry import decide
+
+    config = PipelineConfig.model_validate({"data": {"train_uri": "t", "test_uri": "d"}})
+    truth, challenger, champion = synthetic_pair(fixes=6, breaks=3)
+    small = paired_comparison(truth, challenger, champion, ["a", "b"], "accuracy", "mcnemar", 0.05)
+    promote, reason = decide(small, "4", config)
+    assert not promote
+    assert reason.startswith(
+        "accuracy 0.8030 vs champion v4 0.8000 on the same 1000 rows (gain +0.0030; mcnemar p=0.254"
+    )
+    assert reason.endswith("not significant at 0.05")
+    config.registry.gate = "none"
+    promote, reason = decide(small, "4", config)
+    assert promote
+    assert reason == "accuracy 0.8030 vs champion v4 0.8000 on the same 1000 rows (gain +0.0030)"

@@ -8,7 +8,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
 
 from transferkit import storage
 from transferkit.config import PipelineConfig
@@ -51,41 +53,26 @@ def register(
     )
 
 
-def shifted_evaluation(evaluation: Path, target: Path, delta: float) -> Path:
-    """A copy of an evaluation whose accuracy is moved by ``delta`` (a better/worse rival)."""
-    shutil.copytree(evaluation, target)
-    payload = storage.read_json(target / "evaluation.json")
-    payload["scores"]["accuracy"] += delta
-    payload["primary_value"] = payload["scores"]["accuracy"]
-    storage.write_json(target / "evaluation.json", payload)
-    return target
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory: pytest.TempPathFactory, evaluated: tuple) -> tuple[Path, Path]:
+    """A real, worse rival: the probe with its head pushed towards 'negative', evaluated."""
+    config, artifacts, _ = evaluated
+    folder = tmp_path_factory.mktemp("biased")
+    model = Path(shutil.copytree(artifacts / "model", folder / "model"))
+    head = load_file(str(model / "head.safetensors"))
+    head["bias"] = head["bias"] + torch.tensor([2.0, -2.0])
+    save_file(head, str(model / "head.safetensors"))
+    evaluate(config, artifacts / "dataset", model, folder / "evaluation")
+    return model, folder / "evaluation"
 
 
-def other_model(model: Path, target: Path) -> Path:
-    """Same weights, a different training report: different bytes, hence a new version."""
+def relabelled(model: Path, target: Path) -> Path:
+    """The same model under other label names: not comparable with the rest."""
     shutil.copytree(model, target)
-    report = storage.read_json(target / "training.json")
-    report["details"]["copy"] = target.name
-    storage.write_json(target / "training.json", report)
+    card = storage.read_json(target / "transferkit.json")
+    card["labels"] = ["neg", "pos"]
+    storage.write_json(target / "transferkit.json", card)
     return target
-
-
-def register_rival(
-    config: PipelineConfig,
-    artifacts: Path,
-    evaluation: Path,
-    tmp_path: Path,
-    name: str,
-    delta: float,
-):
-    """Register a different model whose accuracy differs from the original by ``delta``."""
-    return register(
-        config,
-        artifacts,
-        shifted_evaluation(evaluation, tmp_path / f"e-{name}", delta),
-        tmp_path / f"r-{name}.json",
-        model=other_model(artifacts / "model", tmp_path / f"m-{name}"),
-    )
 
 
 def test_registers_logs_and_serves(tmp_path: Path, evaluated: tuple) -> None:
@@ -138,34 +125,84 @@ def test_identical_model_reuses_its_version(tmp_path: Path, evaluated: tuple) ->
     assert len(client.search_model_versions("name = 'sst2-test'")) == 1
 
 
-def test_champion_moves_only_to_a_better_model(tmp_path: Path, evaluated: tuple) -> None:
+def test_champion_moves_only_to_a_significantly_better_model(
+    tmp_path: Path, evaluated: tuple, biased: tuple[Path, Path]
+) -> None:
     config, artifacts, evaluation = evaluated
     config = with_store(config, tmp_path)
-    register(config, artifacts, evaluation, tmp_path / "r1.json")
-    worse = register_rival(config, artifacts, evaluation, tmp_path, "worse", -0.05)
-    assert (worse.version, worse.champion, worse.previous_champion) == ("2", False, "1")
-    assert "gain -0.0500" in worse.reason
-    better = register_rival(config, artifacts, evaluation, tmp_path, "better", 0.02)
-    assert (better.version, better.champion) == ("3", True)
+    worse_model, worse_eval = biased
+    first = register(config, artifacts, worse_eval, tmp_path / "r1.json", model=worse_model)
+    assert (first.version, first.champion, first.comparison) == ("1", True, None)
+
+    better = register(config, artifacts, evaluation, tmp_path / "r2.json")
+    assert (better.version, better.champion, better.previous_champion) == ("2", True, "1")
+    comparison = better.comparison
+    assert comparison is not None
+    assert comparison.method == "mcnemar"
+    assert comparison.rows == 300
+    # The champion was re-scored on this run's rows exactly as evaluate scored it.
+    worse_accuracy = storage.read_json(worse_eval / "evaluation.json")["scores"]["accuracy"]
+    assert comparison.champion == pytest.approx(worse_accuracy)
+    assert comparison.challenger == pytest.approx(better.metrics["test_accuracy"])
+    assert comparison.gain > 0
+    assert comparison.p_value < 0.05
+    assert comparison.ci_low > 0
+    assert "mcnemar p=" in better.reason
     client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-    assert str(client.get_model_version_by_alias("sst2-test", "champion").version) == "3"
-    assert str(client.get_model_version_by_alias("sst2-test", "challenger").version) == "3"
+    assert str(client.get_model_version_by_alias("sst2-test", "champion").version) == "2"
+    run = client.get_run(better.run_id)
+    assert run.data.metrics["gate_p_value"] == pytest.approx(comparison.p_value)
+    assert run.data.metrics["champion_accuracy_same_rows"] == pytest.approx(worse_accuracy)
+    assert run.data.tags["transferkit.gate_decision"].startswith("promoted: accuracy ")
+
+    again = register(config, artifacts, worse_eval, tmp_path / "r3.json", model=worse_model)
+    assert again.reused
+    assert (again.version, again.champion) == ("1", False)
+    assert again.reason.endswith("needs a gain > 0")
+    assert str(client.get_model_version_by_alias("sst2-test", "champion").version) == "2"
 
 
-def test_min_improvement_and_promote_switch(tmp_path: Path, evaluated: tuple) -> None:
+def test_min_improvement_and_promote_switch(
+    tmp_path: Path, evaluated: tuple, biased: tuple[Path, Path]
+) -> None:
     config, artifacts, evaluation = evaluated
     config = with_store(config, tmp_path)
-    register(config, artifacts, evaluation, tmp_path / "r1.json")
+    register(config, artifacts, biased[1], tmp_path / "r1.json", model=biased[0])
     strict = config.model_copy(deep=True)
-    strict.registry.min_improvement = 0.05
-    small_gain = register_rival(strict, artifacts, evaluation, tmp_path, "small", 0.01)
-    assert not small_gain.champion
-    assert "needs > 0.05" in small_gain.reason
+    strict.registry.min_improvement = 0.5
+    held = register(strict, artifacts, evaluation, tmp_path / "r2.json")
+    assert not held.champion
+    assert held.reason.endswith("needs a gain > 0.5")
     frozen = config.model_copy(deep=True)
     frozen.registry.promote = False
-    no_promote = register_rival(frozen, artifacts, evaluation, tmp_path, "frozen", 0.1)
-    assert not no_promote.champion
-    assert no_promote.reason.endswith("registry.promote is off")
+    off = register(frozen, artifacts, evaluation, tmp_path / "r3.json")
+    assert not off.champion
+    assert off.reason.endswith("registry.promote is off")
+
+
+def test_bootstrap_gate(tmp_path: Path, evaluated: tuple, biased: tuple[Path, Path]) -> None:
+    config, artifacts, evaluation = evaluated
+    config = with_store(config, tmp_path)
+    config.registry.gate = "bootstrap"
+    config.registry.bootstrap_samples = 300
+    register(config, artifacts, biased[1], tmp_path / "r1.json", model=biased[0])
+    better = register(config, artifacts, evaluation, tmp_path / "r2.json")
+    assert better.champion
+    assert better.comparison is not None
+    assert better.comparison.method == "bootstrap"
+    assert better.comparison.ci_low <= better.comparison.gain <= better.comparison.ci_high
+
+
+def test_champion_with_other_labels_is_not_comparable(tmp_path: Path, evaluated: tuple) -> None:
+    config, artifacts, evaluation = evaluated
+    config = with_store(config, tmp_path)
+    other = relabelled(artifacts / "model", tmp_path / "relabelled")
+    register(config, artifacts, evaluation, tmp_path / "r1.json", model=other)
+    held = register(config, artifacts, evaluation, tmp_path / "r2.json")
+    assert not held.champion
+    assert held.reason.startswith(
+        "champion v1 predicts ['neg', 'pos'], this model ['negative', 'positive']"
+    )
 
 
 def test_failure_mid_registration_leaves_no_version(tmp_path: Path, evaluated: tuple) -> None:

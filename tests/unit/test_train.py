@@ -30,6 +30,10 @@ def test_linear_probe_learns_sentiment(probe_run: tuple) -> None:
     tokenizer, model, card = load_classifier(tmp / "model")
     assert card.labels == ["negative", "positive"]
     assert card.strategy == "linear_probe"
+    # Reproducibility record: seed, determinism settings and versions travel with the model.
+    assert card.environment["seed"] == "42"
+    assert card.environment["torch"] == torch.__version__
+    assert card.environment["deterministic_algorithms"] in ("True", "False")
     texts, truth = load_split(tmp / "dataset", "test")
     accuracy = score(
         truth, predict_proba(model, tokenizer, card, texts).argmax(1), card.labels

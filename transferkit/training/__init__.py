@@ -185,7 +185,7 @@ def train(
         backbone_source=info.source,
         backbone_fingerprint=info.fingerprint,
         data_fingerprint=storage.read_json(dataset_dir / "stats.json")["fingerprint"],
-        environment=environment(),
+        environment=environment(config.training.seed),
     )
     head_parameters = (info.hidden_size + 1) * len(labels)
     trained_encoder: tuple[Any, Any] | None = None

@@ -31,8 +31,8 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def environment() -> dict[str, str]:
-    """Library versions and hardware facts recorded with every model."""
+def environment(seed: int) -> dict[str, str]:
+    """Seed, determinism settings, library versions and hardware recorded with every model."""
     import transformers
 
     from transferkit import __version__
@@ -45,4 +45,8 @@ def environment() -> dict[str, str]:
         "python": platform.python_version(),
         "device": str(device()),
         "torch_threads": str(torch.get_num_threads()),
+        "seed": str(seed),
+        "deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
+        "cudnn_deterministic": str(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": str(torch.backends.cudnn.benchmark),
     }
