@@ -217,6 +217,34 @@ class ScratchConfig(_Model):
     name: Literal["scratch"] = "scratch"
 
 
+class FewShotConfig(_Model):
+    """SetFit: contrastive tuning of the sentence encoder on pairs of k examples per label."""
+
+    name: Literal["few_shot"] = "few_shot"
+    examples_per_class: int = Field(
+        16,
+        ge=1,
+        le=10_000,
+        description="k: labelled examples drawn per label from the training split (seeded by "
+        "training.seed); the rest of the training split is not used.",
+    )
+    pair_iterations: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Rounds of pair generation: each round pairs every example with one of its "
+        "label (target 1) and one of another label (target 0).",
+    )
+    body_learning_rate: float = Field(
+        2e-5, gt=0, lt=1, description="Learning rate of the contrastive encoder tuning."
+    )
+    epochs: int = Field(1, ge=1, le=100, description="Passes over the generated pairs.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Pairs per step.")
+    head_l2: float = Field(
+        0.01, ge=0, description="L2 penalty of the logistic-regression head on the k-shot set."
+    )
+
+
 class ZeroShotConfig(_Model):
     """No training: classify by cosine similarity to embedded label descriptions."""
 
@@ -252,6 +280,7 @@ STRATEGIES: dict[str, type[_Model]] = {
     "lora": LoraConfig,
     "scratch": ScratchConfig,
     "zero_shot": ZeroShotConfig,
+    "few_shot": FewShotConfig,
 }
 StrategyConfig = Annotated[
     LinearProbeConfig
@@ -259,7 +288,8 @@ StrategyConfig = Annotated[
     | PartialFinetuneConfig
     | LoraConfig
     | ScratchConfig
-    | ZeroShotConfig,
+    | ZeroShotConfig
+    | FewShotConfig,
     Field(discriminator="name"),
 ]
 

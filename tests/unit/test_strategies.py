@@ -270,9 +270,50 @@ def test_every_strategy_name_validates() -> None:
             {"data": {"train_uri": "t", "test_uri": "d"}, "strategy": {"name": name}}
         )
         assert config.strategy.name == name
-    assert np.array_equal(
-        sorted(STRATEGIES),
-        sorted(
-            ["linear_probe", "full_finetune", "partial_finetune", "lora", "scratch", "zero_shot"]
-        ),
-    )
+    assert set(STRATEGIES) == {
+        "linear_probe",
+        "full_finetune",
+        "partial_finetune",
+        "lora",
+        "scratch",
+        "zero_shot",
+        "few_shot",
+    }
+
+
+def test_few_shot_samples_and_pairs_are_reproducible() -> None:
+    from transferkit.training.few_shot import make_pairs, sample_per_class
+
+    labels = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 1])
+    first = sample_per_class(labels, 3, seed=7, names=["a", "b"])
+    assert first.tolist() == sample_per_class(labels, 3, seed=7, names=["a", "b"]).tolist()
+    assert (labels[first] == [0, 0, 0, 1, 1, 1]).all()
+    assert first.tolist() != sample_per_class(labels, 3, seed=8, names=["a", "b"]).tolist()
+    with pytest.raises(TrainingError, match=r"'a' has 4 — lower strategy.examples_per_class"):
+        sample_per_class(labels, 5, seed=0, names=["a", "b"])
+    shot_labels = labels[first]
+    pairs = make_pairs(shot_labels, iterations=2, rng=np.random.default_rng(0))
+    assert len(pairs) == 2 * 2 * 6  # per round: each example once positive, once negative
+    for left, right, target in pairs:
+        assert left != right
+        assert target == float(shot_labels[left] == shot_labels[right])
+
+
+def test_few_shot_tunes_the_encoder_on_k_examples(minilm_small: tuple) -> None:
+    tmp, data = minilm_small
+    strategy = {"name": "few_shot", "examples_per_class": 4, "pair_iterations": 2}
+    config = make_config(tmp, data, strategy=strategy)
+    result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fs")
+    details = result.details
+    assert len(details["examples"]) == 8
+    _, truth = load_split(tmp / "dataset", "train")
+    assert sorted(truth[details["examples"]].tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert details["tuning"]["pairs"] == 2 * 2 * 8
+    assert details["tuning"]["last_loss"] < details["tuning"]["first_loss"]
+    # The encoder itself changed (contrastive tuning), unlike a probe's linked backbone.
+    tuned = load_file(str(tmp / "fs" / "encoder" / "model.safetensors"))
+    original = load_file(str(tmp / "backbone" / "model" / "model.safetensors"))
+    shared = original.keys() & tuned.keys()  # the original also stores position ids
+    assert any(not torch.equal(original[k], tuned[k]) for k in shared)
+    again = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fs2")
+    assert again.details["examples"] == details["examples"]

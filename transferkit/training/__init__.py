@@ -19,14 +19,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 from torch import nn
 
 from transferkit import storage
 from transferkit.backbones import load_backbone_info
-from transferkit.backbones.text import load_text_encoder, random_text_encoder, resolve_precision
+from transferkit.backbones.text import (
+    TextEncoder,
+    load_text_encoder,
+    random_text_encoder,
+    resolve_precision,
+    run_batched,
+)
 from transferkit.config import (
+    FewShotConfig,
     LinearProbeConfig,
     LoraConfig,
     PipelineConfig,
@@ -36,6 +44,7 @@ from transferkit.config import (
 from transferkit.data import LabelMap, load_label_map, load_split
 from transferkit.features import load_features
 from transferkit.metrics import score
+from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.finetune import finetune
 from transferkit.training.model import ModelCard, TextClassifier, save_classifier
 from transferkit.training.probe import ProbeFit, fit_probe
@@ -104,6 +113,54 @@ def _tunable_model(
         model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
         log.info("head initialised from a linear probe (validation %.4f)", fit.validation_metric)
     return model, tokenizer
+
+
+def _few_shot(
+    config: PipelineConfig,
+    strategy: FewShotConfig,
+    backbone_dir: Path,
+    dataset_dir: Path,
+    labels: list[str],
+    precision: str,
+) -> tuple[Any, TextEncoder, nn.Linear, float, dict[str, Any]]:
+    """SetFit on k examples per label: contrastive encoder tuning, then a head on them."""
+    info = load_backbone_info(backbone_dir)
+    texts, truth = load_split(dataset_dir, "train")
+    chosen = sample_per_class(truth, strategy.examples_per_class, config.training.seed, labels)
+    shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
+    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+    encoder.to(device())
+    pairs = make_pairs(
+        shot_labels, strategy.pair_iterations, np.random.default_rng(config.training.seed)
+    )
+    tuning = contrastive_tune(
+        encoder, tokenizer, shots, pairs, strategy, info.max_length, precision
+    )
+    batch = config.evaluation.batch_size
+    val_texts, val_truth = load_split(dataset_dir, "validation")
+    head, fit = fit_probe(
+        run_batched(encoder, tokenizer, shots, info.max_length, batch, precision, "embed shots"),
+        shot_labels,
+        run_batched(
+            encoder, tokenizer, val_texts, info.max_length, batch, precision, "embed validation"
+        ),
+        val_truth,
+        labels,
+        [strategy.head_l2],
+        300,
+        config.evaluation.primary_metric,
+        standardize=False,
+    )
+    log.info(
+        "few-shot: %d examples, %d pairs, loss %.3f → %.3f, validation %.4f",
+        len(chosen),
+        len(pairs),
+        tuning["first_loss"],
+        tuning["last_loss"],
+        fit.validation_metric,
+    )
+    details = {"examples": chosen.tolist(), "tuning": tuning, "head": fit.model_dump()}
+    return tokenizer, encoder, head, fit.validation_metric, details
 
 
 def _zero_shot(
@@ -201,6 +258,13 @@ def train(
         )
         card.normalize = True  # cosine similarity: the head expects unit vectors
         trainable = 0
+    elif isinstance(strategy, FewShotConfig):
+        tokenizer, encoder, head, validation_metric, details = _few_shot(
+            config, strategy, backbone_dir, dataset_dir, label_map.names, precision
+        )
+        trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        trainable += head_parameters
+        trained_encoder, frozen_dir = (tokenizer, encoder), None
     else:
         model, tokenizer = _tunable_model(
             config, strategy, backbone_dir, dataset_dir, features_dir, labels, target

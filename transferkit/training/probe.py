@@ -66,16 +66,20 @@ def fit_probe(
     l2_grid: list[float],
     max_iter: int,
     primary_metric: str,
+    standardize: bool = True,
 ) -> tuple[nn.Linear, ProbeFit]:
     """Fit one head per L2 penalty, keep the best on validation, fold the standardisation in.
 
     The objective is convex and starts from zero weights, so the fit is deterministic.
+    ``standardize=False`` fits on the raw features (a handful of examples cannot estimate
+    per-dimension scales).
 
     Returns:
         A float32 ``nn.Linear`` for raw features, and the selection record.
     """
-    mean = train_x.mean(axis=0, dtype=np.float64)
-    std = train_x.std(axis=0, dtype=np.float64)
+    dims = train_x.shape[1]
+    mean = train_x.mean(axis=0, dtype=np.float64) if standardize else np.zeros(dims)
+    std = train_x.std(axis=0, dtype=np.float64) if standardize else np.ones(dims)
     std = np.where(std < 1e-8, 1.0, std)
     x = torch.from_numpy((train_x - mean) / std)
     y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
