@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from transferkit import storage
-from transferkit.backbones import load_backbone_info
+from transferkit.backbones import BackboneInfo, load_backbone_info
 from transferkit.backbones.text import (
     TextEncoder,
     load_text_encoder,
@@ -93,20 +93,18 @@ def _probe(
 def _tunable_model(
     config: PipelineConfig,
     strategy: TunedStrategy,
-    backbone_dir: Path,
+    model_dir: Path,
+    info: BackboneInfo,
     dataset_dir: Path,
     features_dir: Path,
     labels: list[str],
     target: torch.device,
 ) -> tuple[TextClassifier, Any]:
     """The classifier a training strategy starts from: pre-trained (or random) plus a head."""
-    info = load_backbone_info(backbone_dir)
     if isinstance(strategy, ScratchConfig):
-        tokenizer, encoder = random_text_encoder(
-            backbone_dir / "model", info.pooling, info.normalize
-        )
+        tokenizer, encoder = random_text_encoder(model_dir, info.pooling, info.normalize)
     else:
-        tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+        tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
     model = TextClassifier(encoder, len(labels)).to(target)
     if getattr(strategy, "head_init", "random") == "probe":
         head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels)
@@ -118,17 +116,17 @@ def _tunable_model(
 def _few_shot(
     config: PipelineConfig,
     strategy: FewShotConfig,
-    backbone_dir: Path,
+    model_dir: Path,
+    info: BackboneInfo,
     dataset_dir: Path,
     labels: list[str],
     precision: str,
 ) -> tuple[Any, TextEncoder, nn.Linear, float, dict[str, Any]]:
     """SetFit on k examples per label: contrastive encoder tuning, then a head on them."""
-    info = load_backbone_info(backbone_dir)
     texts, truth = load_split(dataset_dir, "train")
     chosen = sample_per_class(truth, strategy.examples_per_class, config.training.seed, labels)
     shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
-    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+    tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
     encoder.to(device())
     pairs = make_pairs(
         shot_labels, strategy.pair_iterations, np.random.default_rng(config.training.seed)
@@ -166,14 +164,14 @@ def _few_shot(
 def _zero_shot(
     config: PipelineConfig,
     strategy: ZeroShotConfig,
-    backbone_dir: Path,
+    model_dir: Path,
+    info: BackboneInfo,
     dataset_dir: Path,
     features_dir: Path,
     label_map: LabelMap,
 ) -> tuple[nn.Linear, float, dict[str, Any]]:
     """The prototype head, its validation metric (from cached features) and the prompts."""
-    info = load_backbone_info(backbone_dir)
-    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, True)
+    tokenizer, encoder = load_text_encoder(model_dir, info.pooling, True)
     # Prototypes are weights: embed the few prompts in full precision whatever the setting.
     head, prototypes = zero_shot_head(
         tokenizer,
@@ -254,20 +252,27 @@ def train(
         trainable = head_parameters
     elif isinstance(strategy, ZeroShotConfig):
         head, validation_metric, details = _zero_shot(
-            config, strategy, backbone_dir, dataset_dir, features_dir, label_map
+            config, strategy, backbone_dir / "model", info, dataset_dir, features_dir, label_map
         )
         card.normalize = True  # cosine similarity: the head expects unit vectors
         trainable = 0
     elif isinstance(strategy, FewShotConfig):
         tokenizer, encoder, head, validation_metric, details = _few_shot(
-            config, strategy, backbone_dir, dataset_dir, label_map.names, precision
+            config, strategy, backbone_dir / "model", info, dataset_dir, label_map.names, precision
         )
         trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
         trainable += head_parameters
         trained_encoder, frozen_dir = (tokenizer, encoder), None
     else:
         model, tokenizer = _tunable_model(
-            config, strategy, backbone_dir, dataset_dir, features_dir, labels, target
+            config,
+            strategy,
+            backbone_dir / "model",
+            info,
+            dataset_dir,
+            features_dir,
+            labels,
+            target,
         )
         history = finetune(
             model,
