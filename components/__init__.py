@@ -1,17 +1,21 @@
 """KFP components: one thin wrapper per step of the transfer-learning DAG."""
 
+from transferkit.components.compare_strategies import compare_strategies
 from transferkit.components.evaluate import evaluate
 from transferkit.components.extract_features import extract_features
 from transferkit.components.fetch_backbone import fetch_backbone
 from transferkit.components.ingest_data import ingest_data
+from transferkit.components.plan_sweep import plan_sweep
 from transferkit.components.register_model import register_model
 from transferkit.components.train import train
 
 __all__ = [
+    "compare_strategies",
     "evaluate",
     "extract_features",
     "fetch_backbone",
     "ingest_data",
+    "plan_sweep",
     "register_model",
     "train",
 ]

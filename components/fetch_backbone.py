@@ -1,18 +1,24 @@
 """KFP component: fetch_backbone. Logic: transferkit.backbones.fetch_backbone."""
 
 from kfp import dsl
-from kfp.dsl import Model, Output
+from kfp.dsl import Dataset, Input, Model, Output
 from transferkit.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def fetch_backbone(config: dict, source_stamp: str, backbone: Output[Model]) -> None:
-    """Copy the pre-trained backbone into the pipeline, checking its weights.
+def fetch_backbone(
+    config: dict, source_stamp: str, dataset: Input[Dataset], backbone: Output[Model]
+) -> None:
+    """Copy the pre-trained backbone into the pipeline, checking its weights; with
+    backbone_selection, rank the candidates by LogME on the training data and keep the best.
 
     Args:
         config: the run configuration (transferkit.config.PipelineConfig as a dict).
-        source_stamp: content stamp of the backbone source, so a changed model misses the cache.
-        backbone: the Hugging Face folder plus backbone.json (hashes, architecture, size).
+        source_stamp: content stamp of the backbone source(s), so a changed model misses the
+            cache.
+        dataset: output of ingest_data (read only to rank candidates).
+        backbone: the Hugging Face folder plus backbone.json (hashes, architecture, size)
+            and, when ranked, ranking.json.
     """
     from pathlib import Path
 
@@ -21,7 +27,7 @@ def fetch_backbone(config: dict, source_stamp: str, backbone: Output[Model]) -> 
     from transferkit.cli import configure_logging
 
     configure_logging()
-    info = fetch(cfg.PipelineConfig.model_validate(config), Path(backbone.path))
+    info = fetch(cfg.PipelineConfig.model_validate(config), Path(backbone.path), Path(dataset.path))
     backbone.metadata.update(
         {
             "fingerprint": info.fingerprint,

@@ -2,8 +2,18 @@
 
 from pathlib import Path
 
+from transferkit.pipelines.strategy_sweep import SWEEP_PIPELINE_NAME, strategy_sweep
 from transferkit.pipelines.transfer_learning import PIPELINE_NAME, transfer_learning
 
-COMPILED = Path(__file__).with_name("compiled") / "transfer_learning.yaml"
+COMPILED_DIR = Path(__file__).with_name("compiled")
+COMPILED = COMPILED_DIR / "transfer_learning.yaml"
+COMPILED_SWEEP = COMPILED_DIR / "strategy_sweep.yaml"
 
-__all__ = ["COMPILED", "PIPELINE_NAME", "transfer_learning"]
+__all__ = [
+    "COMPILED",
+    "COMPILED_SWEEP",
+    "PIPELINE_NAME",
+    "SWEEP_PIPELINE_NAME",
+    "strategy_sweep",
+    "transfer_learning",
+]

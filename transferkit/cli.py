@@ -68,10 +68,10 @@ class _Console:
         elif kind == "cached":
             self._print(f"  ✓ {rest:<17} cached")
         elif kind == "done":
-            step, seconds = rest.split()
+            step, seconds = rest.rsplit(" ", 1)
             self._print(f"  ✓ {step:<17} {float(seconds):7.1f} s")
         elif kind == "failed":
-            step, seconds = rest.split()
+            step, seconds = rest.rsplit(" ", 1)
             self._print(f"  ✗ {step:<17} failed after {float(seconds):.1f} s")
         elif kind == "retry":
             step, attempt = rest.split()
@@ -87,11 +87,33 @@ class _Console:
                 self._print(f"    {message}")
 
 
-def _summary_table(summary: Any) -> str:
-    scores = summary.scores
+def _sweep_table(sweep: dict[str, Any]) -> list[str]:
+    metric = sweep["primary_metric"]
     lines = [
         "",
-        "Evaluation",
+        f"Sweep ({len(sweep['branches'])} branches; {metric}; margin {sweep['margin']:g})",
+        f"  {'branch':<28}{'trainable':>12}{'train s':>9}{'valid.':>8}{'eval.':>8}"
+        f"{'vs scratch':>11}",
+    ]
+    for row in sweep["branches"]:
+        delta = row["delta_vs_scratch"]
+        mark = " ◀ selected" if row["selected"] else ""
+        mark += " ⚠ negative transfer" if row["negative_transfer"] else ""
+        lines.append(
+            f"  {row['name']:<28}{row['trainable_parameters']:>12,}{row['train_seconds']:>9.1f}"
+            f"{row['validation']:>8.4f}{row['test']:>8.4f}"
+            f"{'—' if delta is None else f'{delta:+.4f}':>11}{mark}"
+        )
+    lines += [f"  selected: {sweep['reason']}", f"  report:   {sweep['report']}"]
+    return lines
+
+
+def _summary_table(summary: Any) -> str:
+    scores = summary.scores
+    lines = _sweep_table(summary.sweep) if summary.sweep else []
+    lines += [
+        "",
+        "Evaluation" + (" (selected branch)" if summary.sweep else ""),
         f"  accuracy   {scores['accuracy']:.4f}",
         f"  macro-F1   {scores['macro_f1']:.4f}   ({scores['rows']:,} rows)",
         "",
@@ -142,11 +164,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     data = config.data
     source = data.uri or data.train_uri
     print(
-        f"ok: {path} — {config.strategy.name} on {source} with {config.backbone.uri}; "
+        f"ok: {path} — {_what(config)} on {source} with {_backbone(config)}; "
         f"primary metric {config.evaluation.primary_metric}; model "
         f"'{config.registry.model_name}'"
     )
     return 0
+
+
+def _what(config: Any) -> str:
+    """What a config trains, in a few words."""
+    if config.sweep is None:
+        return str(config.strategy.name)
+    from transferkit.sweep import plan
+
+    return f"a sweep of {len(plan(config))} branches"
+
+
+def _backbone(config: Any) -> str:
+    if config.backbone_selection is None:
+        return str(config.backbone.uri)
+    return f"the best of {len(config.backbone_selection.candidates)} backbones by LogME"
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -161,8 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args).resolved()
     print(
-        f"transferkit run {args.config}: {config.strategy.name}, work dir "
-        f"{config.runtime.work_dir}",
+        f"transferkit run {args.config}: {_what(config)}, work dir {config.runtime.work_dir}",
         file=sys.stderr,
     )
     summary = run_local(config, on_event=_Console(verbose=args.verbose))
@@ -175,18 +211,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
-    from transferkit.pipelines import COMPILED, transfer_learning
+    from transferkit.pipelines import COMPILED, COMPILED_SWEEP, strategy_sweep, transfer_learning
+    from transferkit.pipelines.strategy_sweep import build
 
-    parameters = None
-    if args.config:
-        parameters = {"config": _load(args).as_parameter()}
-    output = (
-        Path(args.output)
-        if args.output
-        else (Path("transfer_learning.yaml") if args.config else COMPILED)
+    if not args.config:
+        # The packaged YAML of both pipelines, without baked-in parameters.
+        for pipeline, default in ((transfer_learning, COMPILED), (strategy_sweep, COMPILED_SWEEP)):
+            output = Path(args.output) / default.name if args.output else default
+            output.parent.mkdir(parents=True, exist_ok=True)
+            compiler.Compiler().compile(pipeline, str(output))
+            print(f"wrote {output}")
+        return 0
+    config = _load(args)
+    pipeline = transfer_learning
+    if config.sweep is not None:
+        pipeline = build(parallelism=config.sweep.parallelism)
+    output = Path(
+        args.output or f"{'strategy_sweep' if config.sweep else 'transfer_learning'}.yaml"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(transfer_learning, str(output), pipeline_parameters=parameters)
+    compiler.Compiler().compile(
+        pipeline, str(output), pipeline_parameters={"config": config.as_parameter()}
+    )
     print(f"wrote {output}")
     return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -144,6 +144,23 @@ class BackboneConfig(_Model):
     )
 
 
+class BackboneSelectionConfig(_Model):
+    """Rank candidate backbones by LogME on the training data; the pipeline uses the best."""
+
+    candidates: list[BackboneConfig] = Field(
+        min_length=2,
+        description="Backbones to rank (each like the 'backbone' section). The top one is "
+        "fetched and used by every later step; 'backbone' is then ignored.",
+    )
+    examples_per_class: int = Field(
+        500,
+        ge=2,
+        le=100_000,
+        description="Training examples per label embedded by each candidate for LogME (seeded "
+        "by data.split.seed); more is steadier and slower.",
+    )
+
+
 class LinearProbeConfig(_Model):
     """Freeze the backbone; fit a logistic-regression head on its features."""
 
@@ -273,6 +290,100 @@ class ZeroShotConfig(_Model):
         return value
 
 
+TunedStrategyConfig = Annotated[
+    LinearProbeConfig | FullFinetuneConfig | PartialFinetuneConfig | LoraConfig,
+    Field(discriminator="name"),
+]
+LADDER = ("linear_probe", "partial_finetune", "lora", "full_finetune")
+
+
+class DomainAdaptationConfig(_Model):
+    """Continue masked-language-model pre-training on unlabelled target text, then fine-tune."""
+
+    name: Literal["domain_adaptation"] = "domain_adaptation"
+    unlabelled_uri: str = Field(
+        description="Unlabelled target-domain text: a .txt file (one text per line) or a "
+        "csv/tsv/jsonl/parquet table (column strategy.text_column); path, file:// or s3://."
+    )
+    text_column: str = Field("text", min_length=1, description="Text column of a table.")
+    max_rows: int | None = Field(
+        None, gt=0, description="Use at most this many texts (a seeded sample); unset: all."
+    )
+    steps: int = Field(1000, ge=1, le=1_000_000, description="MLM steps that update the encoder.")
+    head_warmup_steps: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="MLM steps that train only the MLM head first (sentence encoders ship "
+        "without one; a random head's gradients would damage the encoder).",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Texts per MLM step.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak rate of the encoder steps.")
+    head_learning_rate: float = Field(
+        1e-3, gt=0, lt=1, description="Peak rate of the head warm-up steps."
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="Share of tokens masked (BERT: 80/10/10 corruption)."
+    )
+    max_length: int | None = Field(
+        None, ge=8, le=512, description="Tokens kept per text; unset: backbone.max_length."
+    )
+    then: TunedStrategyConfig = Field(
+        default_factory=FullFinetuneConfig,
+        description="The strategy trained on the adapted backbone (linear_probe, "
+        "partial_finetune, lora or full_finetune) with the training section's settings.",
+    )
+
+
+class AutoStrategyConfig(_Model):
+    """Escalate from cheap to expensive strategies while validation keeps improving."""
+
+    name: Literal["auto"] = "auto"
+    ladder: list[Literal["linear_probe", "partial_finetune", "lora", "full_finetune"]] = Field(
+        default_factory=lambda: list(LADDER),  # type: ignore[arg-type]
+        min_length=1,
+        description="Strategies in order of cost. Each next one runs only while the last one "
+        "gained more than 'margin' on validation over the best so far.",
+    )
+    margin: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Validation gain needed to keep escalating; the registered model is the "
+        "first rung (the cheapest) within this of the best.",
+    )
+    linear_probe: LinearProbeConfig = Field(
+        default_factory=LinearProbeConfig, description="Options of the linear_probe rung."
+    )
+    partial_finetune: PartialFinetuneConfig = Field(
+        default_factory=PartialFinetuneConfig, description="Options of the partial rung."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Options of the lora rung.")
+    full_finetune: FullFinetuneConfig = Field(
+        default_factory=FullFinetuneConfig, description="Options of the full_finetune rung."
+    )
+    training: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Training overrides per rung, e.g. {lora: {learning_rate: 5.0e-4}}.",
+    )
+
+    @model_validator(mode="after")
+    def _rungs(self) -> AutoStrategyConfig:
+        if len(set(self.ladder)) != len(self.ladder):
+            raise ValueError("ladder repeats a strategy; list each once")
+        stray = sorted(set(self.training) - set(self.ladder))
+        if stray:
+            raise ValueError(
+                f"training overrides for {', '.join(stray)}, not on the ladder; use one of "
+                f"{', '.join(self.ladder)}"
+            )
+        return self
+
+    def rung(self, name: str) -> _Model:
+        """The strategy config of one rung."""
+        return getattr(self, name)
+
+
 STRATEGIES: dict[str, type[_Model]] = {
     "linear_probe": LinearProbeConfig,
     "full_finetune": FullFinetuneConfig,
@@ -281,6 +392,8 @@ STRATEGIES: dict[str, type[_Model]] = {
     "scratch": ScratchConfig,
     "zero_shot": ZeroShotConfig,
     "few_shot": FewShotConfig,
+    "domain_adaptation": DomainAdaptationConfig,
+    "auto": AutoStrategyConfig,
 }
 StrategyConfig = Annotated[
     LinearProbeConfig
@@ -289,7 +402,9 @@ StrategyConfig = Annotated[
     | LoraConfig
     | ScratchConfig
     | ZeroShotConfig
-    | FewShotConfig,
+    | FewShotConfig
+    | DomainAdaptationConfig
+    | AutoStrategyConfig,
     Field(discriminator="name"),
 ]
 
@@ -316,6 +431,13 @@ class TrainingConfig(_Model):
         "checkpoint is kept either way.",
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    examples_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="Label budget: train on at most this many examples of every label, drawn "
+        "from the training split with training.seed (the validation and evaluation splits are "
+        "unchanged). Unset: every training row.",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="'auto' uses bf16 autocast where the CPU/GPU supports it, else fp32."
     )
@@ -369,6 +491,84 @@ class RegistryConfig(_Model):
     )
 
 
+class SweepBranch(_Model):
+    """One strategy of a sweep, with the training settings it changes."""
+
+    strategy: StrategyConfig = Field(description="The strategy this branch trains.")
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the top-level training section for this branch only, e.g. "
+        "{learning_rate: 5.0e-4, epochs: 30, max_steps: 2000} for scratch.",
+    )
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Name of the branch in reports and MLflow; unset: the strategy name.",
+    )
+
+    @property
+    def display(self) -> str:
+        """The branch's name in reports."""
+        return self.label or self.strategy.name
+
+
+class SweepConfig(_Model):
+    """Several strategies and label budgets, run as parallel branches of one DAG."""
+
+    branches: list[SweepBranch] = Field(
+        min_length=1, description="Strategies to compare (each with optional training overrides)."
+    )
+    examples_per_class: list[int | Literal["all"]] = Field(
+        default_factory=lambda: ["all"],  # type: ignore[arg-type]
+        min_length=1,
+        description="Label budgets: every branch is trained once per budget (training examples "
+        "per label; 'all' = the whole training split). zero_shot uses no labels and runs once; "
+        "few_shot draws its k from the budget and skips 'all'.",
+    )
+    margin: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Primary-metric margin. Selection: the branch with the fewest trainable "
+        "parameters whose validation metric is within this of the best is registered. Guard: a "
+        "transfer branch must beat scratch at the same budget by more than this on the "
+        "evaluation split, else it is flagged as negative transfer and never promoted.",
+    )
+    parallelism: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Branches that may run at once on a cluster (the local runner runs one at "
+        "a time).",
+    )
+
+    @field_validator("examples_per_class", mode="before")
+    @classmethod
+    def _budgets(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        for item in value:
+            number = isinstance(item, int | float) and not isinstance(item, bool)
+            if item != "all" and not (number and item >= 1 and int(item) == item):
+                raise ValueError(
+                    f"budget {item!r} is neither a positive whole number of examples per "
+                    "label nor 'all'"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("budgets repeat; list each value once")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> SweepConfig:
+        names = [b.display for b in self.branches]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"branches share the name {', '.join(repeated)}; give each a distinct 'label'"
+            )
+        return self
+
+
 class StorageConfig(_Model):
     """Object storage. Credentials never live here: they come from the environment."""
 
@@ -409,6 +609,11 @@ class PipelineConfig(_Model):
     backbone: BackboneConfig = Field(
         default_factory=BackboneConfig, description="The pre-trained source model."
     )
+    backbone_selection: BackboneSelectionConfig | None = Field(
+        None,
+        description="Choose the backbone among candidates by LogME before any training; "
+        "unset: use 'backbone'.",
+    )
     strategy: StrategyConfig = Field(
         default_factory=LinearProbeConfig, description="Transfer strategy."
     )
@@ -420,7 +625,52 @@ class PipelineConfig(_Model):
         default_factory=RegistryConfig, description="MLflow tracking and registry."
     )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage.")
+    sweep: SweepConfig | None = Field(
+        None,
+        description="Compare several strategies and label budgets in one run (replaces "
+        "'strategy'); unset: train the one 'strategy'.",
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Execution.")
+
+    @model_validator(mode="after")
+    def _overrides_train(self) -> PipelineConfig:
+        base = self.training.model_dump()
+        overrides: list[tuple[str, dict[str, Any]]] = []
+        if self.sweep is not None:
+            overrides += [
+                (f"sweep.branches[{i}].training", b.training)
+                for i, b in enumerate(self.sweep.branches)
+            ]
+        if isinstance(self.strategy, AutoStrategyConfig):
+            overrides += [(f"strategy.training.{k}", v) for k, v in self.strategy.training.items()]
+        for where, override in overrides:
+            try:
+                TrainingConfig.model_validate({**base, **override})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                key = ".".join(map(str, first["loc"]))
+                raise ValueError(
+                    f"{where}.{key}: {first['msg'].removeprefix('Value error, ')}; fix the override"
+                ) from None
+        return self
+
+    def with_strategy(
+        self, strategy: Any, training: dict[str, Any] | None = None
+    ) -> PipelineConfig:
+        """A copy that trains ``strategy``, with optional training overrides."""
+        data = self.model_dump()
+        data["strategy"] = strategy.model_dump()
+        data["training"] = {**data["training"], **(training or {})}
+        return PipelineConfig.model_validate(data)
+
+    def branch(self, branch: SweepBranch, examples_per_class: int | None) -> PipelineConfig:
+        """The single-strategy config one sweep branch trains with."""
+        data = self.model_dump()
+        data["sweep"] = None
+        data["strategy"] = branch.strategy.model_dump()
+        data["training"] = {**data["training"], **branch.training}
+        data["training"]["examples_per_class"] = examples_per_class
+        return PipelineConfig.model_validate(data)
 
     @property
     def pipeline_root(self) -> str:
@@ -460,6 +710,15 @@ class PipelineConfig(_Model):
         for key in ("uri", "train_uri", "validation_uri", "test_uri"):
             data["data"][key] = absolute(data["data"][key])
         data["backbone"]["uri"] = absolute(data["backbone"]["uri"])
+        if data.get("backbone_selection"):
+            for candidate in data["backbone_selection"]["candidates"]:
+                candidate["uri"] = absolute(candidate["uri"])
+        strategies = [data["strategy"]]
+        if data.get("sweep"):
+            strategies += [branch["strategy"] for branch in data["sweep"]["branches"]]
+        for strategy in strategies:
+            if strategy.get("unlabelled_uri"):
+                strategy["unlabelled_uri"] = absolute(strategy["unlabelled_uri"])
         runtime = data["runtime"]
         runtime["work_dir"] = absolute(runtime["work_dir"])
         runtime["pipeline_root"] = absolute(self.runtime.pipeline_root) or str(
@@ -502,10 +761,16 @@ def _describe(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[str, type[B
 
 
 def _submodel(owner: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The config model under ``owner.key``, looking through Optional[...] and list[...]."""
     annotation = owner.model_fields[key].annotation
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
+    while not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # Optional[X] and list[X] have one model inside; a union of several (the strategy)
+        # is resolved from its tag in the error location instead.
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        if len(inner) != 1:
+            return None
+        annotation = inner[0]
+    return annotation
 
 
 def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -541,12 +806,15 @@ def format_errors(error: ValidationError, source: str) -> list[str]:
         got = "" if kind in ("missing", "value_error") else f" (got {item.get('input')!r})"
         hint = ""
         parent = _parent_model(loc)
-        if parent is not None and str(loc[-1]) in parent.model_fields:
+        if loc and parent is not None and str(loc[-1]) in parent.model_fields:
             description = parent.model_fields[str(loc[-1])].description
             if description:
                 hint = f" — {description}"
         if kind == "missing":
             message = "required key is missing"
+        if not loc:  # a check across sections: its message names the keys itself
+            lines.append(f"{source}: {message}")
+            continue
         lines.append(f"{source}: {where}: {message}{got}{hint}")
     return lines
 

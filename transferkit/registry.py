@@ -12,6 +12,7 @@ version is deleted. Registering the same model bytes twice reuses the existing v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -54,6 +55,7 @@ class RegistrationResult(BaseModel):
     comparison: PairedComparison | None
     reused: bool
     seconds: float
+    sweep_run_id: str | None = None
 
 
 def redact(uri: str) -> str:
@@ -215,7 +217,83 @@ def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, 
     metrics["validation_" + training["primary_metric"]] = training["validation_metric"]
     metrics["train_seconds"] = training["seconds"]
     metrics["trainable_parameters"] = float(training["trainable_parameters"])
+    if "labelled_examples" in training:
+        metrics["labelled_examples"] = float(training["labelled_examples"])
     return {k: float(v) for k, v in metrics.items()}
+
+
+def read_sweep(evaluation_dir: Path) -> dict[str, Any] | None:
+    """The sweep comparison that compare_strategies put beside the selected evaluation."""
+    path = evaluation_dir / "sweep" / "comparison.json"
+    return storage.read_json(path) if path.is_file() else None
+
+
+def _log_sweep(
+    sweep_dir: Path, experiment_id: str, tags: dict[str, str], pipeline_run_id: str
+) -> Any:
+    """Start the sweep's parent run and log one finished child run per unselected branch.
+
+    Returns:
+        The active parent run; the selected branch's run (with the model) nests under it.
+    """
+    import mlflow
+
+    comparison = storage.read_json(sweep_dir / "comparison.json")
+    branches = storage.read_json(sweep_dir / "branches.json")
+    metric = comparison["primary_metric"]
+    parent = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"sweep-{pipeline_run_id}"[:250],
+        tags={
+            TAG + "sweep": "parent",
+            TAG + "pipeline_run_id": pipeline_run_id,
+            TAG + "data_fingerprint": tags[TAG + "data_fingerprint"],
+            TAG + "backbone_fingerprint": tags[TAG + "backbone_fingerprint"],
+            TAG + "selected_branch": comparison["selected"],
+            TAG + "negative_transfer": ",".join(comparison["negative_transfer"]) or "none",
+        },
+    )
+    try:
+        mlflow.log_params({"branches": str(len(branches)), "margin": str(comparison["margin"])})
+        best = max(row["validation"] for row in comparison["branches"])
+        mlflow.log_metrics({f"best_validation_{metric}": best})
+        mlflow.log_artifacts(str(sweep_dir), artifact_path="sweep")
+        for row, branch in zip(comparison["branches"], branches, strict=True):
+            if row["selected"]:
+                continue
+            branch_config = PipelineConfig.model_validate(branch["config"])
+            training = {
+                "primary_metric": metric,
+                "validation_metric": row["validation"],
+                "seconds": row["train_seconds"],
+                "trainable_parameters": row["trainable_parameters"],
+                "labelled_examples": row["labelled_examples"],
+            }
+            with mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=row["name"][:250],
+                nested=True,
+                tags=_branch_tags(row, pipeline_run_id),
+            ):
+                mlflow.log_params({k: v[:MAX_PARAM] for k, v in flatten(branch_config).items()})
+                mlflow.log_metrics(_metrics({"scores": row["scores"]}, training))
+    except Exception:
+        mlflow.end_run("FAILED")
+        raise
+    return parent
+
+
+def _branch_tags(row: dict[str, Any], pipeline_run_id: str) -> dict[str, str]:
+    tags = {
+        TAG + "strategy": row["strategy"],
+        TAG + "sweep_branch": row["name"],
+        TAG + "examples_per_class": str(row["examples_per_class"] or "all"),
+        TAG + "pipeline_run_id": pipeline_run_id,
+    }
+    if row["negative_transfer"] is not None:
+        tags[TAG + "negative_transfer"] = str(row["negative_transfer"]).lower()
+        tags[TAG + "delta_vs_scratch"] = f"{row['delta_vs_scratch']:+.6f}"
+    return tags
 
 
 def _log_run(
@@ -225,8 +303,15 @@ def _log_run(
     paths: dict[str, Path],
     tags: dict[str, str],
     metrics: dict[str, float],
-) -> tuple[str, Any]:
-    """Log the run and register a version; delete the version again if anything fails."""
+) -> tuple[str, Any, str | None]:
+    """Log the run and register a version; delete the version again if anything fails.
+
+    A sweep's selected model is logged as a child of the sweep's parent run, beside one child
+    run per other branch.
+
+    Returns:
+        The model run id, the model version, and the sweep's parent run id (or None).
+    """
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -235,12 +320,25 @@ def _log_run(
     from transferkit.training.model import load_classifier, predict_proba
 
     model_dir = paths["model"]
+    sweep_dir = paths["evaluation"] / "sweep"
+    pipeline_run_id = tags[TAG + "pipeline_run_id"]
     version = None
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"{config.strategy.name}-{tags[TAG + 'pipeline_run_id']}"[:250],
-        tags=tags,
-    ) as run:
+    with contextlib.ExitStack() as stack:
+        parent = None
+        if sweep_dir.is_dir():
+            parent = _log_sweep(sweep_dir, experiment_id, tags, pipeline_run_id)
+            stack.enter_context(parent)
+            name = f"{tags[TAG + 'sweep_branch']}"
+        else:
+            name = f"{config.strategy.name}-{pipeline_run_id}"
+        run = stack.enter_context(
+            mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=name[:250],
+                tags=tags,
+                nested=parent is not None,
+            )
+        )
         try:
             params = {k: v[:MAX_PARAM] for k, v in flatten(config).items()}
             mlflow.log_params(params)
@@ -282,7 +380,7 @@ def _log_run(
             if version is not None:
                 _delete_version(client, config.registry.model_name, version.version)
             raise
-    return run.info.run_id, version
+    return run.info.run_id, version, None if parent is None else parent.info.run_id
 
 
 def _delete_version(client: Any, name: str, version: str) -> None:
@@ -346,6 +444,10 @@ def register_model(
     metrics = _metrics(evaluation, training)
     value = metrics[f"test_{metric}"]
     fingerprint = storage.sha256_tree(model_dir)
+    sweep = read_sweep(evaluation_dir)
+    selected = None
+    if sweep is not None:
+        selected = next(row for row in sweep["branches"] if row["name"] == sweep["selected"])
     tags = {
         TAG + "model_fingerprint": fingerprint,
         TAG + "data_fingerprint": storage.read_json(dataset_dir / "stats.json")["fingerprint"],
@@ -357,6 +459,8 @@ def register_model(
         TAG + "primary_metric": metric,
         TAG + f"test_{metric}": f"{value:.6f}",
     }
+    if selected is not None:
+        tags.update(_branch_tags(selected, pipeline_run_id))
     comparison: PairedComparison | None = None
     try:
         client = _client(config)
@@ -375,6 +479,15 @@ def register_model(
                 promote, reason = decide(comparison, str(champion.version), config)
             except _IncomparableError as exc:
                 promote, reason = False, f"{exc}; compare them by hand"
+        if promote and sweep is not None and selected and selected["negative_transfer"]:
+            promote, reason = (
+                False,
+                (
+                    f"negative transfer: {selected['name']} beats scratch at the same label budget "
+                    f"by {selected['delta_vs_scratch']:+.4f}, not more than the sweep margin "
+                    f"{sweep['margin']:g} (before it: {reason})"
+                ),
+            )
         if promote and not config.registry.promote:
             promote, reason = False, reason + "; registry.promote is off"
         if comparison is not None:
@@ -389,12 +502,13 @@ def register_model(
             )
         tags[TAG + "gate"] = config.registry.gate
         tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[:4000]
+        sweep_run_id = None
         if existing is not None:
             run_id, version, reused = existing.run_id, existing, True
             log.info("identical model already registered as %s version %s", name, version.version)
         else:
             experiment_id = _experiment(client, config)
-            run_id, version = _log_run(
+            run_id, version, sweep_run_id = _log_run(
                 config,
                 client,
                 experiment_id,
@@ -446,6 +560,7 @@ def register_model(
         comparison=comparison,
         reused=reused,
         seconds=round(time.perf_counter() - started, 3),
+        sweep_run_id=sweep_run_id,
     )
     storage.write_json(output_path, result.model_dump())
     log.info(

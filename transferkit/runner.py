@@ -30,14 +30,34 @@ from transferkit.errors import TransferkitError
 log = logging.getLogger(__name__)
 
 STEPS = ("ingest_data", "fetch_backbone", "extract_features", "train", "evaluate", "register_model")
+SWEEP_STEPS = (
+    "ingest_data",
+    "fetch_backbone",
+    "extract_features",
+    "plan_sweep",
+    "train",
+    "evaluate",
+    "compare_strategies",
+    "register_model",
+)
 # Depth of each step in the DAG: a step starts only after every step of a lower depth ended.
 DEPTH = {
     "ingest_data": 0,
-    "fetch_backbone": 0,
-    "extract_features": 1,
-    "train": 2,
-    "evaluate": 3,
-    "register_model": 4,
+    "fetch_backbone": 1,
+    "extract_features": 2,
+    "train": 3,
+    "evaluate": 4,
+    "register_model": 5,
+}
+SWEEP_DEPTH = {
+    "ingest_data": 0,
+    "fetch_backbone": 1,
+    "extract_features": 2,
+    "plan_sweep": 3,
+    "train": 4,
+    "evaluate": 5,
+    "compare_strategies": 6,
+    "register_model": 7,
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
@@ -67,6 +87,8 @@ class RunSummary(BaseModel):
     wall_seconds: float
     log_file: str
     run_dir: str
+    sweep: dict[str, Any] | None = None
+    sweep_run_id: str | None = None
 
 
 @dataclass
@@ -74,6 +96,7 @@ class _Events:
     """Step events parsed from the local runner's output as it streams."""
 
     on_line: Callable[[str], None]
+    depth: dict[str, int] = field(default_factory=lambda: DEPTH)
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     failed: str | None = None
@@ -81,6 +104,7 @@ class _Events:
     current: str | None = None
     announced: set[str] = field(default_factory=set)
     attempts: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)
     failure: str | None = None
 
     def feed(self, raw: str) -> None:
@@ -88,18 +112,32 @@ class _Events:
         if match := _START.search(line):
             self.current = step = match.group(1).replace("-", "_")
             self.announce_cached(before=step)
+            # A step inside a ParallelFor starts once per branch: a start after a success is
+            # the next branch, a start after a failure is a retry.
             attempt = self.attempts[step] = self.attempts.get(step, 0) + 1
             self.started[step] = time.perf_counter()
             self.task_lines[step] = []
-            self.on_line(f"start {step}" if attempt == 1 else f"retry {step} {attempt}")
+            branch = self.runs.get(step, 0) + 1
+            if attempt > 1:
+                self.on_line(f"retry {step} {attempt}")
+            else:
+                self.on_line(f"start {step}" if branch == 1 else f"start {step} #{branch}")
         elif match := _DONE.search(line):
             step = match.group(1).replace("-", "_")
-            self.seconds[step] = time.perf_counter() - self.started.get(step, time.perf_counter())
+            took = time.perf_counter() - self.started.get(step, time.perf_counter())
             ok = match.group(2) == "SUCCESS"
             if not ok:
                 self.failed = step
                 self.failure = self._cause(self.task_lines.get(step, []))
-            self.on_line(f"{'done' if ok else 'failed'} {step} {self.seconds[step]:.1f}")
+                self.seconds[step] = took
+            else:
+                self.attempts[step] = 0
+                self.runs[step] = self.runs.get(step, 0) + 1
+                # Branch steps add up: the summary gives the time spent in each kind of step.
+                self.seconds[step] = self.seconds.get(step, 0.0) + took
+            runs = self.runs.get(step, 0)
+            shown = step if runs <= 1 or not ok else f"{step} #{runs}"
+            self.on_line(f"{'done' if ok else 'failed'} {shown} {took:.1f}")
         elif self.current is not None:
             self.task_lines[self.current].append(line)
             if step_log := _STEP_LOG.match(line):
@@ -111,9 +149,9 @@ class _Events:
         When a step starts, every shallower step that did not start was served from the
         cache; at the end of a successful run, so were all the others.
         """
-        depth = DEPTH[before] if before in DEPTH else len(DEPTH)
-        for step in STEPS:
-            if DEPTH[step] >= depth:
+        depth = self.depth.get(before, len(self.depth)) if before else len(self.depth)
+        for step in self.depth:
+            if self.depth[step] >= depth:
                 return
             if step not in self.started and step not in self.announced:
                 self.announced.add(step)
@@ -163,7 +201,10 @@ def _stamps(config: PipelineConfig) -> tuple[str, str]:
     data = config.data
     uris = [u for u in (data.uri, data.train_uri, data.validation_uri, data.test_uri) if u]
     data_stamp = ",".join(storage.stamp(u, config.storage) for u in uris)
-    return data_stamp, storage.stamp(config.backbone.uri, config.storage)
+    backbones = [config.backbone.uri]
+    if config.backbone_selection is not None:
+        backbones = [c.uri for c in config.backbone_selection.candidates]
+    return data_stamp, ",".join(storage.stamp(uri, config.storage) for uri in backbones)
 
 
 def _child_environment() -> None:
@@ -192,8 +233,11 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     """
     from kfp import local
 
-    from transferkit.pipelines import transfer_learning
+    from transferkit.pipelines import strategy_sweep, transfer_learning
 
+    sweep = config.sweep is not None
+    pipeline = strategy_sweep if sweep else transfer_learning
+    steps = SWEEP_STEPS if sweep else STEPS
     started = time.perf_counter()
     work_dir = Path(config.runtime.work_dir)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
@@ -208,12 +252,12 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         cache_root=str(work_dir / "kfp-cache"),
         raise_on_error=True,
     )
-    events = _Events(on_line=on_event or (lambda _: None))
+    events = _Events(on_line=on_event or (lambda _: None), depth=SWEEP_DEPTH if sweep else DEPTH)
     with open(log_file, "w", encoding="utf-8") as sink:
         tee = _LineTee(sink, events)
         try:
             with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
-                task = transfer_learning(
+                task = pipeline(
                     config=config.as_parameter(),
                     data_stamp=data_stamp,
                     backbone_stamp=backbone_stamp,
@@ -224,6 +268,13 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     events.announce_cached()
     registration_path = Path(task.output.path)
     result = storage.read_json(registration_path)
+    comparison = None
+    if sweep:
+        # register_model's outputs sit beside compare_strategies' under the run folder.
+        found = sorted(registration_path.parents[1].glob("compare-strategies/evaluation/sweep"))
+        if found:
+            comparison = storage.read_json(found[0] / "comparison.json")
+            comparison["report"] = str(found[0] / "report.html")
     return RunSummary(
         metrics=result["metrics"],
         scores=result["scores"],
@@ -233,13 +284,15 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         champion=result["champion"],
         champion_reason=result["reason"],
         version=result["version"],
-        step_seconds={s: round(events.seconds.get(s, 0.0), 2) for s in STEPS},
+        step_seconds={s: round(events.seconds.get(s, 0.0), 2) for s in steps},
         # KFP's local runner does not log cache hits: a step of a successful run that never
         # started was served from the cache.
-        cached_steps=[s for s in STEPS if s not in events.started],
+        cached_steps=[s for s in steps if s not in events.started],
         wall_seconds=round(time.perf_counter() - started, 2),
         log_file=str(log_file),
         run_dir=str(registration_path.parents[1]),
+        sweep=comparison,
+        sweep_run_id=result.get("sweep_run_id"),
     )
 
 

@@ -48,11 +48,6 @@ def ingested(config: PipelineConfig):
     return ingest_data(config=config.as_parameter(), source_stamp="stamp-1")
 
 
-@pytest.fixture(scope="module")
-def fetched(config: PipelineConfig):
-    return fetch_backbone(config=config.as_parameter(), source_stamp="stamp-2")
-
-
 # KFP's local runner cannot hand artifacts to a lone component call, so each downstream
 # component runs in a one-step pipeline whose inputs are dsl.importer nodes pointing at the
 # artifacts the previous component wrote.
@@ -60,6 +55,17 @@ def fetched(config: PipelineConfig):
 
 def imported(path: str, kind: type) -> dsl.PipelineTask:
     return dsl.importer(artifact_uri=path, artifact_class=kind, reimport=True)
+
+
+@pytest.fixture(scope="module")
+def fetched(config: PipelineConfig, ingested):
+    @dsl.pipeline(name="fetch-only")
+    def one_step(config: dict, dataset: str) -> Model:
+        return fetch_backbone(
+            config=config, source_stamp="stamp-2", dataset=imported(dataset, Dataset).output
+        ).outputs["backbone"]
+
+    return one_step(config=config.as_parameter(), dataset=ingested.outputs["dataset"].path)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def extracted(config: PipelineConfig, ingested, fetched):
     return one_step(
         config=config.as_parameter(),
         dataset=ingested.outputs["dataset"].path,
-        backbone=fetched.outputs["backbone"].path,
+        backbone=fetched.output.path,
     ).output
 
 
@@ -93,7 +99,7 @@ def trained(config: PipelineConfig, ingested, fetched, extracted):
     return one_step(
         config=config.as_parameter(),
         dataset=ingested.outputs["dataset"].path,
-        backbone=fetched.outputs["backbone"].path,
+        backbone=fetched.output.path,
         features=extracted.path,
     ).output
 
@@ -136,7 +142,7 @@ def test_ingest_data(ingested) -> None:
 
 
 def test_fetch_backbone(fetched) -> None:
-    backbone = fetched.outputs["backbone"]
+    backbone = fetched.output
     assert backbone.metadata["architecture"] == "BertModel"
     assert backbone.metadata["parameters"] == 22_713_216
     assert (Path(backbone.path) / "model" / "model.safetensors").is_file()
@@ -185,7 +191,7 @@ def test_register_model(config: PipelineConfig, ingested, fetched, trained, eval
     registration = one_step(
         config=config.as_parameter(),
         dataset=ingested.outputs["dataset"].path,
-        backbone=fetched.outputs["backbone"].path,
+        backbone=fetched.output.path,
         model=trained.path,
         evaluation=evaluated["evaluation"].path,
     ).output

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 from kfp import compiler
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
-from transferkit.pipelines import COMPILED, transfer_learning
+from transferkit.pipelines import COMPILED, COMPILED_SWEEP, strategy_sweep, transfer_learning
 
 STEPS = ["ingest-data", "fetch-backbone", "extract-features", "train", "evaluate", "register-model"]
 
@@ -45,7 +45,7 @@ def test_shape(compiled: Path) -> None:
     edges = {name: sorted(task.dependent_tasks) for name, task in tasks.items()}
     assert edges == {
         "ingest-data": [],
-        "fetch-backbone": [],
+        "fetch-backbone": ["ingest-data"],
         "extract-features": ["fetch-backbone", "ingest-data"],
         "train": ["extract-features", "fetch-backbone", "ingest-data"],
         "evaluate": ["ingest-data", "train"],
@@ -115,3 +115,55 @@ def test_compile_with_a_config_bakes_it_as_default(tmp_path: Path) -> None:
     assert default["strategy"]["name"] == "linear_probe"
     assert default["data"]["test_uri"] == "../shared/data/sst2/dev.tsv"
     assert "tracking_uri" not in default["registry"]  # unset: no local path baked in
+
+
+@pytest.fixture(scope="module")
+def compiled_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("compiled") / "strategy_sweep.yaml"
+    compiler.Compiler().compile(strategy_sweep, str(path))
+    return path
+
+
+def test_committed_sweep_yaml_is_up_to_date(compiled_sweep: Path) -> None:
+    assert COMPILED_SWEEP.read_text() == compiled_sweep.read_text(), (
+        "pipelines/compiled/strategy_sweep.yaml is stale: run `transferkit compile`"
+    )
+
+
+def test_sweep_shape_runs_branches_in_a_parallel_for(compiled_sweep: Path) -> None:
+    spec, platform = parse(compiled_sweep)
+    tasks = spec.root.dag.tasks
+    loops = [name for name in tasks if name.startswith("for-loop")]
+    assert len(loops) == 1
+    loop = tasks[loops[0]]
+    expected = ["ingest-data", "fetch-backbone", "extract-features", "plan-sweep", *loops]
+    assert sorted(tasks) == sorted([*expected, "compare-strategies", "register-model"])
+    assert loop.parameter_iterator.items.input_parameter.endswith("plan-sweep-Output")
+    assert loop.iterator_policy.parallelism_limit == 1
+    branch = spec.components[loop.component_ref.name].dag.tasks
+    assert sorted(branch) == ["evaluate", "train"]
+    compare = tasks["compare-strategies"]
+    assert sorted(compare.dependent_tasks) == [loops[0]]
+    # The branches' outputs reach compare_strategies as lists (dsl.Collected).
+    inputs = spec.components["comp-compare-strategies"].input_definitions.artifacts
+    assert inputs["models"].is_artifact_list
+    assert inputs["evaluations"].is_artifact_list
+    assert tasks["register-model"].retry_policy.max_retry_count == 2
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 8
+
+
+def test_compile_with_a_sweep_config_bakes_its_parallelism(tmp_path: Path) -> None:
+    from transferkit.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sweep.yaml"
+    args = ["compile", str(root / "examples" / "sst2-strategies.yaml"), "--output", str(out)]
+    assert main([*args, "--set", "sweep.parallelism=4"]) == 0
+    spec, _ = parse(out)
+    loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
+    assert loop.iterator_policy.parallelism_limit == 4
+    default = json_format.MessageToDict(
+        spec.root.input_definitions.parameters["config"].default_value
+    )
+    assert default["sweep"]["parallelism"] == 4

@@ -74,6 +74,8 @@ def test_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(schema["properties"]) == {
         "data",
         "backbone",
+        "backbone_selection",
+        "sweep",
         "strategy",
         "training",
         "evaluation",
@@ -121,26 +123,26 @@ def test_log_parser_times_steps_and_finds_the_cause() -> None:
     seen: list[str] = []
     events = _Events(on_line=seen.append)
     lines = [
-        "04:42:06.623 - INFO - Executing task \x1b[96m'fetch-backbone'\x1b[0m",
-        "    transferkit INFO transferkit.backbones.fetch | fetched package://x",
-        "04:42:08.403 - INFO - Task \x1b[96m'fetch-backbone'\x1b[0m finished with status "
+        "04:42:06.623 - INFO - Executing task \x1b[96m'ingest-data'\x1b[0m",
+        "    transferkit INFO transferkit.data.ingest | read 1,200 rows",
+        "04:42:08.403 - INFO - Task \x1b[96m'ingest-data'\x1b[0m finished with status "
         "\x1b[92mSUCCESS\x1b[0m",
-        "04:42:08.406 - INFO - Executing task \x1b[96m'ingest-data'\x1b[0m",
+        "04:42:08.406 - INFO - Executing task \x1b[96m'fetch-backbone'\x1b[0m",
         "    Traceback (most recent call last):",
-        "    transferkit.errors.DataError: /d/one.tsv: training split has a single class ('1')",
-        "04:42:09.000 - INFO - Task \x1b[96m'ingest-data'\x1b[0m finished with status "
+        "    transferkit.errors.BackboneError: /m: no tokenizer files; save the tokenizer",
+        "04:42:09.000 - INFO - Task \x1b[96m'fetch-backbone'\x1b[0m finished with status "
         "\x1b[91mFAILURE\x1b[0m",
-        "04:42:14.000 - INFO - Executing task \x1b[96m'ingest-data'\x1b[0m",
+        "04:42:14.000 - INFO - Executing task \x1b[96m'fetch-backbone'\x1b[0m",
     ]
     for line in lines:
         events.feed(line)
-    assert seen[0] == "start fetch_backbone"
-    assert seen[1] == "log INFO transferkit.backbones.fetch fetched package://x"
-    assert seen[2].startswith("done fetch_backbone ")
-    assert seen[4].startswith("failed ingest_data ")
-    assert seen[5] == "retry ingest_data 2"
-    assert events.failed == "ingest_data"
-    assert events.cause() == "/d/one.tsv: training split has a single class ('1')"
+    assert seen[0] == "start ingest_data"
+    assert seen[1] == "log INFO transferkit.data.ingest read 1,200 rows"
+    assert seen[2].startswith("done ingest_data ")
+    assert seen[4].startswith("failed fetch_backbone ")
+    assert seen[5] == "retry fetch_backbone 2"
+    assert events.failed == "fetch_backbone"
+    assert events.cause() == "/m: no tokenizer files; save the tokenizer"
 
 
 def test_cached_steps_are_announced_by_depth() -> None:

@@ -265,9 +265,13 @@ def test_templates_need_one_slot(tmp_path: Path) -> None:
 def test_every_strategy_name_validates() -> None:
     from transferkit.config import STRATEGIES
 
+    required = {"domain_adaptation": {"unlabelled_uri": "reviews.txt"}}
     for name in STRATEGIES:
         config = PipelineConfig.model_validate(
-            {"data": {"train_uri": "t", "test_uri": "d"}, "strategy": {"name": name}}
+            {
+                "data": {"train_uri": "t", "test_uri": "d"},
+                "strategy": {"name": name, **required.get(name, {})},
+            }
         )
         assert config.strategy.name == name
     assert set(STRATEGIES) == {
@@ -278,6 +282,8 @@ def test_every_strategy_name_validates() -> None:
         "scratch",
         "zero_shot",
         "few_shot",
+        "domain_adaptation",
+        "auto",
     }
 
 

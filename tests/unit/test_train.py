@@ -15,7 +15,7 @@ from transferkit.data import ingest_data, load_split
 from transferkit.features import extract_features, load_features
 from transferkit.metrics import score
 from transferkit.training import train
-from transferkit.training.finetune import _schedule, length_grouped_batches
+from transferkit.training.finetune import length_grouped_batches, linear_schedule
 from transferkit.training.model import load_classifier, predict_proba
 from transferkit.training.probe import fit_probe
 
@@ -105,7 +105,7 @@ def test_length_grouped_batches_cover_everything_once() -> None:
 def test_schedule_warms_up_then_decays_to_zero() -> None:
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
-    scheduler = _schedule(optimizer, total=100, warmup_ratio=0.1)
+    scheduler = linear_schedule(optimizer, total=100, warmup_ratio=0.1)
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])

@@ -172,12 +172,19 @@ def _sentence_transformers_head(model_dir: Path) -> tuple[str | None, bool]:
     return pooling, normalize
 
 
-def fetch_backbone(config: PipelineConfig, output_dir: Path) -> BackboneInfo:
+def fetch_backbone(
+    config: PipelineConfig, output_dir: Path, dataset_dir: Path | None = None
+) -> BackboneInfo:
     """Copy the configured backbone into ``output_dir`` and record its provenance.
+
+    With ``backbone_selection`` set, every candidate is fetched and ranked by LogME on the
+    training data (``transferkit.ranking.rank_backbones``) and the best one is kept, with
+    ``ranking.json`` beside ``backbone.json``.
 
     Args:
         config: the run configuration (``backbone`` and ``storage`` are used).
         output_dir: folder to create atomically.
+        dataset_dir: the ingest_data artifact; needed only to rank candidates.
 
     Returns:
         Architecture, parameter count, weight hashes and the content fingerprint.
@@ -187,6 +194,16 @@ def fetch_backbone(config: PipelineConfig, output_dir: Path) -> BackboneInfo:
             corrupt weights or a sha256 mismatch.
         StorageError: the URI cannot be read.
     """
+    if config.backbone_selection is not None:
+        from transferkit.ranking import rank_backbones
+
+        if dataset_dir is None:
+            raise BackboneError(
+                "backbone_selection ranks candidates on the training data, but no dataset "
+                "was given; run it inside the pipeline"
+            )
+        rank_backbones(config, dataset_dir, output_dir)
+        return load_backbone_info(output_dir)
     started = time.perf_counter()
     uri = config.backbone.uri
     try:

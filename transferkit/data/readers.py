@@ -122,6 +122,38 @@ def _cell(value: Any) -> str | None:
     return text or None
 
 
+def _frame(path: Path, name: str, fmt: str) -> pd.DataFrame:
+    if path.stat().st_size == 0:
+        raise DataError(f"{name}: the file is empty; point the config at a file with rows")
+    if fmt == "parquet":
+        frame = _read_parquet(path, name)
+    else:
+        raw = path.read_bytes()
+        frame = (
+            _read_jsonl(raw, name)
+            if fmt == "jsonl"
+            else _read_delimited(raw, name, "\t" if fmt == "tsv" else ",")
+        )
+    if frame.empty:
+        raise DataError(f"{name}: no data rows; the file has a header only")
+    return frame
+
+
+def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
+    """The non-empty texts of one column of an unlabelled table, in file order.
+
+    Raises:
+        DataError: unreadable file or no such column.
+    """
+    frame = _frame(path, name, fmt)
+    if text_column not in frame.columns:
+        found = ", ".join(map(str, frame.columns[:12]))
+        raise DataError(
+            f"{name}: no column '{text_column}' (columns: {found}); set strategy.text_column"
+        )
+    return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
+
+
 def read_table(
     path: Path, name: str, fmt: str, text_column: str, label_column: str
 ) -> pd.DataFrame:
@@ -137,19 +169,7 @@ def read_table(
     Raises:
         DataError: unreadable file, missing column, empty text or label (with the row).
     """
-    if path.stat().st_size == 0:
-        raise DataError(f"{name}: the file is empty; point the config at a file with rows")
-    if fmt == "parquet":
-        frame = _read_parquet(path, name)
-    else:
-        raw = path.read_bytes()
-        frame = (
-            _read_jsonl(raw, name)
-            if fmt == "jsonl"
-            else _read_delimited(raw, name, "\t" if fmt == "tsv" else ",")
-        )
-    if frame.empty:
-        raise DataError(f"{name}: no data rows; the file has a header only")
+    frame = _frame(path, name, fmt)
     for column, key in ((text_column, "text_column"), (label_column, "label_column")):
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns[:12]))

@@ -8,6 +8,11 @@ Strategies:
 - ``full_finetune``, ``partial_finetune``, ``lora``, ``scratch``: the same training loop over
   different trainable parameters (see ``transferkit.training.strategies``); the head may start
   from the probe (LP-FT).
+- ``few_shot``: SetFit on k examples per label (``transferkit.training.few_shot``).
+- ``domain_adaptation``: masked-language-model pre-training on unlabelled target text
+  (``transferkit.training.domain``), then one of the strategies above on the adapted backbone.
+- ``auto``: probe → partial → LoRA → full while each rung gains more than a margin on
+  validation; the cheapest rung within the margin of the best is kept.
 
 Every strategy writes the same model folder (see ``transferkit.training.model``).
 """
@@ -15,7 +20,9 @@ Every strategy writes the same model folder (see ``transferkit.training.model``)
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ from transferkit.backbones.text import (
     run_batched,
 )
 from transferkit.config import (
+    AutoStrategyConfig,
+    DomainAdaptationConfig,
     FewShotConfig,
     LinearProbeConfig,
     LoraConfig,
@@ -42,8 +51,9 @@ from transferkit.config import (
     ZeroShotConfig,
 )
 from transferkit.data import LabelMap, load_label_map, load_split
-from transferkit.features import load_features
+from transferkit.features import extract_features, load_features
 from transferkit.metrics import score
+from transferkit.training.domain import adapt_backbone
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.finetune import finetune
 from transferkit.training.model import ModelCard, TextClassifier, save_classifier
@@ -59,6 +69,8 @@ class TrainResult(BaseModel):
     """Summary of a training step."""
 
     strategy: str
+    labelled_examples: int
+    examples_per_class: int | None
     primary_metric: str
     validation_metric: float
     trainable_parameters: int
@@ -68,18 +80,40 @@ class TrainResult(BaseModel):
     details: dict[str, Any]
 
 
+def budget_rows(config: PipelineConfig, dataset_dir: Path, labels: list[str]) -> np.ndarray | None:
+    """Training rows within the label budget (``training.examples_per_class``); None: all.
+
+    Drawn with ``training.seed``, so the same config trains on the same rows, and a few_shot
+    branch with k equal to the budget uses exactly these rows.
+    """
+    k = config.training.examples_per_class
+    if k is None:
+        return None
+    _, truth = load_split(dataset_dir, "train")
+    return sample_per_class(truth, k, config.training.seed, labels, strict=False)
+
+
+def _train_split(dataset_dir: Path, rows: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    texts, truth = load_split(dataset_dir, "train")
+    if rows is None:
+        return texts, truth
+    return [texts[i] for i in rows], truth[rows]
+
+
 def _probe(
     config: PipelineConfig,
     probe: LinearProbeConfig,
     dataset_dir: Path,
     features_dir: Path,
     labels: list[str],
+    rows: np.ndarray | None,
 ) -> tuple[nn.Linear, ProbeFit]:
     """Fit the linear probe on the cached train features, selecting L2 on validation."""
-    _, train_y = load_split(dataset_dir, "train")
+    _, train_y = _train_split(dataset_dir, rows)
     _, val_y = load_split(dataset_dir, "validation")
+    features = load_features(features_dir, "train")
     return fit_probe(
-        load_features(features_dir, "train"),
+        features if rows is None else features[rows],
         train_y,
         load_features(features_dir, "validation"),
         val_y,
@@ -99,6 +133,7 @@ def _tunable_model(
     features_dir: Path,
     labels: list[str],
     target: torch.device,
+    rows: np.ndarray | None,
 ) -> tuple[TextClassifier, Any]:
     """The classifier a training strategy starts from: pre-trained (or random) plus a head."""
     if isinstance(strategy, ScratchConfig):
@@ -107,7 +142,7 @@ def _tunable_model(
         tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
     model = TextClassifier(encoder, len(labels)).to(target)
     if getattr(strategy, "head_init", "random") == "probe":
-        head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels)
+        head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels, rows)
         model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
         log.info("head initialised from a linear probe (validation %.4f)", fit.validation_metric)
     return model, tokenizer
@@ -121,10 +156,13 @@ def _few_shot(
     dataset_dir: Path,
     labels: list[str],
     precision: str,
+    rows: np.ndarray | None,
 ) -> tuple[Any, TextEncoder, nn.Linear, float, dict[str, Any]]:
     """SetFit on k examples per label: contrastive encoder tuning, then a head on them."""
     texts, truth = load_split(dataset_dir, "train")
-    chosen = sample_per_class(truth, strategy.examples_per_class, config.training.seed, labels)
+    pool = np.arange(len(truth)) if rows is None else rows
+    k = strategy.examples_per_class
+    chosen = pool[sample_per_class(truth[pool], k, config.training.seed, labels)]
     shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
     tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
     encoder.to(device())
@@ -199,6 +237,179 @@ def _zero_shot(
     return head, value, {"prompts": prompts}
 
 
+@dataclass
+class _Fitted:
+    """What fitting one strategy produced, before it is saved."""
+
+    head: nn.Linear
+    validation_metric: float
+    trainable: int
+    details: dict[str, Any]
+    encoder: tuple[Any, Any] | None = None  # (tokenizer, encoder) when the encoder changed
+    normalize: bool | None = None  # the head's input normalisation, when it differs
+
+
+@dataclass
+class _Context:
+    """Inputs every strategy reads."""
+
+    dataset_dir: Path
+    backbone_dir: Path
+    features_dir: Path
+    info: BackboneInfo
+    label_map: LabelMap
+    target: torch.device
+    precision: str
+    rows: np.ndarray | None
+
+    @property
+    def labels(self) -> list[str]:
+        return self.label_map.names
+
+    @property
+    def head_parameters(self) -> int:
+        return (self.info.hidden_size + 1) * len(self.label_map)
+
+
+def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
+    """Train one (non-composite) strategy."""
+    model_dir = ctx.backbone_dir / "model"
+    if isinstance(strategy, LinearProbeConfig):
+        head, fit = _probe(
+            config, strategy, ctx.dataset_dir, ctx.features_dir, ctx.labels, ctx.rows
+        )
+        return _Fitted(head, fit.validation_metric, ctx.head_parameters, fit.model_dump())
+    if isinstance(strategy, ZeroShotConfig):
+        head, value, details = _zero_shot(
+            config, strategy, model_dir, ctx.info, ctx.dataset_dir, ctx.features_dir, ctx.label_map
+        )
+        # Cosine similarity: the head expects unit vectors.
+        return _Fitted(head, value, 0, details, normalize=True)
+    if isinstance(strategy, FewShotConfig):
+        tokenizer, encoder, head, value, details = _few_shot(
+            config,
+            strategy,
+            model_dir,
+            ctx.info,
+            ctx.dataset_dir,
+            ctx.labels,
+            ctx.precision,
+            ctx.rows,
+        )
+        trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        return _Fitted(head, value, trainable + ctx.head_parameters, details, (tokenizer, encoder))
+    model, tokenizer = _tunable_model(
+        config,
+        strategy,
+        model_dir,
+        ctx.info,
+        ctx.dataset_dir,
+        ctx.features_dir,
+        ctx.labels,
+        ctx.target,
+        ctx.rows,
+    )
+    history = finetune(
+        model,
+        tokenizer,
+        config,
+        _train_split(ctx.dataset_dir, ctx.rows),
+        load_split(ctx.dataset_dir, "validation"),
+        ctx.labels,
+        parameter_groups(model, strategy, config),
+        ctx.precision,
+        ctx.info.max_length,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(strategy, LoraConfig):
+        merge_lora(model)
+    return _Fitted(
+        model.head,
+        history.best_validation_metric,
+        trainable,
+        history.model_dump(),
+        (tokenizer, model.encoder),
+    )
+
+
+def _auto(config: PipelineConfig, strategy: AutoStrategyConfig, ctx: _Context) -> _Fitted:
+    """Climb the ladder while each rung gains more than the margin; keep the cheapest near-best."""
+    metric = config.evaluation.primary_metric
+    fitted: list[tuple[str, _Fitted, float]] = []
+    best: _Fitted | None = None
+    stopped = "reached the top of the ladder"
+    for name in strategy.ladder:
+        rung = config.with_strategy(strategy.rung(name), strategy.training.get(name))
+        seed_everything(config.training.seed)
+        started = time.perf_counter()
+        result = _fit(rung, rung.strategy, ctx)
+        fitted.append((name, result, round(time.perf_counter() - started, 1)))
+        gain = None if best is None else result.validation_metric - best.validation_metric
+        log.info(
+            "auto: %s validation %s %.4f%s",
+            name,
+            metric,
+            result.validation_metric,
+            "" if gain is None else f" (gain {gain:+.4f} over the best so far)",
+        )
+        if best is None or result.validation_metric > best.validation_metric:
+            best = result
+        if gain is not None and gain <= strategy.margin:
+            stopped = f"{name} gained {gain:+.4f} ≤ margin {strategy.margin:g}: stopped escalating"
+            break
+    assert best is not None
+    floor = best.validation_metric - strategy.margin
+    selected, chosen, _ = next(item for item in fitted if item[1].validation_metric >= floor)
+    log.info("auto: selected %s (%s)", selected, stopped)
+    chosen.details = {
+        "selected": selected,
+        "stopped": stopped,
+        "ladder": [
+            {
+                "strategy": rung_name,
+                f"validation_{metric}": item.validation_metric,
+                "trainable_parameters": item.trainable,
+                "seconds": seconds,
+            }
+            for rung_name, item, seconds in fitted
+        ],
+        "selected_details": chosen.details,
+    }
+    return chosen
+
+
+def _adapted(
+    config: PipelineConfig,
+    strategy: DomainAdaptationConfig,
+    ctx: _Context,
+    scratch: Path,
+) -> tuple[_Context, dict[str, Any]]:
+    """Adapt the backbone to the unlabelled text; re-extract features with the adapted one."""
+    adapted_dir = scratch / "backbone"
+    record = adapt_backbone(
+        strategy,
+        config.storage,
+        ctx.backbone_dir,
+        ctx.info,
+        adapted_dir,
+        ctx.precision,
+        config.training.seed,
+        ctx.target,
+    )
+    extract_features(config, ctx.dataset_dir, adapted_dir, scratch / "features")
+    adapted = _Context(
+        ctx.dataset_dir,
+        adapted_dir,
+        scratch / "features",
+        load_backbone_info(adapted_dir),
+        ctx.label_map,
+        ctx.target,
+        ctx.precision,
+        ctx.rows,
+    )
+    return adapted, record
+
+
 def train(
     config: PipelineConfig,
     dataset_dir: Path,
@@ -224,91 +435,88 @@ def train(
     started = time.perf_counter()
     configure_torch(config)
     seed_everything(config.training.seed)
-    info = load_backbone_info(backbone_dir)
     label_map = load_label_map(dataset_dir)
-    labels = label_map.names
     target = device()
-    precision = resolve_precision(config.training.precision, target)
+    ctx = _Context(
+        dataset_dir,
+        backbone_dir,
+        features_dir,
+        load_backbone_info(backbone_dir),
+        label_map,
+        target,
+        resolve_precision(config.training.precision, target),
+        budget_rows(config, dataset_dir, label_map.names),
+    )
+    if ctx.rows is not None:
+        log.info(
+            "label budget: %d training rows (up to %d per label)",
+            len(ctx.rows),
+            config.training.examples_per_class,
+        )
     strategy = config.strategy
-    card = ModelCard(
-        labels=labels,
-        label_values=label_map.values,
-        pooling=info.pooling,
-        normalize=info.normalize,
-        max_length=info.max_length,
-        strategy=strategy.name,
-        backbone_source=info.source,
-        backbone_fingerprint=info.fingerprint,
-        data_fingerprint=storage.read_json(dataset_dir / "stats.json")["fingerprint"],
-        environment=environment(config.training.seed),
-    )
-    head_parameters = (info.hidden_size + 1) * len(labels)
-    trained_encoder: tuple[Any, Any] | None = None
-    frozen_dir: Path | None = backbone_dir / "model"
-    if isinstance(strategy, LinearProbeConfig):
-        head, fit = _probe(config, strategy, dataset_dir, features_dir, labels)
-        details: dict[str, Any] = fit.model_dump()
-        validation_metric = fit.validation_metric
-        trainable = head_parameters
-    elif isinstance(strategy, ZeroShotConfig):
-        head, validation_metric, details = _zero_shot(
-            config, strategy, backbone_dir / "model", info, dataset_dir, features_dir, label_map
+    with tempfile.TemporaryDirectory(prefix="transferkit-train-") as scratch:
+        adaptation = None
+        if isinstance(strategy, DomainAdaptationConfig):
+            ctx, adaptation = _adapted(config, strategy, ctx, Path(scratch))
+            seed_everything(config.training.seed)
+            fitted = _fit(config.with_strategy(strategy.then), strategy.then, ctx)
+            # The encoder itself moved during adaptation, whatever the next strategy trains.
+            fitted.trainable = max(fitted.trainable, ctx.info.parameters + ctx.head_parameters)
+            fitted.details = {
+                "adaptation": adaptation,
+                "then": strategy.then.name,
+                **fitted.details,
+            }
+        elif isinstance(strategy, AutoStrategyConfig):
+            fitted = _auto(config, strategy, ctx)
+        else:
+            fitted = _fit(config, strategy, ctx)
+        info = ctx.info
+        card = ModelCard(
+            labels=label_map.names,
+            label_values=label_map.values,
+            pooling=info.pooling,
+            normalize=info.normalize if fitted.normalize is None else fitted.normalize,
+            max_length=info.max_length,
+            strategy=strategy.name,
+            backbone_source=info.source,
+            backbone_fingerprint=info.fingerprint,
+            data_fingerprint=storage.read_json(dataset_dir / "stats.json")["fingerprint"],
+            environment=environment(config.training.seed),
         )
-        card.normalize = True  # cosine similarity: the head expects unit vectors
-        trainable = 0
-    elif isinstance(strategy, FewShotConfig):
-        tokenizer, encoder, head, validation_metric, details = _few_shot(
-            config, strategy, backbone_dir / "model", info, dataset_dir, label_map.names, precision
+        if isinstance(strategy, ZeroShotConfig):
+            labelled = 0
+        elif isinstance(strategy, FewShotConfig):
+            labelled = len(fitted.details["examples"])
+        elif ctx.rows is not None:
+            labelled = len(ctx.rows)
+        else:
+            labelled = len(load_split(dataset_dir, "train")[1])
+        result = TrainResult(
+            strategy=strategy.name,
+            labelled_examples=labelled,
+            examples_per_class=config.training.examples_per_class,
+            primary_metric=config.evaluation.primary_metric,
+            validation_metric=fitted.validation_metric,
+            trainable_parameters=fitted.trainable,
+            total_parameters=info.parameters + ctx.head_parameters,
+            precision=ctx.precision,
+            seconds=round(time.perf_counter() - started, 3),
+            details=fitted.details,
         )
-        trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-        trainable += head_parameters
-        trained_encoder, frozen_dir = (tokenizer, encoder), None
-    else:
-        model, tokenizer = _tunable_model(
-            config,
-            strategy,
-            backbone_dir / "model",
-            info,
-            dataset_dir,
-            features_dir,
-            labels,
-            target,
+        save_classifier(
+            output_dir,
+            card,
+            fitted.head,
+            result.model_dump(),
+            encoder=fitted.encoder,
+            encoder_dir=None if fitted.encoder else ctx.backbone_dir / "model",
         )
-        history = finetune(
-            model,
-            tokenizer,
-            config,
-            load_split(dataset_dir, "train"),
-            load_split(dataset_dir, "validation"),
-            labels,
-            parameter_groups(model, strategy, config),
-            precision,
-        )
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if isinstance(strategy, LoraConfig):
-            merge_lora(model)
-        head = model.head
-        details = history.model_dump()
-        validation_metric = history.best_validation_metric
-        trained_encoder, frozen_dir = (tokenizer, model.encoder), None
-    result = TrainResult(
-        strategy=strategy.name,
-        primary_metric=config.evaluation.primary_metric,
-        validation_metric=validation_metric,
-        trainable_parameters=trainable,
-        total_parameters=info.parameters + head_parameters,
-        precision=precision,
-        seconds=round(time.perf_counter() - started, 3),
-        details=details,
-    )
-    save_classifier(
-        output_dir, card, head, result.model_dump(), encoder=trained_encoder, encoder_dir=frozen_dir
-    )
     log.info(
         "trained %s: validation %s %.4f (%s trainable parameters)",
         strategy.name,
         result.primary_metric,
-        validation_metric,
-        f"{trainable:,}",
+        result.validation_metric,
+        f"{result.trainable_parameters:,}",
     )
     return result

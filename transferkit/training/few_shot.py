@@ -24,20 +24,30 @@ from transferkit.backbones.text import TextEncoder, autocast, pad, tokenize
 from transferkit.config import FewShotConfig
 from transferkit.errors import TrainingError
 from transferkit.progress import progress
+from transferkit.training.finetune import apply_gradients, linear_schedule
 
 log = logging.getLogger(__name__)
 
 
-def sample_per_class(labels: np.ndarray, k: int, seed: int, names: list[str]) -> np.ndarray:
+def sample_per_class(
+    labels: np.ndarray, k: int, seed: int, names: list[str], strict: bool = True
+) -> np.ndarray:
     """Indices of k examples of every label, drawn with ``seed``, in a fixed order.
 
+    Args:
+        strict: a label with fewer than k examples is an error; otherwise all of them are
+            taken (a label budget larger than a rare class).
+
     Raises:
-        TrainingError: a label has fewer than k examples.
+        TrainingError: ``strict`` and a label has fewer than k examples.
     """
     rng = np.random.default_rng(seed)
     chosen = []
     for label in range(len(names)):
         pool = np.flatnonzero(labels == label)
+        if not strict and len(pool) <= k:
+            chosen.append(pool)
+            continue
         if len(pool) < k:
             raise TrainingError(
                 f"few_shot needs {k} training examples of every label; '{names[label]}' has "
@@ -87,10 +97,7 @@ def contrastive_tune(
         trainable, lr=strategy.body_learning_rate, weight_decay=0.01, fused=True
     )
     steps = strategy.epochs * ((len(pairs) + strategy.batch_size - 1) // strategy.batch_size)
-    warmup = max(steps // 10, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup or 1)))
-    )
+    scheduler = linear_schedule(optimizer, steps, 0.1)
     encoder.train()
     started = time.perf_counter()
     losses = []
@@ -107,11 +114,7 @@ def contrastive_tune(
                 v = encoder(right.to(device), right_mask.to(device))
             similarity = nn.functional.cosine_similarity(u.float(), v.float())
             loss = nn.functional.mse_loss(similarity, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
+            apply_gradients(loss, optimizer, scheduler, trainable, 1.0)
             losses.append(loss.item())
     encoder.eval()
     seconds = time.perf_counter() - started

@@ -67,7 +67,8 @@ def _optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float) -> Any:
+def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float) -> Any:
+    """Linear warm-up over ``warmup_ratio`` of ``total`` steps, then linear decay to zero."""
     warmup = int(total * warmup_ratio)
 
     def factor(step: int) -> float:
@@ -76,6 +77,21 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float)
         return max(0.0, (total - step) / max(total - warmup, 1))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_gradients(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    parameters: Any,
+    max_norm: float,
+) -> None:
+    """One optimisation step: backward, clip the gradient norm, update, advance the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(parameters, max_norm)
+    optimizer.step()
+    scheduler.step()
 
 
 def finetune(
@@ -87,6 +103,7 @@ def finetune(
     labels: list[str],
     groups: list[dict[str, Any]],
     precision: str,
+    max_length: int,
 ) -> FinetuneHistory:
     """Fine-tune ``model`` in place; it holds the best validation checkpoint on return.
 
@@ -100,7 +117,7 @@ def finetune(
     metric = config.evaluation.primary_metric
     device = next(model.parameters()).device
     rng = np.random.default_rng(cfg.seed)
-    ids = tokenize(tokenizer, train[0], config.backbone.max_length)
+    ids = tokenize(tokenizer, train[0], max_length)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     targets = torch.as_tensor(train[1], dtype=torch.long)
     pad_id = tokenizer.pad_token_id or 0
@@ -110,7 +127,7 @@ def finetune(
     total = min(total, steps_per_epoch * cfg.epochs)
     eval_every = cfg.eval_every_steps or steps_per_epoch
     optimizer = _optimizer(groups)
-    scheduler = _schedule(optimizer, total, cfg.warmup_ratio)
+    scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
 
     validate_seconds = 0.0
 
@@ -121,7 +138,7 @@ def finetune(
             model,
             tokenizer,
             validation[0],
-            config.backbone.max_length,
+            max_length,
             config.evaluation.batch_size,
             precision,
             "validate",
@@ -152,11 +169,7 @@ def finetune(
                     f"loss became {loss.item()} at step {step}; lower training.learning_rate "
                     "or use training.precision: fp32"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            apply_gradients(loss, optimizer, scheduler, model.parameters(), cfg.max_grad_norm)
             step += 1
             seen += len(batch)
             window_loss += loss.item()
