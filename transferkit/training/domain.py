@@ -267,7 +267,8 @@ def adapt_backbone(
         schedule = linear_schedule(optimizer, steps, 0.06)
         model.train()
         for step in progress(range(steps), steps, label):
-            inputs, labels = corrupt(*feeder.sample(strategy.batch_size))
+            batch, attention, special = feeder.sample(strategy.batch_size)
+            inputs, labels = corrupt(batch, attention, special)
             with autocast(precision, device):
                 logits, targets = masked_logits(model, inputs, attention, labels, device)
             loss = nn.functional.cross_entropy(logits.float(), targets)
