@@ -665,12 +665,8 @@ class PipelineConfig(_Model):
 
     def branch(self, branch: SweepBranch, examples_per_class: int | None) -> PipelineConfig:
         """The single-strategy config one sweep branch trains with."""
-        data = self.model_dump()
-        data["sweep"] = None
-        data["strategy"] = branch.strategy.model_dump()
-        data["training"] = {**data["training"], **branch.training}
-        data["training"]["examples_per_class"] = examples_per_class
-        return PipelineConfig.model_validate(data)
+        training = {**branch.training, "examples_per_class": examples_per_class}
+        return self.model_copy(update={"sweep": None}).with_strategy(branch.strategy, training)
 
     @property
     def pipeline_root(self) -> str:
