@@ -55,6 +55,10 @@ def evaluate(
     classification_metrics.log_confusion_matrix(
         result.scores.labels, result.scores.confusion_matrix
     )
+    if result.roc is not None:
+        classification_metrics.log_roc_curve(
+            result.roc["fpr"], result.roc["tpr"], result.roc["threshold"]
+        )
     shutil.copyfile(Path(evaluation.path) / "report.md", report.path)
     # Metric artifacts live in metadata; a file at their path lets caches see them as present.
     for artifact in (metrics, classification_metrics):

@@ -148,3 +148,23 @@ def probe_run(tmp_path_factory: pytest.TempPathFactory, sst2_small: dict[str, Pa
     extract_features(config, tmp / "dataset", tmp / "backbone", tmp / "features")
     result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "model")
     return config, tmp, result
+
+
+@pytest.fixture(scope="session")
+def resnet20(shared_data: Path) -> Path:
+    """The real ResNet-20 CIFAR-10 checkpoint (legacy pickle format)."""
+    return shared_data / "resnet20_cifar10" / "resnet20-12fca82f.th"
+
+
+RESNET20_SHA256 = "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"
+
+
+def image_config(tmp_path: Path, data: dict[str, Any], resnet20: Path, **sections: Any):
+    """A resolved config for image data with the real ResNet-20 backbone."""
+    raw: dict[str, Any] = {
+        "data": data,
+        "backbone": {"uri": str(resnet20), "allow_pickle": True},
+        **sections,
+    }
+    raw.setdefault("runtime", {})["work_dir"] = str(tmp_path / "work")
+    return PipelineConfig.model_validate(raw).resolved()

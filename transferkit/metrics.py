@@ -18,18 +18,84 @@ class ClassScores(BaseModel):
 
 
 class Scores(BaseModel):
-    """Headline metrics, per-class scores and the confusion matrix (rows: true labels)."""
+    """Headline metrics, per-class scores and the confusion matrix (rows: true labels).
+
+    ``roc_auc`` needs class probabilities (one-vs-rest macro average beyond two labels);
+    ``sensitivity`` and ``specificity`` are the recall of the positive and the negative label
+    of a binary task.
+    """
 
     accuracy: float
     macro_f1: float
+    balanced_accuracy: float = 0.0
+    roc_auc: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+    positive_label: str | None = None
     per_class: dict[str, ClassScores]
     confusion_matrix: list[list[int]]
     labels: list[str]
     rows: int
 
     def metric(self, name: str) -> float:
-        """A headline metric by its config name (``evaluation.primary_metric``)."""
-        return float(getattr(self, name))
+        """A headline metric by its config name (``evaluation.primary_metric``).
+
+        Raises:
+            ValueError: roc_auc of scores computed without probabilities.
+        """
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{name} needs class probabilities; pass proba to score()")
+        return float(value)
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (the Mann–Whitney U statistic, ties counted half).
+
+    Args:
+        positive: boolean truth, True for the positive class.
+        scores: higher means more likely positive.
+
+    Returns:
+        The AUC; 0.5 when only one class is present (no ranking to judge).
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = np.asarray(scores)[order]
+    # Average ranks over ties.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    fpr, tpr, _ = roc_points(positive, scores)
+    return fpr, tpr
+
+
+def roc_points(
+    positive: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve with its thresholds: a score ≥ threshold is called positive (the first
+    threshold is +inf: nothing called positive)."""
+    positive = np.asarray(positive, dtype=bool)
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    hits = positive[order]
+    last = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), len(hits) - 1]
+    tp = np.cumsum(hits)[last]
+    fp = (last + 1) - tp
+    tpr = np.r_[0.0, tp / max(int(positive.sum()), 1)]
+    fpr = np.r_[0.0, fp / max(int((~positive).sum()), 1)]
+    return fpr, tpr, np.r_[np.inf, sorted_scores[last]]
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
@@ -39,11 +105,22 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.nda
     return matrix
 
 
-def score(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> Scores:
-    """Accuracy, macro-F1 and per-class scores of integer predictions.
+def score(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    labels: list[str],
+    proba: np.ndarray | None = None,
+    positive: int | None = None,
+) -> Scores:
+    """Accuracy, macro-F1, balanced accuracy and per-class scores of integer predictions;
+    with ``proba`` [rows, labels] also ROC-AUC.
 
     Classes absent from both truth and predictions get zero scores and still count in the
-    macro average, as in scikit-learn's ``f1_score(average='macro', labels=all)``.
+    macro average, as in scikit-learn's ``f1_score(average='macro', labels=all)``; balanced
+    accuracy averages the recall of the classes present in the truth.
+
+    Args:
+        positive: index of the positive label of a binary task (default 1).
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
@@ -57,9 +134,24 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> Scores:
     f1 = np.divide(
         2 * precision * recall, denominator, out=np.zeros_like(tp), where=denominator > 0
     )
+    present = actual > 0
+    binary = len(labels) == 2
+    pos = 1 if positive is None else positive
+    auc = None
+    if proba is not None:
+        if binary:
+            auc = roc_auc(y_true == pos, proba[:, pos])
+        else:
+            aucs = [roc_auc(y_true == k, proba[:, k]) for k in range(len(labels)) if present[k]]
+            auc = float(np.mean(aucs)) if aucs else 0.5
     return Scores(
         accuracy=float(tp.sum() / max(len(y_true), 1)),
         macro_f1=float(f1.mean()),
+        balanced_accuracy=float(recall[present].mean()) if present.any() else 0.0,
+        roc_auc=auc,
+        sensitivity=float(recall[pos]) if binary else None,
+        specificity=float(recall[1 - pos]) if binary else None,
+        positive_label=labels[pos] if binary else None,
         per_class={
             name: ClassScores(
                 precision=float(precision[i]),
@@ -73,6 +165,22 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> Scores:
         labels=list(labels),
         rows=len(y_true),
     )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits [rows, labels], computed stably."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def metric_of_logits(
+    truth: np.ndarray, logits: np.ndarray, labels: list[str], metric: str
+) -> float:
+    """One headline metric of class logits (selection during training; the choice of the
+    positive label changes none of the selectable metrics)."""
+    proba = softmax(np.asarray(logits, dtype=np.float64))
+    return score(truth, proba.argmax(axis=1), labels, proba).metric(metric)
 
 
 class PairedComparison(BaseModel):
@@ -107,11 +215,15 @@ def mcnemar_p(challenger_only: int, champion_only: int) -> float:
 
 def _metric_value(
     truth: np.ndarray,
-    predicted: np.ndarray,
+    outputs: np.ndarray,
     labels: list[str],
     metric: str,
+    positive: int | None,
 ) -> float:
-    return score(truth, predicted, labels).metric(metric)
+    """The metric of predicted ids [rows] or of class probabilities [rows, labels]."""
+    if outputs.ndim == 2:
+        return score(truth, outputs.argmax(axis=1), labels, outputs, positive).metric(metric)
+    return score(truth, outputs, labels, positive=positive).metric(metric)
 
 
 def paired_comparison(
@@ -124,15 +236,17 @@ def paired_comparison(
     alpha: float,
     samples: int = 2000,
     seed: int = 0,
+    positive: int | None = None,
 ) -> PairedComparison:
     """Compare two classifiers' predictions on the same rows.
 
     Args:
         truth: true label ids.
-        challenger: the new model's predicted ids.
-        champion: the current champion's predicted ids on the same rows.
+        challenger: the new model's predicted ids [rows], or its class probabilities
+            [rows, labels] (needed for roc_auc).
+        champion: the current champion's, in the same form, on the same rows.
         labels: label names (for macro-F1).
-        metric: 'accuracy' or 'macro_f1'.
+        metric: accuracy, macro_f1, balanced_accuracy or roc_auc.
         method: 'mcnemar' (exact test on the discordant rows, Wald interval on the accuracy
             difference) or 'bootstrap' (paired resampling of rows, percentile interval and
             one-sided p on the metric difference).
@@ -143,13 +257,14 @@ def paired_comparison(
     from statistics import NormalDist
 
     truth = np.asarray(truth)
-    right_new = np.asarray(challenger) == truth
-    right_old = np.asarray(champion) == truth
+    challenger, champion = np.asarray(challenger), np.asarray(champion)
+    right_new = (challenger.argmax(axis=1) if challenger.ndim == 2 else challenger) == truth
+    right_old = (champion.argmax(axis=1) if champion.ndim == 2 else champion) == truth
     only_new = int((right_new & ~right_old).sum())
     only_old = int((right_old & ~right_new).sum())
     rows = len(truth)
-    new_value = _metric_value(truth, challenger, labels, metric)
-    old_value = _metric_value(truth, champion, labels, metric)
+    new_value = _metric_value(truth, challenger, labels, metric, positive)
+    old_value = _metric_value(truth, champion, labels, metric, positive)
     level = 1 - 2 * alpha
     if method == "mcnemar":
         diff = (only_new - only_old) / rows
@@ -162,8 +277,8 @@ def paired_comparison(
         for i in range(samples):
             index = rng.integers(0, rows, rows)
             gains[i] = _metric_value(
-                truth[index], challenger[index], labels, metric
-            ) - _metric_value(truth[index], champion[index], labels, metric)
+                truth[index], challenger[index], labels, metric, positive
+            ) - _metric_value(truth[index], champion[index], labels, metric, positive)
         p_value = float((gains <= 0).mean())
         low, high = (float(q) for q in np.quantile(gains, [alpha, 1 - alpha]))
     return PairedComparison(

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from transferkit.serving import TextClassifierModel
+from transferkit.serving import ClassifierModel
 
-set_model(TextClassifierModel())
+set_model(ClassifierModel())

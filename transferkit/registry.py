@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.config import PipelineConfig, flatten
-from transferkit.data import load_split
+from transferkit.data import load_images, load_inputs
 from transferkit.errors import RegistryError
 from transferkit.metrics import PairedComparison, paired_comparison
 
@@ -122,9 +122,17 @@ class _IncomparableError(Exception):
 
 
 def _champion_predictions(
-    config: PipelineConfig, champion: Any, texts: list[str], labels: list[str], scratch: Path
+    config: PipelineConfig,
+    champion: Any,
+    inputs: list[str] | np.ndarray,
+    labels: list[str],
+    scratch: Path,
 ) -> np.ndarray:
-    """Download the champion and predict this run's evaluation texts, as evaluate does."""
+    """Download the champion and predict this run's evaluation inputs, as evaluate does.
+
+    Returns:
+        Class probabilities [rows, labels].
+    """
     import mlflow
 
     from transferkit.backbones.text import resolve_precision
@@ -150,10 +158,11 @@ def _champion_predictions(
         )
     target = device()
     precision = resolve_precision(config.training.precision, target)
-    proba = predict_proba(
-        model.to(target), tokenizer, card, texts, config.evaluation.batch_size, precision
+    if (card.image is None) != isinstance(inputs, list):
+        raise _IncomparableError(f"champion v{champion.version} takes another kind of input")
+    return predict_proba(
+        model.to(target), tokenizer, card, inputs, config.evaluation.batch_size, precision
     )
-    return np.asarray(proba.argmax(axis=1))
 
 
 def compare_with_champion(
@@ -164,14 +173,15 @@ def compare_with_champion(
     labels: list[str],
 ) -> PairedComparison:
     """Score the champion on this run's evaluation rows and test the paired difference."""
-    texts, truth = load_split(dataset_dir, "test")
+    inputs, truth = load_inputs(dataset_dir, "test")
     predictions = pd.read_parquet(evaluation_dir / "predictions.parquet")
     with tempfile.TemporaryDirectory(prefix="transferkit-champion-") as scratch:
-        old = _champion_predictions(config, champion, texts, labels, Path(scratch))
+        old = _champion_predictions(config, champion, inputs, labels, Path(scratch))
+    new = predictions[[f"p_{name}" for name in labels]].to_numpy()
     method = "mcnemar" if config.registry.gate == "none" else config.registry.gate
     return paired_comparison(
         truth,
-        predictions["predicted"].to_numpy(),
+        new,
         old,
         labels,
         config.evaluation.primary_metric,
@@ -209,7 +219,18 @@ def decide(
 
 def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
     scores = evaluation["scores"]
-    metrics = {"test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"]}
+    metrics = {
+        f"test_{name}": scores[name]
+        for name in (
+            "accuracy",
+            "macro_f1",
+            "balanced_accuracy",
+            "roc_auc",
+            "sensitivity",
+            "specificity",
+        )
+        if scores.get(name) is not None
+    }
     for name, cls in scores["per_class"].items():
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
         metrics[f"test_f1_{safe}"] = cls["f1"]
@@ -346,10 +367,13 @@ def _log_run(
             for name in (
                 "report.md",
                 "confusion_matrix.png",
+                "roc_curve.png",
                 "evaluation.json",
                 "predictions.parquet",
             ):
-                mlflow.log_artifact(str(paths["evaluation"] / name), artifact_path="evaluation")
+                optional = name == "roc_curve.png"  # binary tasks only
+                if not optional or (paths["evaluation"] / name).exists():
+                    mlflow.log_artifact(str(paths["evaluation"] / name), artifact_path="evaluation")
             for name in ("label_map.json", "stats.json"):
                 mlflow.log_artifact(str(paths["dataset"] / name), artifact_path="data")
             mlflow.log_artifact(str(paths["backbone"] / "backbone.json"), artifact_path="data")
@@ -359,9 +383,17 @@ def _log_run(
             )
 
             tokenizer, model, card = load_classifier(model_dir)
-            example = pd.DataFrame({"text": ["An example input text.", "Another one."]})
+            example: Any = pd.DataFrame({"text": ["An example input text.", "Another one."]})
+            if card.image is not None:  # two evaluation images, as stored: uint8 [N, H, W, C]
+                example = load_images(paths["dataset"], "test")[0][:2]
             output = predictions_frame(
-                predict_proba(model, tokenizer, card, example["text"].tolist()), card.labels
+                predict_proba(
+                    model,
+                    tokenizer,
+                    card,
+                    example if card.image is not None else example["text"].tolist(),
+                ),
+                card.labels,
             )
             info = mlflow.pyfunc.log_model(
                 name="model",

@@ -88,6 +88,7 @@ class RunSummary(BaseModel):
     log_file: str
     run_dir: str
     sweep: dict[str, Any] | None = None
+    modality: str = "text"
     sweep_run_id: str | None = None
 
 
@@ -276,6 +277,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
             comparison = storage.read_json(found[0] / "comparison.json")
             comparison["report"] = str(found[0] / "report.html")
     return RunSummary(
+        modality=config.data.modality,
         metrics=result["metrics"],
         scores=result["scores"],
         model_uri=result["model_uri"],

@@ -2,7 +2,8 @@
 
 ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(pd.DataFrame({"text": [...]}))``
 returns one row per text: ``label`` (the display name), ``score`` (its probability) and one
-``p_<label>`` probability column per class.
+``p_<label>`` probability column per class. An image model takes a uint8 array of images
+[N, H, W, C] (or [N, H, W] greyscale) instead and returns the same columns.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def predictions_frame(proba: Any, labels: list[str]) -> pd.DataFrame:
     return frame
 
 
-class TextClassifierModel(PythonModel):
-    """Serves a transferkit text classifier folder (logged as the ``model`` artifact)."""
+class ClassifierModel(PythonModel):
+    """Serves a transferkit classifier folder, text or image (the ``model`` artifact)."""
 
     def load_context(self, context: Any) -> None:
         from transferkit.training.model import load_classifier
@@ -59,10 +60,13 @@ class TextClassifierModel(PythonModel):
     _skip_type_hint_validation = True
 
     def predict(self, context, model_input, params=None):
-        from transferkit.training.model import predict_proba
+        from transferkit.training.model import as_image_batch, predict_proba
 
         batch_size = int((params or {}).get("batch_size", 64))
-        proba = predict_proba(
-            self._model, self._tokenizer, self._card, texts_of(model_input), batch_size=batch_size
-        )
+        inputs = texts_of(model_input) if self._card.image is None else as_image_batch(model_input)
+        proba = predict_proba(self._model, self._tokenizer, self._card, inputs, batch_size)
         return predictions_frame(proba, self._card.labels)
+
+
+# The name models logged before image support point at.
+TextClassifierModel = ClassifierModel

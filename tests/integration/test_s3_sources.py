@@ -138,3 +138,42 @@ def test_unreachable_endpoint(tmp_path: Path, s3_env: S3Server) -> None:
     )
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
         ingest_data(config, tmp_path / "ds")
+
+
+def test_image_folder_and_npz_from_s3_equal_the_local_files(
+    tmp_path: Path, s3_env: S3Server, bucket: str, shared_data: Path, resnet20: Path
+) -> None:
+    """Images read from S3 (a label-per-folder tree of PNGs and an npz) equal the local ones."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import image_config
+
+    client = s3_env.client()
+    with np.load(shared_data / "medmnist" / "breastmnist.npz") as archive:
+        images, labels = archive["train_images"][:30], archive["train_labels"][:30]
+    local = tmp_path / "local-folder"
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        path = local / ("malignant" if label == 0 else "benign") / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        client.upload_file(str(path), bucket, f"breast/{path.relative_to(local).as_posix()}")
+    npz = shared_data / "medmnist" / "breastmnist.npz"
+    client.upload_file(str(npz), bucket, "breast.npz")
+    storage_section = {"s3_endpoint_url": s3_env.endpoint}
+    split = {"validation": 0.2, "test": 0.2, "seed": 3}
+    pairs = [
+        ({"uri": f"s3://{bucket}/breast/", "split": split}, {"uri": f"{local}/", "split": split}),
+        ({"uri": f"s3://{bucket}/breast.npz"}, {"uri": str(npz)}),
+    ]
+    for index, (remote_data, local_data) in enumerate(pairs):
+        remote = ingest_data(
+            image_config(tmp_path, remote_data, resnet20, storage=storage_section),
+            tmp_path / f"remote-{index}",
+        )
+        here = ingest_data(
+            image_config(tmp_path, local_data, resnet20), tmp_path / f"local-{index}"
+        )
+        assert remote.fingerprint == here.fingerprint
+        assert remote.rows == here.rows
+        assert remote.modality == "image"

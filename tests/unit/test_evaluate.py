@@ -53,6 +53,7 @@ def test_evaluate_writes_report_plot_and_predictions(tmp_path: Path, probe_run: 
         "evaluation.json",
         "predictions.parquet",
         "report.md",
+        "roc_curve.png",
     ]
     assert result.primary_metric == "accuracy"
     assert result.strategy == "linear_probe"
@@ -67,6 +68,17 @@ def test_evaluate_writes_report_plot_and_predictions(tmp_path: Path, probe_run: 
     ).all()
     assert (predictions["predicted"] == truth).mean() == pytest.approx(result.scores.accuracy)
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "roc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Binary task: ROC-AUC from the probabilities, sensitivity/specificity of 'positive'.
+    assert result.scores.positive_label == "positive"
+    assert result.scores.roc_auc > result.scores.accuracy - 0.05
+    positive = truth == 1
+    assert result.scores.sensitivity == pytest.approx(
+        (predictions["predicted"][positive] == 1).mean()
+    )
+    assert result.scores.specificity == pytest.approx(
+        (predictions["predicted"][~positive] == 0).mean()
+    )
     report = (out / "report.md").read_text()
     assert f"**accuracy: {result.primary_value:.4f}** on 300 evaluation rows" in report
     assert "| negative |" in report
@@ -78,6 +90,10 @@ def test_evaluate_writes_report_plot_and_predictions(tmp_path: Path, probe_run: 
     assert set(kfp) == {
         "accuracy",
         "macro_f1",
+        "balanced_accuracy",
+        "roc_auc",
+        "sensitivity",
+        "specificity",
         "precision_negative",
         "recall_negative",
         "f1_negative",

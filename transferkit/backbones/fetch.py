@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,17 @@ from typing import Any
 from pydantic import BaseModel
 
 from transferkit import storage
-from transferkit.config import PipelineConfig
+from transferkit.config import BackboneConfig, PipelineConfig
 from transferkit.errors import BackboneError, StorageError
 
 log = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = (".safetensors",)
-PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".th", ".ckpt", ".pkl")
 # Weights for other frameworks are never needed by torch and only cost transfer time.
 FOREIGN_WEIGHTS = (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".gguf")
+# Batch-norm statistics are stored beside the weights but are buffers, not parameters.
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.txt",
@@ -35,6 +38,15 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )
+
+
+class ImageInput(BaseModel):
+    """What a vision backbone is fed: square size, channels, per-channel mean and std."""
+
+    size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
 
 
 class BackboneInfo(BaseModel):
@@ -53,6 +65,16 @@ class BackboneInfo(BaseModel):
     max_length: int
     converted_from_pickle: bool = False
     seconds: float = 0.0
+    modality: str = "text"
+    image: ImageInput | None = None  # what a vision backbone is fed (after config overrides)
+
+
+def _hidden_size(hf_config: dict[str, Any]) -> int:
+    """Width of the features: text models' hidden_size, ResNets' last stage width."""
+    value = hf_config.get("hidden_size") or hf_config.get("d_model")
+    if not value and hf_config.get("hidden_sizes"):
+        value = hf_config["hidden_sizes"][-1]
+    return int(value or 0)
 
 
 def load_backbone_info(backbone_dir: Path) -> BackboneInfo:
@@ -136,6 +158,8 @@ def _inspect_weights(model_dir: Path, uri: str) -> tuple[dict[str, str], int]:
                     tensor = handle.get_slice(key)
                     if not tensor.get_dtype().startswith(("F", "BF")):
                         continue  # integer buffers (position ids) are not parameters
+                    if key.endswith(BUFFERS):
+                        continue
                     shape = tensor.get_shape()
                     count = 1
                     for dim in shape:
@@ -172,6 +196,94 @@ def _sentence_transformers_head(model_dir: Path) -> tuple[str | None, bool]:
     return pooling, normalize
 
 
+def image_input(model_dir: Path, backbone: BackboneConfig) -> ImageInput:
+    """The backbone's declared input with the config's overrides applied.
+
+    Raises:
+        BackboneError: mean/std lengths do not match the channels.
+    """
+    from transferkit.backbones.vision import declared_input
+
+    declared = declared_input(model_dir)
+    override = backbone.image
+    channels = override.channels or declared.channels
+    spec = ImageInput(
+        size=override.size or declared.size,
+        channels=channels,
+        mean=override.mean or declared.mean,
+        std=override.std or declared.std,
+    )
+    for key in ("mean", "std"):
+        values = getattr(spec, key)
+        if len(values) == 1:
+            setattr(spec, key, values * channels)
+        elif len(values) != channels:
+            raise BackboneError(
+                f"backbone.image.{key} has {len(values)} values for {channels} input channels; "
+                f"give {channels} (or one for all)"
+            )
+    return spec
+
+
+def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Path) -> bool:
+    """A single checkpoint file → ``tmp/model`` (config.json + model.safetensors).
+
+    Returns whether pickle weights were converted.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from transferkit.backbones.vision import resnet_cifar_config
+
+    uri = backbone.uri
+    is_pickle = uri.lower().endswith(PICKLE_WEIGHTS)
+    if is_pickle and not backbone.allow_pickle:
+        raise BackboneError(
+            f"{uri}: a pickle checkpoint, which can run code when loaded; set "
+            "backbone.allow_pickle: true to load it with weights_only=True and convert it to "
+            "safetensors"
+        )
+    path = storage.fetch_file(uri, tmp / "download", config.storage)
+    actual = storage.sha256_file(path)
+    if backbone.weights_sha256 and actual != backbone.weights_sha256:
+        raise BackboneError(
+            f"{uri}: sha256 is {actual[:16]}…, expected {backbone.weights_sha256[:16]}…; the "
+            "file is corrupt or not the model you meant — fetch it again"
+        )
+    try:
+        state: Any = (
+            torch.load(path, map_location="cpu", weights_only=True)
+            if is_pickle
+            else load_file(str(path))
+        )
+    except Exception as exc:
+        raise BackboneError(
+            f"{uri}: cannot be read as a tensor checkpoint ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:100]}); it is corrupt or not a state dict"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{uri}: holds a {type(state).__name__}, not a state dict")
+    # Checkpoints saved from nn.DataParallel prefix every key with 'module.'.
+    tensors = {
+        k.removeprefix("module."): v.contiguous()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
+    hf_config = resnet_cifar_config(tensors, uri)
+    model_dir = tmp / "model"
+    model_dir.mkdir()
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    storage.write_json(model_dir / "config.json", hf_config)
+    storage.write_json(
+        model_dir / "source.json",
+        {"uri": uri, "sha256": actual, "converted_from_pickle": is_pickle},
+    )
+    shutil.rmtree(tmp / "download", ignore_errors=True)  # an S3 download; local files stay
+    return is_pickle
+
+
 def fetch_backbone(
     config: PipelineConfig, output_dir: Path, dataset_dir: Path | None = None
 ) -> BackboneInfo:
@@ -206,24 +318,41 @@ def fetch_backbone(
         return load_backbone_info(output_dir)
     started = time.perf_counter()
     uri = config.backbone.uri
-    try:
-        names = storage.list_tree(uri, config.storage)
-    except StorageError as exc:
-        raise BackboneError(str(exc)) from None
-    keep, convert = _select(names, config, uri)
-    if not any(n.endswith(TOKENIZER_FILES) for n in keep):
+    is_file = uri.lower().endswith(SAFE_WEIGHTS + PICKLE_WEIGHTS)
+    keep: list[str] = []
+    convert = False
+    vision = is_file
+    if not is_file:
+        try:
+            names = storage.list_tree(uri, config.storage)
+        except StorageError as exc:
+            raise BackboneError(str(exc)) from None
+        keep, convert = _select(names, config, uri)
+        has_tokenizer = any(n.endswith(TOKENIZER_FILES) for n in keep)
+        vision = "preprocessor_config.json" in keep and not has_tokenizer
+        if not has_tokenizer and not vision:
+            raise BackboneError(
+                f"{uri}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}) and no image "
+                "processor (preprocessor_config.json); save them next to the model "
+                "(tokenizer.save_pretrained / image_processor.save_pretrained)"
+            )
+    if vision != (config.data.modality == "image"):
         raise BackboneError(
-            f"{uri}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); save the tokenizer "
-            "next to the model (tokenizer.save_pretrained)"
+            f"{uri}: a {'vision' if vision else 'text'} backbone, but data "
+            f"{config.data.uri or config.data.train_uri} is {config.data.modality}; point "
+            f"backbone.uri at a {config.data.modality} model"
         )
     with storage.atomic_dir(output_dir) as tmp:
         model_dir = tmp / "model"
-        storage.fetch_tree(uri, model_dir, keep, config.storage)
-        if convert:
+        if is_file:
+            convert = _fetch_checkpoint(config, config.backbone, tmp)
+        else:
+            storage.fetch_tree(uri, model_dir, keep, config.storage)
+        if convert and not is_file:
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
         weights, parameters = _inspect_weights(model_dir, uri)
-        expected = config.backbone.weights_sha256
+        expected = None if is_file else config.backbone.weights_sha256
         if expected:
             if len(weights) != 1:
                 raise BackboneError(
@@ -244,20 +373,25 @@ def fetch_backbone(
         normalize = config.backbone.normalize
         if normalize == "auto":
             normalize = st_normalize
+        spec = image_input(model_dir, config.backbone) if vision else None
+        if vision:
+            pooling, normalize = "image", False
         info = BackboneInfo(
             source=uri,
             architecture=(hf_config.get("architectures") or [hf_config.get("model_type", "?")])[0],
             model_type=str(hf_config.get("model_type", "unknown")),
-            hidden_size=int(hf_config.get("hidden_size") or hf_config.get("d_model") or 0),
+            hidden_size=_hidden_size(hf_config),
             num_layers=int(hf_config.get("num_hidden_layers") or hf_config.get("n_layer") or 0),
             parameters=parameters,
             weights=weights,
             fingerprint=storage.sha256_tree(model_dir, known=weights),
             pooling=pooling,
             normalize=bool(normalize),
-            max_length=config.backbone.max_length,
+            max_length=0 if vision else config.backbone.max_length,
             converted_from_pickle=convert,
             seconds=round(time.perf_counter() - started, 3),
+            modality="image" if vision else "text",
+            image=spec,
         )
         storage.write_json(tmp / "backbone.json", info.model_dump())
     log.info(

@@ -52,6 +52,22 @@ class LabelMap(BaseModel):
     def __len__(self) -> int:
         return len(self.values)
 
+    def positive(self, label: str | None) -> int | None:
+        """Index of the positive label of a binary task (``evaluation.positive_label``).
+
+        Raises:
+            DataError: ``label`` is neither a display name nor a raw value.
+        """
+        if label is None or len(self.names) != 2:
+            return None
+        for candidates in (self.names, self.values):
+            if label in candidates:
+                return candidates.index(label)
+        raise DataError(
+            f"evaluation.positive_label {label!r} is not a label (labels: "
+            f"{', '.join(self.names)}); use one of them"
+        )
+
 
 def load_label_map(dataset_dir: Path) -> LabelMap:
     """The label map of a dataset artifact."""
@@ -62,3 +78,33 @@ def load_split(dataset_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     """Texts and integer label ids of one split of a dataset artifact."""
     frame = pd.read_parquet(dataset_dir / f"{split}.parquet")
     return frame["text"].tolist(), frame["label"].to_numpy(dtype=np.int64)
+
+
+def load_labels(dataset_dir: Path, split: str) -> np.ndarray:
+    """Integer label ids of one split (text or images)."""
+    frame = pd.read_parquet(dataset_dir / f"{split}.parquet", columns=["label"])
+    return frame["label"].to_numpy(dtype=np.int64)
+
+
+def load_images(dataset_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W, C] and integer label ids of one split of an image dataset.
+
+    Raises:
+        DataError: the dataset holds text, not images.
+    """
+    path = dataset_dir / f"{split}_images.npy"
+    if not path.exists():
+        raise DataError(f"{dataset_dir}: a text dataset, not images; use a vision strategy path")
+    return np.load(path), load_labels(dataset_dir, split)
+
+
+def load_inputs(dataset_dir: Path, split: str) -> tuple[list[str] | np.ndarray, np.ndarray]:
+    """Model inputs (texts, or uint8 images [N, H, W, C]) and label ids of one split."""
+    if dataset_modality(dataset_dir) == "image":
+        return load_images(dataset_dir, split)
+    return load_split(dataset_dir, split)
+
+
+def dataset_modality(dataset_dir: Path) -> str:
+    """'image' or 'text': what an ingest_data artifact holds."""
+    return "image" if (dataset_dir / "train_images.npy").exists() else "text"

@@ -2,10 +2,13 @@
 
 Output folder (the KFP ``Dataset`` artifact)::
 
-    train.parquet  validation.parquet  test.parquet   columns: text (string), label (int32 id)
+    train.parquet  validation.parquet  test.parquet   text: columns text (string), label (int32)
+                                                       images: columns label (int32), source
+    train_images.npy  validation_images.npy  …         images only: uint8 [N, H, W, C]
     label_map.json                                     ids → raw values and display names
-    stats.json                                         rows, class balance, duplicates, overlap,
-                                                       fingerprint, sources
+    stats.json                                         modality, rows, class balance, duplicates,
+                                                       overlap, fingerprint, sources; for images
+                                                       also size, channels, channel mean/std
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -23,15 +27,34 @@ from pydantic import BaseModel
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.data.dataset import SPLITS, LabelMap
+from transferkit.data.images import (
+    ImageRows,
+    csv_entries,
+    folder_entries,
+    read_image_files,
+    read_npz,
+)
 from transferkit.data.readers import detect_format, read_table
 from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
+class ImageStats(BaseModel):
+    """Shape and pixel statistics of the training images (scaled to [0, 1])."""
+
+    height: int
+    width: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+
+
 class IngestResult(BaseModel):
     """What ingest_data wrote, for KFP metadata and the run summary."""
 
+    modality: str = "text"
+    image: ImageStats | None = None
     fingerprint: str
     rows: dict[str, int]
     labels: list[str]
@@ -43,7 +66,99 @@ class IngestResult(BaseModel):
     seconds: float
 
 
-def _read(uri: str, config: PipelineConfig, scratch: Path) -> pd.DataFrame:
+Rows: TypeAlias = pd.DataFrame | ImageRows
+
+
+def _frame(rows: Rows) -> pd.DataFrame:
+    return rows.frame if isinstance(rows, ImageRows) else rows
+
+
+def _subset(rows: Rows, mask: np.ndarray) -> Rows:
+    if isinstance(rows, ImageRows):
+        return rows.take(np.flatnonzero(mask))
+    return rows[mask].reset_index(drop=True)
+
+
+def _image_format(uri: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = storage.parse(uri).name.lower()
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith((".csv", ".tsv")):
+        return "image_csv"
+    return "image_folder"
+
+
+def _read_images(
+    uri: str, config: PipelineConfig, scratch: Path, split: str
+) -> ImageRows | dict[str, ImageRows]:
+    """Images of ``uri``; an npz holding several splits gives them all when ``split`` is 'all'."""
+    data = config.data
+    fmt = _image_format(uri, data.format)
+    if fmt == "npz":
+        splits = read_npz(storage.fetch_file(uri, scratch, config.storage), uri)
+        if "all" in splits:
+            return splits["all"]
+        if split == "all":
+            return splits
+        if split not in splits:
+            raise DataError(
+                f"{uri}: no {split} arrays (has {', '.join(splits)}); give the {split} split "
+                f"in another file or let data.split carve it"
+            )
+        return splits[split]
+    mode = data.image_mode
+    if fmt == "image_folder":
+        names = storage.list_tree(uri, config.storage)
+        entries = folder_entries(names, uri.rstrip("/"))
+        root = _local_tree(uri, [rel for rel, _ in entries], config, scratch / "images")
+        rows = read_image_files(
+            entries, lambda rel: (root / rel).read_bytes(), uri.rstrip("/"), mode, data.image_size
+        )
+    else:
+        path = storage.fetch_file(uri, scratch, config.storage)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        entries = csv_entries(frame, uri, data.image_column, data.label_column)
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        relative = [rel for rel, _ in entries if not _is_absolute(rel)]
+        csv_root = _local_tree(base, relative, config, scratch / "images") if relative else None
+
+        def read(rel: str) -> bytes:
+            if _is_absolute(rel):
+                return storage.fetch_file(rel, scratch / "abs", config.storage).read_bytes()
+            assert csv_root is not None
+            return (csv_root / rel).read_bytes()
+
+        rows = read_image_files(entries, read, uri, mode, data.image_size)
+    return rows
+
+
+def _is_absolute(path: str) -> bool:
+    """A URI (s3://, file://) or an absolute path: not relative to the CSV's folder."""
+    return "://" in path or Path(path).is_absolute()
+
+
+def _local_tree(uri: str, names: list[str], config: PipelineConfig, scratch: Path) -> Path:
+    """A local folder holding ``names`` of the folder ``uri`` (downloaded only from S3)."""
+    if storage.parse(uri).scheme == "s3":
+        storage.fetch_tree(uri, scratch, names, config.storage)
+        return scratch
+    root = storage.local_path(uri)
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"{root / missing[0]}: no such image file; fix the path in the CSV")
+    return root
+
+
+def _read(
+    uri: str, config: PipelineConfig, scratch: Path, split: str = "all"
+) -> Rows | dict[str, ImageRows]:
+    if config.data.modality == "image":
+        rows = _read_images(uri, config, scratch, split)
+        count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
+        log.info("read %s images from %s", f"{count:,}", uri)
+        return rows
     fmt = detect_format(storage.parse(uri).name, config.data.format)
     path = storage.fetch_file(uri, scratch, config.storage)
     frame = read_table(path, uri, fmt, config.data.text_column, config.data.label_column)
@@ -61,45 +176,49 @@ def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return mask
 
 
-def _carve(
-    frame: pd.DataFrame,
-    fraction: float,
-    rng: np.random.Generator,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    mask = _stratified_take(frame["label"].to_numpy(), fraction, rng)
-    return frame[~mask].reset_index(drop=True), frame[mask].reset_index(drop=True)
+def _carve(rows: Rows, fraction: float, rng: np.random.Generator) -> tuple[Rows, Rows]:
+    mask = _stratified_take(_frame(rows)["label"].to_numpy(), fraction, rng)
+    return _subset(rows, ~mask), _subset(rows, mask)
 
 
-def _cap(frame: pd.DataFrame, max_rows: int | None, rng: np.random.Generator) -> pd.DataFrame:
-    if not max_rows or len(frame) <= max_rows:
-        return frame
-    keep = _stratified_take(frame["label"].to_numpy(), max_rows / len(frame), rng)
-    log.info("sampled %s of %s rows (data.max_rows)", f"{keep.sum():,}", f"{len(frame):,}")
-    return frame[keep].reset_index(drop=True)
+def _cap(rows: Rows, max_rows: int | None, rng: np.random.Generator) -> Rows:
+    if not max_rows or len(rows) <= max_rows:
+        return rows
+    keep = _stratified_take(_frame(rows)["label"].to_numpy(), max_rows / len(rows), rng)
+    log.info("sampled %s of %s rows (data.max_rows)", f"{keep.sum():,}", f"{len(rows):,}")
+    return _subset(rows, keep)
 
 
-def _split(config: PipelineConfig, scratch: Path) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+def _one(rows: Rows | dict[str, ImageRows]) -> Rows:
+    assert not isinstance(rows, dict)  # only _read(split='all') returns several splits
+    return rows
+
+
+def _split(config: PipelineConfig, scratch: Path) -> tuple[dict[str, Rows], dict[str, str]]:
     data = config.data
     rng = np.random.default_rng(data.split.seed)
     sources: dict[str, str] = {}
     if data.uri:
-        rows = _cap(_read(data.uri, config, scratch), data.max_rows, rng)
+        read = _read(data.uri, config, scratch)
+        if isinstance(read, dict):  # an npz with its own (official) splits
+            return _given_splits(read, config, rng)
+        rows = _cap(read, data.max_rows, rng)
         sources = dict.fromkeys(SPLITS, data.uri)
         rest, test = _carve(rows, data.split.test, rng)
         # The validation fraction is of all rows, so rescale it to what is left.
         train, validation = _carve(rest, data.split.validation / (1 - data.split.test), rng)
     else:
         assert data.train_uri is not None  # guaranteed by DataConfig validation
-        train = _cap(_read(data.train_uri, config, scratch), data.max_rows, rng)
+        train = _cap(_one(_read(data.train_uri, config, scratch, "train")), data.max_rows, rng)
         sources["train"] = data.train_uri
         if data.test_uri:
-            test = _read(data.test_uri, config, scratch)
+            test = _one(_read(data.test_uri, config, scratch, "test"))
             sources["test"] = data.test_uri
         else:
             train, test = _carve(train, data.split.test, rng)
             sources["test"] = f"{data.train_uri} (held out {data.split.test:.0%})"
         if data.validation_uri:
-            validation = _read(data.validation_uri, config, scratch)
+            validation = _one(_read(data.validation_uri, config, scratch, "validation"))
             sources["validation"] = data.validation_uri
         else:
             fraction = data.split.validation / (1 - (0 if data.test_uri else data.split.test))
@@ -108,10 +227,26 @@ def _split(config: PipelineConfig, scratch: Path) -> tuple[dict[str, pd.DataFram
     return {"train": train, "validation": validation, "test": test}, sources
 
 
-def _check(
-    splits: dict[str, pd.DataFrame], sources: dict[str, str], config: PipelineConfig
-) -> None:
-    train = splits["train"]
+def _given_splits(
+    read: dict[str, ImageRows], config: PipelineConfig, rng: np.random.Generator
+) -> tuple[dict[str, Rows], dict[str, str]]:
+    """The splits stored in one npz (MedMNIST's official ones); missing ones are carved."""
+    uri = config.data.uri
+    splits: dict[str, Rows] = {"train": _cap(read["train"], config.data.max_rows, rng)}
+    sources = {"train": f"{uri} (train arrays)"}
+    for name, key in (("test", "test"), ("validation", "val")):
+        if name in read:
+            splits[name] = read[name]
+            sources[name] = f"{uri} ({key} arrays)"
+        else:
+            fraction = float(getattr(config.data.split, name))
+            splits["train"], splits[name] = _carve(splits["train"], fraction, rng)
+            sources[name] = f"{uri} (held out {fraction:.0%} of train)"
+    return splits, sources
+
+
+def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineConfig) -> None:
+    train = _frame(splits["train"])
     if train.empty:
         raise DataError(f"{sources['train']}: training split is empty; provide more rows")
     classes = train["label"].unique()
@@ -122,7 +257,7 @@ def _check(
         )
     seen = set(classes)
     for name in ("validation", "test"):
-        frame = splits[name]
+        frame = _frame(splits[name])
         if frame.empty:
             raise DataError(
                 f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "
@@ -136,18 +271,54 @@ def _check(
                 f"{sources[name]}: {name} split has labels never seen in training: {shown} "
                 f"({count} rows); add training examples of those labels or remove the rows"
             )
+    if isinstance(splits["train"], ImageRows):
+        shapes = {
+            name: rows.images.shape[1:]
+            for name, rows in splits.items()
+            if isinstance(rows, ImageRows)
+        }
+        for name in ("validation", "test"):
+            if shapes[name] != shapes["train"]:
+                h, w, c = shapes[name]
+                th, tw, tc = shapes["train"]
+                raise DataError(
+                    f"{sources[name]}: {name} images are {w}×{h}×{c} but training images are "
+                    f"{tw}×{th}×{tc}; set data.image_size / data.image_mode to make them agree"
+                )
 
 
-def _fingerprint(splits: dict[str, pd.DataFrame], label_map: LabelMap) -> str:
+def _keys(rows: Rows) -> pd.Series:
+    """What identifies a row's input: its text, or a hash of an image's pixels."""
+    if isinstance(rows, ImageRows):
+        return pd.Series(
+            [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in rows.images]
+        )
+    return rows["text"]
+
+
+def _fingerprint(keys: dict[str, pd.Series], splits: dict[str, Rows], label_map: LabelMap) -> str:
     """Content hash of the canonical rows: identical data gives identical fingerprints."""
     digest = hashlib.sha256()
     digest.update(label_map.model_dump_json().encode())
     for name in SPLITS:
-        frame = splits[name]
-        digest.update(f"\0{name}\0{len(frame)}\0".encode())
-        for text, label in zip(frame["text"], frame["label"], strict=True):
-            digest.update(f"{label}\t{text}\n".encode())
+        rows = splits[name]
+        if isinstance(rows, ImageRows):
+            digest.update(f"\0image {rows.images.shape}".encode())
+        digest.update(f"\0{name}\0{len(rows)}\0".encode())
+        for key, label in zip(keys[name], _frame(rows)["label"], strict=True):
+            digest.update(f"{label}\t{key}\n".encode())
     return digest.hexdigest()
+
+
+def _image_stats(images: np.ndarray) -> ImageStats:
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return ImageStats(
+        height=int(images.shape[1]),
+        width=int(images.shape[2]),
+        channels=int(images.shape[3]),
+        mean=[round(float(v), 5) for v in pixels.mean(axis=0)],
+        std=[round(float(v), 5) for v in pixels.std(axis=0)],
+    )
 
 
 def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
@@ -168,48 +339,64 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
     with tempfile.TemporaryDirectory(prefix="transferkit-ingest-") as scratch:
         raw_splits, sources = _split(config, Path(scratch))
     _check(raw_splits, sources, config)
-    label_map = LabelMap.from_values(raw_splits["train"]["label"].unique(), config.data.label_names)
-    splits = {
-        name: frame.assign(label=label_map.encode(frame["label"]).astype("int32"))
-        for name, frame in raw_splits.items()
+    label_map = LabelMap.from_values(
+        _frame(raw_splits["train"])["label"].unique(), config.data.label_names
+    )
+    frames = {
+        name: _frame(rows).assign(label=label_map.encode(_frame(rows)["label"]).astype("int32"))
+        for name, rows in raw_splits.items()
     }
+    keys = {name: _keys(rows) for name, rows in raw_splits.items()}
+    what = "images" if config.data.modality == "image" else "texts"
 
-    train_texts = splits["train"]["text"]
-    duplicated = train_texts.duplicated(keep=False)
-    conflicting = int(splits["train"][duplicated].groupby("text")["label"].nunique().gt(1).sum())
-    train_set = set(train_texts)
-    overlap = {
-        name: int(splits[name]["text"].isin(train_set).sum()) for name in ("validation", "test")
-    }
+    train_keys = keys["train"]
+    duplicated = train_keys.duplicated(keep=False).to_numpy()
+    train_labels = frames["train"]["label"].to_numpy()
+    conflicting = int(
+        pd.DataFrame({"key": train_keys[duplicated], "label": train_labels[duplicated]})
+        .groupby("key")["label"]
+        .nunique()
+        .gt(1)
+        .sum()
+    )
+    train_set = set(train_keys)
+    overlap = {name: int(keys[name].isin(train_set).sum()) for name in ("validation", "test")}
     if overlap["test"]:
         log.warning(
-            "%d evaluation texts also occur in training; the evaluation may be optimistic",
+            "%d evaluation %s also occur in training; the evaluation may be optimistic",
             overlap["test"],
+            what,
         )
     if conflicting:
-        log.warning("%d training texts occur with different labels", conflicting)
+        log.warning("%d training %s occur with different labels", conflicting, what)
 
-    fingerprint = _fingerprint(splits, label_map)
+    fingerprint = _fingerprint(keys, raw_splits, label_map)
+    train_rows = raw_splits["train"]
     result = IngestResult(
+        modality=config.data.modality,
+        image=_image_stats(train_rows.images) if isinstance(train_rows, ImageRows) else None,
         fingerprint=fingerprint,
-        rows={name: len(frame) for name, frame in splits.items()},
+        rows={name: len(frame) for name, frame in frames.items()},
         labels=label_map.names,
         class_balance={
             name: {
                 label_map.names[i]: int(c)
                 for i, c in enumerate(np.bincount(frame["label"], minlength=len(label_map)))
             }
-            for name, frame in splits.items()
+            for name, frame in frames.items()
         },
-        duplicate_texts=int(train_texts.duplicated().sum()),
+        duplicate_texts=int(train_keys.duplicated().sum()),
         conflicting_duplicates=conflicting,
         overlap=overlap,
         sources=sources,
         seconds=round(time.perf_counter() - started, 3),
     )
     with storage.atomic_dir(output_dir) as tmp:
-        for name, frame in splits.items():
+        for name, frame in frames.items():
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
+            rows = raw_splits[name]
+            if isinstance(rows, ImageRows):
+                np.save(tmp / f"{name}_images.npy", rows.images)
         storage.write_json(tmp / "label_map.json", label_map.model_dump())
         storage.write_json(tmp / "stats.json", result.model_dump())
     log.info(

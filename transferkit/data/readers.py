@@ -36,7 +36,7 @@ def detect_format(name: str, declared: str = "auto") -> str:
     if suffix not in FORMATS:
         raise DataError(
             f"{name}: cannot tell the format from the extension '{suffix}'; set data.format "
-            f"to one of csv, tsv, jsonl, parquet"
+            f"to one of csv, tsv, jsonl, parquet (images: npz, image_folder, image_csv)"
         )
     return FORMATS[suffix]
 

@@ -40,6 +40,7 @@ from transferkit.backbones.text import (
     resolve_precision,
     run_batched,
 )
+from transferkit.backbones.vision import load_image_encoder
 from transferkit.config import (
     AutoStrategyConfig,
     DomainAdaptationConfig,
@@ -50,17 +51,19 @@ from transferkit.config import (
     ScratchConfig,
     ZeroShotConfig,
 )
-from transferkit.data import LabelMap, load_label_map, load_split
+from transferkit.data import LabelMap, load_images, load_label_map, load_labels, load_split
 from transferkit.features import extract_features, load_features
-from transferkit.metrics import score
+from transferkit.metrics import metric_of_logits
+from transferkit.training.adabn import adapt_batch_norm
 from transferkit.training.domain import adapt_backbone
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.finetune import finetune
-from transferkit.training.model import ModelCard, TextClassifier, save_classifier
+from transferkit.training.inputs import ImageInputs, Inputs, TextInputs
+from transferkit.training.model import ImageClassifier, ModelCard, TextClassifier, save_classifier
 from transferkit.training.probe import ProbeFit, fit_probe
 from transferkit.training.runtime import configure_torch, device, environment, seed_everything
 from transferkit.training.strategies import TunedStrategy, merge_lora, parameter_groups
-from transferkit.training.zero_shot import label_prompts, predict_with_prototypes, zero_shot_head
+from transferkit.training.zero_shot import label_prompts, prototype_similarities, zero_shot_head
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def budget_rows(config: PipelineConfig, dataset_dir: Path, labels: list[str]) ->
     k = config.training.examples_per_class
     if k is None:
         return None
-    _, truth = load_split(dataset_dir, "train")
+    truth = load_labels(dataset_dir, "train")
     return sample_per_class(truth, k, config.training.seed, labels, strict=False)
 
 
@@ -109,14 +112,13 @@ def _probe(
     rows: np.ndarray | None,
 ) -> tuple[nn.Linear, ProbeFit]:
     """Fit the linear probe on the cached train features, selecting L2 on validation."""
-    _, train_y = _train_split(dataset_dir, rows)
-    _, val_y = load_split(dataset_dir, "validation")
+    train_y = load_labels(dataset_dir, "train")
     features = load_features(features_dir, "train")
     return fit_probe(
         features if rows is None else features[rows],
-        train_y,
+        train_y if rows is None else train_y[rows],
         load_features(features_dir, "validation"),
-        val_y,
+        load_labels(dataset_dir, "validation"),
         labels,
         probe.l2_grid,
         probe.max_iter,
@@ -134,13 +136,19 @@ def _tunable_model(
     labels: list[str],
     target: torch.device,
     rows: np.ndarray | None,
-) -> tuple[TextClassifier, Any]:
+) -> tuple[TextClassifier | ImageClassifier, Any]:
     """The classifier a training strategy starts from: pre-trained (or random) plus a head."""
-    if isinstance(strategy, ScratchConfig):
+    model: TextClassifier | ImageClassifier
+    tokenizer = None
+    if info.modality == "image":
+        vision = load_image_encoder(model_dir, random_init=isinstance(strategy, ScratchConfig))
+        model = ImageClassifier(vision, len(labels)).to(target)
+    elif isinstance(strategy, ScratchConfig):
         tokenizer, encoder = random_text_encoder(model_dir, info.pooling, info.normalize)
     else:
         tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
-    model = TextClassifier(encoder, len(labels)).to(target)
+    if info.modality != "image":
+        model = TextClassifier(encoder, len(labels)).to(target)
     if getattr(strategy, "head_init", "random") == "probe":
         head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels, rows)
         model.head.load_state_dict({k: v.to(target) for k, v in head.state_dict().items()})
@@ -221,8 +229,8 @@ def _zero_shot(
         "fp32",
     )
     _, val_y = load_split(dataset_dir, "validation")
-    predicted = predict_with_prototypes(load_features(features_dir, "validation"), prototypes)
-    value = score(val_y, predicted, label_map.names).metric(config.evaluation.primary_metric)
+    similarities = prototype_similarities(load_features(features_dir, "validation"), prototypes)
+    value = metric_of_logits(val_y, similarities, label_map.names, config.evaluation.primary_metric)
     prompts = dict(
         zip(
             label_map.names, label_prompts(strategy, label_map.names, label_map.values), strict=True
@@ -271,6 +279,32 @@ class _Context:
         return (self.info.hidden_size + 1) * len(self.label_map)
 
 
+def _inputs(
+    config: PipelineConfig, ctx: _Context, tokenizer: Any
+) -> tuple[Inputs, np.ndarray, Inputs, np.ndarray]:
+    """Training inputs (within the label budget, augmented images) and validation inputs."""
+    if ctx.info.modality == "image":
+        assert ctx.info.image is not None
+        images, truth = load_images(ctx.dataset_dir, "train")
+        if ctx.rows is not None:
+            images, truth = images[ctx.rows], truth[ctx.rows]
+        val_images, val_truth = load_images(ctx.dataset_dir, "validation")
+        return (
+            ImageInputs(images, ctx.info.image, config.training.augmentation),
+            truth,
+            ImageInputs(val_images, ctx.info.image, None),
+            val_truth,
+        )
+    texts, truth = _train_split(ctx.dataset_dir, ctx.rows)
+    val_texts, val_truth = load_split(ctx.dataset_dir, "validation")
+    return (
+        TextInputs(tokenizer, texts, ctx.info.max_length),
+        truth,
+        TextInputs(tokenizer, val_texts, ctx.info.max_length),
+        val_truth,
+    )
+
+
 def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
     """Train one (non-composite) strategy."""
     model_dir = ctx.backbone_dir / "model"
@@ -309,19 +343,21 @@ def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
         ctx.target,
         ctx.rows,
     )
+    train_inputs, train_labels, val_inputs, val_labels = _inputs(config, ctx, tokenizer)
     history = finetune(
         model,
-        tokenizer,
         config,
-        _train_split(ctx.dataset_dir, ctx.rows),
-        load_split(ctx.dataset_dir, "validation"),
+        train_inputs,
+        train_labels,
+        val_inputs,
+        val_labels,
         ctx.labels,
         parameter_groups(model, strategy, config),
         ctx.precision,
-        ctx.info.max_length,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if isinstance(strategy, LoraConfig):
+        assert isinstance(model, TextClassifier)
         merge_lora(model)
     return _Fitted(
         model.head,
@@ -384,18 +420,28 @@ def _adapted(
     ctx: _Context,
     scratch: Path,
 ) -> tuple[_Context, dict[str, Any]]:
-    """Adapt the backbone to the unlabelled text; re-extract features with the adapted one."""
+    """Adapt the backbone to the target domain; re-extract features with the adapted one."""
     adapted_dir = scratch / "backbone"
-    record = adapt_backbone(
-        strategy,
-        config.storage,
-        ctx.backbone_dir,
-        ctx.info,
-        adapted_dir,
-        ctx.precision,
-        config.training.seed,
-        ctx.target,
-    )
+    if ctx.info.modality == "image":
+        record = adapt_batch_norm(
+            _target_images(config, strategy, ctx.dataset_dir, scratch),
+            ctx.backbone_dir,
+            ctx.info,
+            adapted_dir,
+            strategy.adabn_batch_size,
+            ctx.target,
+        )
+    else:
+        record = adapt_backbone(
+            strategy,
+            config.storage,
+            ctx.backbone_dir,
+            ctx.info,
+            adapted_dir,
+            ctx.precision,
+            config.training.seed,
+            ctx.target,
+        )
     extract_features(config, ctx.dataset_dir, adapted_dir, scratch / "features")
     adapted = _Context(
         ctx.dataset_dir,
@@ -408,6 +454,18 @@ def _adapted(
         ctx.rows,
     )
     return adapted, record
+
+
+def _target_images(
+    config: PipelineConfig, strategy: DomainAdaptationConfig, dataset_dir: Path, scratch: Path
+) -> np.ndarray:
+    """Unlabelled target images for AdaBN: an npz's image arrays, else the training split."""
+    if strategy.unlabelled_uri is None:
+        return load_images(dataset_dir, "train")[0]
+    from transferkit.data.images import read_unlabelled_npz
+
+    path = storage.fetch_file(strategy.unlabelled_uri, scratch / "unlabelled", config.storage)
+    return read_unlabelled_npz(path, strategy.unlabelled_uri)
 
 
 def train(
@@ -460,8 +518,10 @@ def train(
             ctx, adaptation = _adapted(config, strategy, ctx, Path(scratch))
             seed_everything(config.training.seed)
             fitted = _fit(config.with_strategy(strategy.then), strategy.then, ctx)
-            # The encoder itself moved during adaptation, whatever the next strategy trains.
-            fitted.trainable = max(fitted.trainable, ctx.info.parameters + ctx.head_parameters)
+            if ctx.info.modality == "text":
+                # MLM moved every encoder weight, whatever the next strategy trains (AdaBN
+                # only re-estimates statistics: no parameter is trained).
+                fitted.trainable = max(fitted.trainable, ctx.info.parameters + ctx.head_parameters)
             fitted.details = {
                 "adaptation": adaptation,
                 "then": strategy.then.name,
@@ -483,6 +543,8 @@ def train(
             backbone_fingerprint=info.fingerprint,
             data_fingerprint=storage.read_json(dataset_dir / "stats.json")["fingerprint"],
             environment=environment(config.training.seed),
+            task="image-classification" if info.image else "text-classification",
+            image=info.image,
         )
         if isinstance(strategy, ZeroShotConfig):
             labelled = 0
@@ -491,7 +553,7 @@ def train(
         elif ctx.rows is not None:
             labelled = len(ctx.rows)
         else:
-            labelled = len(load_split(dataset_dir, "train")[1])
+            labelled = len(load_labels(dataset_dir, "train"))
         result = TrainResult(
             strategy=strategy.name,
             labelled_examples=labelled,
@@ -510,7 +572,7 @@ def train(
             fitted.head,
             result.model_dump(),
             encoder=fitted.encoder,
-            encoder_dir=None if fitted.encoder else ctx.backbone_dir / "model",
+            encoder_dir=ctx.backbone_dir / "model",
         )
     log.info(
         "trained %s: validation %s %.4f (%s trainable parameters)",

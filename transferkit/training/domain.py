@@ -47,6 +47,7 @@ def read_unlabelled(strategy: DomainAdaptationConfig, storage_config: StorageCon
         DataError: the file is unreadable, empty, or lacks the text column.
     """
     uri = strategy.unlabelled_uri
+    assert uri is not None  # required for text by PipelineConfig validation
     with tempfile.TemporaryDirectory(prefix="transferkit-unlabelled-") as scratch:
         try:
             path = storage.fetch_file(uri, Path(scratch), storage_config)

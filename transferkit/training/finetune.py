@@ -1,9 +1,11 @@
-"""Full fine-tuning: backbone and head trained together.
+"""The training loop of every strategy that trains through the backbone, text or image.
 
-AdamW (no decay on biases and LayerNorm), linear warm-up then linear decay, gradient
-clipping, dynamic padding over length-grouped batches, bf16 autocast where the hardware has
-it, validation every epoch (or every N steps) with early stopping, and the best checkpoint
-restored at the end.
+AdamW (no decay on biases and normalisation weights), linear warm-up then linear decay,
+gradient clipping, bf16 autocast where the hardware has it, validation every epoch (or every N
+steps) with early stopping, and the best checkpoint restored at the end. What a batch is —
+padded token ids of length-grouped texts, or adapted and augmented images — comes from an
+``Inputs`` object (``transferkit.training.inputs``). BatchNorm layers whose parameters are
+frozen stay in eval mode, so a partially frozen CNN keeps its running statistics.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from transferkit.backbones.text import autocast, pad, run_batched, tokenize
+from transferkit.backbones.text import autocast
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
-from transferkit.metrics import score
-from transferkit.training.model import TextClassifier
+from transferkit.metrics import metric_of_logits
+from transferkit.training.inputs import Inputs, length_grouped_batches
+
+__all__ = ["apply_gradients", "finetune", "length_grouped_batches", "linear_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +43,6 @@ class FinetuneHistory(BaseModel):
     stopped_early: bool
     examples_per_second: float
     train_seconds: float
-
-
-def length_grouped_batches(
-    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 64
-) -> list[np.ndarray]:
-    """Shuffled batches of similar length (the Hugging Face ``group_by_length`` scheme).
-
-    Indices are shuffled, cut into groups of ``group`` batches, sorted by length within each
-    group and batched; the batch order is shuffled again. Padding shrinks while every epoch
-    still sees a different order.
-    """
-    order = rng.permutation(len(lengths))
-    chunk = batch_size * group
-    batches: list[np.ndarray] = []
-    for start in range(0, len(order), chunk):
-        part = order[start : start + chunk]
-        part = part[np.argsort(-lengths[part], kind="stable")]
-        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
-    rng.shuffle(batches)  # type: ignore[arg-type,unused-ignore]
-    return batches
 
 
 def _optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -94,16 +78,29 @@ def apply_gradients(
     scheduler.step()
 
 
+def keep_frozen_norms_in_eval(model: nn.Module) -> None:
+    """Put BatchNorm layers without trainable parameters back in eval mode.
+
+    ``model.train()`` would otherwise update their running statistics from training batches
+    although the layer is meant to be frozen.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+
+
 def finetune(
-    model: TextClassifier,
-    tokenizer: Any,
+    model: nn.Module,
     config: PipelineConfig,
-    train: tuple[list[str], np.ndarray],
-    validation: tuple[list[str], np.ndarray],
+    train: Inputs,
+    train_labels: np.ndarray,
+    validation: Inputs,
+    validation_labels: np.ndarray,
     labels: list[str],
     groups: list[dict[str, Any]],
     precision: str,
-    max_length: int,
 ) -> FinetuneHistory:
     """Fine-tune ``model`` in place; it holds the best validation checkpoint on return.
 
@@ -117,12 +114,9 @@ def finetune(
     metric = config.evaluation.primary_metric
     device = next(model.parameters()).device
     rng = np.random.default_rng(cfg.seed)
-    ids = tokenize(tokenizer, train[0], max_length)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    targets = torch.as_tensor(train[1], dtype=torch.long)
-    pad_id = tokenizer.pad_token_id or 0
+    targets = torch.as_tensor(train_labels, dtype=torch.long)
 
-    steps_per_epoch = math.ceil(len(ids) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     total = min(total, steps_per_epoch * cfg.epochs)
     eval_every = cfg.eval_every_steps or steps_per_epoch
@@ -134,17 +128,9 @@ def finetune(
     def validate() -> float:
         nonlocal validate_seconds
         t0 = time.perf_counter()
-        logits = run_batched(
-            model,
-            tokenizer,
-            validation[0],
-            max_length,
-            config.evaluation.batch_size,
-            precision,
-            "validate",
-        )
+        logits = validation.logits(model, config.evaluation.batch_size, precision)
         validate_seconds += time.perf_counter() - t0
-        return score(validation[1], logits.argmax(axis=1), labels).metric(metric)
+        return metric_of_logits(validation_labels, logits, labels, metric)
 
     started = time.perf_counter()
     best_value = validate()
@@ -159,10 +145,11 @@ def finetune(
     window_loss, window_count = 0.0, 0
     while step < total and not stopped_early:
         model.train()
-        for batch in length_grouped_batches(lengths, cfg.batch_size, rng):
-            input_ids, mask = pad([ids[i] for i in batch], pad_id)
+        keep_frozen_norms_in_eval(model)
+        for batch in train.epoch(cfg.batch_size, rng):
+            arguments = [tensor.to(device) for tensor in train.tensors(batch, rng)]
             with autocast(precision, device):
-                logits = model(input_ids.to(device), mask.to(device))
+                logits = model(*arguments)
             loss = nn.functional.cross_entropy(logits.float(), targets[batch].to(device))
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -187,6 +174,7 @@ def finetune(
             if step % eval_every == 0 or step == total:
                 value = validate()
                 model.train()
+                keep_frozen_norms_in_eval(model)
                 validations.append({"step": float(step), metric: value})
                 log.info("step %d: validation %s %.4f", step, metric, value)
                 if value > best_value:
@@ -205,7 +193,7 @@ def finetune(
     model.eval()
     return FinetuneHistory(
         steps=step,
-        epochs_run=round(seen / max(len(ids), 1), 3),
+        epochs_run=round(seen / max(len(train), 1), 3),
         best_step=best_step,
         best_validation_metric=best_value,
         validations=validations,

@@ -1,12 +1,13 @@
-"""The trained text classifier and its on-disk format.
+"""The trained classifier (text or image) and its on-disk format.
 
 Every strategy saves the same layout, so evaluation, registration and serving have one
 loader::
 
-    encoder/           Hugging Face folder: config.json (with id2label), model.safetensors,
-                       tokenizer files
+    encoder/           the backbone folder: config.json (with id2label), model.safetensors,
+                       tokenizer files (text) or the CIFAR ResNet / HF vision config (images)
     head.safetensors   linear head: weight [labels, hidden], bias [labels]
-    transferkit.json   pooling, normalisation, max length, labels, strategy, provenance
+    transferkit.json   task, labels, strategy, provenance; text: pooling, normalisation, max
+                       length; images: the input adaptation (size, channels, mean, std)
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ from pydantic import BaseModel
 from torch import nn
 
 from transferkit import storage
+from transferkit.backbones.fetch import ImageInput
 from transferkit.backbones.text import TextEncoder, load_text_encoder, run_batched
+from transferkit.backbones.vision import (
+    RESNET_CIFAR,
+    ImageEncoder,
+    load_image_encoder,
+    run_images,
+)
 from transferkit.errors import TransferkitError
+from transferkit.metrics import softmax
 
 MODEL_FORMAT = 1
 
@@ -42,6 +51,19 @@ class ModelCard(BaseModel):
     backbone_fingerprint: str
     data_fingerprint: str
     environment: dict[str, str] = {}
+    image: ImageInput | None = None
+
+
+class ImageClassifier(nn.Module):
+    """Vision encoder followed by a linear head: normalised pixels → class logits."""
+
+    def __init__(self, encoder: ImageEncoder, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.hidden_size, num_labels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(pixels).float())
 
 
 class TextClassifier(nn.Module):
@@ -74,17 +96,21 @@ def save_classifier(
     card: ModelCard,
     head: nn.Linear,
     report: dict[str, Any],
-    encoder: tuple[Any, TextEncoder] | None = None,
+    encoder: tuple[Any, TextEncoder | ImageEncoder] | None = None,
     encoder_dir: Path | None = None,
 ) -> None:
     """Write the model folder (atomically), with ``report`` as ``training.json``.
 
-    Give ``encoder`` (tokenizer, encoder) when its weights changed (fine-tuning); give
-    ``encoder_dir`` to reuse a frozen backbone's files unchanged (linked, not copied).
+    Give ``encoder`` (tokenizer or None, encoder) when its weights changed (fine-tuning);
+    ``encoder_dir`` (the backbone folder) is reused unchanged otherwise (linked, not copied),
+    and gives a fine-tuned CIFAR ResNet its config.
     """
     with storage.atomic_dir(output_dir) as tmp:
         target = tmp / "encoder"
-        if encoder is not None:
+        if encoder is not None and isinstance(encoder[1], ImageEncoder):
+            assert encoder_dir is not None
+            save_image_encoder(encoder[1], encoder_dir, target)
+        elif encoder is not None:
             tokenizer, module = encoder
             module.body.save_pretrained(target)  # type: ignore[operator]
             tokenizer.save_pretrained(target)
@@ -102,8 +128,34 @@ def save_classifier(
         storage.write_json(tmp / "training.json", report)
 
 
-def load_classifier(model_dir: Path) -> tuple[Any, TextClassifier, ModelCard]:
-    """Tokenizer, classifier (eval mode, CPU) and card of a saved model folder.
+def save_image_encoder(encoder: ImageEncoder, source_dir: Path, target: Path) -> None:
+    """A trained vision encoder as a backbone folder: the source's config files, new weights."""
+    from safetensors.torch import save_file
+
+    if encoder.kind != RESNET_CIFAR:
+        encoder.body.save_pretrained(target)  # type: ignore[operator]
+        for name in ("preprocessor_config.json",):
+            if (source_dir / name).exists():
+                storage.link_or_copy(source_dir / name, target / name)
+        return
+    target.mkdir(parents=True)
+    for path in source_dir.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors"):
+            storage.link_or_copy(path, target / path.name)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.body.state_dict().items()}
+    # num_batches_tracked is an integer buffer: keep its dtype.
+    state.update(
+        {
+            k: v.detach().cpu().contiguous()
+            for k, v in encoder.body.state_dict().items()
+            if not v.is_floating_point()
+        }
+    )
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_classifier(model_dir: Path) -> tuple[Any, TextClassifier | ImageClassifier, ModelCard]:
+    """Tokenizer (None for images), classifier (eval mode, CPU) and card of a model folder.
 
     Raises:
         TransferkitError: the folder is not a transferkit model of a known format.
@@ -119,24 +171,55 @@ def load_classifier(model_dir: Path) -> tuple[Any, TextClassifier, ModelCard]:
             f"{model_dir}: model format {card.format}, this transferkit reads {MODEL_FORMAT}; "
             "upgrade transferkit"
         )
-    tokenizer, encoder = load_text_encoder(model_dir / "encoder", card.pooling, card.normalize)
-    model = TextClassifier(encoder, len(card.labels))
+    model: TextClassifier | ImageClassifier
+    tokenizer = None
+    if card.image is not None:
+        model = ImageClassifier(load_image_encoder(model_dir / "encoder"), len(card.labels))
+    else:
+        tokenizer, encoder = load_text_encoder(model_dir / "encoder", card.pooling, card.normalize)
+        model = TextClassifier(encoder, len(card.labels))
     model.head.load_state_dict(load_file(str(model_dir / "head.safetensors")))
     return tokenizer, model.eval(), card
 
 
 def predict_proba(
-    model: TextClassifier,
+    model: TextClassifier | ImageClassifier,
     tokenizer: Any,
     card: ModelCard,
-    texts: list[str],
+    inputs: list[str] | np.ndarray,
     batch_size: int = 128,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Class probabilities [texts, labels] in input order."""
-    logits = run_batched(
-        model, tokenizer, texts, card.max_length, batch_size, precision, description="predict"
-    )
-    logits = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Class probabilities [inputs, labels] in input order.
+
+    ``inputs`` are texts for a text model, uint8 images [N, H, W, C] for an image model.
+    """
+    if card.image is not None:
+        logits = run_images(
+            model, as_image_batch(inputs), card.image, batch_size, precision, "predict"
+        )
+    else:
+        logits = run_batched(
+            model, tokenizer, list(inputs), card.max_length, batch_size, precision, "predict"
+        )
+    return softmax(logits)
+
+
+def as_image_batch(inputs: Any) -> np.ndarray:
+    """uint8 images [N, H, W, C] from an array [N, H, W] (grey) or [N, H, W, C].
+
+    Raises:
+        TransferkitError: anything else, naming the shape and the expected one.
+    """
+    array = np.asarray(inputs)
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise TransferkitError(
+            f"images of shape {array.shape}: expected [N, H, W] or [N, H, W, 1|3] uint8 pixels"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise TransferkitError("float images must hold pixels in [0, 1]; or pass uint8")
+        array = np.round(array * 255)
+    return array.astype(np.uint8, copy=False)

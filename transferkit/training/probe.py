@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from transferkit.metrics import score
+from transferkit.metrics import metric_of_logits
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def fit_probe(
     for l2 in sorted(l2_grid, reverse=True):
         head = _fit(x, y, len(labels), l2, max_iter)
         with torch.no_grad():
-            predicted = head(xv).argmax(dim=1).numpy()
-        value = score(val_y, predicted, labels).metric(primary_metric)
+            logits = head(xv).numpy()
+        value = metric_of_logits(val_y, logits, labels, primary_metric)
         grid[f"{l2:g}"] = value
         log.info("probe l2=%g: validation %s %.4f", l2, primary_metric, value)
         if best is None or value > best[1]:

@@ -26,7 +26,9 @@ from transferkit.config import (
     ScratchConfig,
 )
 from transferkit.errors import TrainingError
-from transferkit.training.model import TextClassifier
+from transferkit.training.model import ImageClassifier, TextClassifier
+
+Classifier = TextClassifier | ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ def encoder_blocks(body: nn.Module) -> nn.ModuleList:
     BERT keeps it at ``encoder.layer``, GPT-2 at ``h``, Llama at ``layers``; looking for the
     longest list finds each without a table of architectures.
     """
+    from transferkit.backbones.vision import ResNetCifar
+
+    if isinstance(body, ResNetCifar):  # its stages are Sequentials; the stem counts as input
+        return nn.ModuleList([*body.layer1, *body.layer2, *body.layer3])
     lists = [m for m in body.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise TrainingError(
@@ -77,7 +83,7 @@ def _groups(
 
 
 def freeze_lower_layers(
-    model: TextClassifier, strategy: PartialFinetuneConfig, lr: float, weight_decay: float
+    model: Classifier, strategy: PartialFinetuneConfig, lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
     """Freeze embeddings and lower blocks; groups for the top blocks with layer-wise decay."""
     body = model.encoder.body
@@ -144,7 +150,7 @@ def merge_lora(model: TextClassifier) -> None:
 
 
 def parameter_groups(
-    model: TextClassifier, strategy: TunedStrategy, config: PipelineConfig
+    model: Classifier, strategy: TunedStrategy, config: PipelineConfig
 ) -> list[dict[str, Any]]:
     """Prepare ``model`` for ``strategy`` (freeze, wrap) and return its optimiser groups."""
     lr = config.training.learning_rate
@@ -154,6 +160,7 @@ def parameter_groups(
     if isinstance(strategy, PartialFinetuneConfig):
         return freeze_lower_layers(model, strategy, lr, weight_decay) + head
     if isinstance(strategy, LoraConfig):
+        assert isinstance(model, TextClassifier)  # config validation keeps LoRA to text
         add_lora(model, strategy)
         return _groups(list(model.encoder.body.named_parameters()), lr, 0.0) + head
     return _groups(list(model.encoder.body.named_parameters()), lr, weight_decay) + head

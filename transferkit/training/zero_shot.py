@@ -85,6 +85,6 @@ def zero_shot_head(
     return head, matrix
 
 
-def predict_with_prototypes(features: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
-    """Class ids by highest cosine similarity."""
-    return (unit(features) @ prototypes.T).argmax(axis=1)
+def prototype_similarities(features: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row to every label prototype [rows, labels]."""
+    return unit(features) @ prototypes.T
