@@ -252,3 +252,18 @@ def test_predict_command_classifies_image_files_and_arrays(
     assert np.allclose([r["p_1"] for r in records], expected[:, 1], atol=1e-5)
     assert main(["predict", str(tmp_path / "m"), "a sentence"]) == 1
     assert "classifies images; pass images" in capsys.readouterr().err
+
+
+def test_auto_on_images_climbs_without_lora_and_keeps_the_cheapest_near_best(
+    breast_run: tuple, tmp_path: Path
+) -> None:
+    root, data, resnet20 = breast_run
+    config, result = run(root, tmp_path, data, resnet20, {"name": "auto", "margin": 0.5}, epochs=1)
+    assert config.strategy.ladder == ["linear_probe", "partial_finetune", "full_finetune"]
+    ladder = result.details["ladder"]
+    # A margin of 0.5 AUC: no rung can gain that much, so it stops after the second rung and
+    # keeps the first (the probe), which is within the margin of anything.
+    assert [rung["strategy"] for rung in ladder] == ["linear_probe", "partial_finetune"]
+    assert result.details["selected"] == "linear_probe"
+    assert result.trainable_parameters == 130
+    assert result.validation_metric == pytest.approx(ladder[0]["validation_roc_auc"])
