@@ -42,7 +42,7 @@ class ImageRows:
         return len(self.frame)
 
 
-def _as_images(array: np.ndarray, where: str) -> np.ndarray:
+def as_images(array: np.ndarray, where: str) -> np.ndarray:
     """[N, H, W] or [N, H, W, C] (C = 1 or 3) uint8; floats in [0, 1] are scaled to 0..255."""
     if array.ndim == 3:
         array = array[..., None]
@@ -120,7 +120,7 @@ def read_npz(path: Path, name: str) -> dict[str, ImageRows]:
         if labels_key not in keys:
             raise DataError(f"{name}: has {images_key} but no {labels_key}; add the labels")
         try:
-            images = _as_images(archive[images_key], where)
+            images = as_images(archive[images_key], where)
             labels = _as_labels(archive[labels_key], len(images), f"{name}[{labels_key}]")
         except ValueError as exc:  # object arrays need pickle, which is refused
             raise DataError(
@@ -260,7 +260,7 @@ def read_unlabelled_npz(path: Path, name: str) -> np.ndarray:
     try:
         archive = np.load(path, allow_pickle=False)
         keys = [k for k in archive.files if k == "images" or k.endswith("_images")]
-        arrays = [_as_images(archive[k], f"{name}[{k}]") for k in sorted(keys)]
+        arrays = [as_images(archive[k], f"{name}[{k}]") for k in sorted(keys)]
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise DataError(
             f"{name}: not a readable .npz archive ({' '.join(str(exc).split())[:80]})"

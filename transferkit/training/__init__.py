@@ -139,15 +139,14 @@ def _tunable_model(
 ) -> tuple[TextClassifier | ImageClassifier, Any]:
     """The classifier a training strategy starts from: pre-trained (or random) plus a head."""
     model: TextClassifier | ImageClassifier
-    tokenizer = None
+    scratch = isinstance(strategy, ScratchConfig)
     if info.modality == "image":
-        vision = load_image_encoder(model_dir, random_init=isinstance(strategy, ScratchConfig))
+        tokenizer = None
+        vision = load_image_encoder(model_dir, random_init=scratch)
         model = ImageClassifier(vision, len(labels)).to(target)
-    elif isinstance(strategy, ScratchConfig):
-        tokenizer, encoder = random_text_encoder(model_dir, info.pooling, info.normalize)
     else:
-        tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
-    if info.modality != "image":
+        load = random_text_encoder if scratch else load_text_encoder
+        tokenizer, encoder = load(model_dir, info.pooling, info.normalize)
         model = TextClassifier(encoder, len(labels)).to(target)
     if getattr(strategy, "head_init", "random") == "probe":
         head, fit = _probe(config, LinearProbeConfig(), dataset_dir, features_dir, labels, rows)

@@ -209,17 +209,8 @@ def as_image_batch(inputs: Any) -> np.ndarray:
     """uint8 images [N, H, W, C] from an array [N, H, W] (grey) or [N, H, W, C].
 
     Raises:
-        TransferkitError: anything else, naming the shape and the expected one.
+        DataError: anything else, naming the shape and the expected one.
     """
-    array = np.asarray(inputs)
-    if array.ndim == 3:
-        array = array[..., None]
-    if array.ndim != 4 or array.shape[-1] not in (1, 3):
-        raise TransferkitError(
-            f"images of shape {array.shape}: expected [N, H, W] or [N, H, W, 1|3] uint8 pixels"
-        )
-    if np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0 or array.max() > 1):
-            raise TransferkitError("float images must hold pixels in [0, 1]; or pass uint8")
-        array = np.round(array * 255)
-    return array.astype(np.uint8, copy=False)
+    from transferkit.data.images import as_images
+
+    return as_images(np.asarray(inputs), "images")
