@@ -258,13 +258,26 @@ class _TunedHead(_Model):
     )
 
 
-class FullFinetuneConfig(_TunedHead):
+class _LayerwiseHead(_TunedHead):
+    """Options of the strategies that train whole encoder blocks."""
+
+    layerwise_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Learning-rate factor per block going down from the top (1: no decay; "
+        "0.8: each trained block gets 0.8× the rate of the one above it, and the embeddings, "
+        "when trained, the factor once more below the lowest block; Howard & Ruder 2018).",
+    )
+
+
+class FullFinetuneConfig(_LayerwiseHead):
     """Train the backbone and the head together."""
 
     name: Literal["full_finetune"] = "full_finetune"
 
 
-class PartialFinetuneConfig(_TunedHead):
+class PartialFinetuneConfig(_LayerwiseHead):
     """Freeze the embeddings and the lower encoder layers; train the top layers and the head."""
 
     name: Literal["partial_finetune"] = "partial_finetune"
@@ -274,13 +287,6 @@ class PartialFinetuneConfig(_TunedHead):
         le=128,
         description="Encoder layers trained, counted from the top; the embeddings and the "
         "layers below stay frozen. 0 trains the head only (through the frozen encoder).",
-    )
-    layerwise_lr_decay: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Learning-rate factor per layer going down from the top (1: no decay; "
-        "0.8: each trained layer gets 0.8× the rate of the one above it).",
     )
 
 
@@ -520,6 +526,13 @@ class TrainingConfig(_Model):
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps if set.")
+    min_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Train at least this many steps, repeating epochs as needed: a small label "
+        "budget (16 examples per label is one batch) then gets as many updates as a large one. "
+        "Validation stays 'epochs' times per run unless eval_every_steps is set.",
+    )
     eval_every_steps: int | None = Field(
         None, gt=0, description="Validate every N steps; unset: at the end of every epoch."
     )
@@ -528,6 +541,15 @@ class TrainingConfig(_Model):
         ge=0,
         description="Stop after this many validations without improvement; 0 disables. The best "
         "checkpoint is kept either way.",
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights (e.g. 0.999) and "
+        "validate, select and save the averaged model instead of the last step's; the decay "
+        "ramps up as min(decay, (1 + step) / (10 + step)) so short runs average sensibly. "
+        "Unset: no averaging.",
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
     examples_per_class: int | None = Field(
@@ -545,6 +567,15 @@ class TrainingConfig(_Model):
         description="Image augmentation for the strategies that train through the backbone "
         "(ignored for text); null disables it.",
     )
+
+    @model_validator(mode="after")
+    def _step_bounds(self) -> TrainingConfig:
+        if self.min_steps and self.max_steps and self.min_steps > self.max_steps:
+            raise ValueError(
+                f"min_steps ({self.min_steps}) exceeds max_steps ({self.max_steps}); lower "
+                "min_steps or raise max_steps"
+            )
+        return self
 
 
 class EvaluationConfig(_Model):
@@ -975,8 +1006,11 @@ def format_errors(error: ValidationError, source: str) -> list[str]:
         got = "" if kind in ("missing", "value_error") else f" (got {item.get('input')!r})"
         hint = ""
         parent = _parent_model(loc)
-        if loc and parent is not None and str(loc[-1]) in parent.model_fields:
-            description = parent.model_fields[str(loc[-1])].description
+        key = str(loc[-1]) if loc else ""
+        if parent is not None and key in parent.model_fields:
+            # A check across a whole section's keys names them itself: no description then.
+            section = kind == "value_error" and _submodel(parent, key) is not None
+            description = None if section else parent.model_fields[key].description
             if description:
                 hint = f" — {description}"
         if kind == "missing":

@@ -138,6 +138,72 @@ def test_partial_finetune_layerwise_decay_and_frozen_pooler(tiny_backbone: Path)
     }
 
 
+def test_full_finetune_layerwise_decay_reaches_the_embeddings(tiny_backbone: Path) -> None:
+    from transferkit.backbones.text import load_text_encoder
+
+    _, encoder = load_text_encoder(tiny_backbone, "mean", False)
+    model = TextClassifier(encoder, 2)
+    config = PipelineConfig.model_validate(
+        {
+            "data": {"train_uri": "t.tsv", "test_uri": "d.tsv"},
+            "strategy": {"name": "full_finetune", "layerwise_lr_decay": 0.5},
+            "training": {"learning_rate": 1e-3},
+        }
+    )
+    trainable_before = {n for n, p in model.encoder.body.named_parameters() if p.requires_grad}
+    groups = parameter_groups(model, config.strategy, config)  # type: ignore[arg-type]
+    rate_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.encoder.body.named_parameters())
+    # Every parameter that trained before still trains, each in exactly one group.
+    assert sum(len(g["params"]) for g in groups) == len(rate_of)
+    assert {n for n in trainable_before if id(named[n]) in rate_of} == trainable_before
+    blocks = encoder_blocks(model.encoder.body)
+    assert {rate_of[id(p)] for p in blocks[1].parameters()} == {1e-3}
+    assert {rate_of[id(p)] for p in blocks[0].parameters()} == {5e-4}
+    embeddings = [p for n, p in named.items() if n.startswith("embeddings.")]
+    assert {rate_of[id(p)] for p in embeddings} == {2.5e-4}  # one more step below block 0
+    assert groups[-1]["lr"] == pytest.approx(1e-2)  # head
+
+
+def test_weight_average_follows_the_ramped_decay() -> None:
+    from transferkit.training.finetune import WeightAverage
+
+    model = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(model, 0.9)
+    expected = model.weight.detach().clone()
+    for step, value in enumerate([3.0, -1.0, 5.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        model.num_batches_tracked.fill_(step + 7)
+        average.update(model, step)
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * value
+        assert torch.allclose(average.state["weight"], expected)
+        assert average.state["num_batches_tracked"].item() == step + 7  # copied, not averaged
+    live = average.swapped_in(model)
+    assert torch.allclose(model.weight, expected)
+    assert torch.equal(live["weight"], torch.full((2,), 5.0))
+
+
+def test_ema_selects_and_saves_the_averaged_weights(tiny_run: tuple) -> None:
+    strategy = {"name": "full_finetune", "head_init": "random"}
+    _, plain, plain_weights = run(tiny_run, strategy, "no-ema", epochs=2)
+    # A vanishing decay makes the average the live weights: the same run, step for step.
+    _, same, same_weights = run(tiny_run, strategy, "ema-0", epochs=2, ema_decay=1e-12)
+    assert all(torch.equal(plain_weights[k], same_weights[k]) for k in plain_weights)
+    assert same.details["validations"] == plain.details["validations"]
+    _, averaged, averaged_weights = run(tiny_run, strategy, "ema-09", epochs=2, ema_decay=0.9)
+    assert changed(plain_weights, averaged_weights)
+    assert averaged.details["steps"] == plain.details["steps"]
+    # The average lags the trajectory: it stays nearer the pre-trained weights.
+    initial = backbone_weights(tiny_run)
+
+    def moved(weights: dict[str, torch.Tensor]) -> float:
+        return sum(float((weights[k] - initial[k]).float().norm()) for k in initial)
+
+    assert moved(averaged_weights) < moved(plain_weights)
+
+
 def test_lora_trains_only_adapters_and_merges_into_query_and_value(tiny_backbone: Path) -> None:
     from transferkit.training.strategies import merge_lora
 

@@ -267,3 +267,29 @@ def test_auto_on_images_climbs_without_lora_and_keeps_the_cheapest_near_best(
     assert result.details["selected"] == "linear_probe"
     assert result.trainable_parameters == 130
     assert result.validation_metric == pytest.approx(ladder[0]["validation_roc_auc"])
+
+
+def test_min_steps_stretches_a_small_label_budget_and_spreads_validation(
+    breast_run: tuple, tmp_path: Path
+) -> None:
+    root, data, resnet20 = breast_run
+    # 8 images per label is one batch of 64: two epochs would be two updates.
+    _, short = run(root, tmp_path, data, resnet20, {"name": "full_finetune"}, examples_per_class=8)
+    assert short.labelled_examples == 16
+    assert short.details["steps"] == 2
+    longer = tmp_path / "longer"
+    longer.mkdir()
+    _, result = run(
+        root,
+        longer,
+        data,
+        resnet20,
+        {"name": "full_finetune"},
+        examples_per_class=8,
+        min_steps=12,
+        early_stopping_patience=0,
+    )
+    assert result.details["steps"] == 12
+    assert result.details["epochs_run"] == 12.0
+    # Validation still runs 'epochs' (2) times, not once per one-batch epoch.
+    assert [v["step"] for v in result.details["validations"]] == [0.0, 6.0, 12.0]

@@ -2,8 +2,9 @@
 
 AdamW (no decay on biases and normalisation weights), linear warm-up then linear decay,
 gradient clipping, bf16 autocast where the hardware has it, validation every epoch (or every N
-steps) with early stopping, and the best checkpoint restored at the end. What a batch is —
-padded token ids of length-grouped texts, or adapted and augmented images — comes from an
+steps) with early stopping, and the best checkpoint restored at the end; optionally an
+exponential moving average of the weights is what gets validated, selected and kept. What a
+batch is — padded token ids of length-grouped texts, or adapted and augmented images — comes from an
 ``Inputs`` object (``transferkit.training.inputs``). BatchNorm layers whose parameters are
 frozen stay in eval mode, so a partially frozen CNN keeps its running statistics.
 """
@@ -91,6 +92,36 @@ def keep_frozen_norms_in_eval(model: nn.Module) -> None:
             module.eval()
 
 
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state (weights and BN buffers).
+
+    The decay ramps up with the step, min(decay, (1 + step) / (10 + step)), as timm's ModelEma
+    and TensorFlow's ExponentialMovingAverage do, so early averages are not dominated by the
+    initial weights. Integer buffers (BatchNorm's batch counter) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        floats_avg, floats_new = [], []
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                floats_avg.append(self.state[key])
+                floats_new.append(value.detach())
+            else:
+                self.state[key].copy_(value)
+        torch._foreach_lerp_(floats_avg, floats_new, 1.0 - decay)
+
+    def swapped_in(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Load the average into ``model``; returns the live state to restore afterwards."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        return live
+
+
 def finetune(
     model: nn.Module,
     config: PipelineConfig,
@@ -117,24 +148,39 @@ def finetune(
     targets = torch.as_tensor(train_labels, dtype=torch.long)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    total = min(total, steps_per_epoch * cfg.epochs)
-    eval_every = cfg.eval_every_steps or steps_per_epoch
+    total = steps_per_epoch * cfg.epochs
+    if cfg.min_steps and cfg.min_steps > total:
+        total = cfg.min_steps
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    # Unset, validation runs once per epoch, or 'epochs' times in all when min_steps stretched
+    # the run.
+    eval_every = cfg.eval_every_steps or max(steps_per_epoch, total // cfg.epochs)
     optimizer = _optimizer(groups)
     scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
 
     validate_seconds = 0.0
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
 
     def validate() -> float:
+        """The metric of the model being selected (the average, when there is one)."""
         nonlocal validate_seconds
         t0 = time.perf_counter()
+        live = average.swapped_in(model) if average else None
         logits = validation.logits(model, config.evaluation.batch_size, precision)
+        if live is not None:
+            model.load_state_dict(live)
         validate_seconds += time.perf_counter() - t0
         return metric_of_logits(validation_labels, logits, labels, metric)
 
+    def selected_state() -> dict[str, torch.Tensor]:
+        if average:
+            return {k: v.clone() for k, v in average.state.items()}
+        return copy.deepcopy(model.state_dict())
+
     started = time.perf_counter()
     best_value = validate()
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = selected_state()
     best_step = 0
     validations = [{"step": 0.0, metric: best_value}]
     log.info("step 0: validation %s %.4f (starting point)", metric, best_value)
@@ -157,6 +203,8 @@ def finetune(
                     "or use training.precision: fp32"
                 )
             apply_gradients(loss, optimizer, scheduler, model.parameters(), cfg.max_grad_norm)
+            if average:
+                average.update(model, step)
             step += 1
             seen += len(batch)
             window_loss += loss.item()
@@ -179,7 +227,7 @@ def finetune(
                 log.info("step %d: validation %s %.4f", step, metric, value)
                 if value > best_value:
                     best_value, best_step, stale = value, step, 0
-                    best_state = copy.deepcopy(model.state_dict())
+                    best_state = selected_state()
                 else:
                     stale += 1
                     if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:

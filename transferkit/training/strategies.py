@@ -3,7 +3,7 @@
 Every strategy that trains through the backbone uses the same loop
 (``transferkit.training.finetune``); they differ only in which parameters move:
 
-- ``full_finetune``: all of them;
+- ``full_finetune``: all of them, with optional layer-wise learning-rate decay;
 - ``partial_finetune``: the top N encoder blocks (and what follows them) plus the head, with
   optional layer-wise learning-rate decay; the embeddings and lower blocks are frozen;
 - ``lora``: low-rank adapters on the chosen linear layers plus the head (PEFT), merged into
@@ -82,20 +82,34 @@ def _groups(
     ]
 
 
-def freeze_lower_layers(
-    model: Classifier, strategy: PartialFinetuneConfig, lr: float, weight_decay: float
+def block_groups(
+    model: Classifier,
+    strategy: FullFinetuneConfig | PartialFinetuneConfig,
+    lr: float,
+    weight_decay: float,
 ) -> list[dict[str, Any]]:
-    """Freeze embeddings and lower blocks; groups for the top blocks with layer-wise decay."""
+    """Optimiser groups block by block, with layer-wise learning-rate decay.
+
+    ``partial_finetune`` freezes the embeddings and all but the top ``train_top_layers``
+    blocks; ``full_finetune`` trains everything, the embeddings one decay step below the lowest
+    block. What follows the blocks (final norms) trains at the full rate.
+    """
     body = model.encoder.body
     blocks = encoder_blocks(body)
-    keep = min(strategy.train_top_layers, len(blocks))
+    full = isinstance(strategy, FullFinetuneConfig)
+    keep = (
+        min(strategy.train_top_layers, len(blocks))
+        if isinstance(strategy, PartialFinetuneConfig)
+        else len(blocks)
+    )
+    decay = strategy.layerwise_lr_decay
     block_of: dict[int, int] = {}
     for index, block in enumerate(blocks):
         for parameter in block.parameters():
             block_of[id(parameter)] = index
     first_trained = len(blocks) - keep
     seen_blocks = False
-    groups: list[dict[str, Any]] = []
+    before: list[tuple[str, nn.Parameter]] = []
     after: list[tuple[str, nn.Parameter]] = []
     per_block: dict[int, list[tuple[str, nn.Parameter]]] = {}
     for name, parameter in body.named_parameters():
@@ -106,17 +120,34 @@ def freeze_lower_layers(
             parameter.requires_grad = parameter.requires_grad and index >= first_trained
             if parameter.requires_grad:
                 per_block.setdefault(index, []).append((name, parameter))
+            continue
+        # Registration order: embeddings come before the blocks, final norms after them.
+        # (parameters frozen already, like an unused pooler, stay frozen)
+        if not seen_blocks:
+            parameter.requires_grad = parameter.requires_grad and full
+            if parameter.requires_grad:
+                before.append((name, parameter))
         else:
-            # Registration order: embeddings come before the blocks, final norms after them.
-            # (parameters frozen already, like an unused pooler, stay frozen)
-            parameter.requires_grad = parameter.requires_grad and seen_blocks and keep > 0
+            parameter.requires_grad = parameter.requires_grad and keep > 0
             if parameter.requires_grad:
                 after.append((name, parameter))
-    groups += _groups(after, lr, weight_decay)
+    groups = _groups(after, lr, weight_decay)
     for index, named in per_block.items():
         depth = len(blocks) - 1 - index  # 0 for the top block
-        groups += _groups(named, lr * strategy.layerwise_lr_decay**depth, weight_decay)
-    log.info("partial fine-tuning: top %d of %d blocks trained, the rest frozen", keep, len(blocks))
+        groups += _groups(named, lr * decay**depth, weight_decay)
+    groups += _groups(before, lr * decay ** len(blocks), weight_decay)
+    if full:
+        log.info(
+            "full fine-tuning, layer-wise learning-rate decay %.3g over %d blocks (embeddings "
+            "at %.3g× the top rate)",
+            decay,
+            len(blocks),
+            decay ** len(blocks),
+        )
+    else:
+        log.info(
+            "partial fine-tuning: top %d of %d blocks trained, the rest frozen", keep, len(blocks)
+        )
     return groups
 
 
@@ -158,7 +189,9 @@ def parameter_groups(
     head_lr = lr * getattr(strategy, "head_lr_multiplier", 1.0)
     head = [{"params": list(model.head.parameters()), "weight_decay": 0.0, "lr": head_lr}]
     if isinstance(strategy, PartialFinetuneConfig):
-        return freeze_lower_layers(model, strategy, lr, weight_decay) + head
+        return block_groups(model, strategy, lr, weight_decay) + head
+    if isinstance(strategy, FullFinetuneConfig) and strategy.layerwise_lr_decay < 1:
+        return block_groups(model, strategy, lr, weight_decay) + head
     if isinstance(strategy, LoraConfig):
         assert isinstance(model, TextClassifier)  # config validation keeps LoRA to text
         add_lora(model, strategy)
