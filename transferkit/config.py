@@ -311,10 +311,36 @@ class ScratchConfig(_Model):
     name: Literal["scratch"] = "scratch"
 
 
-class FewShotConfig(_Model):
+class _Prompted(_Model):
+    """Label descriptions put into prompt templates (zero-shot prototypes, few-shot examples)."""
+
+    templates: list[str]
+    label_texts: dict[str, list[str]] | None = Field(
+        None,
+        description="Texts describing each label, keyed by display name (or raw value); "
+        "unset: the label's display name itself.",
+    )
+
+    @field_validator("templates", check_fields=False)
+    @classmethod
+    def _one_slot(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} needs exactly one '{{}}' slot")
+        return value
+
+
+class FewShotConfig(_Prompted):
     """SetFit: contrastive tuning of the sentence encoder on pairs of k examples per label."""
 
     name: Literal["few_shot"] = "few_shot"
+    templates: list[str] = Field(
+        default_factory=list,
+        description="SetFit's templated examples: each template (one '{}' slot) filled with "
+        "each description of a label (label_texts) is added to that label's k examples, for "
+        "the pair tuning and the head alike, so the label's meaning in words anchors the few "
+        "labelled examples. Empty: the k examples only.",
+    )
     examples_per_class: int = Field(
         16,
         ge=1,
@@ -339,7 +365,7 @@ class FewShotConfig(_Model):
     )
 
 
-class ZeroShotConfig(_Model):
+class ZeroShotConfig(_Prompted):
     """No training: classify by cosine similarity to embedded label descriptions."""
 
     name: Literal["zero_shot"] = "zero_shot"
@@ -349,22 +375,9 @@ class ZeroShotConfig(_Model):
         description="Prompt templates with one '{}' for the label text; the embeddings of all "
         "templates are averaged per label.",
     )
-    label_texts: dict[str, list[str]] | None = Field(
-        None,
-        description="Texts describing each label, keyed by display name (or raw value); "
-        "unset: the label's display name itself.",
-    )
     scale: float = Field(
         20.0, gt=0, le=1000, description="Logit scale applied to cosine similarities."
     )
-
-    @field_validator("templates")
-    @classmethod
-    def _one_slot(cls, value: list[str]) -> list[str]:
-        for template in value:
-            if template.count("{}") != 1:
-                raise ValueError(f"template {template!r} needs exactly one '{{}}' slot")
-        return value
 
 
 TunedStrategyConfig = Annotated[

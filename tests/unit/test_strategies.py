@@ -389,3 +389,30 @@ def test_few_shot_tunes_the_encoder_on_k_examples(minilm_small: tuple) -> None:
     assert any(not torch.equal(original[k], tuned[k]) for k in shared)
     again = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fs2")
     assert again.details["examples"] == details["examples"]
+
+
+def test_few_shot_adds_templated_label_examples(minilm_small: tuple) -> None:
+    tmp, data = minilm_small
+    strategy = {
+        "name": "few_shot",
+        "examples_per_class": 4,
+        "pair_iterations": 2,
+        "templates": ["a {} movie.", "this film is {}."],
+        "label_texts": {"negative": ["bad"], "positive": ["good", "great"]},
+    }
+    config = make_config(tmp, data, strategy=strategy)
+    result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fst")
+    details = result.details
+    assert details["templated_examples"] == [
+        "a bad movie.",
+        "this film is bad.",
+        "a good movie.",
+        "a great movie.",
+        "this film is good.",
+        "this film is great.",
+    ]
+    # 8 sampled + 6 templated examples, each paired once positive and once negative per round.
+    assert details["tuning"]["pairs"] == 2 * 2 * 14
+    assert len(details["examples"]) == 8  # the sampled rows alone are recorded as rows
+    with pytest.raises(ValueError, match=r"template 'no slot' needs exactly one '\{\}' slot"):
+        make_config(tmp, data, strategy={**strategy, "templates": ["no slot"]})

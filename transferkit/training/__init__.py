@@ -161,16 +161,21 @@ def _few_shot(
     model_dir: Path,
     info: BackboneInfo,
     dataset_dir: Path,
-    labels: list[str],
+    label_map: LabelMap,
     precision: str,
     rows: np.ndarray | None,
 ) -> tuple[Any, TextEncoder, nn.Linear, float, dict[str, Any]]:
     """SetFit on k examples per label: contrastive encoder tuning, then a head on them."""
+    labels = label_map.names
     texts, truth = load_split(dataset_dir, "train")
     pool = np.arange(len(truth)) if rows is None else rows
     k = strategy.examples_per_class
     chosen = pool[sample_per_class(truth[pool], k, config.training.seed, labels)]
     shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
+    templated = label_prompts(strategy, labels, label_map.values) if strategy.templates else []
+    for label, prompts in enumerate(templated):
+        shots += prompts
+        shot_labels = np.concatenate([shot_labels, np.full(len(prompts), label)])
     tokenizer, encoder = load_text_encoder(model_dir, info.pooling, info.normalize)
     encoder.to(device())
     pairs = make_pairs(
@@ -195,14 +200,20 @@ def _few_shot(
         standardize=False,
     )
     log.info(
-        "few-shot: %d examples, %d pairs, loss %.3f → %.3f, validation %.4f",
+        "few-shot: %d examples + %d templated, %d pairs, loss %.3f → %.3f, validation %.4f",
         len(chosen),
+        len(shots) - len(chosen),
         len(pairs),
         tuning["first_loss"],
         tuning["last_loss"],
         fit.validation_metric,
     )
-    details = {"examples": chosen.tolist(), "tuning": tuning, "head": fit.model_dump()}
+    details = {
+        "examples": chosen.tolist(),
+        "templated_examples": shots[len(chosen) :],
+        "tuning": tuning,
+        "head": fit.model_dump(),
+    }
     return tokenizer, encoder, head, fit.validation_metric, details
 
 
@@ -325,7 +336,7 @@ def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
             model_dir,
             ctx.info,
             ctx.dataset_dir,
-            ctx.labels,
+            ctx.label_map,
             ctx.precision,
             ctx.rows,
         )

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from transferkit.backbones.text import TextEncoder, run_batched
-from transferkit.config import ZeroShotConfig
+from transferkit.config import FewShotConfig, ZeroShotConfig
 from transferkit.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
 
 def label_prompts(
-    strategy: ZeroShotConfig,
+    strategy: ZeroShotConfig | FewShotConfig,
     names: list[str],
     values: list[str],
 ) -> list[list[str]]:
