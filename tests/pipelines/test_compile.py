@@ -167,3 +167,30 @@ def test_compile_with_a_sweep_config_bakes_its_parallelism(tmp_path: Path) -> No
         spec.root.input_definitions.parameters["config"].default_value
     )
     assert default["sweep"]["parallelism"] == 4
+
+
+@pytest.mark.parametrize(
+    "example",
+    sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+)
+def test_every_example_compiles_to_a_strict_spec_with_its_config_baked_in(
+    tmp_path: Path, example: str
+) -> None:
+    from transferkit.cli import main
+    from transferkit.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "pipeline.yaml"
+    assert main(["compile", str(root / "examples" / example), "--output", str(out)]) == 0
+    spec, _ = parse(out)  # strict: unknown fields in the spec or platform config fail here
+    config = load_config(root / "examples" / example)
+    loops = [name for name in spec.root.dag.tasks if name.startswith("for-loop")]
+    assert len(loops) == (1 if config.sweep else 0)
+    default = json_format.MessageToDict(
+        spec.root.input_definitions.parameters["config"].default_value
+    )
+    assert default["strategy"]["name"] == config.strategy.name
+    if config.sweep:
+        assert len(default["sweep"]["branches"]) == len(config.sweep.branches)
+    if config.data.modality == "image":
+        assert default["backbone"]["image"] == config.backbone.image.model_dump(mode="json")
