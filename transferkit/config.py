@@ -555,6 +555,14 @@ class TrainingConfig(_Model):
         description="Stop after this many validations without improvement; 0 disables. The best "
         "checkpoint is kept either way.",
     )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Cross-entropy label smoothing of the strategies that train through the "
+        "backbone (Szegedy et al. 2016): the target puts this much probability mass uniformly "
+        "over all labels. 0: none.",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0,

@@ -17,7 +17,7 @@ from transferkit.errors import ConfigError, TrainingError
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features, load_features
 from transferkit.training import train
-from transferkit.training.model import TextClassifier, load_classifier
+from transferkit.training.model import TextClassifier, load_classifier, predict_proba
 from transferkit.training.strategies import encoder_blocks, parameter_groups
 from transferkit.training.zero_shot import label_prompts, unit
 
@@ -202,6 +202,20 @@ def test_ema_selects_and_saves_the_averaged_weights(tiny_run: tuple) -> None:
         return sum(float((weights[k] - initial[k]).float().norm()) for k in initial)
 
     assert moved(averaged_weights) < moved(plain_weights)
+
+
+def test_label_smoothing_keeps_the_trained_model_less_confident(tiny_run: tuple) -> None:
+    strategy = {"name": "full_finetune", "head_init": "random"}
+    texts, _ = load_split(tiny_run[0] / "dataset", "train")
+
+    def confidence(name: str, smoothing: float) -> float:
+        run(tiny_run, strategy, name, epochs=3, learning_rate=3e-3, label_smoothing=smoothing)
+        tokenizer, model, card = load_classifier(tiny_run[0] / name)
+        return float(predict_proba(model, tokenizer, card, texts[:64]).max(axis=1).mean())
+
+    sharp, smooth = confidence("sharp", 0.0), confidence("smooth", 0.9)
+    # Smoothing 0.9 over 2 labels makes the best target 0.55: the model learns to stay near it.
+    assert smooth < 0.6 < sharp
 
 
 def test_lora_trains_only_adapters_and_merges_into_query_and_value(tiny_backbone: Path) -> None:

@@ -196,7 +196,9 @@ def finetune(
             arguments = [tensor.to(device) for tensor in train.tensors(batch, rng)]
             with autocast(precision, device):
                 logits = model(*arguments)
-            loss = nn.functional.cross_entropy(logits.float(), targets[batch].to(device))
+            loss = nn.functional.cross_entropy(
+                logits.float(), targets[batch].to(device), label_smoothing=cfg.label_smoothing
+            )
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at step {step}; lower training.learning_rate "
