@@ -7,7 +7,7 @@ from transferkit.components.fetch_backbone import fetch_backbone
 from transferkit.components.ingest_data import ingest_data
 from transferkit.components.plan_sweep import plan_sweep
 from transferkit.components.register_model import register_model
-from transferkit.components.train import train
+from transferkit.components.train import train, train_cuda
 
 __all__ = [
     "compare_strategies",
@@ -18,4 +18,5 @@ __all__ = [
     "plan_sweep",
     "register_model",
     "train",
+    "train_cuda",
 ]

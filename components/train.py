@@ -2,10 +2,9 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
-from transferkit.components.images import CPU_IMAGE
+from transferkit.components.images import CPU_IMAGE, CUDA_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def train(
     config: dict,
     dataset: Input[Dataset],
@@ -44,3 +43,9 @@ def train(
             "trainable_parameters": result.trainable_parameters,
         }
     )
+
+
+# The same step in the CUDA image, for a training pod on an accelerator node pool
+# (resources.train.accelerator); the pipelines pick one of the two when they are built.
+train_cuda = dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)(train)
+train = dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)(train)

@@ -15,23 +15,23 @@ and registers the selected model.
 from typing import Any
 
 from kfp import dsl
-from transferkit.components import (
-    compare_strategies,
-    evaluate,
-    plan_sweep,
-    train,
-)
-from transferkit.pipelines.wiring import prepare, register, step
+from transferkit.components import compare_strategies, plan_sweep
+from transferkit.pipelines.wiring import Cluster, prepare, register, step, train_and_evaluate
+
+from transferkit.config import PipelineConfig
 
 SWEEP_PIPELINE_NAME = "transferkit-strategy-sweep"
 
 
-def build(parallelism: int = 1) -> Any:
-    """The sweep pipeline with at most ``parallelism`` branches running at once.
+def build(config: PipelineConfig | None = None) -> Any:
+    """The sweep pipeline with the sweep's parallelism and the pods' settings of ``config``.
 
-    KFP fixes a ParallelFor's parallelism when the pipeline compiles, so it is a build
-    argument (``sweep.parallelism``, applied by ``transferkit compile``), not a run parameter.
+    KFP fixes a ParallelFor's parallelism and the Kubernetes settings when the pipeline
+    compiles, so they are build arguments (``sweep.parallelism``, ``resources``,
+    ``kubernetes``, applied by ``transferkit compile``), not run parameters.
     """
+    parallelism = config.sweep.parallelism if config and config.sweep else 1
+    cluster = Cluster(config.resources, config.kubernetes) if config else Cluster()
 
     @dsl.pipeline(
         name=SWEEP_PIPELINE_NAME,
@@ -49,19 +49,10 @@ def build(parallelism: int = 1) -> Any:
         data_stamp: content stamp of the data sources (keys the ingest cache).
         backbone_stamp: content stamp of the backbone source (keys the fetch cache).
         """
-        dataset, backbone, features = prepare(config, data_stamp, backbone_stamp)
-        planned = step(plan_sweep(config=config), "plan_sweep", cache=True)
+        dataset, backbone, features = prepare(config, data_stamp, backbone_stamp, cluster)
+        planned = step(plan_sweep(config=config), "plan_sweep", cache=True, cluster=cluster)
         with dsl.ParallelFor(planned.output, parallelism=parallelism) as branch_config:
-            fit = step(
-                train(config=branch_config, dataset=dataset, backbone=backbone, features=features),
-                "train",
-                cache=True,
-            )
-            scored = step(
-                evaluate(config=branch_config, dataset=dataset, model=fit.outputs["model"]),
-                "evaluate",
-                cache=True,
-            )
+            fit, scored = train_and_evaluate(branch_config, dataset, backbone, features, cluster)
         compared = step(
             compare_strategies(
                 config=config,
@@ -70,6 +61,7 @@ def build(parallelism: int = 1) -> Any:
             ),
             "compare_strategies",
             cache=True,
+            cluster=cluster,
         )
         return register(
             compared.outputs["Output"],
@@ -77,6 +69,7 @@ def build(parallelism: int = 1) -> Any:
             backbone,
             compared.outputs["model"],
             compared.outputs["evaluation"],
+            cluster,
         )
 
     return strategy_sweep

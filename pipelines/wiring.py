@@ -1,18 +1,92 @@
-"""Wiring shared by the pipelines: per-step options and the common ingest → extract prefix."""
+"""Wiring shared by the pipelines: per-step options and the common ingest → extract prefix.
+
+Everything a cluster reads about a step — caching, retries, pod labels, resources, placement
+and the Secrets its credentials come from — is set here, from the configuration the pipeline
+is built with (``transferkit compile CONFIG``); the local runner ignores the Kubernetes parts.
+"""
 
 from typing import Any
 
 from kfp import dsl, kubernetes
-from transferkit.components import extract_features, fetch_backbone, ingest_data, register_model
+from transferkit.components import (
+    evaluate,
+    extract_features,
+    fetch_backbone,
+    ingest_data,
+    register_model,
+    train,
+    train_cuda,
+)
+
+from transferkit.config import KubernetesConfig, ResourcesConfig, StepResources
+
+# Steps that read or write object storage: the data, the backbone, unlabelled text for domain
+# adaptation, and model artifacts that MLflow stores in S3.
+S3_STEPS = frozenset({"ingest_data", "fetch_backbone", "train", "register_model"})
+MLFLOW_STEPS = frozenset({"register_model"})
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN",)
+MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+class Cluster:
+    """The compile-time settings of the pods: resources per step and credential Secrets."""
+
+    def __init__(
+        self, resources: ResourcesConfig | None = None, secrets: KubernetesConfig | None = None
+    ) -> None:
+        self.resources = resources or ResourcesConfig()
+        self.secrets = secrets or KubernetesConfig()
+
+    def train_component(self) -> Any:
+        """The training component: the CUDA image when training asks for accelerators."""
+        return train_cuda if self.resources.train.accelerator else train
+
+    def apply(self, task: dsl.PipelineTask, name: str) -> None:
+        spec: StepResources = getattr(self.resources, name)
+        if spec.cpu_request:
+            task.set_cpu_request(spec.cpu_request)
+        if spec.cpu_limit:
+            task.set_cpu_limit(spec.cpu_limit)
+        if spec.memory_request:
+            task.set_memory_request(spec.memory_request)
+        if spec.memory_limit:
+            task.set_memory_limit(spec.memory_limit)
+        if spec.accelerator:
+            task.set_accelerator_type(spec.accelerator.type)
+            task.set_accelerator_limit(spec.accelerator.count)
+        for key, value in spec.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for toleration in spec.tolerations:
+            kubernetes.add_toleration(
+                task,
+                key=toleration.key,
+                operator=toleration.operator,
+                value=toleration.value,
+                effect=toleration.effect,
+                toleration_seconds=toleration.toleration_seconds,
+            )
+        # Secret keys become environment variables of the pod; only the Secret's name is
+        # in the YAML. Optional keys may be absent from the Secret.
+        if self.secrets.s3_secret and name in S3_STEPS:
+            kubernetes.use_secret_as_env(task, self.secrets.s3_secret, {k: k for k in S3_KEYS})
+            kubernetes.use_secret_as_env(
+                task, self.secrets.s3_secret, {k: k for k in S3_OPTIONAL_KEYS}, optional=True
+            )
+        if self.secrets.mlflow_secret and name in MLFLOW_STEPS:
+            kubernetes.use_secret_as_env(
+                task, self.secrets.mlflow_secret, {k: k for k in MLFLOW_KEYS}, optional=True
+            )
 
 
 def step(
     task: dsl.PipelineTask,
     name: str,
     cache: bool,
+    cluster: Cluster,
     io_retries: bool = False,
 ) -> dsl.PipelineTask:
-    """Caching, retries and pod labels of one step.
+    """Caching, retries, pod labels, resources, placement and credentials of one step.
 
     Steps that talk to object storage or MLflow retry transient failures with backoff; pod
     labels let cluster tooling (cost reports, policies, log search) find transferkit pods.
@@ -24,10 +98,13 @@ def step(
         )
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "transferkit")
     kubernetes.add_pod_label(task, "transferkit.dev/step", name)
+    cluster.apply(task, name)
     return task
 
 
-def prepare(config: dict, data_stamp: str, backbone_stamp: str) -> tuple[Any, Any, Any]:
+def prepare(
+    config: dict, data_stamp: str, backbone_stamp: str, cluster: Cluster
+) -> tuple[Any, Any, Any]:
     """ingest_data, fetch_backbone (which may rank candidate backbones on the data), then
     extract_features.
 
@@ -38,6 +115,7 @@ def prepare(config: dict, data_stamp: str, backbone_stamp: str) -> tuple[Any, An
         ingest_data(config=config, source_stamp=data_stamp),
         "ingest_data",
         cache=True,
+        cluster=cluster,
         io_retries=True,
     )
     fetch = step(
@@ -46,6 +124,7 @@ def prepare(config: dict, data_stamp: str, backbone_stamp: str) -> tuple[Any, An
         ),
         "fetch_backbone",
         cache=True,
+        cluster=cluster,
         io_retries=True,
     )
     dataset, backbone = ingest.outputs["dataset"], fetch.outputs["backbone"]
@@ -53,11 +132,39 @@ def prepare(config: dict, data_stamp: str, backbone_stamp: str) -> tuple[Any, An
         extract_features(config=config, dataset=dataset, backbone=backbone),
         "extract_features",
         cache=True,
+        cluster=cluster,
     )
     return dataset, backbone, extract.outputs["features"]
 
 
-def register(config: Any, dataset: Any, backbone: Any, model: Any, evaluation: Any) -> Any:
+def train_and_evaluate(
+    config: Any, dataset: Any, backbone: Any, features: Any, cluster: Cluster
+) -> tuple[Any, Any]:
+    """train (in the CUDA image when training asks for accelerators), then evaluate.
+
+    Returns:
+        The train and evaluate tasks.
+    """
+    fit = step(
+        cluster.train_component()(
+            config=config, dataset=dataset, backbone=backbone, features=features
+        ),
+        "train",
+        cache=True,
+        cluster=cluster,
+    )
+    scored = step(
+        evaluate(config=config, dataset=dataset, model=fit.outputs["model"]),
+        "evaluate",
+        cache=True,
+        cluster=cluster,
+    )
+    return fit, scored
+
+
+def register(
+    config: Any, dataset: Any, backbone: Any, model: Any, evaluation: Any, cluster: Cluster
+) -> Any:
     """register_model: it has side effects in MLflow, so it always runs (idempotent by
     content) and retries transient failures.
 
@@ -75,6 +182,7 @@ def register(config: Any, dataset: Any, backbone: Any, model: Any, evaluation: A
         ),
         "register_model",
         cache=False,
+        cluster=cluster,
         io_retries=True,
     )
     return task.outputs["registration"]

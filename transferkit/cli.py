@@ -230,7 +230,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
     from transferkit.pipelines import COMPILED, COMPILED_SWEEP, strategy_sweep, transfer_learning
-    from transferkit.pipelines.strategy_sweep import build
+    from transferkit.pipelines.strategy_sweep import build as build_sweep
+    from transferkit.pipelines.transfer_learning import build as build_single
 
     if not args.config:
         # The packaged YAML of both pipelines, without baked-in parameters.
@@ -241,9 +242,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"wrote {output}")
         return 0
     config = _load(args)
-    pipeline = transfer_learning
-    if config.sweep is not None:
-        pipeline = build(parallelism=config.sweep.parallelism)
+    # Resources, placement, Secrets and the sweep's parallelism are baked in at compile time.
+    pipeline = build_sweep(config) if config.sweep is not None else build_single(config)
     output = Path(
         args.output or f"{'strategy_sweep' if config.sweep else 'transfer_learning'}.yaml"
     )

@@ -747,6 +747,173 @@ class StorageConfig(_Model):
     retries: int = Field(5, ge=0, le=20, description="Attempts per S3 call on transient errors.")
 
 
+# Quantities as KFP accepts them: CPU 2, 0.5 or 500m; memory 8Gi, 512M, 1073741824.
+_CPU = r"^([0-9]*[.])?[0-9]+m?$"
+_MEMORY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+# A label key (optional DNS prefix + name) and value, as Kubernetes accepts them.
+_LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+_DNS_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+_MEMORY_UNITS = {
+    **{u: 1000**i for i, u in enumerate(["", "K", "M", "G", "T", "P", "E"])},
+    **{u + "i": 1024**i for i, u in enumerate(["", "K", "M", "G", "T", "P", "E"]) if u},
+}
+
+
+def _cpu_cores(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def _memory_bytes(value: str) -> int:
+    digits = value.rstrip("EiPTGMK")
+    return int(digits) * _MEMORY_UNITS[value[len(digits) :]]
+
+
+class AcceleratorConfig(_Model):
+    """Accelerators of the training pod (an extended resource of the node pool)."""
+
+    type: str = Field(
+        "nvidia.com/gpu",
+        pattern=_LABEL_KEY,
+        description="Extended resource name: nvidia.com/gpu, amd.com/gpu, google.com/tpu.",
+    )
+    count: int = Field(1, ge=1, le=64, description="Accelerators per pod (one process each).")
+
+
+class TolerationConfig(_Model):
+    """One Kubernetes toleration (e.g. of a GPU node pool's taint)."""
+
+    key: str | None = Field(None, pattern=_LABEL_KEY, description="Taint key; unset: any.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
+    value: str | None = Field(None, pattern=_LABEL_VALUE, description="Taint value (Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; unset: all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="NoExecute only: how long the pod stays after the taint appears."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TolerationConfig:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("operator Exists takes no value; remove value or use Equal")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("toleration_seconds needs effect NoExecute")
+        return self
+
+
+class StepResources(_Model):
+    """CPU and memory of one step's pod, and for training its accelerators and placement."""
+
+    cpu_request: str | None = Field(None, pattern=_CPU, description="CPU, e.g. 500m, 2.")
+    cpu_limit: str | None = Field(None, pattern=_CPU, description="CPU cap; unset: none.")
+    memory_request: str | None = Field(None, pattern=_MEMORY, description="e.g. 4Gi, 512Mi.")
+    memory_limit: str | None = Field(
+        None, pattern=_MEMORY, description="Memory cap (the pod is killed above it), e.g. 16Gi."
+    )
+    accelerator: AcceleratorConfig | None = Field(
+        None,
+        description="Training only: accelerators requested (and limited); the step then runs "
+        "the CUDA image.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Training only: node labels the pod must land on (a GPU node pool's).",
+    )
+    tolerations: list[TolerationConfig] = Field(
+        default_factory=list, description="Training only: taints the pod tolerates."
+    )
+
+    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, value: Any) -> Any:
+        # YAML reads `cpu_request: 2` as a number; Kubernetes quantities are strings.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value:g}"
+        return value
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> StepResources:
+        for kind, parse in (("cpu", _cpu_cores), ("memory", _memory_bytes)):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if request and limit and parse(request) > parse(limit):
+                raise ValueError(
+                    f"{kind}_request {request} exceeds {kind}_limit {limit}; raise the limit "
+                    "or lower the request"
+                )
+        return self
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            if not re.match(_LABEL_KEY, key) or not re.match(_LABEL_VALUE, label):
+                raise ValueError(f"{key}: {label} is not a valid Kubernetes label; fix the name")
+        return value
+
+
+def _step(cpu: str, memory: str) -> Any:
+    return Field(
+        default_factory=lambda: StepResources(cpu_request=cpu, memory_request=memory),
+        description=f"Pod resources of this step (default request: {cpu} CPU, {memory}).",
+    )
+
+
+class ResourcesConfig(_Model):
+    """Pod resources per step on a cluster (the local runner ignores them).
+
+    Only ``train`` may ask for accelerators, node selectors and tolerations: the GPU node pool
+    is for training; every other step stays on ordinary nodes.
+    """
+
+    ingest_data: StepResources = _step("1", "2Gi")
+    fetch_backbone: StepResources = _step("1", "2Gi")
+    extract_features: StepResources = _step("2", "8Gi")
+    plan_sweep: StepResources = _step("100m", "256Mi")
+    train: StepResources = _step("2", "8Gi")
+    evaluate: StepResources = _step("2", "4Gi")
+    compare_strategies: StepResources = _step("500m", "1Gi")
+    register_model: StepResources = _step("1", "2Gi")
+
+    @model_validator(mode="after")
+    def _placement_on_training_only(self) -> ResourcesConfig:
+        for name in type(self).model_fields:
+            spec = getattr(self, name)
+            placed = spec.accelerator or spec.node_selector or spec.tolerations
+            if name != "train" and placed:
+                raise ValueError(
+                    f"{name} asks for accelerators, node_selector or tolerations; only train "
+                    "runs on the accelerator node pool, move them to resources.train"
+                )
+        return self
+
+
+class KubernetesConfig(_Model):
+    """Cluster wiring: where the pods' credentials come from.
+
+    Credentials are never pipeline parameters: each pod reads them from a Secret as
+    environment variables, so they never appear in the compiled YAML, a run's parameters or
+    MLflow.
+    """
+
+    s3_secret: str | None = Field(
+        None,
+        pattern=_DNS_NAME,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_SESSION_TOKEN), given to the steps that read or write object storage.",
+    )
+    mlflow_secret: str | None = Field(
+        None,
+        pattern=_DNS_NAME,
+        description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD or "
+        "MLFLOW_TRACKING_TOKEN (each optional), given to the steps that talk to MLflow.",
+    )
+
+
 class RuntimeConfig(_Model):
     """Where a run keeps its files and how it executes."""
 
@@ -796,6 +963,14 @@ class PipelineConfig(_Model):
         "'strategy'); unset: train the one 'strategy'.",
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Execution.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig,
+        description="Pod resources per step on a cluster, baked in by 'transferkit compile'.",
+    )
+    kubernetes: KubernetesConfig = Field(
+        default_factory=KubernetesConfig,
+        description="Secrets of the pods, baked in by 'transferkit compile'.",
+    )
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> PipelineConfig:
@@ -910,8 +1085,12 @@ class PipelineConfig(_Model):
         return f"sqlite:///{Path(self.runtime.work_dir).absolute() / 'mlflow.db'}"
 
     def as_parameter(self) -> dict[str, Any]:
-        """The config as a KFP pipeline parameter (a JSON struct, which cannot hold nulls)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The config as a KFP pipeline parameter (a JSON struct, which cannot hold nulls).
+
+        Without ``resources`` and ``kubernetes``: those are compiled into the pods' specs, and
+        leaving them out keeps a change of pod size from invalidating every cached step.
+        """
+        return self.model_dump(mode="json", exclude_none=True, exclude={"resources", "kubernetes"})
 
     def resolved(self, base: Path | None = None) -> PipelineConfig:
         """Return a copy whose local paths are absolute and whose derived defaults are explicit.

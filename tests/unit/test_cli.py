@@ -82,6 +82,8 @@ def test_schema(capsys: pytest.CaptureFixture[str]) -> None:
         "registry",
         "storage",
         "runtime",
+        "resources",
+        "kubernetes",
     }
     assert schema["required"] == ["data"]
 

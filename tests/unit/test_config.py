@@ -75,6 +75,40 @@ def test_defaults_fill_every_section() -> None:
         ({"backbone": {"uri": "x"}}, "data: required key is missing"),
         ({**MINIMAL, "registry": {"model_name": "bad name!"}}, "registry.model_name: String"),
         ({**MINIMAL, "backbone": {"weights_sha256": "abc"}}, "backbone.weights_sha256:"),
+        (
+            {**MINIMAL, "training": {"min_steps": 10, "max_steps": 5}},
+            "training: min_steps (10) exceeds max_steps (5); lower min_steps or raise max_steps",
+        ),
+        (
+            {**MINIMAL, "resources": {"train": {"cpu_request": 4, "cpu_limit": "2000m"}}},
+            "resources.train: cpu_request 4 exceeds cpu_limit 2000m; raise the limit",
+        ),
+        (
+            {**MINIMAL, "resources": {"train": {"memory_request": "8GB"}}},
+            "resources.train.memory_request: String should match pattern",
+        ),
+        (
+            {**MINIMAL, "resources": {"evaluate": {"accelerator": {"count": 1}}}},
+            "resources: evaluate asks for accelerators, node_selector or tolerations; only "
+            "train runs on the accelerator node pool, move them to resources.train",
+        ),
+        (
+            {**MINIMAL, "resources": {"train": {"node_selector": {"pool": "gpu pool"}}}},
+            "resources.train.node_selector: pool: gpu pool is not a valid Kubernetes label",
+        ),
+        (
+            {
+                **MINIMAL,
+                "resources": {
+                    "train": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}
+                },
+            },
+            "resources.train.tolerations[0]: operator Exists takes no value",
+        ),
+        (
+            {**MINIMAL, "kubernetes": {"s3_secret": "S3 Creds"}},
+            "kubernetes.s3_secret: String should match pattern",
+        ),
     ],
 )
 def test_rejections_name_the_field_and_the_fix(

@@ -1,0 +1,166 @@
+"""What a cluster reads from a compiled pipeline: pod resources, GPU placement, the CUDA image,
+Secrets as environment variables, retries — and no credential anywhere in the YAML.
+
+There is no Kubernetes cluster here: the YAML is parsed strictly into the KFP IR and each
+executor's platform config into kfp-kubernetes' KubernetesExecutorConfig, as a KFP backend
+would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2
+from transferkit.components.images import CPU_IMAGE, CUDA_IMAGE
+
+from tests.pipelines.test_compile import parse
+from transferkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_EXAMPLE = ROOT / "examples" / "sst2-gpu.yaml"
+# Dummy credentials present in the environment while compiling: none may reach the YAML.
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIATRANSFERKITDUMMY",
+    "AWS_SECRET_ACCESS_KEY": "dummy/secret+TransferkitKey0123456789",
+    "MLFLOW_TRACKING_PASSWORD": "dummy-mlflow-password-0123",
+}
+S3_STEPS = {"ingest-data", "fetch-backbone", "train", "register-model"}
+
+
+def compile_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str, config: Path = GPU_EXAMPLE
+) -> tuple[Path, dict, dict]:
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "pipeline.yaml"
+    args = ["compile", str(config), "--output", str(out)]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    spec, platform = parse(out)
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, raw in kube.items():  # strict, as the KFP backend parses it
+        json_format.ParseDict(
+            raw,
+            kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
+            ignore_unknown_fields=False,
+        )
+        assert name in executors
+    return out, executors, kube
+
+
+def step_of(executor: str) -> str:
+    return executor.removeprefix("exec-")
+
+
+def test_gpu_request_selector_and_tolerations_on_the_training_task_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, executors, kube = compile_config(tmp_path, monkeypatch)
+    assert set(map(step_of, executors)) == {
+        "ingest-data", "fetch-backbone", "extract-features", "train", "evaluate", "register-model"
+    }  # fmt: skip
+    for name, executor in executors.items():
+        container = executor["container"]
+        resources = container.get("resources", {})
+        placement = kube.get(name, {})
+        if step_of(name) == "train":
+            assert container["image"] == CUDA_IMAGE
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "1"
+            assert resources["resourceCpuRequest"] == "4"
+            assert resources["resourceMemoryRequest"] == "16Gi"
+            assert resources["resourceMemoryLimit"] == "32Gi"
+            assert placement["nodeSelector"]["labels"] == {
+                "cloud.google.com/gke-accelerator": "nvidia-l4"
+            }
+            assert placement["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ]
+        else:
+            assert container["image"] == CPU_IMAGE
+            assert "accelerator" not in resources
+            assert "nodeSelector" not in placement
+            assert "tolerations" not in placement
+            assert resources["resourceCpuRequest"]  # every step has a request
+    extract = executors["exec-extract-features"]["container"]["resources"]
+    assert extract["resourceMemoryLimit"] == "16Gi"
+
+
+def test_secrets_reach_only_the_steps_that_need_them_and_no_credential_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, executors, kube = compile_config(tmp_path, monkeypatch)
+    for name in executors:
+        secrets = {
+            entry["secretName"]: entry for entry in kube.get(name, {}).get("secretAsEnv", [])
+        }
+        mounted = {
+            (entry["secretName"], key["envVar"])
+            for entry in kube.get(name, {}).get("secretAsEnv", [])
+            for key in entry["keyToEnv"]
+        }
+        if step_of(name) in S3_STEPS:
+            assert ("transferkit-s3", "AWS_ACCESS_KEY_ID") in mounted
+            assert ("transferkit-s3", "AWS_SECRET_ACCESS_KEY") in mounted
+        else:
+            assert "transferkit-s3" not in secrets
+        if step_of(name) == "register-model":
+            assert ("transferkit-mlflow", "MLFLOW_TRACKING_PASSWORD") in mounted
+        else:
+            assert "transferkit-mlflow" not in secrets
+    text = out.read_text()
+    for value in CREDENTIALS.values():
+        assert value not in text
+    # The baked-in run parameter holds the configuration, not the cluster wiring.
+    spec, _ = parse(out)
+    default = json_format.MessageToDict(
+        spec.root.input_definitions.parameters["config"].default_value
+    )
+    assert "kubernetes" not in default
+    assert "resources" not in default
+
+
+def test_io_steps_retry_and_the_rest_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _, _ = compile_config(tmp_path, monkeypatch)
+    spec, _ = parse(out)
+    for name, task in spec.root.dag.tasks.items():
+        retries = task.retry_policy.max_retry_count
+        assert retries == (2 if name in {"ingest-data", "fetch-backbone", "register-model"} else 0)
+
+
+def test_a_cpu_config_keeps_training_in_the_cpu_image_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, executors, kube = compile_config(
+        tmp_path, monkeypatch, config=ROOT / "examples" / "sst2-finetune.yaml"
+    )
+    assert executors["exec-train"]["container"]["image"] == CPU_IMAGE
+    assert "accelerator" not in executors["exec-train"]["container"]["resources"]
+    assert all("secretAsEnv" not in entry for entry in kube.values())
+
+
+def test_a_gpu_sweep_trains_every_branch_on_the_gpu_node_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu = "{type: nvidia.com/gpu, count: 2}"
+    _, executors, kube = compile_config(
+        tmp_path,
+        monkeypatch,
+        f"resources.train.accelerator={gpu}",
+        "resources.train.node_selector={pool: gpu}",
+        config=ROOT / "examples" / "sst2-strategies.yaml",
+    )
+    assert executors["exec-train"]["container"]["image"] == CUDA_IMAGE
+    assert executors["exec-train"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
+    assert kube["exec-train"]["nodeSelector"]["labels"] == {"pool": "gpu"}
+    others = {n for n in executors if n != "exec-train"}
+    assert {"exec-plan-sweep", "exec-compare-strategies"} <= others
+    for name in others:
+        assert executors[name]["container"]["image"] == CPU_IMAGE
+        assert "nodeSelector" not in kube.get(name, {})
