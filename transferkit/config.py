@@ -563,6 +563,14 @@ class TrainingConfig(_Model):
         "backbone (Szegedy et al. 2016): the target puts this much probability mass uniformly "
         "over all labels. 0: none.",
     )
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Data-parallel training processes in the pod (torch.distributed DDP; the "
+        "batch is split across them). Unset: one per visible CUDA device, else 1. On a CPU, "
+        "N > 1 runs N gloo processes (how the tests check the parallel path).",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0,

@@ -55,6 +55,7 @@ from transferkit.data import LabelMap, load_images, load_label_map, load_labels,
 from transferkit.features import extract_features, load_features
 from transferkit.metrics import metric_of_logits
 from transferkit.training.adabn import adapt_batch_norm
+from transferkit.training.distributed import finetune_parallel, world_size
 from transferkit.training.domain import adapt_backbone
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.finetune import finetune
@@ -354,17 +355,13 @@ def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
         ctx.rows,
     )
     train_inputs, train_labels, val_inputs, val_labels = _inputs(config, ctx, tokenizer)
-    history = finetune(
-        model,
-        config,
-        train_inputs,
-        train_labels,
-        val_inputs,
-        val_labels,
-        ctx.labels,
-        parameter_groups(model, strategy, config),
-        ctx.precision,
-    )
+    groups = parameter_groups(model, strategy, config)
+    arguments = (config, train_inputs, train_labels, val_inputs, val_labels, ctx.labels)
+    world = world_size(config)
+    if world > 1:
+        history = finetune_parallel(model, *arguments, groups, ctx.precision, world)
+    else:
+        history = finetune(model, *arguments, groups, ctx.precision)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if isinstance(strategy, LoraConfig):
         assert isinstance(model, TextClassifier)

@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,36 @@ class WeightAverage:
         return live
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in data-parallel training (``transferkit.training.distributed``)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _shared(value: float, rank: Rank) -> float:
+    """``value`` of the main process, in every process (validation decides for all)."""
+    if rank.world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def _any(flag: bool, rank: Rank) -> bool:
+    """True in every process when ``flag`` is true in any of them."""
+    if rank.world == 1:
+        return flag
+    tensor = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def finetune(
     model: nn.Module,
     config: PipelineConfig,
@@ -132,11 +163,19 @@ def finetune(
     labels: list[str],
     groups: list[dict[str, Any]],
     precision: str,
+    rank: Rank = Rank(),
+    forward: nn.Module | None = None,
 ) -> FinetuneHistory:
     """Fine-tune ``model`` in place; it holds the best validation checkpoint on return.
 
     ``groups`` are the optimiser's parameter groups (what trains, at which rate and weight
     decay), as ``transferkit.training.strategies.parameter_groups`` builds them.
+
+    Data-parallel (``rank.world`` > 1, ``forward`` the DistributedDataParallel wrapper of
+    ``model``): every process walks the same global batches and computes the loss of its
+    shard of each, scaled so that the averaged gradient is exactly the global batch's; the
+    main process validates and keeps the best checkpoint, and its verdict (improved, stop)
+    is shared with all.
 
     Raises:
         TrainingError: the loss became NaN or infinite.
@@ -145,7 +184,16 @@ def finetune(
     metric = config.evaluation.primary_metric
     device = next(model.parameters()).device
     rng = np.random.default_rng(cfg.seed)
+    # Augmentation draws per example: with several processes each draws for its own shard
+    # from its own stream, so that the batch order (from ``rng``) stays the same in all.
+    augment_rng = rng if rank.world == 1 else np.random.default_rng([cfg.seed, rank.rank])
     targets = torch.as_tensor(train_labels, dtype=torch.long)
+    forward = forward or model
+    if cfg.batch_size < rank.world:
+        raise TrainingError(
+            f"training.batch_size {cfg.batch_size} is smaller than the {rank.world} training "
+            "processes; raise the batch size (it is split across processes)"
+        )
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -160,20 +208,27 @@ def finetune(
     scheduler = linear_schedule(optimizer, total, cfg.warmup_ratio)
 
     validate_seconds = 0.0
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay and rank.main else None
 
     def validate() -> float:
-        """The metric of the model being selected (the average, when there is one)."""
+        """The metric of the model being selected (the average, when there is one), computed
+        by the main process and shared."""
         nonlocal validate_seconds
         t0 = time.perf_counter()
-        live = average.swapped_in(model) if average else None
-        logits = validation.logits(model, config.evaluation.batch_size, precision)
-        if live is not None:
-            model.load_state_dict(live)
+        value = 0.0
+        if rank.main:
+            live = average.swapped_in(model) if average else None
+            logits = validation.logits(model, config.evaluation.batch_size, precision)
+            if live is not None:
+                model.load_state_dict(live)
+            value = metric_of_logits(validation_labels, logits, labels, metric)
+        value = _shared(value, rank)
         validate_seconds += time.perf_counter() - t0
-        return metric_of_logits(validation_labels, logits, labels, metric)
+        return value
 
     def selected_state() -> dict[str, torch.Tensor]:
+        if not rank.main:
+            return {}
         if average:
             return {k: v.clone() for k, v in average.state.items()}
         return copy.deepcopy(model.state_dict())
@@ -190,16 +245,26 @@ def finetune(
     stopped_early = False
     window_loss, window_count = 0.0, 0
     while step < total and not stopped_early:
-        model.train()
+        forward.train()
         keep_frozen_norms_in_eval(model)
         for batch in train.epoch(cfg.batch_size, rng):
-            arguments = [tensor.to(device) for tensor in train.tensors(batch, rng)]
+            if len(batch) < rank.world:
+                continue  # a last batch too small to give every process a row: all skip it
+            shard = batch[rank.rank :: rank.world]
+            arguments = [tensor.to(device) for tensor in train.tensors(shard, augment_rng)]
             with autocast(precision, device):
-                logits = model(*arguments)
+                logits = forward(*arguments)
             loss = nn.functional.cross_entropy(
-                logits.float(), targets[batch].to(device), label_smoothing=cfg.label_smoothing
+                logits.float(),
+                targets[shard].to(device),
+                label_smoothing=cfg.label_smoothing,
+                reduction="mean" if rank.world == 1 else "sum",
             )
-            if not torch.isfinite(loss):
+            if rank.world > 1:
+                # Shard sum / global batch size × processes: DDP's gradient average is then
+                # exactly the gradient of the global batch's mean loss.
+                loss = loss * (rank.world / len(batch))
+            if _any(not bool(torch.isfinite(loss)), rank):
                 raise TrainingError(
                     f"loss became {loss.item()} at step {step}; lower training.learning_rate "
                     "or use training.precision: fp32"
@@ -223,7 +288,7 @@ def finetune(
                 window_loss, window_count = 0.0, 0
             if step % eval_every == 0 or step == total:
                 value = validate()
-                model.train()
+                forward.train()
                 keep_frozen_norms_in_eval(model)
                 validations.append({"step": float(step), metric: value})
                 log.info("step %d: validation %s %.4f", step, metric, value)
@@ -239,7 +304,8 @@ def finetune(
             if step >= total:
                 break
     train_seconds = time.perf_counter() - started - validate_seconds
-    model.load_state_dict(best_state)
+    if rank.main:
+        model.load_state_dict(best_state)
     model.eval()
     return FinetuneHistory(
         steps=step,

@@ -1,0 +1,165 @@
+"""Data-parallel fine-tuning in one pod: one process per accelerator (torch.distributed DDP).
+
+``finetune_parallel`` starts ``world`` processes (``torch.multiprocessing.spawn``), each with
+a private copy of the model on its own device — ``cuda:<rank>`` with NCCL, or the CPU with
+gloo (how the tests run it here). Every process walks the same global batches and trains on
+its shard of each (``transferkit.training.finetune``); DistributedDataParallel averages the
+gradients, so the updates are those of one process seeing the whole batch. The main process
+validates, keeps the best checkpoint and hands it back through a file; the caller's model
+then holds it, as after single-process training.
+
+BatchNorm statistics come from the main process's shards (DDP broadcasts its buffers before
+every forward pass).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.config import PipelineConfig
+from transferkit.errors import TrainingError
+from transferkit.training.finetune import FinetuneHistory, Rank, finetune
+from transferkit.training.inputs import Inputs
+
+log = logging.getLogger(__name__)
+
+
+def world_size(config: PipelineConfig) -> int:
+    """Training processes: ``training.processes``, else one per visible CUDA device (≥ 1)."""
+    if config.training.processes:
+        return config.training.processes
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _group_names(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimiser groups with parameter names instead of tensors (rebuilt in each process)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "names": [name_of[id(p)] for p in g["params"]],
+        }
+        for g in groups
+    ]
+
+
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    job: dict[str, Any],
+    out: str,
+) -> None:
+    """One training process: join the group, train a private copy, the main one saves it."""
+    config: PipelineConfig = job["config"]
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    cuda = torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        if cuda:
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+            threads = config.runtime.num_threads or os.cpu_count() or 1
+            torch.set_num_threads(max(threads // world, 1))
+        if rank:
+            logging.getLogger("transferkit").setLevel(logging.WARNING)  # one log: the main one
+        torch.manual_seed(config.training.seed + rank)  # dropout masks differ across shards
+        # A private copy: spawn hands every process the same shared-memory tensors.
+        model = copy.deepcopy(model).to(device)
+        named = dict(model.named_parameters())
+        rebuilt = [
+            {
+                **{k: v for k, v in g.items() if k != "names"},
+                "params": [named[n] for n in g["names"]],
+            }
+            for g in groups
+        ]
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None
+        )
+        history = finetune(model, groups=rebuilt, rank=Rank(rank, world), forward=wrapped, **job)
+        if rank == 0:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            torch.save(state, Path(out) / "state.pt")
+            (Path(out) / "history.json").write_text(history.model_dump_json())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def finetune_parallel(
+    model: nn.Module,
+    config: PipelineConfig,
+    train: Inputs,
+    train_labels: np.ndarray,
+    validation: Inputs,
+    validation_labels: np.ndarray,
+    labels: list[str],
+    groups: list[dict[str, Any]],
+    precision: str,
+    world: int,
+) -> FinetuneHistory:
+    """``finetune`` in ``world`` data-parallel processes; ``model`` holds the best checkpoint
+    on return, on the device it came on.
+
+    Raises:
+        TrainingError: a process failed (its error is in the message).
+    """
+    if config.training.batch_size < world:
+        raise TrainingError(
+            f"training.batch_size {config.training.batch_size} is smaller than the {world} "
+            "training processes; raise the batch size (it is split across processes)"
+        )
+    home = next(model.parameters()).device
+    job = {
+        "config": config,
+        "train": train,
+        "train_labels": train_labels,
+        "validation": validation,
+        "validation_labels": validation_labels,
+        "labels": labels,
+        "precision": precision,
+    }
+    names = _group_names(model, groups)
+    log.info(
+        "data-parallel fine-tuning: %d processes (%s), %d examples per process and step",
+        world,
+        "NCCL, one GPU each" if torch.cuda.is_available() else "gloo on the CPU",
+        config.training.batch_size // world,
+    )
+    with tempfile.TemporaryDirectory(prefix="transferkit-ddp-") as out:
+        try:
+            torch.multiprocessing.spawn(
+                _worker,
+                args=(world, _free_port(), model.cpu(), names, job, out),
+                nprocs=world,
+                join=True,
+            )
+        except torch.multiprocessing.ProcessRaisedException as exc:
+            last = str(exc).strip().splitlines()[-1]
+            raise TrainingError(f"a data-parallel training process failed: {last}") from exc
+        state = torch.load(Path(out) / "state.pt", weights_only=True)
+        history = FinetuneHistory.model_validate_json((Path(out) / "history.json").read_text())
+    model.load_state_dict(state)
+    model.to(home).eval()
+    return history
