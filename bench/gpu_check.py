@@ -6,7 +6,10 @@ the real SST-2 data and the real all-MiniLM-L6-v2 backbone, and prints:
 - the device, torch version and the measured bf16 matrix-multiply rate (the ceiling);
 - feature extraction throughput (texts/s) on every split;
 - for each learning rate: fine-tuning throughput (examples/s), the best validation accuracy
-  and the GLUE dev accuracy of the kept checkpoint.
+  and the GLUE dev accuracy of the kept checkpoint;
+- with several GPUs, training runs data-parallel (one process per GPU, DDP over NCCL) and the
+  first recipe is repeated on one GPU, so the report shows the speed-up and that the
+  accuracy holds.
 
     python bench/gpu_check.py --data ../shared/data/sst2 --out /tmp/gpu-check
 
@@ -127,7 +130,12 @@ def main() -> int:
     }
     print(json.dumps({"extract": report["extract"]}))
 
-    for index, recipe in enumerate(args.recipe or [""]):
+    from transferkit.training.distributed import world_size
+
+    recipes = args.recipe or [""]
+    if on_gpu and torch.cuda.device_count() > 1:  # the DDP runs against one GPU
+        recipes = [*recipes, ",".join(filter(None, [recipes[0], "training.processes=1"]))]
+    for index, recipe in enumerate(recipes):
         overrides = ["strategy.name=full_finetune", *filter(None, recipe.split(","))]
         config = config_for(args, args.out / "work", overrides)
         model_dir = args.out / f"model-{index}"
@@ -142,6 +150,7 @@ def main() -> int:
             "learning_rate": config.training.learning_rate,
             "epochs": config.training.epochs,
             "batch_size": config.training.batch_size,
+            "processes": world_size(config),
             "examples_per_second": trained.details["examples_per_second"],
             "train_seconds_wall": round(seconds, 1),
             "best_step": trained.details["best_step"],
