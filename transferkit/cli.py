@@ -4,6 +4,8 @@
     transferkit validate CONFIG [--set key=value]...
     transferkit schema
     transferkit compile [CONFIG] [--output PATH]
+    transferkit submit CONFIG --host URL [--experiment NAME]
+    transferkit schedule CONFIG --host URL --cron "0 3 * * 1"
     transferkit predict MODEL_URI TEXT... [--tracking-uri URI] [--json]
 
 Exit status: 0 success, 1 a run or prediction failed, 2 invalid configuration or usage.
@@ -255,6 +257,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from transferkit.submit import submit
+
+    run = submit(_load(args), args.host, args.experiment, args.run_name, stamps=not args.no_cache)
+    print(f"run {run.id} in experiment {args.experiment}: {run.url}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from transferkit.submit import schedule
+
+    if args.max_concurrency < 1:
+        raise ConfigError(f"--max-concurrency {args.max_concurrency}: give 1 or more")
+    job = schedule(
+        _load(args), args.host, args.cron, args.experiment, args.name, args.max_concurrency
+    )
+    print(f"recurring run {job.id} ({args.cron}) in experiment {args.experiment}: {job.url}")
+    return 0
+
+
 def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
     """Images from image files, .npy arrays or .npz archives; None when the inputs are texts.
 
@@ -381,6 +403,32 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer_learning.yaml when a config is given)",
     )
     comp.set_defaults(func=cmd_compile)
+
+    submit = sub.add_parser("submit", help="compile and start a run on Kubeflow Pipelines")
+    with_config(submit)
+    submit.add_argument("--host", required=True, help="the KFP API endpoint, e.g. http://…:8888")
+    submit.add_argument("--experiment", default="transferkit", help="KFP experiment name")
+    submit.add_argument("--run-name", help="display name (default: <model>-<strategy>)")
+    submit.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not hash the sources from this machine (it cannot read them); the run then "
+        "does not use the KFP cache",
+    )
+    submit.set_defaults(func=cmd_submit)
+
+    sched = sub.add_parser("schedule", help="create a recurring run on Kubeflow Pipelines")
+    with_config(sched)
+    sched.add_argument("--host", required=True, help="the KFP API endpoint")
+    sched.add_argument(
+        "--cron", required=True, help="when, as cron: '0 3 * * 1' is 03:00 every Monday"
+    )
+    sched.add_argument("--experiment", default="transferkit", help="KFP experiment name")
+    sched.add_argument("--name", help="display name (default: <model>-retrain)")
+    sched.add_argument(
+        "--max-concurrency", type=int, default=1, help="runs of the schedule at once (default 1)"
+    )
+    sched.set_defaults(func=cmd_schedule)
 
     predict = sub.add_parser(
         "predict", help="classify texts or images with a registered or saved model"

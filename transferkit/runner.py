@@ -198,7 +198,8 @@ class _LineTee(io.TextIOBase):
         self._sink.flush()
 
 
-def _stamps(config: PipelineConfig) -> tuple[str, str]:
+def source_stamps(config: PipelineConfig) -> tuple[str, str]:
+    """Content stamps of the data sources and of the backbone source(s)."""
     data = config.data
     uris = [u for u in (data.uri, data.train_uri, data.validation_uri, data.test_uri) if u]
     data_stamp = ",".join(storage.stamp(u, config.storage) for u in uris)
@@ -244,7 +245,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     log_file = work_dir / "logs" / f"run-{stamp}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    data_stamp, backbone_stamp = _stamps(config)
+    data_stamp, backbone_stamp = source_stamps(config)
     _child_environment()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
