@@ -79,6 +79,7 @@ def fit(run: tuple[Path, dict], name: str, **training: object) -> tuple:
     return result, load_file(str(tmp / name / "encoder" / "model.safetensors"))
 
 
+@pytest.mark.timeout(300)  # a teardown deadlock once hung this for the whole suite timeout
 def test_two_gloo_processes_match_one_process(deterministic_run: tuple) -> None:
     single, single_weights = fit(deterministic_run, "single", processes=1)
     parallel, parallel_weights = fit(deterministic_run, "ddp", processes=2)

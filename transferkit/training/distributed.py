@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException
 
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
@@ -68,13 +70,21 @@ def _worker(
     job: dict[str, Any],
     out: str,
 ) -> None:
-    """One training process: join the group, train a private copy, the main one saves it."""
+    """One training process: join the group, train a private copy, the main one saves it.
+
+    The process ends with ``os._exit``: tearing down a gloo process group while its worker
+    thread still releases Python tensors deadlocks (the destructor joins that thread while
+    holding the GIL, seen as a hung test), so no destructor runs. Errors go to a file.
+    """
     config: PipelineConfig = job["config"]
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    cuda = torch.cuda.is_available()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    code = 0
     try:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        cuda = torch.cuda.is_available()
+        torch.distributed.init_process_group(
+            "nccl" if cuda else "gloo", rank=rank, world_size=world
+        )
         if cuda:
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)
@@ -103,8 +113,14 @@ def _worker(
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             torch.save(state, Path(out) / "state.pt")
             (Path(out) / "history.json").write_text(history.model_dump_json())
+        torch.distributed.barrier()  # every process is past its last collective
+    except BaseException as exc:  # reported through the file: the process ends below
+        (Path(out) / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+        code = 1
     finally:
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def finetune_parallel(
@@ -155,9 +171,14 @@ def finetune_parallel(
                 nprocs=world,
                 join=True,
             )
-        except torch.multiprocessing.ProcessRaisedException as exc:
-            last = str(exc).strip().splitlines()[-1]
-            raise TrainingError(f"a data-parallel training process failed: {last}") from exc
+        except ProcessException as exc:
+            reports = [p.read_text() for p in sorted(Path(out).glob("error-*.txt"))]
+            # The process that failed first names the cause; the others lost their peer.
+            first = next((r for r in reports if "Error: " in r and "Connection" not in r), None)
+            cause = first or (reports[0] if reports else str(exc).strip().splitlines()[-1])
+            raise TrainingError(
+                f"a data-parallel training process failed: {cause.splitlines()[0]}"
+            ) from exc
         state = torch.load(Path(out) / "state.pt", weights_only=True)
         history = FinetuneHistory.model_validate_json((Path(out) / "history.json").read_text())
     model.load_state_dict(state)
