@@ -31,7 +31,7 @@ def build(config: PipelineConfig | None = None) -> Any:
     ``kubernetes``, applied by ``transferkit compile``), not run parameters.
     """
     parallelism = config.sweep.parallelism if config and config.sweep else 1
-    cluster = Cluster(config.resources, config.kubernetes) if config else Cluster()
+    cluster = Cluster(config)
 
     @dsl.pipeline(
         name=SWEEP_PIPELINE_NAME,

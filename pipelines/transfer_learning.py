@@ -26,7 +26,7 @@ def build(config: PipelineConfig | None = None) -> Any:
     pipeline is built with; the run parameter ``config`` carries everything else. Unset: the
     default resources and no Secrets.
     """
-    cluster = Cluster(config.resources, config.kubernetes) if config else Cluster()
+    cluster = Cluster(config)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,

@@ -18,7 +18,7 @@ from transferkit.components import (
     train_cuda,
 )
 
-from transferkit.config import KubernetesConfig, ResourcesConfig, StepResources
+from transferkit.config import KubernetesConfig, PipelineConfig, ResourcesConfig, StepResources
 
 # Steps that read or write object storage: the data, the backbone, unlabelled text for domain
 # adaptation, and model artifacts that MLflow stores in S3.
@@ -32,11 +32,10 @@ MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_T
 class Cluster:
     """The compile-time settings of the pods: resources per step and credential Secrets."""
 
-    def __init__(
-        self, resources: ResourcesConfig | None = None, secrets: KubernetesConfig | None = None
-    ) -> None:
-        self.resources = resources or ResourcesConfig()
-        self.secrets = secrets or KubernetesConfig()
+    def __init__(self, config: PipelineConfig | None = None) -> None:
+        """From the config the pipeline is built with; unset: default resources, no Secrets."""
+        self.resources = config.resources if config else ResourcesConfig()
+        self.secrets = config.kubernetes if config else KubernetesConfig()
 
     def train_component(self) -> Any:
         """The training component: the CUDA image when training asks for accelerators."""

@@ -77,15 +77,14 @@ def minilm_dir() -> Path:
     return local_path(PACKAGED_MINILM)
 
 
-@pytest.fixture(scope="session")
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
-    """A tiny random BERT with MiniLM's tokenizer, for tests about mechanics, not learning."""
+def save_tiny_bert(folder: Path, minilm_dir: Path, **overrides: Any) -> Path:
+    """Write a tiny random BERT (2 blocks, width 32, seed 0) with MiniLM's tokenizer to
+    ``folder``; ``overrides`` change its BertConfig (e.g. no dropout)."""
     import shutil
 
     import torch
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522,
@@ -94,11 +93,18 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        **overrides,
     )
     BertModel(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copyfile(minilm_dir / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A tiny random BERT with MiniLM's tokenizer, for tests about mechanics, not learning."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_dir)
 
 
 def make_config(tmp_path: Path, data: dict[str, Any], **sections: Any) -> PipelineConfig:

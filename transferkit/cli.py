@@ -231,9 +231,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from kfp import compiler
 
-    from transferkit.pipelines import COMPILED, COMPILED_SWEEP, strategy_sweep, transfer_learning
-    from transferkit.pipelines.strategy_sweep import build as build_sweep
-    from transferkit.pipelines.transfer_learning import build as build_single
+    from transferkit.pipelines import (
+        COMPILED,
+        COMPILED_SWEEP,
+        build_for,
+        strategy_sweep,
+        transfer_learning,
+    )
 
     if not args.config:
         # The packaged YAML of both pipelines, without baked-in parameters.
@@ -244,14 +248,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"wrote {output}")
         return 0
     config = _load(args)
-    # Resources, placement, Secrets and the sweep's parallelism are baked in at compile time.
-    pipeline = build_sweep(config) if config.sweep is not None else build_single(config)
     output = Path(
         args.output or f"{'strategy_sweep' if config.sweep else 'transfer_learning'}.yaml"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(
-        pipeline, str(output), pipeline_parameters={"config": config.as_parameter()}
+        build_for(config), str(output), pipeline_parameters={"config": config.as_parameter()}
     )
     print(f"wrote {output}")
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,23 +103,34 @@ def _reason(exc: Exception) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def _package(config: PipelineConfig, folder: Path) -> Path:
-    from kfp import compiler
-
-    from transferkit.pipelines.strategy_sweep import build as build_sweep
-    from transferkit.pipelines.transfer_learning import build as build_single
-
-    pipeline = build_sweep(config) if config.sweep is not None else build_single(config)
-    path = folder / "pipeline.yaml"
-    compiler.Compiler().compile(pipeline, str(path))
-    return path
-
-
 def _experiment_id(client: Any, name: str) -> str:
     try:
         return str(client.create_experiment(name).experiment_id)  # returns it when it exists
     except Exception as exc:
         raise SubmitError(f"cannot create or find experiment {name!r}: {_reason(exc)}") from exc
+
+
+@contextmanager
+def _session(
+    config: PipelineConfig, host: str, experiment: str, what: str
+) -> Iterator[tuple[Any, str, str]]:
+    """The client, the experiment's id and the compiled package of ``config``; an error the
+    server raises inside the block becomes one line saying it refused ``what``."""
+    from kfp import compiler
+
+    from transferkit.pipelines import build_for
+
+    client = _client(host)
+    experiment_id = _experiment_id(client, experiment)
+    with tempfile.TemporaryDirectory(prefix="transferkit-submit-") as folder:
+        package = str(Path(folder) / "pipeline.yaml")
+        compiler.Compiler().compile(build_for(config), package)
+        try:
+            yield client, experiment_id, package
+        except Exception as exc:
+            raise SubmitError(
+                f"Kubeflow Pipelines at {host} refused the {what}: {_reason(exc)}"
+            ) from exc
 
 
 def submit(
@@ -141,26 +154,18 @@ def submit(
 
     check_cluster_sources(config)
     data_stamp, backbone_stamp = source_stamps(config) if stamps else ("", "")
-    client = _client(host)
-    experiment_id = _experiment_id(client, experiment)
-    with tempfile.TemporaryDirectory(prefix="transferkit-submit-") as folder:
-        package = _package(config, Path(folder))
-        try:
-            result = client.create_run_from_pipeline_package(
-                str(package),
-                arguments={
-                    "config": config.as_parameter(),
-                    "data_stamp": data_stamp,
-                    "backbone_stamp": backbone_stamp,
-                },
-                run_name=run_name or f"{config.registry.model_name}-{config.strategy.name}",
-                experiment_id=experiment_id,
-                enable_caching=config.runtime.caching and stamps,
-            )
-        except Exception as exc:
-            raise SubmitError(
-                f"Kubeflow Pipelines at {host} refused the run: {_reason(exc)}"
-            ) from exc
+    with _session(config, host, experiment, "run") as (client, experiment_id, package):
+        result = client.create_run_from_pipeline_package(
+            package,
+            arguments={
+                "config": config.as_parameter(),
+                "data_stamp": data_stamp,
+                "backbone_stamp": backbone_stamp,
+            },
+            run_name=run_name or f"{config.registry.model_name}-{config.strategy.name}",
+            experiment_id=experiment_id,
+            enable_caching=config.runtime.caching and stamps,
+        )
     run_id = str(result.run_id)
     return Submitted(run_id, experiment_id, f"{host.rstrip('/')}/#/runs/details/{run_id}")
 
@@ -184,24 +189,16 @@ def schedule(
     """
     check_cluster_sources(config)
     expression = kfp_cron(cron)
-    client = _client(host)
-    experiment_id = _experiment_id(client, experiment)
-    with tempfile.TemporaryDirectory(prefix="transferkit-schedule-") as folder:
-        package = _package(config, Path(folder))
-        try:
-            created = client.create_recurring_run(
-                experiment_id=experiment_id,
-                job_name=name or f"{config.registry.model_name}-retrain",
-                cron_expression=expression,
-                max_concurrency=max_concurrency,
-                no_catchup=True,
-                params={"config": config.as_parameter(), "data_stamp": "", "backbone_stamp": ""},
-                pipeline_package_path=str(package),
-                enable_caching=False,
-            )
-        except Exception as exc:
-            raise SubmitError(
-                f"Kubeflow Pipelines at {host} refused the schedule: {_reason(exc)}"
-            ) from exc
+    with _session(config, host, experiment, "schedule") as (client, experiment_id, package):
+        created = client.create_recurring_run(
+            experiment_id=experiment_id,
+            job_name=name or f"{config.registry.model_name}-retrain",
+            cron_expression=expression,
+            max_concurrency=max_concurrency,
+            no_catchup=True,
+            params={"config": config.as_parameter(), "data_stamp": "", "backbone_stamp": ""},
+            pipeline_package_path=package,
+            enable_caching=False,
+        )
     job_id = str(created.recurring_run_id)
     return Submitted(job_id, experiment_id, f"{host.rstrip('/')}/#/recurringrun/details/{job_id}")

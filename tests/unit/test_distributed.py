@@ -6,14 +6,13 @@ gradients, so they must end at the same weights and metrics up to float summatio
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_config
+from tests.conftest import make_config, save_tiny_bert
 from transferkit.backbones import fetch_backbone
 from transferkit.data import ingest_data
 from transferkit.errors import TrainingError
@@ -26,24 +25,13 @@ def deterministic_run(
     tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, sst2_small: dict[str, Path]
 ) -> tuple[Path, dict]:
     """A tiny BERT without dropout (so shards cannot differ by their masks), data, features."""
-    from transformers import BertConfig, BertModel
-
     tmp = tmp_path_factory.mktemp("ddp")
-    backbone = tmp / "tiny-no-dropout"
-    torch.manual_seed(0)
-    BertModel(
-        BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    ).save_pretrained(backbone)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copyfile(minilm_dir / name, backbone / name)
+    backbone = save_tiny_bert(
+        tmp / "tiny-no-dropout",
+        minilm_dir,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     sections = {
         "data": {
             "train_uri": str(sst2_small["train"]),
