@@ -623,6 +623,13 @@ class EvaluationConfig(_Model):
         "(1 for 0/1 labels).",
     )
     batch_size: int = Field(128, ge=1, le=8192, description="Texts or images per inference batch.")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="Inference precision of the evaluation and of the champion comparison. "
+        "'fp32' (default) scores exactly what the registered model serves (its pyfunc predicts "
+        "in fp32); 'bf16'/'auto' evaluate faster under bf16 autocast but score a slightly "
+        "different model (a few borderline rows move).",
+    )
 
 
 class RegistryConfig(_Model):

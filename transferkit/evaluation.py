@@ -37,6 +37,7 @@ class EvaluationResult(BaseModel):
     strategy: str
     seconds: float
     roc: dict[str, list[float]] | None = None  # binary tasks: fpr, tpr, threshold
+    precision: str = "fp32"  # inference precision of this evaluation
 
     def kfp_metrics(self) -> dict[str, float]:
         """Flat scalar metrics for KFP's Metrics artifact."""
@@ -178,7 +179,7 @@ def render_report(
         f"| data | `{dataset.get('fingerprint', '')[:12]}`, rows {dataset.get('rows')} |",
         f"| trainable parameters | {training.get('trainable_parameters', 0):,} of "
         f"{training.get('total_parameters', 0):,} |",
-        f"| precision | {training.get('precision')} |",
+        f"| precision | training {training.get('precision')}, evaluation {result.precision} |",
         f"| training seconds | {training.get('seconds')} |",
     ]
     overlap = dataset.get("overlap", {}).get("test", 0)
@@ -201,7 +202,7 @@ def evaluate(
     """Score the model on the dataset's evaluation (test) split.
 
     Args:
-        config: the run configuration (``evaluation``, ``training.precision``).
+        config: the run configuration (``evaluation``).
         dataset_dir: the ingest_data artifact.
         model_dir: the train artifact.
         output_dir: folder to create atomically.
@@ -219,14 +220,8 @@ def evaluate(
     tokenizer, model, card = load_classifier(model_dir)
     model.to(target)
     inputs, truth = load_inputs(dataset_dir, "test")
-    proba = predict_proba(
-        model,
-        tokenizer,
-        card,
-        inputs,
-        config.evaluation.batch_size,
-        resolve_precision(config.training.precision, target),
-    )
+    precision = resolve_precision(config.evaluation.precision, target)
+    proba = predict_proba(model, tokenizer, card, inputs, config.evaluation.batch_size, precision)
     predicted = proba.argmax(axis=1)
     positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
     scores = score(truth, predicted, card.labels, proba, positive)
@@ -248,6 +243,7 @@ def evaluate(
         strategy=card.strategy,
         seconds=round(time.perf_counter() - started, 3),
         roc=roc,
+        precision=precision,
     )
     training = storage.read_json(model_dir / "training.json")
     dataset = storage.read_json(dataset_dir / "stats.json")

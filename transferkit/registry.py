@@ -157,7 +157,7 @@ def _champion_predictions(
             f"champion v{champion.version} predicts {card.labels}, this model {labels}"
         )
     target = device()
-    precision = resolve_precision(config.training.precision, target)
+    precision = resolve_precision(config.evaluation.precision, target)
     if (card.image is None) != isinstance(inputs, list):
         raise _IncomparableError(f"champion v{champion.version} takes another kind of input")
     return predict_proba(

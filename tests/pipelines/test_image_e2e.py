@@ -50,8 +50,8 @@ def test_pneumonia_probe_trains_evaluates_registers_and_serves_image_arrays(
     assert "sensitivity" in result.stdout
 
     # The registered model loads through mlflow.pyfunc and predicts from an image array
-    # what evaluate predicted for the same images (evaluate ran under bf16 autocast, serving
-    # runs fp32: probabilities agree to a few hundredths).
+    # what evaluate predicted for the same images: evaluation scores the served model (fp32),
+    # so the probabilities agree to float noise and every label is the same.
     mlflow.set_tracking_uri(summary["tracking_uri"])
     mlflow.set_registry_uri(summary["tracking_uri"])
     model = mlflow.pyfunc.load_model(summary["champion_uri"])
@@ -62,9 +62,9 @@ def test_pneumonia_probe_trains_evaluates_registers_and_serves_image_arrays(
     evaluated = pd.read_parquet(
         next(Path(summary["run_dir"]).rglob("evaluation/predictions.parquet"))
     )
-    assert np.allclose(served["p_pneumonia"], evaluated["p_pneumonia"][:32], atol=0.05)
+    assert np.allclose(served["p_pneumonia"], evaluated["p_pneumonia"][:32], atol=1e-4)
     names = evaluated["predicted"][:32].map({0: "normal", 1: "pneumonia"})
-    assert (served["label"] == names).mean() > 0.9
+    assert (served["label"] == names).all()
     artifacts = mlflow.artifacts.list_artifacts(
         run_id=model.metadata.run_id, artifact_path="evaluation"
     )
