@@ -25,6 +25,8 @@ from transferkit.config import KubernetesConfig, PipelineConfig, ResourcesConfig
 S3_STEPS = frozenset({"ingest_data", "fetch_backbone", "train", "register_model"})
 MLFLOW_STEPS = frozenset({"register_model"})
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# KFP 2.17 cannot set spec.priorityClassName; manifests/overlays/gpu maps this label onto it.
+PRIORITY_LABEL = "transferkit.dev/priority-class"
 S3_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN",)
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
@@ -65,6 +67,8 @@ class Cluster:
                 effect=toleration.effect,
                 toleration_seconds=toleration.toleration_seconds,
             )
+        if spec.priority_class:
+            kubernetes.add_pod_label(task, PRIORITY_LABEL, spec.priority_class)
         # Secret keys become environment variables of the pod; only the Secret's name is
         # in the YAML. Optional keys may be absent from the Secret.
         if self.secrets.s3_secret and name in S3_STEPS:

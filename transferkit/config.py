@@ -842,6 +842,13 @@ class StepResources(_Model):
     tolerations: list[TolerationConfig] = Field(
         default_factory=list, description="Training only: taints the pod tolerates."
     )
+    priority_class: str | None = Field(
+        None,
+        pattern=_DNS_NAME,
+        description="Training only: PriorityClass of the pod. KFP 2.17 has no field for it, so "
+        "the pod carries the label transferkit.dev/priority-class and the admission policy in "
+        "manifests/overlays/gpu sets spec.priorityClassName from it.",
+    )
 
     @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", mode="before")
     @classmethod
@@ -899,9 +906,10 @@ class ResourcesConfig(_Model):
         for name in type(self).model_fields:
             spec = getattr(self, name)
             placed = spec.accelerator or spec.node_selector or spec.tolerations
-            if name != "train" and placed:
+            if name != "train" and (placed or spec.priority_class):
                 raise ValueError(
-                    f"{name} asks for accelerators, node_selector or tolerations; only train "
+                    f"{name} asks for accelerators, node_selector, tolerations or a "
+                    "priority_class; only train "
                     "runs on the accelerator node pool, move them to resources.train"
                 )
         return self
@@ -926,6 +934,12 @@ class KubernetesConfig(_Model):
         pattern=_DNS_NAME,
         description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD or "
         "MLFLOW_TRACKING_TOKEN (each optional), given to the steps that talk to MLflow.",
+    )
+    service_account: str | None = Field(
+        None,
+        pattern=_DNS_NAME,
+        description="ServiceAccount the run's pods use (manifests/ create a least-privilege "
+        "'transferkit-pipeline-runner'); unset: the KFP installation's default.",
     )
 
 

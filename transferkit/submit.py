@@ -165,6 +165,7 @@ def submit(
             run_name=run_name or f"{config.registry.model_name}-{config.strategy.name}",
             experiment_id=experiment_id,
             enable_caching=config.runtime.caching and stamps,
+            service_account=config.kubernetes.service_account,
         )
     run_id = str(result.run_id)
     return Submitted(run_id, experiment_id, f"{host.rstrip('/')}/#/runs/details/{run_id}")
@@ -199,6 +200,7 @@ def schedule(
             params={"config": config.as_parameter(), "data_stamp": "", "backbone_stamp": ""},
             pipeline_package_path=package,
             enable_caching=False,
+            service_account=config.kubernetes.service_account,
         )
     job_id = str(created.recurring_run_id)
     return Submitted(job_id, experiment_id, f"{host.rstrip('/')}/#/recurringrun/details/{job_id}")

@@ -80,11 +80,14 @@ def test_gpu_request_selector_and_tolerations_on_the_training_task_only(
             assert placement["tolerations"] == [
                 {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             ]
+            labels = placement["podMetadata"]["labels"]
+            assert labels["transferkit.dev/priority-class"] == "transferkit-training"
         else:
             assert container["image"] == CPU_IMAGE
             assert "accelerator" not in resources
             assert "nodeSelector" not in placement
             assert "tolerations" not in placement
+            assert "transferkit.dev/priority-class" not in placement["podMetadata"]["labels"]
             assert resources["resourceCpuRequest"]  # every step has a request
     extract = executors["exec-extract-features"]["container"]["resources"]
     assert extract["resourceMemoryLimit"] == "16Gi"

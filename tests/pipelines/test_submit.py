@@ -45,6 +45,7 @@ def test_submit_creates_one_run_with_the_config_and_prints_its_url(
     expected = load_config(GPU_EXAMPLE).as_parameter()
     assert run["runtime_config"]["parameters"]["config"] == expected
     assert executors(run)["exec-train"]["container"]["image"] == CUDA_IMAGE
+    assert run["service_account"] == "transferkit-pipeline-runner"
     # A second submission finds the experiment instead of creating another.
     assert main([*args, "--run-name", "again"]) == 0
     assert len(kfp.experiments) == 1
@@ -60,6 +61,7 @@ def test_schedule_creates_a_recurring_run_in_kfp_cron_form(
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"  # seconds field added
     assert job["max_concurrency"] in (1, "1")
     assert job["display_name"] == "sst2-sentiment-retrain"
+    assert job["service_account"] == "transferkit-pipeline-runner"
     assert job["runtime_config"]["parameters"]["data_stamp"] == ""
     assert kfp.host in capsys.readouterr().out
 

@@ -89,8 +89,18 @@ def test_defaults_fill_every_section() -> None:
         ),
         (
             {**MINIMAL, "resources": {"evaluate": {"accelerator": {"count": 1}}}},
-            "resources: evaluate asks for accelerators, node_selector or tolerations; only "
-            "train runs on the accelerator node pool, move them to resources.train",
+            "resources: evaluate asks for accelerators, node_selector, tolerations or a "
+            "priority_class; only train runs on the accelerator node pool, move them to "
+            "resources.train",
+        ),
+        (
+            {**MINIMAL, "resources": {"ingest_data": {"priority_class": "high"}}},
+            "resources: ingest_data asks for accelerators, node_selector, tolerations or a "
+            "priority_class",
+        ),
+        (
+            {**MINIMAL, "resources": {"train": {"priority_class": "High Priority"}}},
+            "resources.train.priority_class: String should match pattern",
         ),
         (
             {**MINIMAL, "resources": {"train": {"node_selector": {"pool": "gpu pool"}}}},
