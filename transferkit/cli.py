@@ -6,6 +6,7 @@
     transferkit compile [CONFIG] [--output PATH]
     transferkit submit CONFIG --host URL [--experiment NAME]
     transferkit schedule CONFIG --host URL --cron "0 3 * * 1"
+    transferkit trigger CONFIG (--host URL | --local) [--dry-run]
     transferkit predict MODEL_URI TEXT... [--tracking-uri URI] [--json]
 
 Exit status: 0 success, 1 a run or prediction failed, 2 invalid configuration or usage.
@@ -279,6 +280,27 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trigger(args: argparse.Namespace) -> int:
+    from transferkit.trigger import trigger
+
+    if bool(args.host) == bool(args.local):
+        raise ConfigError("give --host URL (submit a KFP run) or --local (run here), not both")
+    config = _load(args)
+    if args.local:
+        config = config.resolved()
+    elif not config.registry.tracking_uri:
+        raise ConfigError(
+            "registry.tracking_uri is unset; the trigger reads the champion from the MLflow "
+            "server the cluster's runs register to: set it"
+        )
+    decision = trigger(config, args.host, args.experiment, args.local, args.dry_run)
+    for check in decision.checks:
+        mark = "fires" if check.fired else "ok"
+        print(f"  {check.name:<9}{mark:<7}{check.detail}")
+    print(f"→ {decision.detail}")
+    return 0
+
+
 def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
     """Images from image files, .npy arrays or .npz archives; None when the inputs are texts.
 
@@ -431,6 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrency", type=int, default=1, help="runs of the schedule at once (default 1)"
     )
     sched.set_defaults(func=cmd_schedule)
+
+    trig = sub.add_parser(
+        "trigger",
+        help="retrain when the data changed, inputs drifted or the champion is old (see "
+        "trigger: in the config); idempotent",
+    )
+    with_config(trig)
+    trig.add_argument("--host", help="submit the retraining run to this KFP API endpoint")
+    trig.add_argument("--local", action="store_true", help="run the retraining here instead")
+    trig.add_argument("--experiment", default="transferkit", help="KFP experiment name")
+    trig.add_argument("--dry-run", action="store_true", help="decide only; start nothing")
+    trig.set_defaults(func=cmd_trigger)
 
     predict = sub.add_parser(
         "predict", help="classify texts or images with a registered or saved model"

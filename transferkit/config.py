@@ -943,6 +943,43 @@ class KubernetesConfig(_Model):
     )
 
 
+class DriftConfig(_Model):
+    """Embedding drift: recent inputs against the champion's training inputs."""
+
+    uri: str = Field(
+        description="Recent unlabelled inputs: texts as a .txt file (one per line) or a "
+        "csv/tsv/jsonl/parquet table (column text_column); images as an .npz (every *images "
+        "array). Path, file:// or s3://."
+    )
+    text_column: str = Field("text", min_length=1, description="Text column of a table.")
+    threshold: float = Field(
+        0.05,
+        gt=0,
+        description="Retrain when the squared maximum mean discrepancy (RBF kernel, median "
+        "bandwidth) between the two embedding samples exceeds this. Measured on SST-2 with "
+        "MiniLM: training phrases vs GLUE dev sentences 0.015, vs technical documentation 0.09.",
+    )
+    max_rows: int = Field(
+        1000, ge=20, le=20_000, description="Recent inputs compared at most (a seeded sample)."
+    )
+
+
+class TriggerConfig(_Model):
+    """When `transferkit trigger` retrains: any enabled reason fires it."""
+
+    data_changed: bool = Field(
+        True,
+        description="Retrain when the data sources' stamp (S3 ETags and sizes of every object "
+        "under each data URI; sha256 of local files) differs from the champion's.",
+    )
+    drift: DriftConfig | None = Field(
+        None, description="Retrain when recent inputs drift from the champion's training data."
+    )
+    max_age_days: float | None = Field(
+        None, gt=0, description="Retrain when the champion version is older than this."
+    )
+
+
 class RuntimeConfig(_Model):
     """Where a run keeps its files and how it executes."""
 
@@ -999,6 +1036,10 @@ class PipelineConfig(_Model):
     kubernetes: KubernetesConfig = Field(
         default_factory=KubernetesConfig,
         description="Secrets of the pods, baked in by 'transferkit compile'.",
+    )
+    trigger: TriggerConfig = Field(
+        default_factory=TriggerConfig,
+        description="When 'transferkit trigger' retrains (not used by a run itself).",
     )
 
     @model_validator(mode="after")
@@ -1117,9 +1158,12 @@ class PipelineConfig(_Model):
         """The config as a KFP pipeline parameter (a JSON struct, which cannot hold nulls).
 
         Without ``resources`` and ``kubernetes``: those are compiled into the pods' specs, and
-        leaving them out keeps a change of pod size from invalidating every cached step.
+        leaving them out keeps a change of pod size from invalidating every cached step; nor
+        ``trigger``, which decides whether to run, not how.
         """
-        return self.model_dump(mode="json", exclude_none=True, exclude={"resources", "kubernetes"})
+        return self.model_dump(
+            mode="json", exclude_none=True, exclude={"resources", "kubernetes", "trigger"}
+        )
 
     def resolved(self, base: Path | None = None) -> PipelineConfig:
         """Return a copy whose local paths are absolute and whose derived defaults are explicit.
@@ -1148,6 +1192,8 @@ class PipelineConfig(_Model):
         for strategy in strategies:
             if strategy.get("unlabelled_uri"):
                 strategy["unlabelled_uri"] = absolute(strategy["unlabelled_uri"])
+        if data["trigger"]["drift"]:
+            data["trigger"]["drift"]["uri"] = absolute(data["trigger"]["drift"]["uri"])
         runtime = data["runtime"]
         runtime["work_dir"] = absolute(runtime["work_dir"])
         runtime["pipeline_root"] = absolute(self.runtime.pipeline_root) or str(

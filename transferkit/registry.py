@@ -121,6 +121,33 @@ class _IncomparableError(Exception):
     """The champion cannot be scored on this run's evaluation rows."""
 
 
+def load_version(name: str, version: Any, scratch: Path) -> tuple[Any, Any, Any]:
+    """Download a registered version into ``scratch`` and load its classifier.
+
+    Returns:
+        The tokenizer (None for images), the classifier and its model card.
+
+    Raises:
+        ValueError: the version is not a transferkit model.
+    """
+    import mlflow
+
+    from transferkit.training.model import load_classifier
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(scratch)
+        )
+    )
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        return load_classifier(local / flavor["artifacts"]["model"]["path"])
+    except Exception as exc:
+        raise ValueError(
+            f"champion v{version.version} is not a transferkit model ({type(exc).__name__})"
+        ) from None
+
+
 def _champion_predictions(
     config: PipelineConfig,
     champion: Any,
@@ -133,25 +160,14 @@ def _champion_predictions(
     Returns:
         Class probabilities [rows, labels].
     """
-    import mlflow
-
     from transferkit.backbones.text import resolve_precision
-    from transferkit.training.model import load_classifier, predict_proba
+    from transferkit.training.model import predict_proba
     from transferkit.training.runtime import device
 
-    name = config.registry.model_name
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{champion.version}", dst_path=str(scratch)
-        )
-    )
     try:
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-        tokenizer, model, card = load_classifier(local / flavor["artifacts"]["model"]["path"])
-    except Exception as exc:
-        raise _IncomparableError(
-            f"champion v{champion.version} is not a transferkit model ({type(exc).__name__})"
-        ) from None
+        tokenizer, model, card = load_version(config.registry.model_name, champion, scratch)
+    except ValueError as exc:
+        raise _IncomparableError(str(exc)) from None
     if card.labels != labels:
         raise _IncomparableError(
             f"champion v{champion.version} predicts {card.labels}, this model {labels}"
@@ -383,6 +399,7 @@ def _log_run(
             )
 
             tokenizer, model, card = load_classifier(model_dir)
+            _log_drift_reference(model, tokenizer, card, paths["dataset"], config)
             example: Any = pd.DataFrame({"text": ["An example input text.", "Another one."]})
             if card.image is not None:  # two evaluation images, as stored: uint8 [N, H, W, C]
                 example = load_images(paths["dataset"], "test")[0][:2]
@@ -442,6 +459,29 @@ def _requirements() -> list[str]:
     ]
 
 
+def _log_drift_reference(
+    model: Any, tokenizer: Any, card: Any, dataset_dir: Path, config: PipelineConfig
+) -> None:
+    """A seeded sample of the training inputs, embedded by the model's encoder, for
+    `transferkit trigger`'s drift test (see transferkit.drift)."""
+    import mlflow
+
+    from transferkit.backbones.text import resolve_precision
+    from transferkit.drift import REFERENCE_PATH, REFERENCE_ROWS, sample_rows
+    from transferkit.training.model import embed
+    from transferkit.training.runtime import device
+
+    inputs, _ = load_inputs(dataset_dir, "train")
+    rows = sample_rows(len(inputs), REFERENCE_ROWS)
+    sample = inputs[rows] if isinstance(inputs, np.ndarray) else [inputs[i] for i in rows]
+    precision = resolve_precision(config.evaluation.precision, device())
+    vectors = embed(model, tokenizer, card, sample, config.evaluation.batch_size, precision)
+    with tempfile.TemporaryDirectory(prefix="transferkit-drift-") as scratch:
+        path = Path(scratch) / Path(REFERENCE_PATH).name
+        np.save(path, vectors.astype(np.float32))
+        mlflow.log_artifact(str(path), artifact_path=str(Path(REFERENCE_PATH).parent))
+
+
 def register_model(
     config: PipelineConfig,
     dataset_dir: Path,
@@ -476,13 +516,16 @@ def register_model(
     metrics = _metrics(evaluation, training)
     value = metrics[f"test_{metric}"]
     fingerprint = storage.sha256_tree(model_dir)
+    stats = storage.read_json(dataset_dir / "stats.json")
     sweep = read_sweep(evaluation_dir)
     selected = None
     if sweep is not None:
         selected = next(row for row in sweep["branches"] if row["name"] == sweep["selected"])
     tags = {
         TAG + "model_fingerprint": fingerprint,
-        TAG + "data_fingerprint": storage.read_json(dataset_dir / "stats.json")["fingerprint"],
+        TAG + "data_fingerprint": stats["fingerprint"],
+        # The stamp of the data sources (S3 ETags): what `transferkit trigger` compares.
+        TAG + "data_stamp": stats.get("source_stamp", ""),
         TAG + "backbone_fingerprint": storage.read_json(backbone_dir / "backbone.json")[
             "fingerprint"
         ],

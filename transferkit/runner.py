@@ -200,13 +200,13 @@ class _LineTee(io.TextIOBase):
 
 def source_stamps(config: PipelineConfig) -> tuple[str, str]:
     """Content stamps of the data sources and of the backbone source(s)."""
-    data = config.data
-    uris = [u for u in (data.uri, data.train_uri, data.validation_uri, data.test_uri) if u]
-    data_stamp = ",".join(storage.stamp(u, config.storage) for u in uris)
+    from transferkit.data.ingest import data_stamp
+
     backbones = [config.backbone.uri]
     if config.backbone_selection is not None:
         backbones = [c.uri for c in config.backbone_selection.candidates]
-    return data_stamp, ",".join(storage.stamp(uri, config.storage) for uri in backbones)
+    stamps = ",".join(storage.stamp(uri, config.storage) for uri in backbones)
+    return data_stamp(config), stamps
 
 
 def _child_environment() -> None:

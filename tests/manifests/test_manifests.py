@@ -188,11 +188,20 @@ def test_the_shipped_pipeline_config_validates_compiles_and_names_rendered_objec
     overlay: str, tmp_path: Path
 ) -> None:
     docs = render(overlay)
-    (cronjob,) = find(docs, "CronJob", "transferkit-recurring-run")
-    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["transferkit", "submit", "/etc/transferkit/pipeline.yaml"]
-    args = container["args"]
+    commands = {}
+    for cronjob in find(docs, "CronJob"):
+        assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+        container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+        command, path = container["command"][:2], container["command"][2]
+        assert path == "/etc/transferkit/pipeline.yaml"
+        commands[cronjob["metadata"]["name"]] = (command, container["args"])
+    assert commands.keys() == {"transferkit-recurring-run", "transferkit-retraining-trigger"}
+    assert commands["transferkit-recurring-run"][0] == ["transferkit", "submit"]
+    assert commands["transferkit-retraining-trigger"][0] == ["transferkit", "trigger"]
+    args = commands["transferkit-recurring-run"][1]
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    trigger_args = commands["transferkit-retraining-trigger"][1]
+    assert [trigger_args[i + 1] for i, a in enumerate(trigger_args) if a == "--set"] == overrides
     config = load_config(pipeline_config(docs, tmp_path), overrides)
     compiler.Compiler().compile(build_for(config), str(tmp_path / "compiled.yaml"))
     secrets = {s["metadata"]["name"] for s in find(docs, "Secret")}

@@ -91,6 +91,12 @@ def serve() -> tuple[KfpStandIn, ThreadingHTTPServer]:
                     e for e in state.experiments.values() if wanted in (None, e["display_name"])
                 ]
                 return self._send(200, {"experiments": found, "total_size": len(found)})
+            if url.path.startswith("/apis/v2beta1/runs/"):
+                run_id = url.path.rsplit("/", 1)[-1]
+                for run in state.runs:
+                    if run["run_id"] == run_id:
+                        return self._send(200, run)
+                return self._send(404, {"error_message": f"run {run_id} not found", "code": 5})
             return self._send(404, {"error_message": f"no route {url.path}", "code": 5})
 
         def do_POST(self) -> None:

@@ -84,6 +84,7 @@ def test_schema(capsys: pytest.CaptureFixture[str]) -> None:
         "runtime",
         "resources",
         "kubernetes",
+        "trigger",
     }
     assert schema["required"] == ["data"]
 

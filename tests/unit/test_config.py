@@ -94,6 +94,18 @@ def test_defaults_fill_every_section() -> None:
             "resources.train",
         ),
         (
+            {**MINIMAL, "trigger": {"drift": {"threshold": 0.1}}},
+            "trigger.drift.uri: required key is missing — Recent unlabelled inputs",
+        ),
+        (
+            {**MINIMAL, "trigger": {"drift": {"uri": "s3://b/recent.txt", "threshold": 0}}},
+            "trigger.drift.threshold: Input should be greater than 0",
+        ),
+        (
+            {**MINIMAL, "trigger": {"max_age_days": -1}},
+            "trigger.max_age_days: Input should be greater than 0",
+        ),
+        (
             {**MINIMAL, "resources": {"ingest_data": {"priority_class": "high"}}},
             "resources: ingest_data asks for accelerators, node_selector, tolerations or a "
             "priority_class",

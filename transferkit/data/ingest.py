@@ -63,6 +63,7 @@ class IngestResult(BaseModel):
     conflicting_duplicates: int
     overlap: dict[str, int]
     sources: dict[str, str]
+    source_stamp: str = ""  # data_stamp(config) as the run began: what the trigger compares
     seconds: float
 
 
@@ -321,6 +322,14 @@ def _image_stats(images: np.ndarray) -> ImageStats:
     )
 
 
+def data_stamp(config: PipelineConfig) -> str:
+    """Content stamp of every data source (S3: ETags and sizes of the objects under each URI;
+    local: sha256), in config order: changes whenever data behind the URIs changes."""
+    data = config.data
+    uris = [u for u in (data.uri, data.train_uri, data.validation_uri, data.test_uri) if u]
+    return ",".join(storage.stamp(u, config.storage) for u in uris)
+
+
 def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
     """Read the configured splits, validate them and write the dataset artifact.
 
@@ -336,6 +345,7 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
         StorageError: a URI cannot be read.
     """
     started = time.perf_counter()
+    stamp = data_stamp(config)  # before reading: a change while reading reads as new data
     with tempfile.TemporaryDirectory(prefix="transferkit-ingest-") as scratch:
         raw_splits, sources = _split(config, Path(scratch))
     _check(raw_splits, sources, config)
@@ -389,6 +399,7 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
         conflicting_duplicates=conflicting,
         overlap=overlap,
         sources=sources,
+        source_stamp=stamp,
         seconds=round(time.perf_counter() - started, 3),
     )
     with storage.atomic_dir(output_dir) as tmp:

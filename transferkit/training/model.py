@@ -182,6 +182,25 @@ def load_classifier(model_dir: Path) -> tuple[Any, TextClassifier | ImageClassif
     return tokenizer, model.eval(), card
 
 
+def _run(
+    module: nn.Module,
+    tokenizer: Any,
+    card: ModelCard,
+    inputs: list[str] | np.ndarray,
+    batch_size: int,
+    precision: str,
+    description: str,
+) -> np.ndarray:
+    """``module`` (the classifier or its encoder) applied to texts or uint8 images, in order."""
+    if card.image is not None:
+        return run_images(
+            module, as_image_batch(inputs), card.image, batch_size, precision, description
+        )
+    return run_batched(
+        module, tokenizer, list(inputs), card.max_length, batch_size, precision, description
+    )
+
+
 def predict_proba(
     model: TextClassifier | ImageClassifier,
     tokenizer: Any,
@@ -194,15 +213,19 @@ def predict_proba(
 
     ``inputs`` are texts for a text model, uint8 images [N, H, W, C] for an image model.
     """
-    if card.image is not None:
-        logits = run_images(
-            model, as_image_batch(inputs), card.image, batch_size, precision, "predict"
-        )
-    else:
-        logits = run_batched(
-            model, tokenizer, list(inputs), card.max_length, batch_size, precision, "predict"
-        )
-    return softmax(logits)
+    return softmax(_run(model, tokenizer, card, inputs, batch_size, precision, "predict"))
+
+
+def embed(
+    model: TextClassifier | ImageClassifier,
+    tokenizer: Any,
+    card: ModelCard,
+    inputs: list[str] | np.ndarray,
+    batch_size: int = 128,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """The classifier's encoder outputs [inputs, hidden] (the features its head reads)."""
+    return _run(model.encoder, tokenizer, card, inputs, batch_size, precision, "embed")
 
 
 def as_image_batch(inputs: Any) -> np.ndarray:
