@@ -7,7 +7,7 @@ from transferkit.components.fetch_backbone import fetch_backbone
 from transferkit.components.ingest_data import ingest_data
 from transferkit.components.plan_sweep import plan_sweep
 from transferkit.components.register_model import register_model
-from transferkit.components.train import train, train_cuda
+from transferkit.components.train import train, train_cuda, train_nodes
 
 __all__ = [
     "compare_strategies",
@@ -19,4 +19,5 @@ __all__ = [
     "register_model",
     "train",
     "train_cuda",
+    "train_nodes",
 ]

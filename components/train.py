@@ -25,6 +25,7 @@ def train(
 
     from transferkit import config as cfg
     from transferkit.cli import configure_logging
+    from transferkit.training import artifact_metadata
     from transferkit.training import train as fit
 
     configure_logging()
@@ -35,16 +36,37 @@ def train(
         Path(features.path),
         Path(model.path),
     )
-    model.metadata.update(
-        {
-            "strategy": result.strategy,
-            "precision": result.precision,
-            "validation_metric": result.validation_metric,
-            "trainable_parameters": result.trainable_parameters,
-        }
+    model.metadata.update(artifact_metadata(result.model_dump()))
+
+
+def train_nodes(
+    config: dict,
+    dataset: Input[Dataset],
+    backbone: Input[Model],
+    features: Input[Dataset],
+    model: Output[Model],
+) -> None:
+    """Train on training.nodes nodes: create a Kubeflow Trainer TrainJob, wait for it, and
+    keep the model its first node uploaded. Inputs and output as in ``train``."""
+    from pathlib import Path
+
+    from transferkit import config as cfg
+    from transferkit.cli import configure_logging
+    from transferkit.training import artifact_metadata
+    from transferkit.training.trainjob import run_train_job
+
+    configure_logging()
+    result = run_train_job(
+        cfg.PipelineConfig.model_validate(config),
+        {"dataset": dataset.uri, "backbone": backbone.uri, "features": features.uri},
+        model.uri,
+        Path(model.path),
     )
+    model.metadata.update(artifact_metadata(result))
 
 
+# The launcher of a multi-node TrainJob runs in the CPU image: the nodes have the GPUs.
+train_nodes = dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)(train_nodes)
 # The same step in the CUDA image, for a training pod on an accelerator node pool
 # (resources.train.accelerator); the pipelines pick one of the two when they are built.
 train_cuda = dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)(train)

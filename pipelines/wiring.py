@@ -16,19 +16,25 @@ from transferkit.components import (
     register_model,
     train,
     train_cuda,
+    train_nodes,
 )
 
 from transferkit.config import KubernetesConfig, PipelineConfig, ResourcesConfig, StepResources
+
+# KFP 2.17 cannot set spec.priorityClassName; manifests/overlays/gpu maps this label onto it.
+from transferkit.training.trainjob import PRIORITY_LABEL, S3_KEYS, S3_OPTIONAL_KEYS
 
 # Steps that read or write object storage: the data, the backbone, unlabelled text for domain
 # adaptation, and model artifacts that MLflow stores in S3.
 S3_STEPS = frozenset({"ingest_data", "fetch_backbone", "train", "register_model"})
 MLFLOW_STEPS = frozenset({"register_model"})
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-# KFP 2.17 cannot set spec.priorityClassName; manifests/overlays/gpu maps this label onto it.
-PRIORITY_LABEL = "transferkit.dev/priority-class"
-S3_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN",)
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+LAUNCHER = StepResources(cpu_request="100m", memory_request="1Gi", memory_limit="2Gi")
+POD_FIELDS = {
+    "POD_NAME": "metadata.name",
+    "POD_UID": "metadata.uid",
+    "POD_NAMESPACE": "metadata.namespace",
+}
 
 
 class Cluster:
@@ -38,13 +44,23 @@ class Cluster:
         """From the config the pipeline is built with; unset: default resources, no Secrets."""
         self.resources = config.resources if config else ResourcesConfig()
         self.secrets = config.kubernetes if config else KubernetesConfig()
+        self.nodes = config.training.nodes if config else 1
 
     def train_component(self) -> Any:
-        """The training component: the CUDA image when training asks for accelerators."""
+        """The training component: a TrainJob launcher for several nodes, else the CUDA image
+        when training asks for accelerators."""
+        if self.nodes > 1:
+            return train_nodes
         return train_cuda if self.resources.train.accelerator else train
 
     def apply(self, task: dsl.PipelineTask, name: str) -> None:
         spec: StepResources = getattr(self.resources, name)
+        if name == "train" and self.nodes > 1:
+            # The launcher only creates and watches the TrainJob, whose nodes get resources.train
+            # and its placement; it needs its own pod's identity to own the job.
+            spec = LAUNCHER
+            for variable, path in POD_FIELDS.items():
+                kubernetes.use_field_path_as_env(task, variable, path)
         if spec.cpu_request:
             task.set_cpu_request(spec.cpu_request)
         if spec.cpu_limit:

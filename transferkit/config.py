@@ -499,6 +499,8 @@ STRATEGIES: dict[str, type[_Model]] = {
 IMAGE_STRATEGIES = frozenset(
     {"linear_probe", "partial_finetune", "full_finetune", "scratch", "domain_adaptation", "auto"}
 )
+# Strategies whose training is one data-parallel loop (what a multi-node TrainJob runs).
+MULTINODE_STRATEGIES = frozenset({"full_finetune", "partial_finetune", "lora", "scratch"})
 StrategyConfig = Annotated[
     LinearProbeConfig
     | FullFinetuneConfig
@@ -570,6 +572,14 @@ class TrainingConfig(_Model):
         description="Data-parallel training processes in the pod (torch.distributed DDP; the "
         "batch is split across them). Unset: one per visible CUDA device, else 1. On a CPU, "
         "N > 1 runs N gloo processes (how the tests check the parallel path).",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Nodes that train together (cluster only): above 1 the training step "
+        "creates a Kubeflow Trainer TrainJob running the same training on every node, each "
+        "with resources.train (GPUs included) and training.processes processes.",
     )
     ema_decay: float | None = Field(
         None,
@@ -935,6 +945,11 @@ class KubernetesConfig(_Model):
         description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD or "
         "MLFLOW_TRACKING_TOKEN (each optional), given to the steps that talk to MLflow.",
     )
+    trainer_runtime: str = Field(
+        "torch-distributed",
+        pattern=_DNS_NAME,
+        description="ClusterTrainingRuntime the multi-node TrainJob uses (training.nodes > 1).",
+    )
     service_account: str | None = Field(
         None,
         pattern=_DNS_NAME,
@@ -1098,6 +1113,24 @@ class PipelineConfig(_Model):
         if self.backbone_selection is not None:
             raise ValueError(
                 "backbone_selection ranks text backbones only; for image data set backbone.uri"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_fine_tune(self) -> PipelineConfig:
+        nodes = self.training.nodes
+        if nodes == 1:
+            return self
+        if self.sweep is not None:
+            raise ValueError(
+                f"training.nodes: a sweep trains each branch on one node; set training.nodes: 1 "
+                f"(not {nodes}) or run the chosen strategy alone"
+            )
+        if self.strategy.name not in MULTINODE_STRATEGIES:
+            raise ValueError(
+                f"training.nodes: {nodes} nodes train only "
+                f"{', '.join(sorted(MULTINODE_STRATEGIES))}; '{self.strategy.name}' needs one "
+                "node — set training.nodes: 1"
             )
         return self
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.config import PipelineConfig
-from transferkit.errors import TransferkitError
+from transferkit.errors import ConfigError, TransferkitError
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,13 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     from kfp import local
 
     from transferkit.pipelines import strategy_sweep, transfer_learning
+
+    if config.training.nodes > 1:
+        raise ConfigError(
+            f"training.nodes {config.training.nodes}: several nodes train on a cluster (a "
+            "Kubeflow Trainer TrainJob, see transferkit submit); locally set training.nodes: 1 "
+            "and training.processes for several processes"
+        )
 
     sweep = config.sweep is not None
     pipeline = strategy_sweep if sweep else transfer_learning

@@ -250,6 +250,34 @@ def upload_file(path: Path, uri: str, storage: StorageConfig | None = None) -> N
         raise _s3_error(uri, exc) from None
 
 
+DONE_MARKER = "_SUCCESS"
+
+
+def upload_tree(src: Path, uri: str, storage: StorageConfig | None = None) -> None:
+    """Copy a local folder to a folder URI (S3 prefix or local path), then write the marker
+    ``_SUCCESS`` last, so a reader can tell a complete upload from one cut short."""
+    base = uri.rstrip("/")
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        upload_file(path, f"{base}/{path.relative_to(src).as_posix()}", storage)
+    with tempfile.TemporaryDirectory(prefix="transferkit-marker-") as scratch:
+        marker = Path(scratch) / DONE_MARKER
+        marker.write_text("")
+        upload_file(marker, f"{base}/{DONE_MARKER}", storage)
+
+
+def download_tree(uri: str, dest: Path, storage: StorageConfig | None = None) -> None:
+    """Copy a folder written by ``upload_tree`` to ``dest`` (created atomically).
+
+    Raises:
+        StorageError: the folder is missing, or its upload never completed (no marker).
+    """
+    names = list_tree(uri, storage)
+    if DONE_MARKER not in names:
+        raise StorageError(f"{uri}: incomplete upload (no {DONE_MARKER} marker); rerun the step")
+    with atomic_dir(dest) as tmp:
+        fetch_tree(uri, tmp, [n for n in names if n != DONE_MARKER], storage)
+
+
 def stamp(uri: str, storage: StorageConfig | None = None) -> str:
     """A content stamp of a file or folder: changes whenever the bytes behind the URI change.
 

@@ -167,3 +167,29 @@ def test_a_gpu_sweep_trains_every_branch_on_the_gpu_node_pool(
     for name in others:
         assert executors[name]["container"]["image"] == CPU_IMAGE
         assert "nodeSelector" not in kube.get(name, {})
+
+
+def test_several_nodes_make_training_a_light_train_job_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, executors, kube = compile_config(tmp_path, monkeypatch, "training.nodes=2")
+    assert "exec-train" not in executors
+    train = executors["exec-train-nodes"]["container"]
+    # The launcher runs the TrainJob step in the CPU image, without the GPU or the node pool:
+    # the TrainJob's nodes get those (tests/unit/test_trainjob.py).
+    assert train["image"] == CPU_IMAGE
+    assert "transferkit.training.trainjob import run_train_job" in " ".join(train["command"])
+    assert "accelerator" not in train["resources"]
+    assert train["resources"]["resourceMemoryLimit"] == "2Gi"
+    placement = kube["exec-train-nodes"]
+    assert "nodeSelector" not in placement
+    assert "tolerations" not in placement
+    fields = {f["name"]: f["fieldPath"] for f in placement["fieldPathAsEnv"]}
+    assert fields == {
+        "POD_NAME": "metadata.name",
+        "POD_UID": "metadata.uid",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
+    assert {s["secretName"] for s in placement["secretAsEnv"]} == {"transferkit-s3"}
+    text = out.read_text()
+    assert all(value not in text for value in CREDENTIALS.values())

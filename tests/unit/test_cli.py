@@ -58,6 +58,16 @@ def test_run_with_bad_config_exits_2_without_running(
     assert not (tmp_path / "w").exists()
 
 
+def test_run_refuses_several_nodes_locally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_quickstart(tmp_path / "w", "strategy.name=full_finetune", "training.nodes=2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: training.nodes 2: several nodes train on a cluster")
+    assert not (tmp_path / "w" / "mlflow.db").exists()
+
+
 def test_run_with_missing_data_exits_1_before_any_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -94,6 +94,15 @@ def test_defaults_fill_every_section() -> None:
             "resources.train",
         ),
         (
+            {**MINIMAL, "training": {"nodes": 2}},
+            "training.nodes: 2 nodes train only full_finetune, lora, partial_finetune, scratch; "
+            "'linear_probe' needs one node — set training.nodes: 1",
+        ),
+        (
+            {**MINIMAL, "training": {"nodes": 0}},
+            "training.nodes: Input should be greater than or equal to 1",
+        ),
+        (
             {**MINIMAL, "trigger": {"drift": {"threshold": 0.1}}},
             "trigger.drift.uri: required key is missing — Recent unlabelled inputs",
         ),

@@ -6,6 +6,8 @@ gradients, so they must end at the same weights and metrics up to float summatio
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_config, save_tiny_bert
+from tests.stand_ins.trainjobs import StandInTrainJobs
 from transferkit.backbones import fetch_backbone
+from transferkit.config import PipelineConfig
 from transferkit.data import ingest_data
 from transferkit.errors import TrainingError
 from transferkit.features import extract_features
 from transferkit.training import train
+from transferkit.training.trainjob import run_train_job
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +52,9 @@ def deterministic_run(
     return tmp, sections
 
 
-def fit(run: tuple[Path, dict], name: str, **training: object) -> tuple:
+def config_for(run: tuple[Path, dict], **training: object) -> PipelineConfig:
     tmp, sections = run
-    config = make_config(
+    return make_config(
         tmp,
         sections["data"],
         backbone=sections["backbone"],
@@ -63,6 +68,11 @@ def fit(run: tuple[Path, dict], name: str, **training: object) -> tuple:
             **training,
         },
     )
+
+
+def fit(run: tuple[Path, dict], name: str, **training: object) -> tuple:
+    tmp = run[0]
+    config = config_for(run, **training)
     result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / name)
     return result, load_file(str(tmp / name / "encoder" / "model.safetensors"))
 
@@ -90,3 +100,52 @@ def test_two_gloo_processes_match_one_process(deterministic_run: tuple) -> None:
 def test_a_batch_smaller_than_the_processes_is_refused(deterministic_run: tuple) -> None:
     with pytest.raises(TrainingError, match=r"batch_size 1 is smaller than the 2 training"):
         fit(deterministic_run, "too-small", processes=2, batch_size=1)
+
+
+def nodes_job(run: tuple[Path, dict], name: str, **training: object) -> tuple[Path, dict]:
+    """run_train_job with 2 nodes of 1 process each, the nodes run by the stand-in."""
+    tmp = run[0]
+    api = StandInTrainJobs()
+    out = tmp / name
+    run_train_job(
+        config_for(run, nodes=2, processes=1, **training),
+        {
+            "dataset": str(tmp / "dataset"),
+            "backbone": str(tmp / "backbone"),
+            "features": str(tmp / "features"),
+        },
+        str(tmp / "kfp" / name),
+        out,
+        api=api,
+        namespace="transferkit",
+        sleep=lambda _: time.sleep(0.2),
+    )
+    return out, api.created[0]
+
+
+@pytest.mark.timeout(600)
+def test_two_nodes_of_a_train_job_match_one_process(deterministic_run: tuple) -> None:
+    single, single_weights = fit(deterministic_run, "single-for-nodes", processes=1)
+    out, job = nodes_job(deterministic_run, "two-nodes")
+    assert job["spec"]["trainer"]["numNodes"] == 2
+    assert job["spec"]["trainer"]["command"] == ["python", "-m", "transferkit.training.node"]
+    training = json.loads((out / "training.json").read_text())
+    assert training["details"]["steps"] == single.details["steps"]
+    weights = load_file(str(out / "encoder" / "model.safetensors"))
+    assert weights.keys() == single_weights.keys()
+    for key, value in single_weights.items():
+        assert torch.allclose(value, weights[key], atol=1e-4), key
+    # Only the first node uploaded, and the marker closed the upload.
+    assert sorted(p.name for p in (deterministic_run[0] / "kfp").iterdir()) == ["two-nodes-nodes"]
+    assert (deterministic_run[0] / "kfp" / "two-nodes-nodes" / "_SUCCESS").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_train_job_fails_the_step_and_writes_no_model(deterministic_run: tuple) -> None:
+    with pytest.raises(
+        TrainingError,
+        match=r"TrainJob transferkit/transferkit-\w+ failed: "
+        r"TrainerFailed: error: training.batch_size 1 is smaller than the 2",
+    ):
+        nodes_job(deterministic_run, "failing", batch_size=1)
+    assert not (deterministic_run[0] / "failing").exists()

@@ -55,7 +55,7 @@ from transferkit.data import LabelMap, load_images, load_label_map, load_labels,
 from transferkit.features import extract_features, load_features
 from transferkit.metrics import metric_of_logits
 from transferkit.training.adabn import adapt_batch_norm
-from transferkit.training.distributed import finetune_parallel, world_size
+from transferkit.training.distributed import Layout, finetune_parallel, world_size
 from transferkit.training.domain import adapt_backbone
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.finetune import finetune
@@ -357,9 +357,9 @@ def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
     train_inputs, train_labels, val_inputs, val_labels = _inputs(config, ctx, tokenizer)
     groups = parameter_groups(model, strategy, config)
     arguments = (config, train_inputs, train_labels, val_inputs, val_labels, ctx.labels)
-    world = world_size(config)
-    if world > 1:
-        history = finetune_parallel(model, *arguments, groups, ctx.precision, world)
+    world, layout = world_size(config), Layout.from_env()
+    if world > 1 or layout.nodes > 1:
+        history = finetune_parallel(model, *arguments, groups, ctx.precision, world, layout)
     else:
         history = finetune(model, *arguments, groups, ctx.precision)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -473,6 +473,12 @@ def _target_images(
 
     path = storage.fetch_file(strategy.unlabelled_uri, scratch / "unlabelled", config.storage)
     return read_unlabelled_npz(path, strategy.unlabelled_uri)
+
+
+def artifact_metadata(training: dict[str, Any]) -> dict[str, Any]:
+    """What the KFP model artifact shows of a training.json."""
+    keys = ("strategy", "precision", "validation_metric", "trainable_parameters")
+    return {key: training[key] for key in keys}
 
 
 def train(

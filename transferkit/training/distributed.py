@@ -10,6 +10,11 @@ then holds it, as after single-process training.
 
 BatchNorm statistics come from the main process's shards (DDP broadcasts its buffers before
 every forward pass).
+
+Across nodes (a Kubeflow Trainer TrainJob, see ``transferkit.training.node``), every node runs
+the same training with its processes ranked after the previous nodes' (``Layout``, from the
+PET_* variables the torch runtime sets); at the end the main process broadcasts its best
+checkpoint, so every node holds the same model.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +42,57 @@ from transferkit.training.inputs import Inputs
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where this node sits in a multi-node job: the environment the Kubeflow Trainer torch
+    runtime gives every node (the variables torchrun reads), or one node by default."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free local port
+
+    @classmethod
+    def from_env(cls) -> Layout:
+        """PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT; unset: one node.
+
+        Raises:
+            TrainingError: the variables are inconsistent.
+        """
+        env = os.environ
+        if "PET_NNODES" not in env:
+            return cls()
+        try:
+            layout = cls(
+                nodes=int(env["PET_NNODES"]),
+                node_rank=int(env.get("PET_NODE_RANK", "0")),
+                master_addr=env["PET_MASTER_ADDR"],
+                master_port=int(env["PET_MASTER_PORT"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise TrainingError(
+                f"multi-node environment incomplete or invalid ({exc}); the TrainJob's runtime "
+                "must set PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT"
+            ) from None
+        if not 0 <= layout.node_rank < layout.nodes:
+            raise TrainingError(
+                f"PET_NODE_RANK {layout.node_rank} is outside 0..{layout.nodes - 1}"
+            )
+        return layout
+
+    @property
+    def main(self) -> bool:
+        return self.node_rank == 0
+
+
 def world_size(config: PipelineConfig) -> int:
-    """Training processes: ``training.processes``, else one per visible CUDA device (≥ 1)."""
+    """Training processes on this node: ``training.processes``, else PET_NPROC_PER_NODE when
+    a multi-node runtime gives a number, else one per visible CUDA device (≥ 1)."""
     if config.training.processes:
         return config.training.processes
+    per_node = os.environ.get("PET_NPROC_PER_NODE", "")
+    if per_node.isdigit() and int(per_node) > 0:
+        return int(per_node)
     return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
 
 
@@ -47,6 +100,16 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _share_best(model: nn.Module, history: FinetuneHistory | None) -> FinetuneHistory:
+    """Every process ends with the main process's best checkpoint and history (multi-node:
+    each node saves the same model; the first uploads it)."""
+    for tensor in model.state_dict().values():
+        torch.distributed.broadcast(tensor, src=0)
+    box: list[Any] = [history.model_dump() if history is not None else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return FinetuneHistory.model_validate(box[0])
 
 
 def _group_names(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,9 +125,9 @@ def _group_names(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[st
 
 
 def _worker(
-    rank: int,
-    world: int,
-    port: int,
+    local_rank: int,
+    local_world: int,
+    layout: Layout,
     model: nn.Module,
     groups: list[dict[str, Any]],
     job: dict[str, Any],
@@ -78,20 +141,22 @@ def _worker(
     """
     config: PipelineConfig = job["config"]
     code = 0
+    rank = layout.node_rank * local_world + local_rank
+    world = layout.nodes * local_world
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
+        os.environ["MASTER_ADDR"] = layout.master_addr
+        os.environ["MASTER_PORT"] = str(layout.master_port)
         cuda = torch.cuda.is_available()
         torch.distributed.init_process_group(
             "nccl" if cuda else "gloo", rank=rank, world_size=world
         )
         if cuda:
-            device = torch.device("cuda", rank)
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
             threads = config.runtime.num_threads or os.cpu_count() or 1
-            torch.set_num_threads(max(threads // world, 1))
+            torch.set_num_threads(max(threads // local_world, 1))
         if rank:
             logging.getLogger("transferkit").setLevel(logging.WARNING)  # one log: the main one
         torch.manual_seed(config.training.seed + rank)  # dropout masks differ across shards
@@ -109,7 +174,9 @@ def _worker(
             model, device_ids=[device.index] if cuda else None
         )
         history = finetune(model, groups=rebuilt, rank=Rank(rank, world), forward=wrapped, **job)
-        if rank == 0:
+        if layout.nodes > 1:
+            history = _share_best(model, history if rank == 0 else None)
+        if local_rank == 0:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             torch.save(state, Path(out) / "state.pt")
             (Path(out) / "history.json").write_text(history.model_dump_json())
@@ -134,13 +201,19 @@ def finetune_parallel(
     groups: list[dict[str, Any]],
     precision: str,
     world: int,
+    layout: Layout | None = None,
 ) -> FinetuneHistory:
-    """``finetune`` in ``world`` data-parallel processes; ``model`` holds the best checkpoint
-    on return, on the device it came on.
+    """``finetune`` in ``world`` data-parallel processes on this node (times ``layout.nodes``
+    nodes); ``model`` holds the best checkpoint on return, on the device it came on.
 
     Raises:
         TrainingError: a process failed (its error is in the message).
     """
+    layout = layout or Layout()
+    if layout.master_port == 0:
+        layout = Layout(layout.nodes, layout.node_rank, layout.master_addr, _free_port())
+    local_world = world
+    world = layout.nodes * local_world
     if config.training.batch_size < world:
         raise TrainingError(
             f"training.batch_size {config.training.batch_size} is smaller than the {world} "
@@ -158,8 +231,10 @@ def finetune_parallel(
     }
     names = _group_names(model, groups)
     log.info(
-        "data-parallel fine-tuning: %d processes (%s), %d examples per process and step",
+        "data-parallel fine-tuning: %d processes on %d node(s) (%s), %d examples per process "
+        "and step",
         world,
+        layout.nodes,
         "NCCL, one GPU each" if torch.cuda.is_available() else "gloo on the CPU",
         config.training.batch_size // world,
     )
@@ -167,8 +242,8 @@ def finetune_parallel(
         try:
             torch.multiprocessing.spawn(
                 _worker,
-                args=(world, _free_port(), model.cpu(), names, job, out),
-                nprocs=world,
+                args=(local_world, layout, model.cpu(), names, job, out),
+                nprocs=local_world,
                 join=True,
             )
         except ProcessException as exc:
