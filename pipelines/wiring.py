@@ -20,6 +20,7 @@ from transferkit.components import (
 )
 
 from transferkit.config import KubernetesConfig, PipelineConfig, ResourcesConfig, StepResources
+from transferkit.storage import CACHE_ENV
 
 # KFP 2.17 cannot set spec.priorityClassName; manifests/overlays/gpu maps this label onto it.
 from transferkit.training.trainjob import PRIORITY_LABEL, S3_KEYS, S3_OPTIONAL_KEYS
@@ -29,6 +30,7 @@ from transferkit.training.trainjob import PRIORITY_LABEL, S3_KEYS, S3_OPTIONAL_K
 S3_STEPS = frozenset({"ingest_data", "fetch_backbone", "train", "register_model"})
 MLFLOW_STEPS = frozenset({"register_model"})
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+CACHE_MOUNT = "/var/cache/transferkit/backbones"
 LAUNCHER = StepResources(cpu_request="100m", memory_request="1Gi", memory_limit="2Gi")
 POD_FIELDS = {
     "POD_NAME": "metadata.name",
@@ -92,6 +94,9 @@ class Cluster:
             kubernetes.use_secret_as_env(
                 task, self.secrets.s3_secret, {k: k for k in S3_OPTIONAL_KEYS}, optional=True
             )
+        if self.secrets.backbone_cache_pvc and name == "fetch_backbone":
+            kubernetes.mount_pvc(task, self.secrets.backbone_cache_pvc, mount_path=CACHE_MOUNT)
+            task.set_env_variable(CACHE_ENV, CACHE_MOUNT)
         if self.secrets.mlflow_secret and name in MLFLOW_STEPS:
             kubernetes.use_secret_as_env(
                 task, self.secrets.mlflow_secret, {k: k for k in MLFLOW_KEYS}, optional=True

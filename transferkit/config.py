@@ -945,6 +945,12 @@ class KubernetesConfig(_Model):
         description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD or "
         "MLFLOW_TRACKING_TOKEN (each optional), given to the steps that talk to MLflow.",
     )
+    backbone_cache_pvc: str | None = Field(
+        None,
+        pattern=_DNS_NAME,
+        description="PersistentVolumeClaim mounted on fetch_backbone as a shared cache of "
+        "backbones fetched from S3 (keyed by the objects' ETags); unset: no cache.",
+    )
     trainer_runtime: str = Field(
         "torch-distributed",
         pattern=_DNS_NAME,

@@ -278,6 +278,43 @@ def download_tree(uri: str, dest: Path, storage: StorageConfig | None = None) ->
         fetch_tree(uri, tmp, [n for n in names if n != DONE_MARKER], storage)
 
 
+CACHE_ENV = "TRANSFERKIT_BACKBONE_CACHE"
+
+
+def fetch_tree_cached(
+    uri: str, dest: Path, names: list[str], storage: StorageConfig | None = None
+) -> bool:
+    """``fetch_tree`` through the shared cache folder named by $TRANSFERKIT_BACKBONE_CACHE
+    (a PVC on a cluster), for S3 folders: entries are keyed by the folder's stamp (every
+    object's ETag and size) and the names, so changed objects are fetched again. Returns
+    whether the cache served it. Without the variable, or for local folders, a plain copy.
+
+    Raises:
+        StorageError: as ``fetch_tree``.
+    """
+    cache = os.environ.get(CACHE_ENV)
+    if not cache or parse(uri).scheme != "s3":
+        fetch_tree(uri, dest, names, storage)
+        return False
+    key = hashlib.sha256((stamp(uri, storage) + "\n" + "\n".join(names)).encode()).hexdigest()
+    entry = Path(cache) / key
+    hit = (entry / DONE_MARKER).exists()
+    if not hit:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+        try:
+            fetch_tree(uri, tmp, names, storage)
+            (tmp / DONE_MARKER).write_text(uri)
+            with contextlib.suppress(OSError):  # another pod filled it first: use that one
+                os.rename(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name in names:
+        link_or_copy(_safe_join(entry, name, uri), _safe_join(dest, name, uri))
+    log.info("%s %s (%s)", "from the cache" if hit else "fetched and cached", uri, entry)
+    return hit
+
+
 def stamp(uri: str, storage: StorageConfig | None = None) -> str:
     """A content stamp of a file or folder: changes whenever the bytes behind the URI change.
 
@@ -306,7 +343,9 @@ def stamp(uri: str, storage: StorageConfig | None = None) -> str:
     if not objects:  # not a single object: a folder prefix
         objects = _list_s3(client, loc, uri)
     if not objects:
-        raise StorageError(f"{uri}: no such object or prefix; check the URI")
+        if loc.path.endswith("/"):
+            raise StorageError(f"{uri}: no objects under this prefix; check the URI")
+        raise StorageError(f"{uri}: no such object; check the key")
     for obj in sorted(objects, key=lambda o: o["Key"]):
         digest.update(f"{obj['Key']}\0{obj['ETag']}\0{obj['Size']}\n".encode())
     return digest.hexdigest()

@@ -177,3 +177,35 @@ def test_image_folder_and_npz_from_s3_equal_the_local_files(
         assert remote.fingerprint == here.fingerprint
         assert remote.rows == here.rows
         assert remote.modality == "image"
+
+
+def test_backbone_cache_fetches_once_until_the_objects_change(
+    tmp_path: Path, s3_env: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(storage.CACHE_ENV, str(cache))
+    downloads: list[str] = []
+    real = storage.fetch_tree
+
+    def counting(uri: str, *args: object, **kwargs: object) -> None:
+        downloads.append(uri)
+        real(uri, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "fetch_tree", counting)
+    config = s3_config(tmp_path, s3_env)
+    first = fetch_backbone(config, tmp_path / "first")
+    second = fetch_backbone(config, tmp_path / "second")
+    assert downloads == ["s3://transferkit/backbones/minilm/"]  # the second came from the cache
+    assert first.fingerprint == second.fingerprint
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert (entry / "_SUCCESS").read_text() == "s3://transferkit/backbones/minilm/"
+    # A changed object behind the same prefix is a new cache entry, fetched again.
+    s3_env.client().put_object(
+        Bucket=bucket, Key="backbones/minilm/README.md", Body=b"# retrained elsewhere\n"
+    )
+    try:
+        fetch_backbone(config, tmp_path / "third")
+    finally:
+        s3_env.client().delete_object(Bucket=bucket, Key="backbones/minilm/README.md")
+    assert len(downloads) == 2
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2

@@ -209,6 +209,9 @@ def test_the_shipped_pipeline_config_validates_compiles_and_names_rendered_objec
     assert config.kubernetes.service_account in {
         a["metadata"]["name"] for a in find(docs, "ServiceAccount")
     }
+    (cache,) = find(docs, "PersistentVolumeClaim", config.kubernetes.backbone_cache_pvc)
+    modes = ["ReadWriteOnce"] if overlay == "dev" else ["ReadWriteMany"]
+    assert cache["spec"]["accessModes"] == modes
     assert config.registry.tracking_uri == "http://mlflow.transferkit.svc.cluster.local:5000"
     assert shlex.join(args).startswith("--host '$(KFP_HOST)'")
     if overlay == "dev":

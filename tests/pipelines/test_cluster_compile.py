@@ -193,3 +193,25 @@ def test_several_nodes_make_training_a_light_train_job_launcher(
     assert {s["secretName"] for s in placement["secretAsEnv"]} == {"transferkit-s3"}
     text = out.read_text()
     assert all(value not in text for value in CREDENTIALS.values())
+
+
+def test_the_backbone_cache_pvc_is_mounted_on_fetch_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, executors, kube = compile_config(
+        tmp_path, monkeypatch, "kubernetes.backbone_cache_pvc=transferkit-backbone-cache"
+    )
+    fetch = kube["exec-fetch-backbone"]["pvcMount"]
+    assert fetch == [
+        {
+            "constant": "transferkit-backbone-cache",
+            "pvcNameParameter": {"runtimeValue": {"constant": "transferkit-backbone-cache"}},
+            "mountPath": "/var/cache/transferkit/backbones",
+        }
+    ]
+    env = executors["exec-fetch-backbone"]["container"]["env"]
+    assert {
+        "name": "TRANSFERKIT_BACKBONE_CACHE",
+        "value": "/var/cache/transferkit/backbones",
+    } in env
+    assert all("pvcMount" not in kube.get(n, {}) for n in executors if n != "exec-fetch-backbone")

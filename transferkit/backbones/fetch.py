@@ -347,7 +347,7 @@ def fetch_backbone(
         if is_file:
             convert = _fetch_checkpoint(config, config.backbone, tmp)
         else:
-            storage.fetch_tree(uri, model_dir, keep, config.storage)
+            storage.fetch_tree_cached(uri, model_dir, keep, config.storage)
         if convert and not is_file:
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
