@@ -14,6 +14,7 @@ import base64
 import os
 import shlex
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,33 @@ def test_every_object_is_strictly_schema_valid(overlay: str, version: str) -> No
     assert len(docs) > 10
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_kubernetes_validate_command_passes_the_rendered_overlay(
+    overlay: str, tmp_path: Path
+) -> None:
+    # The command line the issue names, on the file kustomize writes, as a user would run it.
+    rendered = tmp_path / f"{overlay}.yaml"
+    rendered.write_text(yaml.safe_dump_all(render(overlay)))
+    command = Path(sys.executable).with_name("kubernetes-validate")
+    result = subprocess.run(
+        [str(command), "--strict", "--quiet", str(rendered)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(rendered.read_text().replace("concurrencyPolicy:", "concurrencyPolice:", 1))
+    result = subprocess.run(
+        [str(command), "--strict", "--quiet", str(broken)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "concurrencyPolice" in result.stdout + result.stderr
 
 
 def test_strict_validation_rejects_an_unknown_field() -> None:
