@@ -20,14 +20,22 @@ def fetch_backbone(
         backbone: the Hugging Face folder plus backbone.json (hashes, architecture, size)
             and, when ranked, ranking.json.
     """
+    import os
     from pathlib import Path
 
     from transferkit import config as cfg
     from transferkit.backbones import fetch_backbone as fetch
     from transferkit.cli import configure_logging
+    from transferkit.storage import CACHE_ENV
 
     configure_logging()
-    info = fetch(cfg.PipelineConfig.model_validate(config), Path(backbone.path), Path(dataset.path))
+    cache = os.environ.get(CACHE_ENV)  # the PVC mount that kubernetes.backbone_cache_pvc adds
+    info = fetch(
+        cfg.PipelineConfig.model_validate(config),
+        Path(backbone.path),
+        Path(dataset.path),
+        Path(cache) if cache else None,
+    )
     backbone.metadata.update(
         {
             "fingerprint": info.fingerprint,

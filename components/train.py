@@ -48,6 +48,7 @@ def train_nodes(
 ) -> None:
     """Train on training.nodes nodes: create a Kubeflow Trainer TrainJob, wait for it, and
     keep the model its first node uploaded. Inputs and output as in ``train``."""
+    import os
     from pathlib import Path
 
     from transferkit import config as cfg
@@ -56,11 +57,15 @@ def train_nodes(
     from transferkit.training.trainjob import run_train_job
 
     configure_logging()
+    # The pod's identity, from the field references the pipeline adds to this task.
+    pod = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
     result = run_train_job(
         cfg.PipelineConfig.model_validate(config),
         {"dataset": dataset.uri, "backbone": backbone.uri, "features": features.uri},
         model.uri,
         Path(model.path),
+        os.environ["POD_NAMESPACE"],
+        (pod[0], pod[1]) if pod[0] and pod[1] else None,
     )
     model.metadata.update(artifact_metadata(result))
 

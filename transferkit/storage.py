@@ -278,22 +278,26 @@ def download_tree(uri: str, dest: Path, storage: StorageConfig | None = None) ->
         fetch_tree(uri, tmp, [n for n in names if n != DONE_MARKER], storage)
 
 
+# Where the fetch_backbone component finds the backbone cache (a PVC mount on a cluster).
 CACHE_ENV = "TRANSFERKIT_BACKBONE_CACHE"
 
 
 def fetch_tree_cached(
-    uri: str, dest: Path, names: list[str], storage: StorageConfig | None = None
+    uri: str,
+    dest: Path,
+    names: list[str],
+    storage: StorageConfig | None = None,
+    cache: Path | None = None,
 ) -> bool:
-    """``fetch_tree`` through the shared cache folder named by $TRANSFERKIT_BACKBONE_CACHE
-    (a PVC on a cluster), for S3 folders: entries are keyed by the folder's stamp (every
-    object's ETag and size) and the names, so changed objects are fetched again. Returns
-    whether the cache served it. Without the variable, or for local folders, a plain copy.
+    """``fetch_tree`` through a shared cache folder (a PVC on a cluster) for S3 folders:
+    entries are keyed by the folder's stamp (every object's ETag and size) and the names, so
+    changed objects are fetched again. Returns whether the cache served it. Without a cache,
+    or for local folders, a plain copy.
 
     Raises:
         StorageError: as ``fetch_tree``.
     """
-    cache = os.environ.get(CACHE_ENV)
-    if not cache or parse(uri).scheme != "s3":
+    if cache is None or parse(uri).scheme != "s3":
         fetch_tree(uri, dest, names, storage)
         return False
     key = hashlib.sha256((stamp(uri, storage) + "\n" + "\n".join(names)).encode()).hexdigest()

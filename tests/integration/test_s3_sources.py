@@ -183,7 +183,6 @@ def test_backbone_cache_fetches_once_until_the_objects_change(
     tmp_path: Path, s3_env: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache"
-    monkeypatch.setenv(storage.CACHE_ENV, str(cache))
     downloads: list[str] = []
     real = storage.fetch_tree
 
@@ -193,8 +192,8 @@ def test_backbone_cache_fetches_once_until_the_objects_change(
 
     monkeypatch.setattr(storage, "fetch_tree", counting)
     config = s3_config(tmp_path, s3_env)
-    first = fetch_backbone(config, tmp_path / "first")
-    second = fetch_backbone(config, tmp_path / "second")
+    first = fetch_backbone(config, tmp_path / "first", cache_dir=cache)
+    second = fetch_backbone(config, tmp_path / "second", cache_dir=cache)
     assert downloads == ["s3://transferkit/backbones/minilm/"]  # the second came from the cache
     assert first.fingerprint == second.fingerprint
     (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
@@ -204,7 +203,7 @@ def test_backbone_cache_fetches_once_until_the_objects_change(
         Bucket=bucket, Key="backbones/minilm/README.md", Body=b"# retrained elsewhere\n"
     )
     try:
-        fetch_backbone(config, tmp_path / "third")
+        fetch_backbone(config, tmp_path / "third", cache_dir=cache)
     finally:
         s3_env.client().delete_object(Bucket=bucket, Key="backbones/minilm/README.md")
     assert len(downloads) == 2

@@ -116,8 +116,9 @@ def nodes_job(run: tuple[Path, dict], name: str, **training: object) -> tuple[Pa
         },
         str(tmp / "kfp" / name),
         out,
+        "transferkit",
+        ("launcher-pod", "uid-1"),
         api=api,
-        namespace="transferkit",
         sleep=lambda _: time.sleep(0.2),
     )
     return out, api.created[0]

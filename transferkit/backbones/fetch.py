@@ -285,7 +285,10 @@ def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Pat
 
 
 def fetch_backbone(
-    config: PipelineConfig, output_dir: Path, dataset_dir: Path | None = None
+    config: PipelineConfig,
+    output_dir: Path,
+    dataset_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> BackboneInfo:
     """Copy the configured backbone into ``output_dir`` and record its provenance.
 
@@ -297,6 +300,8 @@ def fetch_backbone(
         config: the run configuration (``backbone`` and ``storage`` are used).
         output_dir: folder to create atomically.
         dataset_dir: the ingest_data artifact; needed only to rank candidates.
+        cache_dir: a shared folder caching backbones fetched from S3 (see
+            ``storage.fetch_tree_cached``); None: no cache.
 
     Returns:
         Architecture, parameter count, weight hashes and the content fingerprint.
@@ -347,7 +352,7 @@ def fetch_backbone(
         if is_file:
             convert = _fetch_checkpoint(config, config.backbone, tmp)
         else:
-            storage.fetch_tree_cached(uri, model_dir, keep, config.storage)
+            storage.fetch_tree_cached(uri, model_dir, keep, config.storage, cache_dir)
         if convert and not is_file:
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)

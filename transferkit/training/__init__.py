@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,7 @@ class _Context:
     target: torch.device
     precision: str
     rows: np.ndarray | None
+    layout: Layout = field(default_factory=Layout)  # this node's place in a multi-node job
 
     @property
     def labels(self) -> list[str]:
@@ -357,9 +358,9 @@ def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
     train_inputs, train_labels, val_inputs, val_labels = _inputs(config, ctx, tokenizer)
     groups = parameter_groups(model, strategy, config)
     arguments = (config, train_inputs, train_labels, val_inputs, val_labels, ctx.labels)
-    world, layout = world_size(config), Layout.from_env()
-    if world > 1 or layout.nodes > 1:
-        history = finetune_parallel(model, *arguments, groups, ctx.precision, world, layout)
+    world = world_size(config, ctx.layout)
+    if world > 1 or ctx.layout.nodes > 1:
+        history = finetune_parallel(model, *arguments, groups, ctx.precision, world, ctx.layout)
     else:
         history = finetune(model, *arguments, groups, ctx.precision)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -459,6 +460,7 @@ def _adapted(
         ctx.target,
         ctx.precision,
         ctx.rows,
+        ctx.layout,
     )
     return adapted, record
 
@@ -487,6 +489,7 @@ def train(
     backbone_dir: Path,
     features_dir: Path,
     output_dir: Path,
+    layout: Layout | None = None,
 ) -> TrainResult:
     """Train a classifier with ``config.strategy`` and save it to ``output_dir``.
 
@@ -496,6 +499,8 @@ def train(
         backbone_dir: the fetch_backbone artifact.
         features_dir: the extract_features artifact (frozen features of every split).
         output_dir: model folder to create atomically.
+        layout: this node's place in a multi-node job (``transferkit.training.node``);
+            None: one node.
 
     Returns:
         The validation metric, parameter counts, precision and timing.
@@ -517,6 +522,7 @@ def train(
         target,
         resolve_precision(config.training.precision, target),
         budget_rows(config, dataset_dir, label_map.names),
+        layout or Layout(),
     )
     if ctx.rows is not None:
         log.info(

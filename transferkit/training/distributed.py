@@ -20,11 +20,13 @@ checkpoint, so every node holds the same model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,23 +53,27 @@ class Layout:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free local port
+    processes_per_node: int | None = None  # the runtime's numProcPerNode, when a number
 
     @classmethod
-    def from_env(cls) -> Layout:
-        """PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT; unset: one node.
+    def from_env(cls, env: Mapping[str, str]) -> Layout:
+        """From PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT and
+        PET_NPROC_PER_NODE in ``env`` (the entry point passes its environment); absent: one
+        node.
 
         Raises:
             TrainingError: the variables are inconsistent.
         """
-        env = os.environ
         if "PET_NNODES" not in env:
             return cls()
+        per_node = env.get("PET_NPROC_PER_NODE", "")
         try:
             layout = cls(
                 nodes=int(env["PET_NNODES"]),
                 node_rank=int(env.get("PET_NODE_RANK", "0")),
                 master_addr=env["PET_MASTER_ADDR"],
                 master_port=int(env["PET_MASTER_PORT"]),
+                processes_per_node=int(per_node) if per_node.isdigit() else None,
             )
         except (KeyError, ValueError) as exc:
             raise TrainingError(
@@ -85,14 +91,13 @@ class Layout:
         return self.node_rank == 0
 
 
-def world_size(config: PipelineConfig) -> int:
-    """Training processes on this node: ``training.processes``, else PET_NPROC_PER_NODE when
-    a multi-node runtime gives a number, else one per visible CUDA device (≥ 1)."""
+def world_size(config: PipelineConfig, layout: Layout | None = None) -> int:
+    """Training processes on this node: ``training.processes``, else the multi-node runtime's
+    number per node, else one per visible CUDA device (≥ 1)."""
     if config.training.processes:
         return config.training.processes
-    per_node = os.environ.get("PET_NPROC_PER_NODE", "")
-    if per_node.isdigit() and int(per_node) > 0:
-        return int(per_node)
+    if layout is not None and layout.processes_per_node:
+        return layout.processes_per_node
     return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
 
 
@@ -211,7 +216,7 @@ def finetune_parallel(
     """
     layout = layout or Layout()
     if layout.master_port == 0:
-        layout = Layout(layout.nodes, layout.node_rank, layout.master_addr, _free_port())
+        layout = dataclasses.replace(layout, master_port=_free_port())
     local_world = world
     world = layout.nodes * local_world
     if config.training.batch_size < world:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,12 +24,18 @@ from pathlib import Path
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import TransferkitError
+from transferkit.training.distributed import Layout
 
 log = logging.getLogger(__name__)
 
 
 def run_node(
-    config: PipelineConfig, dataset: str, backbone: str, features: str, output: str
+    config: PipelineConfig,
+    layout: Layout,
+    dataset: str,
+    backbone: str,
+    features: str,
+    output: str,
 ) -> bool:
     """Train this node's share; the main node uploads the model. Returns whether it did.
 
@@ -36,16 +43,16 @@ def run_node(
         TransferkitError: an input cannot be read, training failed, or the upload failed.
     """
     from transferkit.training import train
-    from transferkit.training.distributed import Layout
 
-    layout = Layout.from_env()
     with tempfile.TemporaryDirectory(prefix="transferkit-node-") as scratch:
         root = Path(scratch)
         local = {}
         for name, uri in (("dataset", dataset), ("backbone", backbone), ("features", features)):
             local[name] = root / name
             storage.fetch_tree(uri, local[name], storage.list_tree(uri, config.storage))
-        train(config, local["dataset"], local["backbone"], local["features"], root / "model")
+        train(
+            config, local["dataset"], local["backbone"], local["features"], root / "model", layout
+        )
         if not layout.main:
             log.info("node %d of %d done; node 0 uploads the model", layout.node_rank, layout.nodes)
             return False
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         config = PipelineConfig.model_validate(json.loads(args.config_json))
-        run_node(config, args.dataset, args.backbone, args.features, args.output)
+        layout = Layout.from_env(os.environ)  # set by the TrainJob's torch runtime
+        run_node(config, layout, args.dataset, args.backbone, args.features, args.output)
     except TransferkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -32,7 +31,6 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN",)
 PRIORITY_LABEL = "transferkit.dev/priority-class"
 NODE_JOB = "node"  # the replicated job of the torch runtimes that runs the trainer
-NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class TrainJobApi(Protocol):
@@ -274,8 +272,9 @@ def run_train_job(
     inputs: dict[str, str],
     model_uri: str,
     model_dir: Path,
+    namespace: str,
+    owner: tuple[str, str] | None = None,
     api: TrainJobApi | None = None,
-    namespace: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Train on ``training.nodes`` nodes and put the model in ``model_dir``.
@@ -283,6 +282,8 @@ def run_train_job(
     Args:
         inputs: KFP URIs of the dataset, backbone and features artifacts.
         model_uri: the KFP URI of the step's model artifact; the nodes upload next to it.
+        namespace: where the TrainJob is created (the launcher pod's namespace).
+        owner: (name, uid) of the launcher pod, which then owns the job; it also names it.
 
     Returns:
         The model's training.json.
@@ -293,9 +294,7 @@ def run_train_job(
     from transferkit.components.images import CPU_IMAGE, CUDA_IMAGE
 
     api = api or KubernetesTrainJobs()
-    namespace = namespace or os.environ.get("POD_NAMESPACE") or NAMESPACE_FILE.read_text().strip()
-    pod, uid = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
-    name = job_name(pod)
+    name = job_name(owner[0] if owner else None)
     output = artifact_uri(model_uri).rstrip("/") + "-nodes/"
     image = CUDA_IMAGE if config.resources.train.accelerator else CPU_IMAGE
     body = train_job_manifest(
@@ -305,7 +304,7 @@ def run_train_job(
         {key: artifact_uri(uri) for key, uri in inputs.items()},
         output,
         image,
-        (pod, uid) if pod and uid else None,
+        owner,
     )
     api.create(namespace, body)
     log.info("created TrainJob %s/%s: %d nodes", namespace, name, config.training.nodes)
