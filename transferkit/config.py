@@ -1124,6 +1124,12 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _nodes_fine_tune(self) -> PipelineConfig:
+        for i, branch in enumerate(self.sweep.branches if self.sweep else []):
+            if branch.training.get("nodes", 1) != 1:
+                raise ValueError(
+                    f"sweep.branches[{i}].training.nodes: a sweep trains each branch on one "
+                    "node; remove the override"
+                )
         nodes = self.training.nodes
         if nodes == 1:
             return self

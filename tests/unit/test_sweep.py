@@ -87,6 +87,16 @@ def test_bad_branch_override_names_the_branch_and_key(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
+def test_a_branch_cannot_ask_for_several_nodes(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        "  branches:\n    - strategy: {name: linear_probe}\n"
+        "    - strategy: {name: full_finetune}\n      training: {nodes: 2}\n",
+    )
+    with pytest.raises(ConfigError, match=r"sweep.branches\[1\].training.nodes: a sweep trains"):
+        load_config(str(path), [])
+
+
 @pytest.mark.parametrize(
     ("sweep", "expected"),
     [
