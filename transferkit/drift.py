@@ -96,7 +96,7 @@ def read_recent(
         StorageError: the URI cannot be read.
     """
     from transferkit.data.images import read_unlabelled_npz
-    from transferkit.data.readers import detect_format, read_texts
+    from transferkit.data.readers import read_unlabelled_texts
 
     uri = drift.uri
     with tempfile.TemporaryDirectory(prefix="transferkit-drift-") as scratch:
@@ -111,11 +111,8 @@ def read_recent(
         inputs: list[str] | np.ndarray
         if image:
             inputs = read_unlabelled_npz(path, uri)
-        elif suffix == ".txt":
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            inputs = [line.strip() for line in lines if line.strip()]
         else:
-            inputs = read_texts(path, uri, detect_format(uri), drift.text_column)
+            inputs = read_unlabelled_texts(path, uri, drift.text_column)
     if len(inputs) < 20:
         raise DataError(
             f"trigger.drift.uri {uri}: {len(inputs)} inputs; a drift test needs at least 20"

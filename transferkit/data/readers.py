@@ -154,6 +154,21 @@ def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
     return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
 
 
+def read_unlabelled_texts(path: Path, name: str, text_column: str) -> list[str]:
+    """The non-empty texts of a .txt file (UTF-8, one per line) or of one column of a table.
+
+    Raises:
+        DataError: not UTF-8, unreadable, or no such column.
+    """
+    if path.suffix.lower() != ".txt":
+        return read_texts(path, name, detect_format(name), text_column)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
 def read_table(
     path: Path, name: str, fmt: str, text_column: str, label_column: str
 ) -> pd.DataFrame:

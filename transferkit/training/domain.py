@@ -30,7 +30,7 @@ from transferkit import storage
 from transferkit.backbones import BackboneInfo
 from transferkit.backbones.text import autocast, pad, tokenize
 from transferkit.config import DomainAdaptationConfig, StorageConfig
-from transferkit.data.readers import detect_format, read_texts
+from transferkit.data.readers import read_unlabelled_texts
 from transferkit.errors import DataError, StorageError, TrainingError
 from transferkit.progress import progress
 from transferkit.training.finetune import apply_gradients, linear_schedule
@@ -53,16 +53,7 @@ def read_unlabelled(strategy: DomainAdaptationConfig, storage_config: StorageCon
             path = storage.fetch_file(uri, Path(scratch), storage_config)
         except StorageError as exc:
             raise StorageError(f"strategy.unlabelled_uri: {exc}") from None
-        if path.suffix.lower() == ".txt":
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{uri}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
-                ) from None
-            texts = [line.strip() for line in lines if line.strip()]
-        else:
-            texts = read_texts(path, uri, detect_format(uri), strategy.text_column)
+        texts = read_unlabelled_texts(path, uri, strategy.text_column)
     if strategy.max_rows is not None and len(texts) > strategy.max_rows:
         rng = np.random.default_rng(0)
         texts = [texts[i] for i in np.sort(rng.choice(len(texts), strategy.max_rows, False))]
