@@ -174,3 +174,20 @@ def image_config(tmp_path: Path, data: dict[str, Any], resnet20: Path, **section
     }
     raw.setdefault("runtime", {})["work_dir"] = str(tmp_path / "work")
     return PipelineConfig.model_validate(raw).resolved()
+
+
+@pytest.fixture(scope="session")
+def breast_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, resnet20: Path):
+    """BreastMNIST (official splits) ingested, ResNet-20 fetched, features extracted:
+    (folder of the dataset, backbone and features artifacts, data section, checkpoint)."""
+    from transferkit.backbones import fetch_backbone
+    from transferkit.data import ingest_data
+    from transferkit.features import extract_features
+
+    root = tmp_path_factory.mktemp("breast")
+    data = {"uri": str(shared_data / "medmnist" / "breastmnist.npz")}
+    config = image_config(root, data, resnet20, training={"precision": "fp32"})
+    ingest_data(config, root / "dataset")
+    fetch_backbone(config, root / "backbone")
+    extract_features(config, root / "dataset", root / "backbone", root / "features")
+    return root, data, resnet20

@@ -92,19 +92,25 @@ class _Console:
 
 def _sweep_table(sweep: dict[str, Any]) -> list[str]:
     metric = sweep["primary_metric"]
+    crossed = any(row.get("cross_validation") is not None for row in sweep["branches"])
     lines = [
         "",
         f"Sweep ({len(sweep['branches'])} branches; {metric}; margin {sweep['margin']:g})",
-        f"  {'branch':<28}{'trainable':>12}{'train s':>9}{'valid.':>8}{'eval.':>8}"
-        f"{'vs scratch':>11}",
+        f"  {'branch':<28}{'trainable':>12}{'train s':>9}{'valid.':>8}"
+        + (f"{'cross-val.':>17}" if crossed else "")
+        + f"{'eval.':>8}{'vs scratch':>11}",
     ]
     for row in sweep["branches"]:
         delta = row["delta_vs_scratch"]
         mark = " ◀ selected" if row["selected"] else ""
         mark += " ⚠ negative transfer" if row["negative_transfer"] else ""
+        folds = ""
+        if crossed:
+            mean, std = row.get("cross_validation"), row.get("cross_validation_std") or 0.0
+            folds = f"{'—' if mean is None else f'{mean:.4f} ± {std:.4f}':>17}"
         lines.append(
             f"  {row['name']:<28}{row['trainable_parameters']:>12,}{row['train_seconds']:>9.1f}"
-            f"{row['validation']:>8.4f}{row['test']:>8.4f}"
+            f"{row['validation']:>8.4f}{folds}{row['test']:>8.4f}"
             f"{'—' if delta is None else f'{delta:+.4f}':>11}{mark}"
         )
     lines += [f"  selected: {sweep['reason']}", f"  report:   {sweep['report']}"]

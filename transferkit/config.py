@@ -591,6 +591,18 @@ class TrainingConfig(_Model):
         "Unset: no averaging.",
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    cross_validation_folds: int | None = Field(
+        None,
+        ge=3,
+        le=20,
+        description="Also score the strategy by stratified k-fold cross-validation over the "
+        "training and validation splits pooled (the evaluation split is never touched): each "
+        "fold trains on the other folds, holding back the validation split's share of them for "
+        "early stopping, and is scored on its own rows. The mean and spread go to "
+        "training.json and MLflow; in a sweep the mean selects the branch instead of the "
+        "validation metric. For validation splits too small to tell strategies apart; costs k "
+        "more trainings. Unset: off.",
+    )
     examples_per_class: int | None = Field(
         None,
         ge=1,
@@ -1125,6 +1137,11 @@ class PipelineConfig(_Model):
     @model_validator(mode="after")
     def _nodes_fine_tune(self) -> PipelineConfig:
         for i, branch in enumerate(self.sweep.branches if self.sweep else []):
+            if "cross_validation_folds" in branch.training:
+                raise ValueError(
+                    f"sweep.branches[{i}].training.cross_validation_folds: branches are compared "
+                    "on the same folds; set training.cross_validation_folds for the whole sweep"
+                )
             if branch.training.get("nodes", 1) != 1:
                 raise ValueError(
                     f"sweep.branches[{i}].training.nodes: a sweep trains each branch on one "
@@ -1133,6 +1150,11 @@ class PipelineConfig(_Model):
         nodes = self.training.nodes
         if nodes == 1:
             return self
+        if self.training.cross_validation_folds:
+            raise ValueError(
+                f"training.cross_validation_folds: cross-validation trains on one node; unset "
+                f"it or set training.nodes: 1 (not {nodes})"
+            )
         if self.sweep is not None:
             raise ValueError(
                 f"training.nodes: a sweep trains each branch on one node; set training.nodes: 1 "

@@ -145,6 +145,16 @@ def render_report(
         "",
         *(
             [
+                f"Cross-validated {folds['metric']} over {folds['folds']} folds of "
+                f"{folds['rows']:,} training and validation rows: {folds['mean']:.4f} ± "
+                f"{folds['std']:.4f} (out-of-fold {folds['out_of_fold']:.4f}).",
+                "",
+            ]
+            if (folds := training.get("cross_validation"))
+            else []
+        ),
+        *(
+            [
                 f"Sensitivity (recall of {s.positive_label}) {s.sensitivity:.4f}, specificity "
                 f"{s.specificity:.4f}.",
                 "",

@@ -256,6 +256,12 @@ def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, 
     metrics["trainable_parameters"] = float(training["trainable_parameters"])
     if "labelled_examples" in training:
         metrics["labelled_examples"] = float(training["labelled_examples"])
+    folds = training.get("cross_validation")
+    if folds:
+        name = "cross_validation_" + folds["metric"]
+        metrics[name + "_mean"], metrics[name + "_std"] = folds["mean"], folds["std"]
+        if "out_of_fold" in folds:
+            metrics[name + "_out_of_fold"] = folds["out_of_fold"]
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -306,6 +312,12 @@ def _log_sweep(
                 "trainable_parameters": row["trainable_parameters"],
                 "labelled_examples": row["labelled_examples"],
             }
+            if row.get("cross_validation") is not None:
+                training["cross_validation"] = {
+                    "metric": metric,
+                    "mean": row["cross_validation"],
+                    "std": row["cross_validation_std"],
+                }
             with mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=row["name"][:250],

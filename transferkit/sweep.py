@@ -11,10 +11,12 @@ branch's model and evaluation and writes
     metric_vs_parameters.png, metric_vs_seconds.png, learning_curve.png
 
 Selection uses the validation split only (the evaluation split stays untouched by choices):
-the branch with the fewest trainable parameters whose validation metric is within
-``sweep.margin`` of the best. The guard uses the evaluation split, where the promotion gate
-also looks: a transfer branch that does not beat ``scratch`` at the same label budget by more
-than the margin is flagged as negative transfer, and a flagged model is never promoted.
+the branch with the fewest trainable parameters whose validation metric — or, with
+``training.cross_validation_folds``, whose mean over folds of the pooled training and
+validation rows — is within ``sweep.margin`` of the best. The guard uses the evaluation
+split, where the promotion gate also looks: a transfer branch that does not beat ``scratch``
+at the same label budget by more than the margin is flagged as negative transfer, and a
+flagged model is never promoted.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class BranchResult(BaseModel):
     validation: float
     test: float
     scores: dict[str, Any]
+    cross_validation: float | None = None  # mean over folds (training.cross_validation_folds)
+    cross_validation_std: float | None = None
     delta_vs_scratch: float | None = None
     negative_transfer: bool | None = None
     selected: bool = False
@@ -171,6 +175,8 @@ def _results(
                 validation=training["validation_metric"],
                 test=evaluation["scores"][metric],
                 scores=evaluation["scores"],
+                cross_validation=(training.get("cross_validation") or {}).get("mean"),
+                cross_validation_std=(training.get("cross_validation") or {}).get("std"),
             )
         )
     return rows
@@ -196,18 +202,35 @@ def _guard(rows: list[BranchResult], margin: float) -> None:
 
 
 def _select(rows: list[BranchResult], margin: float) -> tuple[BranchResult, str]:
-    """The cheapest branch (trainable parameters, then labels) within the margin of the best."""
-    best = max(rows, key=lambda r: r.validation)
-    near = [r for r in rows if r.validation >= best.validation - margin]
-    chosen = min(near, key=lambda r: (r.trainable_parameters, r.labelled_examples, -r.validation))
+    """The cheapest branch (trainable parameters, then labels) within the margin of the best,
+    by the cross-validated mean when every branch has one, else by the validation metric.
+
+    Raises:
+        TrainingError: some branches were cross-validated and some not (artifacts of two
+            configs); they cannot be ranked together.
+    """
+    crossed = [r.cross_validation is not None for r in rows]
+    if any(crossed) and not all(crossed):
+        raise TrainingError(
+            "sweep: some branches were cross-validated and some not; rerun the sweep with the "
+            "cache off (runtime.caching: false)"
+        )
+    by = "cross-validated" if all(crossed) else "validation"
+
+    def value(row: BranchResult) -> float:
+        return row.cross_validation if row.cross_validation is not None else row.validation
+
+    best = max(rows, key=value)
+    near = [r for r in rows if value(r) >= value(best) - margin]
+    chosen = min(near, key=lambda r: (r.trainable_parameters, r.labelled_examples, -value(r)))
     chosen.selected = True
     if chosen is best:
-        reason = f"{chosen.name} has the best validation metric ({best.validation:.4f})"
+        reason = f"{chosen.name} has the best {by} metric ({value(best):.4f})"
     else:
         reason = (
-            f"{chosen.name} (validation {chosen.validation:.4f}, "
+            f"{chosen.name} ({by} {value(chosen):.4f}, "
             f"{chosen.trainable_parameters:,} trainable parameters) is the cheapest within "
-            f"{margin:g} of the best, {best.name} ({best.validation:.4f}, "
+            f"{margin:g} of the best, {best.name} ({value(best):.4f}, "
             f"{best.trainable_parameters:,})"
         )
     return chosen, reason
@@ -296,6 +319,7 @@ def _table(result: SweepResult) -> list[list[str]]:
             "trainable params",
             "train s",
             f"validation {result.primary_metric}",
+            f"cross-validated {result.primary_metric}",
             f"evaluation {result.primary_metric}",
             "macro-F1",
             "vs scratch",
@@ -316,6 +340,9 @@ def _table(result: SweepResult) -> list[list[str]]:
                 f"{r.trainable_parameters:,}",
                 f"{r.train_seconds:.1f}",
                 f"{r.validation:.4f}",
+                "—"
+                if r.cross_validation is None
+                else f"{r.cross_validation:.4f} ± {r.cross_validation_std or 0:.4f}",
                 f"{r.test:.4f}",
                 f"{r.scores['macro_f1']:.4f}",
                 "—" if r.delta_vs_scratch is None else f"{r.delta_vs_scratch:+.4f}",
@@ -422,9 +449,10 @@ def compare(
         (report / "report.html").write_text(_html(result, report), encoding="utf-8")
     for row in rows:
         log.info(
-            "%-28s validation %.4f  evaluation %.4f  %s",
+            "%-28s validation %.4f  %sevaluation %.4f  %s",
             row.name,
             row.validation,
+            "" if row.cross_validation is None else f"cross-validated {row.cross_validation:.4f}  ",
             row.test,
             "negative transfer" if row.negative_transfer else "",
         )

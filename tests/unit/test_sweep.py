@@ -140,12 +140,21 @@ def test_budget_rows_are_per_label_reproducible_and_keep_rare_labels(
 
 
 def fake_branch(
-    root: Path, name: str, strategy: str, validation: float, test: float, trainable: int
+    root: Path,
+    name: str,
+    strategy: str,
+    validation: float,
+    test: float,
+    trainable: int,
+    cross_validated: float | None = None,
 ) -> tuple[Path, Path]:
     """A branch's train and evaluate outputs as the steps write them (JSON parts only)."""
     model, evaluation = root / name / "model", root / name / "evaluation"
     model.mkdir(parents=True)
     evaluation.mkdir(parents=True)
+    folds = None
+    if cross_validated is not None:
+        folds = {"metric": "accuracy", "folds": 5, "mean": cross_validated, "std": 0.02}
     storage.write_json(
         model / "training.json",
         {
@@ -154,6 +163,7 @@ def fake_branch(
             "trainable_parameters": trainable,
             "seconds": 1.5,
             "validation_metric": validation,
+            "cross_validation": folds,
         },
     )
     (model / "weights.bin").write_bytes(name.encode())
@@ -162,7 +172,7 @@ def fake_branch(
     return model, evaluation
 
 
-def run_compare(tmp_path: Path, outcomes: dict[str, tuple[float, float]], margin: float) -> Any:
+def run_compare(tmp_path: Path, outcomes: dict[str, tuple[float, ...]], margin: float) -> Any:
     config = sweep_config(
         tmp_path,
         branches=[
@@ -175,7 +185,7 @@ def run_compare(tmp_path: Path, outcomes: dict[str, tuple[float, float]], margin
     )
     sizes = {"linear_probe": 770, "full_finetune": 22_000_000, "scratch": 22_000_000}
     dirs = [
-        fake_branch(tmp_path / "branches", s, s, *outcomes[s], sizes[s])
+        fake_branch(tmp_path / "branches", s, s, *outcomes[s][:2], sizes[s], *outcomes[s][2:])
         for s in ("linear_probe", "full_finetune", "scratch")
     ]
     result, selected_config = compare(
@@ -217,6 +227,37 @@ def test_compare_prefers_the_best_branch_when_cheaper_ones_are_too_far(tmp_path:
     )
     assert result.selected == "full_finetune@16"
     assert result.negative_transfer == []
+
+
+def test_cross_validated_means_select_instead_of_the_validation_split(tmp_path: Path) -> None:
+    # (validation, evaluation, cross-validated): the probe looks best on the small
+    # validation split, the folds say scratch.
+    result, selected = run_compare(
+        tmp_path,
+        {
+            "linear_probe": (0.95, 0.80, 0.84),
+            "full_finetune": (0.90, 0.81, 0.85),
+            "scratch": (0.92, 0.86, 0.88),
+        },
+        margin=0.005,
+    )
+    assert result.selected == "scratch@16"
+    assert result.reason == "scratch@16 has the best cross-validated metric (0.8800)"
+    assert PipelineConfig.model_validate(selected).strategy.name == "scratch"
+    assert "0.8800 ± 0.0200" in (tmp_path / "out/evaluation/sweep/report.md").read_text()
+
+
+def test_a_sweep_with_cross_validated_and_plain_branches_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="some branches were cross-validated and some not"):
+        run_compare(
+            tmp_path,
+            {
+                "linear_probe": (0.95, 0.80, 0.84),
+                "full_finetune": (0.90, 0.81),
+                "scratch": (0.92, 0.86, 0.88),
+            },
+            margin=0.005,
+        )
 
 
 def test_guard_flags_transfer_that_does_not_beat_scratch(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from transferkit.backbones import fetch_backbone
 from transferkit.backbones.fetch import ImageInput
 from transferkit.backbones.vision import load_image_encoder, prepare
 from transferkit.config import AugmentationConfig
-from transferkit.data import ingest_data, load_images
+from transferkit.data import load_images
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features
 from transferkit.training import train
@@ -23,18 +23,6 @@ from transferkit.training.inputs import augment
 from transferkit.training.model import load_classifier, predict_proba
 
 FAST = {"epochs": 2, "batch_size": 64, "learning_rate": 1e-3, "precision": "fp32"}
-
-
-@pytest.fixture(scope="module")
-def breast_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, resnet20: Path):
-    """BreastMNIST (official splits) ingested, ResNet-20 fetched, features extracted."""
-    root = tmp_path_factory.mktemp("breast")
-    data = {"uri": str(shared_data / "medmnist" / "breastmnist.npz")}
-    config = image_config(root, data, resnet20, training=FAST)
-    ingest_data(config, root / "dataset")
-    fetch_backbone(config, root / "backbone")
-    extract_features(config, root / "dataset", root / "backbone", root / "features")
-    return root, data, resnet20
 
 
 def run(root: Path, tmp_path: Path, data: dict, resnet20: Path, strategy: dict, **training):

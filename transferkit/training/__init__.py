@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +51,50 @@ from transferkit.config import (
     ScratchConfig,
     ZeroShotConfig,
 )
-from transferkit.data import LabelMap, load_images, load_label_map, load_labels, load_split
+from transferkit.data import (
+    LabelMap,
+    load_images,
+    load_inputs,
+    load_label_map,
+    load_labels,
+    load_split,
+)
 from transferkit.features import extract_features, load_features
-from transferkit.metrics import metric_of_logits
+from transferkit.metrics import metric_of_logits, score
 from transferkit.training.adabn import adapt_batch_norm
+from transferkit.training.crossval import fold_datasets
 from transferkit.training.distributed import Layout, finetune_parallel, world_size
 from transferkit.training.domain import adapt_backbone
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.finetune import finetune
 from transferkit.training.inputs import ImageInputs, Inputs, TextInputs
-from transferkit.training.model import ImageClassifier, ModelCard, TextClassifier, save_classifier
+from transferkit.training.model import (
+    ImageClassifier,
+    ModelCard,
+    TextClassifier,
+    load_classifier,
+    predict_proba,
+    save_classifier,
+)
 from transferkit.training.probe import ProbeFit, fit_probe
 from transferkit.training.runtime import configure_torch, device, environment, seed_everything
 from transferkit.training.strategies import TunedStrategy, merge_lora, parameter_groups
 from transferkit.training.zero_shot import label_prompts, prototype_similarities, zero_shot_head
 
 log = logging.getLogger(__name__)
+
+
+class CrossValidation(BaseModel):
+    """The strategy scored by k-fold cross-validation (``training.cross_validation_folds``)."""
+
+    folds: int
+    metric: str
+    rows: int
+    scores: list[float]
+    mean: float
+    std: float
+    out_of_fold: float
+    seconds: float
 
 
 class TrainResult(BaseModel):
@@ -82,6 +110,7 @@ class TrainResult(BaseModel):
     precision: str
     seconds: float
     details: dict[str, Any]
+    cross_validation: CrossValidation | None = None
 
 
 def budget_rows(config: PipelineConfig, dataset_dir: Path, labels: list[str]) -> np.ndarray | None:
@@ -477,6 +506,123 @@ def _target_images(
     return read_unlabelled_npz(path, strategy.unlabelled_uri)
 
 
+def _fit_configured(
+    config: PipelineConfig, ctx: _Context, scratch: Path
+) -> tuple[_Fitted, _Context]:
+    """Fit ``config.strategy`` (composite or not); the context the model ended on (domain
+    adaptation replaces the backbone)."""
+    strategy = config.strategy
+    scratch.mkdir(parents=True, exist_ok=True)
+    if isinstance(strategy, DomainAdaptationConfig):
+        ctx, adaptation = _adapted(config, strategy, ctx, scratch)
+        seed_everything(config.training.seed)
+        fitted = _fit(config.with_strategy(strategy.then), strategy.then, ctx)
+        if ctx.info.modality == "text":
+            # MLM moved every encoder weight, whatever the next strategy trains (AdaBN only
+            # re-estimates statistics: no parameter is trained).
+            fitted.trainable = max(fitted.trainable, ctx.info.parameters + ctx.head_parameters)
+        fitted.details = {"adaptation": adaptation, "then": strategy.then.name, **fitted.details}
+        return fitted, ctx
+    if isinstance(strategy, AutoStrategyConfig):
+        return _auto(config, strategy, ctx), ctx
+    return _fit(config, strategy, ctx), ctx
+
+
+def _card(config: PipelineConfig, ctx: _Context, fitted: _Fitted) -> ModelCard:
+    """The model card of a fitted strategy."""
+    info = ctx.info
+    return ModelCard(
+        labels=ctx.label_map.names,
+        label_values=ctx.label_map.values,
+        pooling=info.pooling,
+        normalize=info.normalize if fitted.normalize is None else fitted.normalize,
+        max_length=info.max_length,
+        strategy=config.strategy.name,
+        backbone_source=info.source,
+        backbone_fingerprint=info.fingerprint,
+        data_fingerprint=storage.read_json(ctx.dataset_dir / "stats.json")["fingerprint"],
+        environment=environment(config.training.seed),
+        task="image-classification" if info.image else "text-classification",
+        image=info.image,
+    )
+
+
+def _cross_validate(config: PipelineConfig, ctx: _Context, scratch: Path) -> CrossValidation:
+    """Fit the strategy once per fold and score each fold's model on its held-out rows,
+    through the saved model folder and the evaluation's precision, as evaluate scores."""
+    folds = config.training.cross_validation_folds
+    assert folds is not None
+    metric = config.evaluation.primary_metric
+    started = time.perf_counter()
+    scores: list[float] = []
+    truths, probabilities = [], []
+    precision = resolve_precision(config.evaluation.precision, ctx.target)
+    positive = ctx.label_map.positive(config.evaluation.positive_label)
+    for fold in fold_datasets(
+        ctx.dataset_dir, ctx.features_dir, folds, config.training.seed, scratch
+    ):
+        fold_started = time.perf_counter()
+        fold_ctx = replace(
+            ctx,
+            dataset_dir=fold.dataset_dir,
+            features_dir=fold.features_dir,
+            rows=budget_rows(config, fold.dataset_dir, ctx.labels),
+        )
+        seed_everything(config.training.seed)
+        fitted, fold_ctx = _fit_configured(config, fold_ctx, fold.dataset_dir.parent / "work")
+        model_dir = fold.dataset_dir.parent / "model"
+        save_classifier(
+            model_dir,
+            _card(config, fold_ctx, fitted),
+            fitted.head,
+            {},
+            encoder=fitted.encoder,
+            encoder_dir=fold_ctx.backbone_dir / "model",
+        )
+        tokenizer, model, card = load_classifier(model_dir)
+        inputs, truth = load_inputs(fold.dataset_dir, "test")
+        proba = predict_proba(
+            model.to(ctx.target), tokenizer, card, inputs, config.evaluation.batch_size, precision
+        )
+        value = score(truth, proba.argmax(axis=1), ctx.labels, proba, positive).metric(metric)
+        scores.append(value)
+        truths.append(truth)
+        probabilities.append(proba)
+        log.info(
+            "cross-validation fold %d/%d: %s %.4f on %d held-out rows (trained on %d, early "
+            "stopping on %d; %.0f s)",
+            fold.index + 1,
+            folds,
+            metric,
+            value,
+            len(fold.held_out),
+            len(fold.train),
+            len(fold.stop),
+            time.perf_counter() - fold_started,
+        )
+    truth, proba = np.concatenate(truths), np.concatenate(probabilities)
+    pooled = score(truth, proba.argmax(axis=1), ctx.labels, proba, positive).metric(metric)
+    result = CrossValidation(
+        folds=folds,
+        metric=metric,
+        rows=len(truth),
+        scores=scores,
+        mean=float(np.mean(scores)),
+        std=float(np.std(scores, ddof=1)),
+        out_of_fold=pooled,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info(
+        "cross-validation: %s %.4f ± %.4f over %d folds (out-of-fold %.4f)",
+        metric,
+        result.mean,
+        result.std,
+        folds,
+        result.out_of_fold,
+    )
+    return result
+
+
 def artifact_metadata(training: dict[str, Any]) -> dict[str, Any]:
     """What the KFP model artifact shows of a training.json."""
     keys = ("strategy", "precision", "validation_metric", "trainable_parameters")
@@ -532,39 +678,13 @@ def train(
         )
     strategy = config.strategy
     with tempfile.TemporaryDirectory(prefix="transferkit-train-") as scratch:
-        adaptation = None
-        if isinstance(strategy, DomainAdaptationConfig):
-            ctx, adaptation = _adapted(config, strategy, ctx, Path(scratch))
+        folds = None
+        if config.training.cross_validation_folds:
+            folds = _cross_validate(config, ctx, Path(scratch) / "folds")
             seed_everything(config.training.seed)
-            fitted = _fit(config.with_strategy(strategy.then), strategy.then, ctx)
-            if ctx.info.modality == "text":
-                # MLM moved every encoder weight, whatever the next strategy trains (AdaBN
-                # only re-estimates statistics: no parameter is trained).
-                fitted.trainable = max(fitted.trainable, ctx.info.parameters + ctx.head_parameters)
-            fitted.details = {
-                "adaptation": adaptation,
-                "then": strategy.then.name,
-                **fitted.details,
-            }
-        elif isinstance(strategy, AutoStrategyConfig):
-            fitted = _auto(config, strategy, ctx)
-        else:
-            fitted = _fit(config, strategy, ctx)
+        fitted, ctx = _fit_configured(config, ctx, Path(scratch) / "final")
         info = ctx.info
-        card = ModelCard(
-            labels=label_map.names,
-            label_values=label_map.values,
-            pooling=info.pooling,
-            normalize=info.normalize if fitted.normalize is None else fitted.normalize,
-            max_length=info.max_length,
-            strategy=strategy.name,
-            backbone_source=info.source,
-            backbone_fingerprint=info.fingerprint,
-            data_fingerprint=storage.read_json(dataset_dir / "stats.json")["fingerprint"],
-            environment=environment(config.training.seed),
-            task="image-classification" if info.image else "text-classification",
-            image=info.image,
-        )
+        card = _card(config, ctx, fitted)
         if isinstance(strategy, ZeroShotConfig):
             labelled = 0
         elif isinstance(strategy, FewShotConfig):
@@ -582,8 +702,10 @@ def train(
             trainable_parameters=fitted.trainable,
             total_parameters=info.parameters + ctx.head_parameters,
             precision=ctx.precision,
-            seconds=round(time.perf_counter() - started, 3),
+            # The final fit; cross-validation's own time is in cross_validation.seconds.
+            seconds=round(time.perf_counter() - started - (folds.seconds if folds else 0), 3),
             details=fitted.details,
+            cross_validation=folds,
         )
         save_classifier(
             output_dir,
