@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +226,15 @@ def mlflow_server(
     server.start()
     yield server
     server.stop()
+
+
+def sst2_on_s3(bucket: str) -> dict[str, Any]:
+    """The data section of an SST-2 config whose train.tsv and dev.tsv lie under
+    s3://BUCKET/sst2/."""
+    return {
+        "train_uri": f"s3://{bucket}/sst2/train.tsv",
+        "test_uri": f"s3://{bucket}/sst2/dev.tsv",
+        "text_column": "sentence",
+        "label_column": "label",
+        "label_names": {0: "negative", 1: "positive"},
+    }

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.integration.conftest import MlflowServer, S3Server
+from tests.integration.conftest import MlflowServer, S3Server, sst2_on_s3
 from transferkit.cli import main
 
 pytestmark = pytest.mark.integration
@@ -37,13 +37,7 @@ def services_config(
 ) -> Path:
     """A probe config reading everything from S3 and tracking on the server."""
     config = {
-        "data": {
-            "train_uri": f"s3://{BUCKET}/sst2/train.tsv",
-            "test_uri": f"s3://{BUCKET}/sst2/dev.tsv",
-            "text_column": "sentence",
-            "label_column": "label",
-            "label_names": {0: "negative", 1: "positive"},
-        },
+        "data": sst2_on_s3(BUCKET),
         "backbone": {"uri": f"s3://{BUCKET}/backbones/minilm/"},
         "strategy": {"name": "linear_probe"},
         "registry": {"tracking_uri": tracking.url, "model_name": model_name},

