@@ -157,6 +157,17 @@ def probe_run(tmp_path_factory: pytest.TempPathFactory, sst2_small: dict[str, Pa
 
 
 @pytest.fixture(scope="session")
+def evaluated(tmp_path_factory: pytest.TempPathFactory, probe_run: tuple) -> tuple:
+    """probe_run's model evaluated: (config, folder of the artifacts, evaluation folder)."""
+    from transferkit.evaluation import evaluate
+
+    config, artifacts, _ = probe_run
+    out = tmp_path_factory.mktemp("evaluation") / "evaluation"
+    evaluate(config, artifacts / "dataset", artifacts / "model", out)
+    return config, artifacts, out
+
+
+@pytest.fixture(scope="session")
 def resnet20(shared_data: Path) -> Path:
     """The real ResNet-20 CIFAR-10 checkpoint (legacy pickle format)."""
     return shared_data / "resnet20_cifar10" / "resnet20-12fca82f.th"

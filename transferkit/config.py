@@ -691,6 +691,17 @@ class RegistryConfig(_Model):
     bootstrap_samples: int = Field(
         2000, ge=100, le=100_000, description="Resamples of the 'bootstrap' gate."
     )
+    http_retries: int = Field(
+        4,
+        ge=0,
+        le=10,
+        description="Retries of each request to an http(s) tracking server that fails to "
+        "connect or answers 429/5xx, backing off 1, 2, 4, 8 … s; then the step fails with one "
+        "line (and the pipeline's retry policy may run it again).",
+    )
+    http_timeout: int = Field(
+        60, ge=1, le=3600, description="Seconds to wait for each answer of the tracking server."
+    )
 
 
 class SweepBranch(_Model):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,6 +70,35 @@ def redact(uri: str) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def http_policy(config: PipelineConfig) -> Iterator[None]:
+    """MLflow's HTTP retries and timeout set from ``registry`` for the calls inside, then
+    restored. MLflow reads them from its environment variables at every request, so that is
+    where they are put (MLflow's defaults, 7 retries with backoff factor 2, wait ~4 min on a
+    server that is down)."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    settings = {
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(config.registry.http_retries),
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: "1",
+        MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(config.registry.http_timeout),
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _client(config: PipelineConfig) -> Any:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -95,6 +126,12 @@ def _experiment(client: Any, config: PipelineConfig) -> str:
         return str(found.experiment_id)
 
 
+# What MLflow answers when a registered model or an alias does not exist. Anything else
+# (a lost connection is INTERNAL_ERROR) propagates: "could not ask" is not "there is none",
+# and treating it so would promote without comparing, or register a second copy.
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def _find_version(client: Any, name: str, fingerprint: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
@@ -102,8 +139,10 @@ def _find_version(client: Any, name: str, fingerprint: str) -> Any | None:
         versions = client.search_model_versions(
             f"name = '{name}' and tags.`{TAG}model_fingerprint` = '{fingerprint}'"
         )
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return None
+        raise
     ready = [v for v in versions if v.status == "READY"]
     return min(ready, key=lambda v: int(v.version)) if ready else None
 
@@ -113,8 +152,10 @@ def _champion(client: Any, name: str) -> Any | None:
 
     try:
         return client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return None
+        raise
 
 
 class _IncomparableError(Exception):
@@ -549,89 +590,100 @@ def register_model(
     if selected is not None:
         tags.update(_branch_tags(selected, pipeline_run_id))
     comparison: PairedComparison | None = None
-    try:
-        client = _client(config)
-        existing = _find_version(client, name, fingerprint)
-        champion = _champion(client, name)
-        previous = None if champion is None else str(champion.version)
-        if champion is None:
-            promote, reason = True, "no champion yet"
-        elif existing is not None and str(champion.version) == str(existing.version):
-            promote, reason = True, "already the champion"
-        else:
-            try:
-                comparison = compare_with_champion(
-                    config, champion, dataset_dir, evaluation_dir, evaluation["scores"]["labels"]
+    with http_policy(config):
+        try:
+            client = _client(config)
+            existing = _find_version(client, name, fingerprint)
+            champion = _champion(client, name)
+            previous = None if champion is None else str(champion.version)
+            if champion is None:
+                promote, reason = True, "no champion yet"
+            elif existing is not None and str(champion.version) == str(existing.version):
+                promote, reason = True, "already the champion"
+            else:
+                try:
+                    comparison = compare_with_champion(
+                        config,
+                        champion,
+                        dataset_dir,
+                        evaluation_dir,
+                        evaluation["scores"]["labels"],
+                    )
+                    promote, reason = decide(comparison, str(champion.version), config)
+                except _IncomparableError as exc:
+                    promote, reason = False, f"{exc}; compare them by hand"
+            if promote and sweep is not None and selected and selected["negative_transfer"]:
+                promote, reason = (
+                    False,
+                    (
+                        f"negative transfer: {selected['name']} beats scratch at the same label "
+                        f"budget by {selected['delta_vs_scratch']:+.4f}, not more than the sweep "
+                        f"margin {sweep['margin']:g} (before it: {reason})"
+                    ),
                 )
-                promote, reason = decide(comparison, str(champion.version), config)
-            except _IncomparableError as exc:
-                promote, reason = False, f"{exc}; compare them by hand"
-        if promote and sweep is not None and selected and selected["negative_transfer"]:
-            promote, reason = (
-                False,
-                (
-                    f"negative transfer: {selected['name']} beats scratch at the same label budget "
-                    f"by {selected['delta_vs_scratch']:+.4f}, not more than the sweep margin "
-                    f"{sweep['margin']:g} (before it: {reason})"
-                ),
-            )
-        if promote and not config.registry.promote:
-            promote, reason = False, reason + "; registry.promote is off"
-        if comparison is not None:
-            metrics.update(
-                {
-                    f"champion_{metric}_same_rows": comparison.champion,
-                    "gate_gain": comparison.gain,
-                    "gate_p_value": comparison.p_value,
-                    "gate_ci_low": comparison.ci_low,
-                    "gate_ci_high": comparison.ci_high,
-                }
-            )
-        tags[TAG + "gate"] = config.registry.gate
-        tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[:4000]
-        sweep_run_id = None
-        if existing is not None:
-            run_id, version, reused = existing.run_id, existing, True
-            log.info("identical model already registered as %s version %s", name, version.version)
-        else:
-            experiment_id = _experiment(client, config)
-            run_id, version, sweep_run_id = _log_run(
-                config,
-                client,
-                experiment_id,
-                {
-                    "model": model_dir,
-                    "evaluation": evaluation_dir,
-                    "dataset": dataset_dir,
-                    "backbone": backbone_dir,
-                },
-                tags,
-                metrics,
-            )
-            reused = False
-        if promote and previous != str(version.version):
-            client.set_registered_model_alias(name, "champion", version.version)
-    except (MlflowException, ConnectionError) as exc:
-        # MLflow's own message may embed the tracking URI with credentials: never repeat it.
-        where = redact(config.tracking_uri)
-        text = str(exc)
-        if isinstance(exc, ConnectionError) or any(
-            marker in text
-            for marker in (
-                "Failed to establish",
-                "Max retries exceeded",
-                "Connection refused",
-                "Read timed out",
-            )
-        ):
+            if promote and not config.registry.promote:
+                promote, reason = False, reason + "; registry.promote is off"
+            if comparison is not None:
+                metrics.update(
+                    {
+                        f"champion_{metric}_same_rows": comparison.champion,
+                        "gate_gain": comparison.gain,
+                        "gate_p_value": comparison.p_value,
+                        "gate_ci_low": comparison.ci_low,
+                        "gate_ci_high": comparison.ci_high,
+                    }
+                )
+            tags[TAG + "gate"] = config.registry.gate
+            tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[:4000]
+            sweep_run_id = None
+            if existing is not None:
+                run_id, version, reused = existing.run_id, existing, True
+                log.info(
+                    "identical model already registered as %s version %s", name, version.version
+                )
+            else:
+                experiment_id = _experiment(client, config)
+                run_id, version, sweep_run_id = _log_run(
+                    config,
+                    client,
+                    experiment_id,
+                    {
+                        "model": model_dir,
+                        "evaluation": evaluation_dir,
+                        "dataset": dataset_dir,
+                        "backbone": backbone_dir,
+                    },
+                    tags,
+                    metrics,
+                )
+                reused = False
+            if promote and previous != str(version.version):
+                client.set_registered_model_alias(name, "champion", version.version)
+        except (MlflowException, ConnectionError) as exc:
+            # MLflow's own message may embed the tracking URI with credentials: never repeat it.
+            where = redact(config.tracking_uri)
+            text = str(exc)
+            if isinstance(exc, ConnectionError) or any(
+                marker in text
+                for marker in (
+                    "Failed to establish",
+                    "Max retries exceeded",
+                    "Connection refused",
+                    "Read timed out",
+                )
+            ):
+                tries = ""
+                if config.tracking_uri.startswith(("http://", "https://")):
+                    attempts = config.registry.http_retries + 1
+                    tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
+                raise RegistryError(
+                    f"MLflow at {where} is unreachable{tries}; check registry.tracking_uri and "
+                    "that the server is running, then retry the run"
+                ) from None
             raise RegistryError(
-                f"MLflow at {where} is unreachable; check registry.tracking_uri and that the "
-                "server is running, then retry the run"
+                f"MLflow at {where} refused the registration of '{name}' "
+                f"({getattr(exc, 'error_code', type(exc).__name__)}); check the server logs"
             ) from None
-        raise RegistryError(
-            f"MLflow at {where} refused the registration of '{name}' "
-            f"({getattr(exc, 'error_code', type(exc).__name__)}); check the server logs"
-        ) from None
     result = RegistrationResult(
         model_name=name,
         version=str(version.version),

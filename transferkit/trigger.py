@@ -32,6 +32,7 @@ from typing import Any
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import TransferkitError
+from transferkit.registry import http_policy
 
 STATE_TAG = "transferkit.trigger_state"
 RETRY_STATES = {"FAILED", "CANCELED", "CANCELING", "SKIPPED"}
@@ -263,11 +264,13 @@ def trigger(
         RunFailedError: the local run failed (nothing is recorded: the next call retries).
         SubmitError: KFP refused the run.
     """
-    decision = decide(config, now)
+    with http_policy(config):
+        decision = decide(config, now)
     if not decision.fire:
         decision.action, decision.detail = "none", "no retraining: every check passed"
         return decision
-    record = _recorded(config)
+    with http_policy(config):
+        record = _recorded(config)
     if record.get("state") == decision.state:
         if record.get("mode") == "local":
             decision.action = "skipped"
@@ -292,7 +295,8 @@ def trigger(
         from transferkit.runner import run_local
 
         summary = run_local(config)
-        _record(config, decision, {"mode": "local", "version": summary.version})
+        with http_policy(config):
+            _record(config, decision, {"mode": "local", "version": summary.version})
         decision.action = "ran"
         decision.detail = f"retrained ({why}): {summary.model_uri}" + (
             " is the new champion" if summary.champion else " (held: not the champion)"
@@ -304,7 +308,8 @@ def trigger(
 
     name = f"{config.registry.model_name}-retrain-{why}"
     submitted = submit(config, host, experiment, run_name=name)
-    _record(config, decision, {"mode": "kfp", "host": host, "run_id": submitted.id})
+    with http_policy(config):
+        _record(config, decision, {"mode": "kfp", "host": host, "run_id": submitted.id})
     decision.action = "submitted"
     decision.detail = f"retraining ({why}): run {submitted.id}: {submitted.url}"
     decision.run = {"run_id": submitted.id, "url": submitted.url}

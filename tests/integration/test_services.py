@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import MlflowServer, S3Server, sst2_on_s3
+from tests.integration.conftest import FaultProxy, MlflowServer, S3Server, sst2_on_s3
 from transferkit.cli import main
+from transferkit.config import PipelineConfig
+from transferkit.errors import RegistryError
+from transferkit.registry import register_model
 
 pytestmark = pytest.mark.integration
 BUCKET = "services"
@@ -40,7 +45,8 @@ def services_config(
         "data": sst2_on_s3(BUCKET),
         "backbone": {"uri": f"s3://{BUCKET}/backbones/minilm/"},
         "strategy": {"name": "linear_probe"},
-        "registry": {"tracking_uri": tracking.url, "model_name": model_name},
+        # One retry per request: the pipeline's retry policy runs the step three times.
+        "registry": {"tracking_uri": tracking.url, "model_name": model_name, "http_retries": 1},
         "storage": {"s3_endpoint_url": s3.endpoint},
         "runtime": {"work_dir": str(tmp_path / "work")},
         **sections,
@@ -76,3 +82,121 @@ def test_sst2_from_s3_registers_on_the_tracking_server_and_serves_from_its_alias
     assert any(key.endswith("/MLmodel") for key in keys), keys[:20]
     assert any(key.endswith("head.safetensors") for key in keys), keys[:20]
     assert not list((tmp_path / "work").rglob("mlartifacts"))
+
+
+def on_server(config: PipelineConfig, url: str, model_name: str) -> PipelineConfig:
+    data = config.model_dump()
+    data["registry"].update(tracking_uri=url, model_name=model_name, http_retries=1)
+    return PipelineConfig.model_validate(data)
+
+
+def register_through(config: PipelineConfig, evaluated: tuple, out: Path) -> Any:
+    _, artifacts, evaluation = evaluated
+    return register_model(
+        config,
+        artifacts / "dataset",
+        artifacts / "backbone",
+        artifacts / "model",
+        evaluation,
+        "pipeline-run-1",
+        out,
+    )
+
+
+def registered(url: str, name: str) -> list[Any]:
+    return MlflowClient(tracking_uri=url, registry_uri=url).search_model_versions(
+        f"name = '{name}'"
+    )
+
+
+def test_connection_lost_while_setting_the_alias_leaves_no_version_and_a_retry_registers_one(
+    tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
+) -> None:
+    proxy = FaultProxy(mlflow_server.url)
+    try:
+        config = on_server(evaluated[0], proxy.url, "fault-alias")
+        # Asking for the champion fails: that is not "there is no champion". Nothing is
+        # registered, let alone promoted without a comparison.
+        proxy.drop = lambda method, path: method == "GET" and "alias=champion" in path
+        with pytest.raises(RegistryError, match="is unreachable after 2 attempts"):
+            register_through(config, evaluated, tmp_path / "first.json")
+        assert registered(mlflow_server.url, "fault-alias") == []
+
+        proxy.dropped.clear()
+        proxy.drop = lambda method, path: method == "POST" and "registered-models/alias" in path
+        with pytest.raises(RegistryError) as caught:
+            register_through(config, evaluated, tmp_path / "first.json")
+        assert str(caught.value).startswith(
+            f"MLflow at {proxy.url} is unreachable after 2 attempts"
+        )
+        assert len(proxy.dropped) == 2  # the first try and one retry, then it gave up
+        # The version was created, then deleted again: nothing half-registered.
+        assert registered(mlflow_server.url, "fault-alias") == []
+        assert not (tmp_path / "first.json").exists()
+
+        proxy.drop = lambda method, path: False  # the server answers again
+        result = register_through(config, evaluated, tmp_path / "second.json")
+        versions = registered(mlflow_server.url, "fault-alias")
+        assert [v.version for v in versions] == [result.version]
+        assert result.champion is True
+    finally:
+        proxy.close()
+
+
+def test_server_lost_mid_registration_then_back_the_retry_reuses_the_one_version(
+    tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
+) -> None:
+    proxy = FaultProxy(mlflow_server.url)
+    created = []
+
+    def dead_after_create(method: str, path: str) -> bool:
+        # Everything after the version exists fails, the clean-up's delete included.
+        if created:
+            return True
+        if "model-versions/create" in path:
+            created.append(path)
+        return False
+
+    try:
+        config = on_server(evaluated[0], proxy.url, "fault-dead")
+        proxy.drop = dead_after_create
+        with pytest.raises(RegistryError, match="is unreachable after 2 attempts"):
+            register_through(config, evaluated, tmp_path / "first.json")
+        # The version could not be deleted (the server was gone): it stays, complete, with
+        # no alias — until the step is retried.
+        left = registered(mlflow_server.url, "fault-dead")
+        assert len(left) == 1
+        client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+        assert client.get_registered_model("fault-dead").aliases == {}
+
+        proxy.drop = lambda method, path: False
+        result = register_through(config, evaluated, tmp_path / "second.json")
+        assert result.reused is True
+        versions = registered(mlflow_server.url, "fault-dead")
+        assert [v.version for v in versions] == [left[0].version] == [result.version]
+        aliases = client.get_registered_model("fault-dead").aliases
+        assert aliases == {"champion": result.version}
+    finally:
+        proxy.close()
+
+
+def test_pipeline_with_the_tracking_server_down_fails_cleanly_and_reruns_to_one_version(
+    tmp_path: Path,
+    s3_env: S3Server,
+    mlflow_server: MlflowServer,
+    sources: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = services_config(tmp_path, s3_env, mlflow_server, "services-down")
+    mlflow_server.stop()
+    try:
+        assert main(["run", str(path)]) == 1
+    finally:
+        mlflow_server.start()
+    err = capsys.readouterr()
+    line = [x for x in (err.out + err.err).splitlines() if "is unreachable" in x]
+    assert line, err
+    assert registered(mlflow_server.url, "services-down") == []
+
+    assert main(["run", str(path)]) == 0  # the steps before registration come from the cache
+    assert len(registered(mlflow_server.url, "services-down")) == 1

@@ -19,14 +19,6 @@ from transferkit.evaluation import evaluate
 from transferkit.registry import redact, register_model
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory, probe_run: tuple) -> tuple:
-    config, artifacts, _ = probe_run
-    out = tmp_path_factory.mktemp("eval") / "evaluation"
-    evaluate(config, artifacts / "dataset", artifacts / "model", out)
-    return config, artifacts, out
-
-
 def with_store(config: PipelineConfig, tmp_path: Path) -> PipelineConfig:
     data = config.model_dump()
     data["runtime"]["work_dir"] = str(tmp_path)
@@ -225,18 +217,13 @@ def test_unreachable_server_is_a_one_line_registry_error(tmp_path: Path, evaluat
     config, artifacts, evaluation = evaluated
     data = config.model_dump()
     data["registry"]["tracking_uri"] = "http://user:secret@127.0.0.1:9"
+    data["registry"]["http_retries"] = 0
     config = PipelineConfig.model_validate(data)
-    import os
-
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        with pytest.raises(RegistryError) as info:
-            register(config, artifacts, evaluation, tmp_path / "r.json")
-    finally:
-        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    with pytest.raises(RegistryError) as info:
+        register(config, artifacts, evaluation, tmp_path / "r.json")
     message = str(info.value)
     assert "secret" not in message
-    assert message.startswith("MLflow at http://127.0.0.1:9 is unreachable")
+    assert message.startswith("MLflow at http://127.0.0.1:9 is unreachable after 1 attempt;")
     assert "\n" not in message
     assert not (tmp_path / "r.json").exists()
 
