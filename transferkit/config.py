@@ -176,6 +176,13 @@ class ImageInputConfig(_Model):
         max_length=3,
         description="Per-channel standard deviation divided by; unset: the backbone's.",
     )
+    flip_average: bool = Field(
+        False,
+        description="Test-time augmentation: wherever the backbone sees an image outside a "
+        "training step (feature extraction, validation, evaluation, serving), average its "
+        "outputs over the image and its left–right mirror. Twice the inference cost; for "
+        "images without a handedness (ultrasound, microscopy), not for text or digits.",
+    )
 
 
 class BackboneConfig(_Model):

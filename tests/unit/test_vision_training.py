@@ -281,3 +281,46 @@ def test_min_steps_stretches_a_small_label_budget_and_spreads_validation(
     assert result.details["epochs_run"] == 12.0
     # Validation still runs 'epochs' (2) times, not once per one-batch epoch.
     assert [v["step"] for v in result.details["validations"]] == [0.0, 6.0, 12.0]
+
+
+def test_flip_average_makes_every_prediction_mirror_invariant(
+    breast_run: tuple, tmp_path: Path
+) -> None:
+    root, data, resnet20 = breast_run
+    images = load_images(root / "dataset", "test")[0][:24]
+    mirrored = images[:, :, ::-1]
+    # Without it, a mirrored image is another input.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    run(root, plain, data, resnet20, {"name": "linear_probe"})
+    tokenizer, model, card = load_classifier(plain / "m")
+    assert card.image is not None
+    assert not card.image.flip_average
+    assert not np.allclose(
+        predict_proba(model, tokenizer, card, images),
+        predict_proba(model, tokenizer, card, mirrored),
+        atol=1e-4,
+    )
+    # With it, features, validation, evaluation and serving all see both views.
+    backbone = {"uri": str(resnet20), "allow_pickle": True, "image": {"flip_average": True}}
+    config = image_config(
+        tmp_path,
+        data,
+        resnet20,
+        backbone=backbone,
+        strategy={"name": "partial_finetune", "train_top_layers": 3},
+        training=FAST,
+    )
+    fetch_backbone(config, tmp_path / "backbone")
+    extract_features(config, root / "dataset", tmp_path / "backbone", tmp_path / "features")
+    features = np.load(tmp_path / "features" / "test.npy")
+    assert not np.allclose(features, np.load(root / "features" / "test.npy"), atol=1e-4)
+    train(config, root / "dataset", tmp_path / "backbone", tmp_path / "features", tmp_path / "m")
+    tokenizer, model, card = load_classifier(tmp_path / "m")
+    assert card.image is not None
+    assert card.image.flip_average
+    np.testing.assert_allclose(
+        predict_proba(model, tokenizer, card, images),
+        predict_proba(model, tokenizer, card, mirrored),
+        atol=1e-5,
+    )

@@ -47,6 +47,7 @@ class ImageInput(BaseModel):
     channels: int
     mean: list[float]
     std: list[float]
+    flip_average: bool = False  # outputs averaged over the image and its mirror (inference)
 
 
 class BackboneInfo(BaseModel):
@@ -212,6 +213,7 @@ def image_input(model_dir: Path, backbone: BackboneConfig) -> ImageInput:
         channels=channels,
         mean=override.mean or declared.mean,
         std=override.std or declared.std,
+        flip_average=override.flip_average,
     )
     for key in ("mean", "std"):
         values = getattr(spec, key)

@@ -298,7 +298,8 @@ def run_images(
     precision: str = "fp32",
     description: str = "encode",
 ) -> np.ndarray:
-    """Apply ``module(pixels) → [batch, width]`` to uint8 images [N, H, W, C], in order."""
+    """Apply ``module(pixels) → [batch, width]`` to uint8 images [N, H, W, C], in order;
+    with ``spec.flip_average``, the mean of the outputs of each image and its mirror."""
     device = next(module.parameters()).device
     module.eval()
     chunks = list(image_batches(len(images), batch_size))
@@ -306,7 +307,10 @@ def run_images(
     with autocast(precision, device):
         for part in progress(chunks, len(chunks), description):
             pixels = prepare(images[part], spec).to(device)
-            out.append(module(pixels).float().cpu().numpy())
+            outputs = module(pixels).float()
+            if spec.flip_average:
+                outputs = (outputs + module(pixels.flip(-1)).float()) / 2
+            out.append(outputs.cpu().numpy())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
