@@ -799,7 +799,14 @@ class StorageConfig(_Model):
         "AWS_ENDPOINT_URL.",
     )
     s3_region: str | None = Field(None, description="S3 region; unset: the SDK default.")
-    retries: int = Field(5, ge=0, le=20, description="Attempts per S3 call on transient errors.")
+    retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries of each S3 call on transient errors (connection lost, throttling, "
+        "5xx), with the SDK's exponential backoff; then the step fails in one line and the "
+        "pipeline's retry policy may run it again.",
+    )
 
 
 # Quantities as KFP accepts them: CPU 2, 0.5 or 500m; memory 8Gi, 512M, 1073741824.

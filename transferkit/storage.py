@@ -109,6 +109,19 @@ def s3_client(storage: StorageConfig | None) -> Any:
     )
 
 
+def _download(
+    client: Any, bucket: str, key: str, target: Path, storage: StorageConfig | None
+) -> None:
+    """One object to a local file; an interrupted stream is re-read at most
+    ``storage.retries`` times (the transfer's own default is 5, whatever the setting)."""
+    from boto3.s3.transfer import TransferConfig
+
+    attempts = max(storage.retries if storage else 5, 1)
+    client.download_file(
+        bucket, key, str(target), Config=TransferConfig(num_download_attempts=attempts)
+    )
+
+
 def _s3_error(uri: str, exc: Exception) -> StorageError:
     """Translate boto errors into one actionable line, never echoing credentials."""
     from botocore.exceptions import (
@@ -183,7 +196,7 @@ def fetch_file(uri: str, dest_dir: Path, storage: StorageConfig | None = None) -
     client = s3_client(storage)
     with atomic_file(target) as tmp:
         try:
-            client.download_file(loc.bucket, loc.path, str(tmp))
+            _download(client, loc.bucket, loc.path, tmp, storage)
         except Exception as exc:
             raise _s3_error(uri, exc) from None
     return target
@@ -231,7 +244,7 @@ def fetch_tree(
             shutil.copyfile(src / rel, target)
             continue
         try:
-            client.download_file(loc.bucket, prefix + rel, str(target))  # type: ignore[union-attr]
+            _download(client, loc.bucket, prefix + rel, target, storage)
         except Exception as exc:
             raise _s3_error(f"s3://{loc.bucket}/{prefix}{rel}", exc) from None
 

