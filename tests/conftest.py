@@ -167,6 +167,24 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, probe_run: tuple) -> tup
     return config, artifacts, out
 
 
+def biased_model(config: PipelineConfig, artifacts: Path, folder: Path, shift: float) -> tuple:
+    """A real, worse rival of probe_run's model: its head's bias pushed ``shift`` towards
+    'negative'; evaluated. Returns (model folder, evaluation folder)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from transferkit.evaluation import evaluate
+
+    model = Path(shutil.copytree(artifacts / "model", folder / "model"))
+    head = load_file(str(model / "head.safetensors"))
+    head["bias"] = head["bias"] + torch.tensor([shift, -shift])
+    save_file(head, str(model / "head.safetensors"))
+    evaluate(config, artifacts / "dataset", model, folder / "evaluation")
+    return model, folder / "evaluation"
+
+
 @pytest.fixture(scope="session")
 def resnet20(shared_data: Path) -> Path:
     """The real ResNet-20 CIFAR-10 checkpoint (legacy pickle format)."""

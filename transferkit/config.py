@@ -709,6 +709,14 @@ class RegistryConfig(_Model):
     http_timeout: int = Field(
         60, ge=1, le=3600, description="Seconds to wait for each answer of the tracking server."
     )
+    lock_timeout: int = Field(
+        900,
+        ge=10,
+        le=86_400,
+        description="Registrations of one model take turns (a lock in the registry), so two "
+        "runs finishing together cannot both become champion: wait at most this many seconds "
+        "for another run's registration; a lock older than this is taken as abandoned.",
+    )
 
 
 class SweepBranch(_Model):

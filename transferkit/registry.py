@@ -99,6 +99,80 @@ def http_policy(config: PipelineConfig) -> Iterator[None]:
                 os.environ[name] = value
 
 
+LOCK_SUFFIX = ".transferkit-lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(
+    client: Any, name: str, holder: str, timeout: float, abandoned_after: float | None = None
+) -> Iterator[None]:
+    """Hold the promotion lock of registered model ``name`` for the calls inside.
+
+    The lock is a registered model named ``NAME.transferkit-lock`` that exists while one
+    registration reads the champion, compares, registers and moves the aliases. MLflow stores
+    a name at most once (a unique key), so creating it acquires and deleting it releases,
+    whatever the number of servers and clients. Without it two runs finishing together both
+    see the same champion (or none) and the last to move the alias wins, better or not.
+
+    Args:
+        holder: who holds it (the pipeline run id), shown to whoever waits.
+        timeout: seconds to wait for another holder.
+        abandoned_after: a lock older than this many seconds is taken as abandoned (its
+            holder died) and broken; None: ``timeout``.
+
+    Raises:
+        RegistryError: another registration held the lock for the whole ``timeout``.
+    """
+    import random
+
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={TAG + "lock_holder": holder}, description=f"held by {holder}"
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException as exc:
+            if exc.error_code in _ABSENT:
+                continue  # released in the meantime
+            raise
+        owner = held.tags.get(TAG + "lock_holder", "?")
+        age = time.time() - held.creation_timestamp / 1000
+        if age > (timeout if abandoned_after is None else abandoned_after):
+            log.warning("breaking the promotion lock of %s held %.0f s by %s", name, age, owner)
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"registered model '{name}' is being promoted by {owner} for {age:.0f} s; retry "
+                f"later, or delete the registered model '{lock}' if that run is dead"
+            )
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 1.5, 5.0)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except Exception as exc:  # the registration's own outcome matters more
+            log.error(
+                "could not release the promotion lock of %s (%s); it lapses after %d s",
+                name,
+                exc,
+                timeout,
+            )
+
+
 def _client(config: PipelineConfig) -> Any:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -593,72 +667,75 @@ def register_model(
     with http_policy(config):
         try:
             client = _client(config)
-            existing = _find_version(client, name, fingerprint)
-            champion = _champion(client, name)
-            previous = None if champion is None else str(champion.version)
-            if champion is None:
-                promote, reason = True, "no champion yet"
-            elif existing is not None and str(champion.version) == str(existing.version):
-                promote, reason = True, "already the champion"
-            else:
-                try:
-                    comparison = compare_with_champion(
-                        config,
-                        champion,
-                        dataset_dir,
-                        evaluation_dir,
-                        evaluation["scores"]["labels"],
+            with promotion_lock(client, name, pipeline_run_id, config.registry.lock_timeout):
+                existing = _find_version(client, name, fingerprint)
+                champion = _champion(client, name)
+                previous = None if champion is None else str(champion.version)
+                if champion is None:
+                    promote, reason = True, "no champion yet"
+                elif existing is not None and str(champion.version) == str(existing.version):
+                    promote, reason = True, "already the champion"
+                else:
+                    try:
+                        comparison = compare_with_champion(
+                            config,
+                            champion,
+                            dataset_dir,
+                            evaluation_dir,
+                            evaluation["scores"]["labels"],
+                        )
+                        promote, reason = decide(comparison, str(champion.version), config)
+                    except _IncomparableError as exc:
+                        promote, reason = False, f"{exc}; compare them by hand"
+                if promote and sweep is not None and selected and selected["negative_transfer"]:
+                    promote, reason = (
+                        False,
+                        (
+                            f"negative transfer: {selected['name']} beats scratch at the same "
+                            f"label budget by {selected['delta_vs_scratch']:+.4f}, not more "
+                            f"than the sweep margin {sweep['margin']:g} (before it: {reason})"
+                        ),
                     )
-                    promote, reason = decide(comparison, str(champion.version), config)
-                except _IncomparableError as exc:
-                    promote, reason = False, f"{exc}; compare them by hand"
-            if promote and sweep is not None and selected and selected["negative_transfer"]:
-                promote, reason = (
-                    False,
-                    (
-                        f"negative transfer: {selected['name']} beats scratch at the same label "
-                        f"budget by {selected['delta_vs_scratch']:+.4f}, not more than the sweep "
-                        f"margin {sweep['margin']:g} (before it: {reason})"
-                    ),
-                )
-            if promote and not config.registry.promote:
-                promote, reason = False, reason + "; registry.promote is off"
-            if comparison is not None:
-                metrics.update(
-                    {
-                        f"champion_{metric}_same_rows": comparison.champion,
-                        "gate_gain": comparison.gain,
-                        "gate_p_value": comparison.p_value,
-                        "gate_ci_low": comparison.ci_low,
-                        "gate_ci_high": comparison.ci_high,
-                    }
-                )
-            tags[TAG + "gate"] = config.registry.gate
-            tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[:4000]
-            sweep_run_id = None
-            if existing is not None:
-                run_id, version, reused = existing.run_id, existing, True
-                log.info(
-                    "identical model already registered as %s version %s", name, version.version
-                )
-            else:
-                experiment_id = _experiment(client, config)
-                run_id, version, sweep_run_id = _log_run(
-                    config,
-                    client,
-                    experiment_id,
-                    {
-                        "model": model_dir,
-                        "evaluation": evaluation_dir,
-                        "dataset": dataset_dir,
-                        "backbone": backbone_dir,
-                    },
-                    tags,
-                    metrics,
-                )
-                reused = False
-            if promote and previous != str(version.version):
-                client.set_registered_model_alias(name, "champion", version.version)
+                if promote and not config.registry.promote:
+                    promote, reason = False, reason + "; registry.promote is off"
+                if comparison is not None:
+                    metrics.update(
+                        {
+                            f"champion_{metric}_same_rows": comparison.champion,
+                            "gate_gain": comparison.gain,
+                            "gate_p_value": comparison.p_value,
+                            "gate_ci_low": comparison.ci_low,
+                            "gate_ci_high": comparison.ci_high,
+                        }
+                    )
+                tags[TAG + "gate"] = config.registry.gate
+                tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[
+                    :4000
+                ]
+                sweep_run_id = None
+                if existing is not None:
+                    run_id, version, reused = existing.run_id, existing, True
+                    log.info(
+                        "identical model already registered as %s version %s", name, version.version
+                    )
+                else:
+                    experiment_id = _experiment(client, config)
+                    run_id, version, sweep_run_id = _log_run(
+                        config,
+                        client,
+                        experiment_id,
+                        {
+                            "model": model_dir,
+                            "evaluation": evaluation_dir,
+                            "dataset": dataset_dir,
+                            "backbone": backbone_dir,
+                        },
+                        tags,
+                        metrics,
+                    )
+                    reused = False
+                if promote and previous != str(version.version):
+                    client.set_registered_model_alias(name, "champion", version.version)
         except (MlflowException, ConnectionError) as exc:
             # MLflow's own message may embed the tracking URI with credentials: never repeat it.
             where = redact(config.tracking_uri)

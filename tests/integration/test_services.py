@@ -4,6 +4,8 @@ real ``mlflow server`` tracking over HTTP with its artifacts in that S3 store.""
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import biased_model
 from tests.integration.conftest import FaultProxy, MlflowServer, S3Server, sst2_on_s3
 from transferkit import storage
 from transferkit.cli import main
@@ -256,3 +259,53 @@ def test_a_store_that_stops_answering_fails_a_read_after_bounded_retries(
     assert message.startswith(f"s3://{BUCKET}/sst2/train.tsv: S3 request failed")
     assert "\n" not in message
     assert list((tmp_path / "in").iterdir()) == []  # no half-written file
+
+
+def register_in_a_process(job: tuple[dict, list[str], str, str]) -> str:
+    """register_model in a fresh process (the pool's worker), as a separate pipeline's step."""
+    config, paths, run_id, out = job
+    dataset, backbone, model, evaluation = map(Path, paths)
+    result = register_model(
+        PipelineConfig.model_validate(config),
+        dataset,
+        backbone,
+        model,
+        evaluation,
+        run_id,
+        Path(out),
+    )
+    return result.version
+
+
+def test_concurrent_promotions_leave_exactly_one_champion_and_it_is_the_best(
+    tmp_path: Path, mlflow_server: MlflowServer, evaluated: tuple
+) -> None:
+    config, artifacts, evaluation = evaluated
+    rivals = [(artifacts / "model", evaluation)] + [
+        biased_model(config, artifacts, tmp_path / f"rival-{shift}", shift)
+        for shift in (0.4, 0.8, 1.6)
+    ]
+    accuracy = [storage.read_json(e / "evaluation.json")["scores"]["accuracy"] for _, e in rivals]
+    assert len(set(accuracy)) == len(accuracy)  # a strict order: one best
+    data = on_server(config, mlflow_server.url, "concurrent").model_dump()
+    data["registry"]["gate"] = "none"  # the better one always wins: the lock is under test
+    jobs = [
+        (
+            data,
+            [str(artifacts / "dataset"), str(artifacts / "backbone"), str(model), str(ev)],
+            f"pipeline-run-{i}",
+            str(tmp_path / f"registration-{i}.json"),
+        )
+        for i, (model, ev) in enumerate(rivals)
+    ]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(jobs), mp_context=spawn) as pool:
+        versions = list(pool.map(register_in_a_process, jobs))
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert sorted(v.version for v in registered(mlflow_server.url, "concurrent")) == sorted(
+        versions
+    )
+    champion = client.get_model_version_by_alias("concurrent", "champion")
+    assert champion.version == versions[accuracy.index(max(accuracy))]
+    models = client.search_registered_models("name LIKE 'concurrent%'")
+    assert [m.name for m in models] == ["concurrent"]  # every lock released

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file, save_file
 
+from tests.conftest import biased_model
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import RegistryError
-from transferkit.evaluation import evaluate
-from transferkit.registry import redact, register_model
+from transferkit.registry import LOCK_SUFFIX, promotion_lock, redact, register_model
 
 
 def with_store(config: PipelineConfig, tmp_path: Path) -> PipelineConfig:
@@ -49,13 +48,7 @@ def register(
 def biased(tmp_path_factory: pytest.TempPathFactory, evaluated: tuple) -> tuple[Path, Path]:
     """A real, worse rival: the probe with its head pushed towards 'negative', evaluated."""
     config, artifacts, _ = evaluated
-    folder = tmp_path_factory.mktemp("biased")
-    model = Path(shutil.copytree(artifacts / "model", folder / "model"))
-    head = load_file(str(model / "head.safetensors"))
-    head["bias"] = head["bias"] + torch.tensor([2.0, -2.0])
-    save_file(head, str(model / "head.safetensors"))
-    evaluate(config, artifacts / "dataset", model, folder / "evaluation")
-    return model, folder / "evaluation"
+    return biased_model(config, artifacts, tmp_path_factory.mktemp("biased"), 2.0)
 
 
 def relabelled(model: Path, target: Path) -> Path:
@@ -231,3 +224,30 @@ def test_unreachable_server_is_a_one_line_registry_error(tmp_path: Path, evaluat
 def test_redact() -> None:
     assert redact("https://u:p@mlflow.example.com:5000/x") == "https://mlflow.example.com:5000/x"
     assert redact("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+
+
+def test_promotion_lock_takes_turns_and_breaks_an_abandoned_lock(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with promotion_lock(client, "m", "run-a", timeout=60):
+        assert client.get_registered_model("m" + LOCK_SUFFIX).tags == {
+            "transferkit.lock_holder": "run-a"
+        }
+        with (
+            pytest.raises(RegistryError) as caught,
+            promotion_lock(client, "m", "run-b", 0.5, 3600),
+        ):
+            pass
+        message = str(caught.value)
+        assert message.startswith("registered model 'm' is being promoted by run-a for ")
+        assert "delete the registered model 'm.transferkit-lock'" in message
+    # Released: the next one gets it at once.
+    with promotion_lock(client, "m", "run-b", timeout=60):
+        pass
+    assert client.search_registered_models() == []
+    # A lock whose holder died is broken once it is older than the timeout.
+    client.create_registered_model("m" + LOCK_SUFFIX, tags={"transferkit.lock_holder": "dead"})
+    time.sleep(1.2)
+    with promotion_lock(client, "m", "run-c", timeout=60, abandoned_after=1):
+        holder = client.get_registered_model("m" + LOCK_SUFFIX).tags["transferkit.lock_holder"]
+        assert holder == "run-c"
