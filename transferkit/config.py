@@ -106,6 +106,14 @@ class DataConfig(_Model):
         "and test rows are carved from them), drawn as a stratified sample with "
         "data.split.seed. Given evaluation files are not capped. Unset: every row.",
     )
+    max_text_chars: int = Field(
+        100_000,
+        ge=1,
+        description="Longest text accepted, in characters (after stripping); a longer one "
+        "is refused at ingest with its file and line. It is usually a broken export (an "
+        "unclosed quote joins many rows into one); backbones read only the first "
+        "backbone.max_length tokens anyway.",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions, seed.")
 
     @field_validator("label_names", mode="before")

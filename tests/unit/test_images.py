@@ -240,7 +240,9 @@ def test_backbone_refusals_are_one_line(
         resnet20,
         backbone={"uri": str(resnet20), "allow_pickle": True, "weights_sha256": "0" * 64},
     )
-    with pytest.raises(BackboneError, match=r"sha256 is 12fca82f0bebc413…, expected 0000"):
+    with pytest.raises(
+        BackboneError, match=r"sha256 is 12fca82f0bebc4135bf1f32f[0-9a-f]+, expected 0{64};"
+    ):
         fetch_backbone(wrong_sha, tmp_path / "b")
     # A vision backbone for text data (and the other way round) is refused before copying.
     text = make_config(

@@ -249,7 +249,7 @@ def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Pat
     actual = storage.sha256_file(path)
     if backbone.weights_sha256 and actual != backbone.weights_sha256:
         raise BackboneError(
-            f"{uri}: sha256 is {actual[:16]}…, expected {backbone.weights_sha256[:16]}…; the "
+            f"{uri}: sha256 is {actual}, expected {backbone.weights_sha256}; the "
             "file is corrupt or not the model you meant — fetch it again"
         )
     try:
@@ -369,7 +369,7 @@ def fetch_backbone(
             ((name, actual),) = weights.items()
             if actual != expected:
                 raise BackboneError(
-                    f"{uri}: sha256 of {name} is {actual[:16]}…, expected {expected[:16]}…; the "
+                    f"{uri}: sha256 of {name} is {actual}, expected {expected}; the "
                     "file is corrupt or not the model you meant — fetch it again"
                 )
         hf_config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())

@@ -96,7 +96,7 @@ def read_npz(path: Path, name: str) -> dict[str, ImageRows]:
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise DataError(
             f"{name}: not a readable .npz archive ({' '.join(str(exc).split())[:80]}); "
-            "save it with numpy.savez"
+            "copy it again if it was cut short, or save it with numpy.savez"
         ) from None
     pairs: dict[str, tuple[str, str]] = {}
     for split, spellings in NPZ_SPLITS.items():

@@ -162,7 +162,10 @@ def _read(
         return rows
     fmt = detect_format(storage.parse(uri).name, config.data.format)
     path = storage.fetch_file(uri, scratch, config.storage)
-    frame = read_table(path, uri, fmt, config.data.text_column, config.data.label_column)
+    data = config.data
+    frame = read_table(
+        path, uri, fmt, data.text_column, data.label_column, max_text_chars=data.max_text_chars
+    )
     log.info("read %s rows from %s", f"{len(frame):,}", uri)
     return frame
 

@@ -170,7 +170,12 @@ def read_unlabelled_texts(path: Path, name: str, text_column: str) -> list[str]:
 
 
 def read_table(
-    path: Path, name: str, fmt: str, text_column: str, label_column: str
+    path: Path,
+    name: str,
+    fmt: str,
+    text_column: str,
+    label_column: str,
+    max_text_chars: int | None = None,
 ) -> pd.DataFrame:
     """Read a labelled table into ``text``/``label`` string columns.
 
@@ -180,9 +185,11 @@ def read_table(
         fmt: csv, tsv, jsonl or parquet.
         text_column: column with the input text.
         label_column: column with the label.
+        max_text_chars: longest text accepted (``data.max_text_chars``); None: no limit.
 
     Raises:
-        DataError: unreadable file, missing column, empty text or label (with the row).
+        DataError: unreadable file, missing column, empty text or label, or a text longer
+            than ``max_text_chars`` (with the row).
     """
     frame = _frame(path, name, fmt)
     for column, key in ((text_column, "text_column"), (label_column, "label_column")):
@@ -206,4 +213,15 @@ def read_table(
                 f"{name} {unit} {index + offset}: empty or NaN label in column "
                 f"'{label_column}'; label or remove the row"
             )
-    return pd.DataFrame({"text": texts, "label": labels})
+    table = pd.DataFrame({"text": texts, "label": labels})
+    if max_text_chars is not None:
+        lengths = table["text"].str.len()
+        too_long = lengths[lengths > max_text_chars]
+        if not too_long.empty:
+            index, length = int(too_long.index[0]), int(too_long.iloc[0])
+            raise DataError(
+                f"{name} {unit} {index + offset}: a text of {length:,} characters in column "
+                f"'{text_column}', above data.max_text_chars ({max_text_chars:,}); clean the "
+                "data or raise data.max_text_chars"
+            )
+    return table
