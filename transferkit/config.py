@@ -606,6 +606,21 @@ class TrainingConfig(_Model):
         "Unset: no averaging.",
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Save the whole training state (weights, optimiser, schedule, weight "
+        "average, random streams, position in the epoch, best checkpoint so far) every N "
+        "steps to training.checkpoint_uri; a rerun of the same config on the same data and "
+        "backbone resumes from the last one (a preempted node, a killed pod). One process "
+        "only: data-parallel training does not checkpoint. Unset: no checkpoints.",
+    )
+    checkpoint_uri: str | None = Field(
+        None,
+        description="Folder (local path or s3://bucket/prefix/) for the checkpoints, one "
+        "sub-folder per config, data and backbone; unset: <runtime.work_dir>/checkpoints. On "
+        "a cluster use s3:// so a pod on another node finds it. Deleted when training ends.",
+    )
     cross_validation_folds: int | None = Field(
         None,
         ge=3,

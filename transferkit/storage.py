@@ -263,6 +263,37 @@ def upload_file(path: Path, uri: str, storage: StorageConfig | None = None) -> N
         raise _s3_error(uri, exc) from None
 
 
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    """Whether a file (local path or S3 object) exists.
+
+    Raises:
+        StorageError: the store could not be asked (unreachable, refused).
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        return local_path(uri).is_file()
+    try:
+        s3_client(storage).head_object(Bucket=loc.bucket, Key=loc.path)
+    except Exception as exc:
+        error = _s3_error(uri, exc)
+        if "no such object" in str(error):
+            return False
+        raise error from None
+    return True
+
+
+def delete_file(uri: str, storage: StorageConfig | None = None) -> None:
+    """Delete a file (local path or S3 object); a missing one is not an error."""
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        local_path(uri).unlink(missing_ok=True)
+        return
+    try:
+        s3_client(storage).delete_object(Bucket=loc.bucket, Key=loc.path)
+    except Exception as exc:
+        raise _s3_error(uri, exc) from None
+
+
 DONE_MARKER = "_SUCCESS"
 
 

@@ -62,6 +62,7 @@ from transferkit.data import (
 from transferkit.features import extract_features, load_features
 from transferkit.metrics import metric_of_logits, score
 from transferkit.training.adabn import adapt_batch_norm
+from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.crossval import fold_datasets
 from transferkit.training.distributed import Layout, finetune_parallel, world_size
 from transferkit.training.domain import adapt_backbone
@@ -391,7 +392,12 @@ def _fit(config: PipelineConfig, strategy: Any, ctx: _Context) -> _Fitted:
     if world > 1 or ctx.layout.nodes > 1:
         history = finetune_parallel(model, *arguments, groups, ctx.precision, world, ctx.layout)
     else:
-        history = finetune(model, *arguments, groups, ctx.precision)
+        checkpoints = Checkpoints.for_training(
+            config,
+            storage.read_json(ctx.dataset_dir / "stats.json")["fingerprint"],
+            ctx.info.fingerprint,
+        )
+        history = finetune(model, *arguments, groups, ctx.precision, checkpoints=checkpoints)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if isinstance(strategy, LoraConfig):
         assert isinstance(model, TextClassifier)

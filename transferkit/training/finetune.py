@@ -27,6 +27,7 @@ from transferkit.backbones.text import autocast
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
 from transferkit.metrics import metric_of_logits
+from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.inputs import Inputs, length_grouped_batches
 
 __all__ = ["apply_gradients", "finetune", "length_grouped_batches", "linear_schedule"]
@@ -45,6 +46,7 @@ class FinetuneHistory(BaseModel):
     stopped_early: bool
     examples_per_second: float
     train_seconds: float
+    resumed_from_step: int | None = None  # a checkpoint this training continued from
 
 
 def _optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -165,6 +167,7 @@ def finetune(
     precision: str,
     rank: Rank = Rank(),
     forward: nn.Module | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FinetuneHistory:
     """Fine-tune ``model`` in place; it holds the best validation checkpoint on return.
 
@@ -176,6 +179,10 @@ def finetune(
     shard of each, scaled so that the averaged gradient is exactly the global batch's; the
     main process validates and keeps the best checkpoint, and its verdict (improved, stop)
     is shared with all.
+
+    With ``checkpoints`` (one process only), the whole state is saved every
+    ``checkpoints.every`` steps, and a saved state is resumed from: the same batches, the same
+    augmentation draws, the same result as a run that was never interrupted.
 
     Raises:
         TrainingError: the loss became NaN or infinite.
@@ -233,21 +240,50 @@ def finetune(
             return {k: v.clone() for k, v in average.state.items()}
         return copy.deepcopy(model.state_dict())
 
+    if rank.world > 1:
+        checkpoints = None
     started = time.perf_counter()
-    best_value = validate()
-    best_state = selected_state()
-    best_step = 0
-    validations = [{"step": 0.0, metric: best_value}]
-    log.info("step 0: validation %s %.4f (starting point)", metric, best_value)
+    resumed = checkpoints.load() if checkpoints else None
     stale = 0
     step = 0
     seen = 0
+    if resumed is None:
+        best_value = validate()
+        best_state = selected_state()
+        best_step = 0
+        validations = [{"step": 0.0, metric: best_value}]
+        log.info("step 0: validation %s %.4f (starting point)", metric, best_value)
+    else:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if average:
+            average.state = {k: v.to(device) for k, v in resumed["average"].items()}
+        torch.set_rng_state(resumed["torch_rng"])
+        step, seen, stale = resumed["step"], resumed["seen"], resumed["stale"]
+        best_value, best_step = resumed["best_value"], resumed["best_step"]
+        best_state, validations = resumed["best_state"], resumed["validations"]
+        log.info("resumed from the checkpoint at step %d of %d", step, total)
+    resumed_from = None if resumed is None else step
     stopped_early = False
     window_loss, window_count = 0.0, 0
     while step < total and not stopped_early:
         forward.train()
         keep_frozen_norms_in_eval(model)
-        for batch in train.epoch(cfg.batch_size, rng):
+        epoch_rng = copy.deepcopy(rng.bit_generator.state)
+        skip = 0
+        if resumed is not None:
+            # The interrupted epoch: its batches again, then the stream where it was.
+            epoch_rng, skip = resumed["epoch_rng"], resumed["batch_index"]
+            rng.bit_generator.state = epoch_rng
+            batches = train.epoch(cfg.batch_size, rng)
+            rng.bit_generator.state = resumed["rng"]
+            resumed = None
+        else:
+            batches = train.epoch(cfg.batch_size, rng)
+        for index, batch in enumerate(batches):
+            if index < skip:
+                continue
             if len(batch) < rank.world:
                 continue  # a last batch too small to give every process a row: all skip it
             shard = batch[rank.rank :: rank.world]
@@ -303,7 +339,29 @@ def finetune(
                         break
             if step >= total:
                 break
+            if checkpoints and step % checkpoints.every == 0:
+                checkpoints.save(
+                    {
+                        "step": step,
+                        "seen": seen,
+                        "stale": stale,
+                        "best_value": best_value,
+                        "best_step": best_step,
+                        "best_state": best_state,
+                        "validations": validations,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "average": average.state if average else None,
+                        "torch_rng": torch.get_rng_state(),
+                        "rng": rng.bit_generator.state,
+                        "epoch_rng": epoch_rng,
+                        "batch_index": index + 1,
+                    }
+                )
     train_seconds = time.perf_counter() - started - validate_seconds
+    if checkpoints:
+        checkpoints.clear()
     if rank.main:
         model.load_state_dict(best_state)
     model.eval()
@@ -316,4 +374,5 @@ def finetune(
         stopped_early=stopped_early,
         examples_per_second=round(seen / max(train_seconds, 1e-9), 1),
         train_seconds=round(train_seconds, 1),
+        resumed_from_step=resumed_from,
     )
