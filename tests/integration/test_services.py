@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -22,6 +24,7 @@ from transferkit.cli import main
 from transferkit.config import PipelineConfig, StorageConfig
 from transferkit.errors import RegistryError, StorageError
 from transferkit.registry import register_model
+from transferkit.training.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.integration
 BUCKET = "services"
@@ -309,3 +312,27 @@ def test_concurrent_promotions_leave_exactly_one_champion_and_it_is_the_best(
     assert champion.version == versions[accuracy.index(max(accuracy))]
     models = client.search_registered_models("name LIKE 'concurrent%'")
     assert [m.name for m in models] == ["concurrent"]  # every lock released
+
+
+def test_training_checkpoints_round_trip_through_s3(s3_env: S3Server, sources: str) -> None:
+    where = StorageConfig(s3_endpoint_url=s3_env.endpoint)
+    checkpoints = Checkpoints(f"s3://{BUCKET}/checkpoints/key/checkpoint.pt", 4, where)
+    assert checkpoints.load() is None
+    rng = np.random.default_rng(7)
+    rng.random(5)
+    checkpoints.save({"step": 4, "model": {"w": torch.arange(3.0)}, "rng": rng.bit_generator.state})
+    state = checkpoints.load()
+    assert state is not None
+    assert state["step"] == 4
+    assert torch.equal(state["model"]["w"], torch.arange(3.0))
+    resumed = np.random.default_rng()
+    resumed.bit_generator.state = state["rng"]
+    assert resumed.random() == rng.random()  # the stream continues where it was saved
+    checkpoints.clear()
+    assert checkpoints.load() is None
+    # A store that refuses is an error, not "no checkpoint" (which would silently restart).
+    s3_env_bad = Checkpoints(checkpoints.uri, 4, where)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        with pytest.raises(StorageError, match="S3 refused the request"):
+            s3_env_bad.load()
