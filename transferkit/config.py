@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -1089,6 +1090,22 @@ class RuntimeConfig(_Model):
     )
 
 
+# scheme://user[:password]@host… — credentials written into a URI.
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+@")
+
+
+def _strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every string in a nested config dump, with its dotted key."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{where}[{i}]")
+
+
 class PipelineConfig(_Model):
     """One transferkit run."""
 
@@ -1145,6 +1162,20 @@ class PipelineConfig(_Model):
                     "evaluation.primary_metric: accuracy)"
                 )
             self.registry.gate = "bootstrap"
+        return self
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> PipelineConfig:
+        # The config is stored with every run (MLflow params, config.yaml) and compiled into
+        # the pipeline: a password in it would be everywhere. Keys come from the environment.
+        for where, value in _strings(self.model_dump(mode="json")):
+            if _USERINFO.match(value):
+                raise ValueError(
+                    f"{where}: a URI with 'user:password@' would be stored with every run and "
+                    "compiled into the pipeline; remove it and give the credentials in the "
+                    "environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY; a Kubernetes Secret on a cluster)"
+                )
         return self
 
     @model_validator(mode="after")

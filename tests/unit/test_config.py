@@ -247,3 +247,27 @@ def test_flatten_gives_dotted_string_params() -> None:
     assert flat["training.learning_rate"] == "5e-05"
     assert flat["data.validation_uri"] == ""
     assert flat["strategy.l2_grid"] == "[0.0001, 0.001, 0.01, 0.1]"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "uri"),
+    [
+        ("registry", "tracking_uri", "https://alice:hunter2@mlflow.example.com"),
+        ("storage", "s3_endpoint_url", "http://key:secret@127.0.0.1:8333"),
+        ("data", "train_uri", "https://bob:pw@data.example.com/train.csv"),
+    ],
+)
+def test_credentials_written_into_a_uri_are_refused(
+    tmp_path: Path, section: str, key: str, uri: str
+) -> None:
+    raw = {"data": {"train_uri": "t.tsv", "test_uri": "d.tsv"}}
+    raw.setdefault(section, {})[key] = uri
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert f"{section}.{key}: a URI with 'user:password@'" in message
+    assert "MLFLOW_TRACKING_USERNAME" in message
+    assert uri.split("//")[1].split("@")[0] not in message  # the credentials are not echoed
+    assert "\n" not in message
