@@ -58,6 +58,7 @@ def services_config(
         "runtime": {"work_dir": str(tmp_path / "work")},
         **sections,
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{model_name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -336,3 +337,63 @@ def test_training_checkpoints_round_trip_through_s3(s3_env: S3Server, sources: s
         patch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
         with pytest.raises(StorageError, match="S3 refused the request"):
             s3_env_bad.load()
+
+
+MLFLOW_PASSWORD = "dummy-mlflow-password-5f1c9a"
+
+
+def files_holding(root: Path, secrets: list[bytes]) -> list[str]:
+    """Every file under ``root`` whose bytes contain one of ``secrets``."""
+    return [
+        str(path)
+        for path in root.rglob("*")
+        if path.is_file() and any(secret in path.read_bytes() for secret in secrets)
+    ]
+
+
+def test_no_credential_reaches_logs_mlflow_reports_errors_or_the_compiled_pipeline(
+    tmp_path: Path,
+    s3_env: S3Server,
+    mlflow_server: MlflowServer,
+    sources: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Credentials as a Secret gives them: the S3 server's real keys (s3_env) and MLflow's.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "transferkit")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
+    secrets = [s3_env.secret_key.encode(), MLFLOW_PASSWORD.encode()]
+    path = services_config(tmp_path, s3_env, mlflow_server, "secrets-scan")
+    assert main(["run", str(path), "--summary", str(tmp_path / "summary.json")]) == 0
+    # A failing run too: its error line and log must not carry them either.
+    failing = services_config(
+        tmp_path / "failing",
+        s3_env,
+        mlflow_server,
+        "secrets-failing",
+        backbone={"uri": f"s3://{BUCKET}/no-such-backbone/"},
+    )
+    assert main(["run", str(failing)]) == 1
+    compiled = tmp_path / "compiled.yaml"
+    assert main(["compile", str(path), "--output", str(compiled)]) == 0
+    printed = capsys.readouterr()
+
+    leaks = files_holding(tmp_path, secrets)  # logs, step outputs, reports, compiled YAML
+    leaks += [f"stdout/stderr: {s}" for s in secrets if s.decode() in printed.out + printed.err]
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    experiment = client.get_experiment_by_name("transferkit")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs
+    for run in runs:
+        recorded = json.dumps([run.data.params, run.data.tags, run.data.metrics])
+        leaks += [f"run {run.info.run_id}" for s in secrets if s.decode() in recorded]
+        artifacts = tmp_path / "artifacts" / run.info.run_id
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(artifacts), tracking_uri=mlflow_server.url
+        )
+        leaks += files_holding(artifacts, secrets)
+    for version in registered(mlflow_server.url, "secrets-scan"):
+        leaks += [f"version {version.version}" for s in secrets if s.decode() in str(version.tags)]
+    assert leaks == []
+    assert any((tmp_path / "artifacts").rglob("config.yaml"))  # the scan saw the artifacts
