@@ -115,7 +115,8 @@ def promotion_lock(
     see the same champion (or none) and the last to move the alias wins, better or not.
 
     Args:
-        holder: who holds it (the pipeline run id), shown to whoever waits.
+        holder: who holds it (the pipeline run id), shown to whoever waits; a lock this
+            holder left (a retried step) is taken over at once.
         timeout: seconds to wait for another holder.
         abandoned_after: a lock older than this many seconds is taken as abandoned (its
             holder died) and broken; None: ``timeout``.
@@ -146,6 +147,11 @@ def promotion_lock(
                 continue  # released in the meantime
             raise
         owner = held.tags.get(TAG + "lock_holder", "?")
+        if owner == holder:
+            # This run's own lock, left by an attempt the server died under: a retry of the
+            # step takes it over instead of waiting for it to lapse.
+            log.warning("taking over the promotion lock of %s an earlier attempt left", name)
+            break
         age = time.time() - held.creation_timestamp / 1000
         if age > (timeout if abandoned_after is None else abandoned_after):
             log.warning("breaking the promotion lock of %s held %.0f s by %s", name, age, owner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from transferkit import storage
 from transferkit.cli import main
 from transferkit.config import PipelineConfig, StorageConfig
 from transferkit.errors import RegistryError, StorageError
-from transferkit.registry import register_model
+from transferkit.registry import LOCK_SUFFIX, register_model
 from transferkit.training.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.integration
@@ -55,7 +56,12 @@ def services_config(
         # One retry per request: the pipeline's retry policy runs the step three times.
         "registry": {"tracking_uri": tracking.url, "model_name": model_name, "http_retries": 1},
         "storage": {"s3_endpoint_url": s3.endpoint},
-        "runtime": {"work_dir": str(tmp_path / "work")},
+        # One feature cache for the session's runs (the same data and backbone): the frozen
+        # backbone embeds the sentences once.
+        "runtime": {
+            "work_dir": str(tmp_path / "work"),
+            "feature_cache": str(tmp_path.parent / "services-feature-cache"),
+        },
         **sections,
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -171,14 +177,19 @@ def test_server_lost_mid_registration_then_back_the_retry_reuses_the_one_version
         with pytest.raises(RegistryError, match="is unreachable after 2 attempts"):
             register_through(config, evaluated, tmp_path / "first.json")
         # The version could not be deleted (the server was gone): it stays, complete, with
-        # no alias — until the step is retried.
+        # no alias — until the step is retried. Nor could the promotion lock be released:
+        # the retry (same pipeline run id) takes it over at once.
         left = registered(mlflow_server.url, "fault-dead")
         assert len(left) == 1
         client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
         assert client.get_registered_model("fault-dead").aliases == {}
 
+        assert client.get_registered_model("fault-dead" + LOCK_SUFFIX)
         proxy.drop = lambda method, path: False
+        started = time.monotonic()
         result = register_through(config, evaluated, tmp_path / "second.json")
+        waited = time.monotonic() - started
+        assert waited < config.registry.lock_timeout / 2  # not left to lapse
         assert result.reused is True
         versions = registered(mlflow_server.url, "fault-dead")
         assert [v.version for v in versions] == [left[0].version] == [result.version]

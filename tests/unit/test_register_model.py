@@ -244,6 +244,12 @@ def test_promotion_lock_takes_turns_and_breaks_an_abandoned_lock(tmp_path: Path)
     with promotion_lock(client, "m", "run-b", timeout=60):
         pass
     assert client.search_registered_models() == []
+    # A lock an attempt of this very run left (the server died under it): its retry, with
+    # the same run id, takes it over at once instead of waiting for it to lapse.
+    client.create_registered_model("m" + LOCK_SUFFIX, tags={"transferkit.lock_holder": "run-d"})
+    with promotion_lock(client, "m", "run-d", timeout=0.5, abandoned_after=3600):
+        pass
+    assert client.search_registered_models() == []
     # A lock whose holder died is broken once it is older than the timeout.
     client.create_registered_model("m" + LOCK_SUFFIX, tags={"transferkit.lock_holder": "dead"})
     time.sleep(1.2)
