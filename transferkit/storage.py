@@ -13,6 +13,7 @@ Supported locations:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -20,10 +21,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from transferkit.errors import StorageError
@@ -172,7 +173,10 @@ def _safe_join(root: Path, relative: str, uri: str) -> Path:
     """Join a remote/archived relative name under root, refusing anything that escapes it."""
     target = (root / relative).resolve()
     if relative.startswith("/") or not target.is_relative_to(root.resolve()):
-        raise StorageError(f"{uri}: entry '{relative}' escapes its folder; refusing to write it")
+        raise StorageError(
+            f"{uri}: entry '{relative}' escapes its folder; refusing to write it — keep every "
+            "name relative and inside the folder"
+        )
     return target
 
 
@@ -292,6 +296,66 @@ def delete_file(uri: str, storage: StorageConfig | None = None) -> None:
         s3_client(storage).delete_object(Bucket=loc.bucket, Key=loc.path)
     except Exception as exc:
         raise _s3_error(uri, exc) from None
+
+
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def extract_archive(path: Path, dest: Path, uri: str) -> None:
+    """Unpack a .tar(.gz)/.tgz/.zip into ``dest``, entry by entry, refusing anything that
+    could write outside it: absolute names, ``..``, links, devices.
+
+    Raises:
+        StorageError: an unreadable archive, or an entry that escapes or is not a plain file
+            or folder (named, with the fix); ``dest`` may then hold part of the archive, so
+            give a scratch folder.
+    """
+    import stat
+    import tarfile
+    import zipfile
+
+    def refuse(name: str, what: str) -> StorageError:
+        return StorageError(
+            f"{uri}: entry '{name}' is {what}; refusing to unpack it — rebuild the archive "
+            "with plain files under relative paths"
+        )
+
+    def write(name: str, folder: bool, open_entry: Callable[[], IO[bytes]]) -> None:
+        target = _safe_join(dest, name, uri)
+        if folder:
+            target.mkdir(parents=True, exist_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_entry() as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
+
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        if uri.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as packed:
+                for info in packed.infolist():
+                    if stat.S_ISLNK(info.external_attr >> 16):
+                        raise refuse(info.filename, "a link")
+                    write(info.filename, info.is_dir(), functools.partial(packed.open, info))
+            return
+        with tarfile.open(path, "r:*") as tar:
+
+            def contents(member: tarfile.TarInfo) -> IO[bytes]:
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file
+                return source
+
+            for member in tar:
+                if member.issym() or member.islnk():
+                    raise refuse(member.name, "a link")
+                if not (member.isfile() or member.isdir()):
+                    raise refuse(member.name, "not a plain file or folder")
+                write(member.name, member.isdir(), functools.partial(contents, member))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise StorageError(
+            f"{uri}: not a readable archive ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:80]}); copy it again or repack it"
+        ) from None
 
 
 DONE_MARKER = "_SUCCESS"

@@ -3,7 +3,9 @@ input and the fix, and leaves nothing behind (no output folder, no stray tempora
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +180,27 @@ def pickle_without_opt_in(tmp_path: Path, inputs: Inputs) -> Attempt:
     return fetch(tmp_path, inputs, {"uri": str(inputs.resnet20)}, image=True)
 
 
+def packed(tmp_path: Path, inputs: Inputs, extra: tarfile.TarInfo, data: bytes = b"") -> Path:
+    """The MiniLM folder as a .tar.gz with one more entry ``extra`` after its files."""
+    archive = tmp_path / "minilm.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(inputs.minilm, arcname="minilm")
+        extra.size = len(data)
+        tar.addfile(extra, io.BytesIO(data))
+    return archive
+
+
+def archive_escaping_its_folder(tmp_path: Path, inputs: Inputs) -> Attempt:
+    archive = packed(tmp_path, inputs, tarfile.TarInfo("minilm/../../escaped.txt"), b"x")
+    return fetch(tmp_path, inputs, {"uri": str(archive)})
+
+
+def archive_with_a_link(tmp_path: Path, inputs: Inputs) -> Attempt:
+    link = tarfile.TarInfo("minilm/vocab-link.txt")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return fetch(tmp_path, inputs, {"uri": str(packed(tmp_path, inputs, link))})
+
+
 def config_file(tmp_path: Path, inputs: Inputs, **sections: dict) -> Attempt:
     data = {"train_uri": "train.tsv", "test_uri": str(inputs.test)}
     path = tmp_path / "run.yaml"
@@ -291,6 +314,20 @@ CASES = [
         + "0" * 64,
         "fetch it again",
         id="wrong-sha256",
+    ),
+    pytest.param(
+        archive_escaping_its_folder,
+        BackboneError,
+        "entry 'minilm/../../escaped.txt' escapes its folder",
+        "keep every name relative and inside the folder",
+        id="archive-path-traversal",
+    ),
+    pytest.param(
+        archive_with_a_link,
+        BackboneError,
+        "entry 'minilm/vocab-link.txt' is a link",
+        "rebuild the archive with plain files under relative paths",
+        id="archive-with-a-link",
     ),
     pytest.param(
         pickle_without_opt_in,

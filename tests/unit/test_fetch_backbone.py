@@ -150,3 +150,25 @@ def test_missing_folder(tmp_path: Path) -> None:
     config = make_config(tmp_path, DATA, backbone={"uri": str(tmp_path / "nowhere")})
     with pytest.raises(BackboneError, match="no such folder"):
         fetch_backbone(config, tmp_path / "backbone")
+
+
+@pytest.mark.parametrize("suffix", ["tar.gz", "zip"])
+def test_a_packed_model_folder_fetches_like_the_folder(
+    tmp_path: Path, minilm_dir: Path, suffix: str
+) -> None:
+    import shutil
+
+    # .tar.gz with the folder as its one top-level entry; .zip with the files at its root.
+    root_dir, base = (
+        (minilm_dir.parent, minilm_dir.name) if suffix == "tar.gz" else (minilm_dir, ".")
+    )
+    fmt = "gztar" if suffix == "tar.gz" else "zip"
+    archive = shutil.make_archive(str(tmp_path / "minilm"), fmt, root_dir=root_dir, base_dir=base)
+    assert archive.endswith(suffix)
+    packed = fetch_backbone(
+        make_config(tmp_path, DATA, backbone={"uri": archive}), tmp_path / "packed"
+    )
+    folder = fetch_backbone(make_config(tmp_path, DATA), tmp_path / "folder")
+    assert packed.fingerprint == folder.fingerprint
+    assert packed.source == archive
+    assert (tmp_path / "packed" / "model" / "tokenizer.json").is_file()

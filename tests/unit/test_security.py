@@ -42,3 +42,11 @@ def test_every_torch_load_refuses_pickled_code() -> None:
 def test_no_pickle_or_unsafe_yaml_loading() -> None:
     assert calls_to("pickle", "load") + calls_to("pickle", "loads") == []
     assert calls_to("yaml", "load") == []  # yaml.safe_load only
+
+
+def test_archives_are_never_unpacked_wholesale() -> None:
+    # extractall/extract trust the names inside; storage.extract_archive checks each entry.
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("extractall", "extract"):
+                raise AssertionError(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.attr}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -325,13 +326,45 @@ def fetch_backbone(
         return load_backbone_info(output_dir)
     started = time.perf_counter()
     uri = config.backbone.uri
+    if uri.lower().endswith(storage.ARCHIVES):
+        # A packed model folder (a .tar.gz from a training job, a .zip from a hub export):
+        # unpacked safely into scratch, then fetched from there like any folder.
+        with tempfile.TemporaryDirectory(prefix="transferkit-archive-") as scratch:
+            unpacked = _unpack(uri, Path(scratch), config)
+            return _fetch_one(config, output_dir, None, started, uri, str(unpacked))
+    return _fetch_one(config, output_dir, cache_dir, started, uri, uri)
+
+
+def _unpack(uri: str, scratch: Path, config: PipelineConfig) -> Path:
+    """The model folder inside an archive: its root, or its one top-level folder."""
+    try:
+        path = storage.fetch_file(uri, scratch / "download", config.storage)
+        storage.extract_archive(path, scratch / "unpacked", uri)
+    except StorageError as exc:
+        raise BackboneError(str(exc)) from None
+    entries = [p for p in (scratch / "unpacked").iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return scratch / "unpacked"
+
+
+def _fetch_one(
+    config: PipelineConfig,
+    output_dir: Path,
+    cache_dir: Path | None,
+    started: float,
+    uri: str,
+    location: str,
+) -> BackboneInfo:
+    """fetch_backbone of one backbone: ``uri`` is what the config names (messages,
+    provenance), ``location`` where its files are read (an unpacked archive's folder)."""
     is_file = uri.lower().endswith(SAFE_WEIGHTS + PICKLE_WEIGHTS)
     keep: list[str] = []
     convert = False
     vision = is_file
     if not is_file:
         try:
-            names = storage.list_tree(uri, config.storage)
+            names = storage.list_tree(location, config.storage)
         except StorageError as exc:
             raise BackboneError(str(exc)) from None
         keep, convert = _select(names, config, uri)
@@ -354,7 +387,7 @@ def fetch_backbone(
         if is_file:
             convert = _fetch_checkpoint(config, config.backbone, tmp)
         else:
-            storage.fetch_tree_cached(uri, model_dir, keep, config.storage, cache_dir)
+            storage.fetch_tree_cached(location, model_dir, keep, config.storage, cache_dir)
         if convert and not is_file:
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
