@@ -81,11 +81,14 @@ def test_sst2_from_s3_registers_on_the_tracking_server_and_serves_from_its_alias
     # A probe on 1,200 MiniLM-embedded sentences: well above chance on 300 dev sentences.
     assert summary["metrics"]["test_accuracy"] > 0.75
 
+    # Both URIs: an earlier in-process registration may have left another registry set.
     mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
     try:
         served = mlflow.pyfunc.load_model("models:/services-sst2@champion")
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     texts = ["A gorgeous, moving and beautifully acted film.", "Dull, lifeless and far too long."]
     out = served.predict(pd.DataFrame({"text": texts}))
     assert out["label"].tolist() == ["positive", "negative"]
