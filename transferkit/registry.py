@@ -615,6 +615,71 @@ def _log_drift_reference(
         mlflow.log_artifact(str(path), artifact_path=str(Path(REFERENCE_PATH).parent))
 
 
+def _promotion(
+    config: PipelineConfig,
+    champion: Any | None,
+    existing: Any | None,
+    dataset_dir: Path,
+    evaluation_dir: Path,
+    evaluation: dict[str, Any],
+    selected: dict[str, Any] | None,
+    margin: float | None,
+) -> tuple[bool, str, PairedComparison | None]:
+    """Whether the new model takes 'champion', why, and the paired comparison behind it.
+
+    ``selected`` and ``margin``: the sweep's selected branch and margin (None: no sweep).
+    """
+    comparison = None
+    if champion is None:
+        promote, reason = True, "no champion yet"
+    elif existing is not None and str(champion.version) == str(existing.version):
+        promote, reason = True, "already the champion"
+    else:
+        try:
+            comparison = compare_with_champion(
+                config, champion, dataset_dir, evaluation_dir, evaluation["scores"]["labels"]
+            )
+            promote, reason = decide(comparison, str(champion.version), config)
+        except _IncomparableError as exc:
+            promote, reason = False, f"{exc}; compare them by hand"
+    if promote and selected and selected["negative_transfer"]:
+        promote, reason = (
+            False,
+            f"negative transfer: {selected['name']} beats scratch at the same label budget by "
+            f"{selected['delta_vs_scratch']:+.4f}, not more than the sweep margin "
+            f"{margin:g} (before it: {reason})",
+        )
+    if promote and not config.registry.promote:
+        promote, reason = False, reason + "; registry.promote is off"
+    return promote, reason, comparison
+
+
+def _registry_error(config: PipelineConfig, exc: Exception) -> RegistryError:
+    """One line for a failed MLflow call: unreachable (after how many attempts) or refused.
+    MLflow's own message may embed the tracking URI with credentials: it is never repeated."""
+    where = redact(config.tracking_uri)
+    text = str(exc)
+    markers = (
+        "Failed to establish",
+        "Max retries exceeded",
+        "Connection refused",
+        "Read timed out",
+    )
+    if isinstance(exc, ConnectionError) or any(marker in text for marker in markers):
+        tries = ""
+        if config.tracking_uri.startswith(("http://", "https://")):
+            attempts = config.registry.http_retries + 1
+            tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
+        return RegistryError(
+            f"MLflow at {where} is unreachable{tries}; check registry.tracking_uri and that the "
+            "server is running, then retry the run"
+        )
+    return RegistryError(
+        f"MLflow at {where} refused the registration of '{config.registry.model_name}' "
+        f"({getattr(exc, 'error_code', type(exc).__name__)}); check the server logs"
+    )
+
+
 def register_model(
     config: PipelineConfig,
     dataset_dir: Path,
@@ -669,7 +734,6 @@ def register_model(
     }
     if selected is not None:
         tags.update(_branch_tags(selected, pipeline_run_id))
-    comparison: PairedComparison | None = None
     with http_policy(config):
         try:
             client = _client(config)
@@ -677,33 +741,16 @@ def register_model(
                 existing = _find_version(client, name, fingerprint)
                 champion = _champion(client, name)
                 previous = None if champion is None else str(champion.version)
-                if champion is None:
-                    promote, reason = True, "no champion yet"
-                elif existing is not None and str(champion.version) == str(existing.version):
-                    promote, reason = True, "already the champion"
-                else:
-                    try:
-                        comparison = compare_with_champion(
-                            config,
-                            champion,
-                            dataset_dir,
-                            evaluation_dir,
-                            evaluation["scores"]["labels"],
-                        )
-                        promote, reason = decide(comparison, str(champion.version), config)
-                    except _IncomparableError as exc:
-                        promote, reason = False, f"{exc}; compare them by hand"
-                if promote and sweep is not None and selected and selected["negative_transfer"]:
-                    promote, reason = (
-                        False,
-                        (
-                            f"negative transfer: {selected['name']} beats scratch at the same "
-                            f"label budget by {selected['delta_vs_scratch']:+.4f}, not more "
-                            f"than the sweep margin {sweep['margin']:g} (before it: {reason})"
-                        ),
-                    )
-                if promote and not config.registry.promote:
-                    promote, reason = False, reason + "; registry.promote is off"
+                promote, reason, comparison = _promotion(
+                    config,
+                    champion,
+                    existing,
+                    dataset_dir,
+                    evaluation_dir,
+                    evaluation,
+                    selected,
+                    sweep["margin"] if sweep else None,
+                )
                 if comparison is not None:
                     metrics.update(
                         {
@@ -715,58 +762,28 @@ def register_model(
                         }
                     )
                 tags[TAG + "gate"] = config.registry.gate
-                tags[TAG + "gate_decision"] = ("promoted: " if promote else "held: ") + reason[
-                    :4000
-                ]
+                verdict = "promoted: " if promote else "held: "
+                tags[TAG + "gate_decision"] = verdict + reason[:4000]
                 sweep_run_id = None
                 if existing is not None:
                     run_id, version, reused = existing.run_id, existing, True
-                    log.info(
-                        "identical model already registered as %s version %s", name, version.version
-                    )
+                    log.info("identical model already registered as %s v%s", name, version.version)
                 else:
+                    paths = {
+                        "model": model_dir,
+                        "evaluation": evaluation_dir,
+                        "dataset": dataset_dir,
+                        "backbone": backbone_dir,
+                    }
                     experiment_id = _experiment(client, config)
                     run_id, version, sweep_run_id = _log_run(
-                        config,
-                        client,
-                        experiment_id,
-                        {
-                            "model": model_dir,
-                            "evaluation": evaluation_dir,
-                            "dataset": dataset_dir,
-                            "backbone": backbone_dir,
-                        },
-                        tags,
-                        metrics,
+                        config, client, experiment_id, paths, tags, metrics
                     )
                     reused = False
                 if promote and previous != str(version.version):
                     client.set_registered_model_alias(name, "champion", version.version)
         except (MlflowException, ConnectionError) as exc:
-            # MLflow's own message may embed the tracking URI with credentials: never repeat it.
-            where = redact(config.tracking_uri)
-            text = str(exc)
-            if isinstance(exc, ConnectionError) or any(
-                marker in text
-                for marker in (
-                    "Failed to establish",
-                    "Max retries exceeded",
-                    "Connection refused",
-                    "Read timed out",
-                )
-            ):
-                tries = ""
-                if config.tracking_uri.startswith(("http://", "https://")):
-                    attempts = config.registry.http_retries + 1
-                    tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
-                raise RegistryError(
-                    f"MLflow at {where} is unreachable{tries}; check registry.tracking_uri and "
-                    "that the server is running, then retry the run"
-                ) from None
-            raise RegistryError(
-                f"MLflow at {where} refused the registration of '{name}' "
-                f"({getattr(exc, 'error_code', type(exc).__name__)}); check the server logs"
-            ) from None
+            raise _registry_error(config, exc) from None
     result = RegistrationResult(
         model_name=name,
         version=str(version.version),

@@ -123,6 +123,15 @@ def _download(
     )
 
 
+def _missing_object(exc: Exception) -> bool:
+    """Whether a boto error says the object (key) does not exist."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    return exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404", "NotFound")
+
+
 def _s3_error(uri: str, exc: Exception) -> StorageError:
     """Translate boto errors into one actionable line, never echoing credentials."""
     from botocore.exceptions import (
@@ -145,7 +154,7 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket",):
             return StorageError(f"{uri}: bucket does not exist; create it or fix the URI")
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if _missing_object(exc):
             return StorageError(f"{uri}: no such object; check the key")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
             return StorageError(
@@ -279,10 +288,9 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     try:
         s3_client(storage).head_object(Bucket=loc.bucket, Key=loc.path)
     except Exception as exc:
-        error = _s3_error(uri, exc)
-        if "no such object" in str(error):
+        if _missing_object(exc):
             return False
-        raise error from None
+        raise _s3_error(uri, exc) from None
     return True
 
 

@@ -264,53 +264,51 @@ def trigger(
         RunFailedError: the local run failed (nothing is recorded: the next call retries).
         SubmitError: KFP refused the run.
     """
+    # Every MLflow call below (decide, the recorded state) under the registry's HTTP policy.
     with http_policy(config):
         decision = decide(config, now)
-    if not decision.fire:
-        decision.action, decision.detail = "none", "no retraining: every check passed"
-        return decision
-    with http_policy(config):
+        if not decision.fire:
+            decision.action, decision.detail = "none", "no retraining: every check passed"
+            return decision
         record = _recorded(config)
-    if record.get("state") == decision.state:
-        if record.get("mode") == "local":
-            decision.action = "skipped"
-            decision.detail = (
-                f"already retrained for this state at {record.get('at')} "
-                f"(version {record.get('version')})"
-            )
+        if record.get("state") == decision.state:
+            if record.get("mode") == "local":
+                decision.action = "skipped"
+                decision.detail = (
+                    f"already retrained for this state at {record.get('at')} "
+                    f"(version {record.get('version')})"
+                )
+                return decision
+            previous = _previous_run_state(record)
+            if previous not in RETRY_STATES:
+                decision.action = "skipped"
+                decision.detail = (
+                    f"already submitted for this state at {record.get('at')}: run "
+                    f"{record.get('run_id')} is {previous or 'in an unknown state'}"
+                )
+                return decision
+        if dry_run:
+            decision.action, decision.detail = "none", "would retrain (--dry-run)"
             return decision
-        previous = _previous_run_state(record)
-        if previous not in RETRY_STATES:
-            decision.action = "skipped"
-            decision.detail = (
-                f"already submitted for this state at {record.get('at')}: run "
-                f"{record.get('run_id')} is {previous or 'in an unknown state'}"
-            )
-            return decision
-    if dry_run:
-        decision.action, decision.detail = "none", "would retrain (--dry-run)"
-        return decision
-    why = "+".join(decision.reasons)
-    if local:
-        from transferkit.runner import run_local
+        why = "+".join(decision.reasons)
+        if local:
+            from transferkit.runner import run_local
 
-        summary = run_local(config)
-        with http_policy(config):
+            summary = run_local(config)
             _record(config, decision, {"mode": "local", "version": summary.version})
-        decision.action = "ran"
-        decision.detail = f"retrained ({why}): {summary.model_uri}" + (
-            " is the new champion" if summary.champion else " (held: not the champion)"
-        )
-        decision.run = {"model_uri": summary.model_uri, "champion": summary.champion}
-        return decision
-    assert host is not None
-    from transferkit.submit import submit
+            decision.action = "ran"
+            decision.detail = f"retrained ({why}): {summary.model_uri}" + (
+                " is the new champion" if summary.champion else " (held: not the champion)"
+            )
+            decision.run = {"model_uri": summary.model_uri, "champion": summary.champion}
+            return decision
+        assert host is not None
+        from transferkit.submit import submit
 
-    name = f"{config.registry.model_name}-retrain-{why}"
-    submitted = submit(config, host, experiment, run_name=name)
-    with http_policy(config):
+        name = f"{config.registry.model_name}-retrain-{why}"
+        submitted = submit(config, host, experiment, run_name=name)
         _record(config, decision, {"mode": "kfp", "host": host, "run_id": submitted.id})
-    decision.action = "submitted"
-    decision.detail = f"retraining ({why}): run {submitted.id}: {submitted.url}"
-    decision.run = {"run_id": submitted.id, "url": submitted.url}
-    return decision
+        decision.action = "submitted"
+        decision.detail = f"retraining ({why}): run {submitted.id}: {submitted.url}"
+        decision.run = {"run_id": submitted.id, "url": submitted.url}
+        return decision

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from transferkit import storage
-from transferkit.data import LabelMap, dataset_modality, load_labels
+from transferkit.data import LabelMap, dataset_modality, load_label_map, load_labels
 from transferkit.errors import DataError
 
 POOLED = ("train", "validation")
@@ -104,19 +104,18 @@ def fold_datasets(
     Raises:
         DataError: a label has fewer pooled rows than ``folds``.
     """
-    from transferkit.data import load_label_map
-
     label_map = load_label_map(dataset_dir)
     frame = pd.concat(
         [pd.read_parquet(dataset_dir / f"{split}.parquet") for split in POOLED], ignore_index=True
     )
-    labels = np.concatenate([load_labels(dataset_dir, split) for split in POOLED])
+    parts = [load_labels(dataset_dir, split) for split in POOLED]
+    labels = np.concatenate(parts)
     check_folds(labels, label_map, folds)
     images = None
     if dataset_modality(dataset_dir) == "image":
         images = np.concatenate([np.load(dataset_dir / f"{s}_images.npy") for s in POOLED])
     features = np.concatenate([np.load(features_dir / f"{split}.npy") for split in POOLED])
-    fraction = len(load_labels(dataset_dir, "validation")) / len(labels)
+    fraction = len(parts[1]) / len(labels)  # the validation split's share
     assignment = assign_folds(labels, folds, seed)
     stats = storage.read_json(dataset_dir / "stats.json")
     for index in range(folds):

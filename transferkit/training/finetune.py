@@ -270,17 +270,14 @@ def finetune(
     while step < total and not stopped_early:
         forward.train()
         keep_frozen_norms_in_eval(model)
-        epoch_rng = copy.deepcopy(rng.bit_generator.state)
-        skip = 0
-        if resumed is not None:
-            # The interrupted epoch: its batches again, then the stream where it was.
+        epoch_rng, skip = copy.deepcopy(rng.bit_generator.state), 0
+        if resumed is not None:  # the interrupted epoch: its batches again
             epoch_rng, skip = resumed["epoch_rng"], resumed["batch_index"]
             rng.bit_generator.state = epoch_rng
-            batches = train.epoch(cfg.batch_size, rng)
+        batches = train.epoch(cfg.batch_size, rng)
+        if resumed is not None:  # then the stream where it was
             rng.bit_generator.state = resumed["rng"]
             resumed = None
-        else:
-            batches = train.epoch(cfg.batch_size, rng)
         for index, batch in enumerate(batches):
             if index < skip:
                 continue
