@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from transferkit.data import SPLITS, load_images, load_split
 log = logging.getLogger(__name__)
 
 # Bump when the layout or the numerics of stored features change, to invalidate old caches.
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2  # 2: text splits encoded in chunks of CHUNK_TEXTS
 
 
 class FeaturesResult(BaseModel):
@@ -78,14 +78,49 @@ def load_features(features_dir: Path, split: str) -> np.ndarray:
     return np.load(features_dir / f"{split}.npy")
 
 
+def save_rows(path: Path, rows: int, chunks: Iterable[np.ndarray]) -> int:
+    """Write float32 row blocks as one ``.npy`` file [rows, width] without holding them all.
+
+    The header is written from the first block's width; every block is appended as it comes,
+    so memory holds one block, not the matrix. ``np.load`` reads the file as usual.
+
+    Returns:
+        The width (0 when there are no rows).
+
+    Raises:
+        ValueError: the blocks do not add up to ``rows`` rows of one width.
+    """
+    width, written = 0, 0
+    with path.open("wb") as out:
+        for block in chunks:
+            if written == 0:
+                width = int(block.shape[1])
+                np.lib.format.write_array_header_1_0(
+                    out, {"descr": "<f4", "fortran_order": False, "shape": (rows, width)}
+                )
+            if block.shape[1] != width:
+                raise ValueError(f"{path.name}: a block of width {block.shape[1]}, not {width}")
+            out.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+            written += len(block)
+        if written == 0:
+            np.save(out, np.zeros((0, 0), dtype=np.float32))
+    if written != rows:
+        raise ValueError(f"{path.name}: {written} rows written, {rows} announced")
+    return width
+
+
 def _embedder(
     config: PipelineConfig,
     info: BackboneInfo,
     backbone_dir: Path,
     dataset_dir: Path,
     precision: str,
-) -> Callable[[str], np.ndarray]:
-    """split name → feature matrix, with the frozen text or vision encoder loaded once."""
+) -> Callable[[str, Path], tuple[int, int]]:
+    """(split name, .npy path) → (rows, width) written, with the frozen encoder loaded once.
+
+    Text splits are encoded and written a chunk at a time, so memory does not grow with the
+    number of rows.
+    """
     from transferkit.training.runtime import device
 
     batch = config.evaluation.batch_size
@@ -96,21 +131,24 @@ def _embedder(
         spec = info.image
         vision = load_image_encoder(backbone_dir / "model").to(device())
 
-        def embed_images(split: str) -> np.ndarray:
+        def embed_images(split: str, path: Path) -> tuple[int, int]:
             images, _ = load_images(dataset_dir, split)
-            return run_images(vision, images, spec, batch, precision, f"embed {split}")
+            vectors = run_images(vision, images, spec, batch, precision, f"embed {split}")
+            np.save(path, vectors)
+            return vectors.shape[0], vectors.shape[1]
 
         return embed_images
-    from transferkit.backbones.text import load_text_encoder, run_batched
+    from transferkit.backbones.text import encode_chunks, frozen_encoder, load_text_encoder
 
     tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
-    encoder.to(device())
+    encoder, precision = frozen_encoder(encoder.to(device()), precision)
 
-    def embed_texts(split: str) -> np.ndarray:
+    def embed_texts(split: str, path: Path) -> tuple[int, int]:
         texts, _ = load_split(dataset_dir, split)
-        return run_batched(
+        chunks = encode_chunks(
             encoder, tokenizer, texts, info.max_length, batch, precision, f"embed {split}"
         )
+        return len(texts), save_rows(path, len(texts), chunks)
 
     return embed_texts
 
@@ -171,19 +209,18 @@ def extract_features(
 
     embed = _embedder(config, info, backbone_dir, dataset_dir, precision)
     rows: dict[str, int] = {}
-    total_texts = 0
+    dim = 0
     encode_seconds = 0.0
     with storage.atomic_dir(output_dir) as tmp:
         for split in SPLITS:
             t0 = time.perf_counter()
-            vectors = embed(split)
+            rows[split], width = embed(split, tmp / f"{split}.npy")
             encode_seconds += time.perf_counter() - t0
-            total_texts += len(vectors)
-            np.save(tmp / f"{split}.npy", vectors)
-            rows[split] = len(vectors)
+            dim = dim or width
+        total_texts = sum(rows.values())
         result = FeaturesResult(
             **base,
-            dim=int(vectors.shape[1]),
+            dim=dim,
             rows=rows,
             cache_hit=False,
             seconds=round(time.perf_counter() - started, 3),
