@@ -4,8 +4,11 @@ Runs the core steps (no KFP, no MLflow) exactly as the pipeline's components cal
 the real SST-2 data and the real all-MiniLM-L6-v2 backbone, and prints:
 
 - the device, torch version and the measured bf16 matrix-multiply rate (the ceiling);
-- feature extraction throughput (texts/s) on every split;
-- for each learning rate: fine-tuning throughput (examples/s), the best validation accuracy
+- feature extraction throughput (texts/s) over every split, at each ``--extract-batch``, with
+  its model FLOP utilisation (useful encoder FLOPs per second ÷ the measured bf16 rate), and
+  the same texts through sentence-transformers' ``encode`` (batch 32, fp32) for reference;
+- for each recipe: fine-tuning throughput (examples/s) and its model FLOP utilisation
+  (3 × forward FLOPs per example: forward plus backward), the best validation accuracy
   and the GLUE dev accuracy of the kept checkpoint;
 - with several GPUs, training runs data-parallel (one process per GPU, DDP over NCCL) and the
   first recipe is repeated on one GPU, so the report shows the speed-up and that the
@@ -19,13 +22,18 @@ It refuses to run without CUDA: the CPU path is measured by the test suite and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 from transferkit.backbones import fetch_backbone
 from transferkit.config import PACKAGED_MINILM, PipelineConfig, apply_overrides
@@ -35,19 +43,40 @@ from transferkit.features import extract_features
 from transferkit.training import train
 
 
-def matmul_tflops(device: str, size: int = 8192, repeats: int = 10) -> float:
-    """Measured bf16 matrix-multiply rate: the ceiling the model's work is compared with."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
+def token_lengths(backbone: Path, dataset: Path, max_length: int) -> dict[str, np.ndarray]:
+    """Token count of every text of every split, as the encoder sees it (no padding)."""
+    from transformers import AutoTokenizer
+
+    from transferkit.data import SPLITS, load_split
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone / "model", local_files_only=True)
+    return {
+        split: np.array(
+            [
+                len(ids)
+                for ids in tokenizer(
+                    load_split(dataset, split)[0], truncation=True, max_length=max_length
+                )["input_ids"]
+            ]
+        )
+        for split in SPLITS
+    }
+
+
+def peer_extract(backbone: Path, dataset: Path, device: str) -> float:
+    """sentence-transformers' encode(batch_size=32, fp32) over the same texts: texts/s."""
+    from sentence_transformers import SentenceTransformer
+
+    from transferkit.data import SPLITS, load_split
+
+    model = SentenceTransformer(str(backbone / "model"), device=device)
+    texts = [t for split in SPLITS for t in load_split(dataset, split)[0]]
+    model.encode(texts[:256], batch_size=32)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+    model.encode(texts, batch_size=32)
+    return len(texts) / (time.perf_counter() - started)
 
 
 def config_for(args: argparse.Namespace, work: Path, overrides: list[str]) -> PipelineConfig:
@@ -84,6 +113,13 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument(
+        "--extract-batch",
+        type=int,
+        action="append",
+        default=[],
+        help="evaluation.batch_size of an extraction pass; repeat for several (default: 256)",
+    )
+    parser.add_argument(
         "--recipe",
         action="append",
         default=[],
@@ -111,7 +147,10 @@ def main() -> int:
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "torch": torch.__version__,
         "bf16_matmul_tflops": round(
-            matmul_tflops("cuda") if on_gpu else matmul_tflops("cpu", 1024, 3), 1
+            common.matmul_tflops(torch.bfloat16, "cuda", 8192)
+            if on_gpu
+            else common.matmul_tflops(torch.bfloat16, "cpu", 1024),
+            3,
         ),
         "runs": [],
     }
@@ -120,15 +159,49 @@ def main() -> int:
     base = config_for(args, args.out / "work", [])
     ingest_data(base, args.out / "dataset")
     fetch_backbone(base, args.out / "backbone")
-    features = extract_features(
-        base, args.out / "dataset", args.out / "backbone", args.out / "features"
+    peak = report["bf16_matmul_tflops"]
+    lengths = token_lengths(args.out / "backbone", args.out / "dataset", base.backbone.max_length)
+    every = np.concatenate(list(lengths.values()))
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(args.out / "backbone" / "model")
+    flops = common.encoder_flops(model_config, every)
+    report["extract"] = []
+    for index, batch in enumerate(args.extract_batch or [256]):
+        config = config_for(
+            args,
+            args.out / f"work-extract-{index}",  # an empty feature cache for each pass
+            [f"evaluation.batch_size={batch}"],
+        )
+        out = args.out / ("features" if index == 0 else f"features-{index}")
+        features = extract_features(config, args.out / "dataset", args.out / "backbone", out)
+        rate = features.texts_per_second or 0.0
+        tflops = (flops["linear"] + flops["attention"]) * rate / len(every) / 1e12
+        extract = {
+            "batch_size": batch,
+            "texts_per_second": rate,
+            "rows": features.rows,
+            "mean_tokens": round(float(every.mean()), 2),
+            "precision": features.precision,
+            "model_tflops": round(tflops, 2),
+            "mfu": round(tflops / peak, 4),
+        }
+        report["extract"].append(extract)
+        print(json.dumps({"extract": extract}), flush=True)
+    with contextlib.suppress(ImportError):  # the peer is optional here
+        device = "cuda" if on_gpu else "cpu"
+        peer = peer_extract(args.out / "backbone", args.out / "dataset", device)
+        report["peer_extract"] = {
+            "peer": "sentence-transformers encode(batch_size=32) fp32",
+            "texts_per_second": round(peer, 1),
+        }
+        print(json.dumps({"peer_extract": report["peer_extract"]}), flush=True)
+    # Training FLOPs per example: forward and backward (≈ 2 × forward) over its true tokens.
+    train_lengths = lengths["train"]
+    per_example = 3 * (
+        common.linear_flops_per_token(model_config) * float(train_lengths.mean())
+        + common.attention_flops(model_config, train_lengths) / len(train_lengths)
     )
-    report["extract"] = {
-        "texts_per_second": features.texts_per_second,
-        "rows": features.rows,
-        "precision": features.precision,
-    }
-    print(json.dumps({"extract": report["extract"]}))
 
     from transferkit.training.distributed import world_size
 
@@ -152,6 +225,8 @@ def main() -> int:
             "batch_size": config.training.batch_size,
             "processes": world_size(config),
             "examples_per_second": trained.details["examples_per_second"],
+            "model_tflops": round(per_example * trained.details["examples_per_second"] / 1e12, 2),
+            "mfu": round(per_example * trained.details["examples_per_second"] / 1e12 / peak, 4),
             "train_seconds_wall": round(seconds, 1),
             "best_step": trained.details["best_step"],
             "best_validation_accuracy": round(trained.validation_metric, 4),

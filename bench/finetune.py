@@ -1,0 +1,468 @@
+"""Fine-tuning throughput: transferkit's full_finetune against the Hugging Face Trainer.
+
+Both sides fine-tune all-MiniLM-L6-v2 for one epoch on the same SST-2 rows (the first
+``--rows`` of train.tsv; the next ``--validation-rows`` are our validation split, used only for
+our checkpoint selection) and are scored on the whole GLUE dev set (872 rows).
+
+- transferkit: the core steps in-process, as the pipeline's components call them
+  (ingest_data → fetch_backbone → extract_features once, then train → evaluate per repetition
+  in a fresh work dir), with the config's default recipe (``strategy.name=full_finetune``,
+  ``training.epochs=1``, ``training.precision=auto``). Figure: the fine-tuning loop's
+  examples/s (``details["examples_per_second"]``, validation time excluded).
+- Peer: ``AutoModelForSequenceClassification`` + ``Trainer`` set up as the GLUE example
+  (run_glue.py) does by default (fp32), with dynamic padding (``DataCollatorWithPadding``) and
+  our batch size, learning rate, warm-up, linear decay, weight decay, clipping and seed.
+  Figure: ``train_samples_per_second`` from ``trainer.train()``.
+
+Repetitions alternate which side runs first; both share the process and its torch thread
+count. Printed: each repetition's figures, then the medians, their ratio and whether the
+targets of issue 7 (≥ 2× the peer's examples/s; dev accuracy ≥ the peer's − 0.5 points) are
+met. Nothing is asserted.
+
+    python bench/finetune.py                                  # 8,000 rows, 3 repetitions
+    python bench/finetune.py --rows 300 --validation-rows 100 --repeats 1     # smoke run
+    python bench/finetune.py --set training.batch_size=64 --out /tmp/finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import common
+import numpy as np
+import torch
+
+from transferkit.backbones import fetch_backbone
+from transferkit.config import PACKAGED_MINILM, PipelineConfig, apply_overrides, validate_mapping
+from transferkit.data import ingest_data, load_label_map, load_split
+from transferkit.evaluation import evaluate
+from transferkit.features import extract_features
+from transferkit.training import train
+
+PEER = "HF Trainer"
+SPEED_TARGET = 2.0  # ours ÷ peer's examples/s
+ACCURACY_MARGIN = 0.5  # points of dev accuracy ours may trail the peer's by
+
+log = logging.getLogger("bench.finetune")
+
+
+@dataclass
+class Run:
+    """One side's result in one repetition."""
+
+    side: str
+    examples_per_second: float
+    train_wall_seconds: float
+    dev_accuracy: float
+    rows: int
+    steps: int
+    precision: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self, repetition: str) -> str:
+        return (
+            f"{repetition} {self.side:>11}: {self.examples_per_second:8.1f} examples/s "
+            f"(train {self.train_wall_seconds:6.1f} s wall, {self.rows} rows, {self.steps} "
+            f"steps, {self.precision}), dev accuracy {100 * self.dev_accuracy:.2f} %"
+        )
+
+
+@dataclass
+class Prepared:
+    """The artifacts both sides' runs start from, made once."""
+
+    data: Path
+    dataset: Path
+    backbone: Path
+    features: Path
+    rows: dict[str, dict[str, int]]
+    texts_changed_by_ingest: int
+    extract_texts_per_second: float
+
+
+def write_splits(folder: Path, rows: int, validation_rows: int) -> None:
+    """train.tsv, validation.tsv and test.tsv (GLUE dev) of SST-2, cut in file order.
+
+    Lines are copied verbatim: with quoting off (as GLUE's TSVs need) one line is one row, so
+    slicing lines gives exactly the rows ``common.sst2_sentences`` reads.
+    """
+    lines = (common.SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()
+    header, body = lines[0], lines[1:]
+    if rows + validation_rows > len(body):
+        raise SystemExit(
+            f"--rows {rows} + --validation-rows {validation_rows} exceed the {len(body):,} "
+            "rows of train.tsv"
+        )
+    cuts = {"train": body[:rows], "validation": body[rows : rows + validation_rows]}
+    for name, part in cuts.items():
+        (folder / f"{name}.tsv").write_text("\n".join([header, *part]) + "\n", encoding="utf-8")
+    shutil.copyfile(common.SST2 / "dev.tsv", folder / "test.tsv")
+
+
+def config_for(data: Path, work: Path, overrides: list[str]) -> PipelineConfig:
+    """Our run: given splits (no carving, no row cap), the default recipe, one epoch."""
+    raw: dict[str, Any] = {
+        "data": {
+            "train_uri": str(data / "train.tsv"),
+            "validation_uri": str(data / "validation.tsv"),
+            "test_uri": str(data / "test.tsv"),
+            "text_column": "sentence",
+            "label_column": "label",
+            "label_names": {"0": "negative", "1": "positive"},
+        },
+        "backbone": {"uri": PACKAGED_MINILM},
+        "strategy": {"name": "full_finetune"},
+        "training": {"epochs": 1, "precision": "auto"},
+        "runtime": {"work_dir": str(work)},
+    }
+    return validate_mapping(apply_overrides(raw, list(overrides)), "--set").resolved()
+
+
+def prepare(root: Path, rows: int, validation_rows: int, overrides: list[str]) -> Prepared:
+    """Write the splits, ingest them, fetch the backbone and extract features (untimed)."""
+    data = root / "data"
+    data.mkdir()
+    write_splits(data, rows, validation_rows)
+    config = config_for(data, root / "work-prepare", overrides)
+    ingested = ingest_data(config, root / "dataset")
+    fetch_backbone(config, root / "backbone")
+    features = extract_features(config, root / "dataset", root / "backbone", root / "features")
+    # Ingest strips whitespace and may refuse rows: count what it kept and what it changed.
+    source_texts, _ = common.sst2_sentences(rows + validation_rows)
+    kept_train, _ = load_split(root / "dataset", "train")
+    kept_validation, _ = load_split(root / "dataset", "validation")
+    source = {"train": source_texts[:rows], "validation": source_texts[rows:]}
+    changed = sum(
+        a != b
+        for name, kept in (("train", kept_train), ("validation", kept_validation))
+        for a, b in zip(source[name], kept, strict=False)
+    )
+    return Prepared(
+        data=data,
+        dataset=root / "dataset",
+        backbone=root / "backbone",
+        features=root / "features",
+        rows={
+            "source": {
+                "train": rows,
+                "validation": validation_rows,
+                "test": len(common.sst2_sentences(split="dev")[0]),
+            },
+            "ingested": dict(ingested.rows),
+        },
+        texts_changed_by_ingest=int(changed),
+        extract_texts_per_second=float(features.texts_per_second),
+    )
+
+
+def run_ours(config: PipelineConfig, prepared: Prepared, folder: Path) -> Run:
+    """train() with full_finetune, then evaluate() on the test split (GLUE dev)."""
+    model_dir = folder / "model"
+    seconds, trained = common.timed(
+        lambda: train(config, prepared.dataset, prepared.backbone, prepared.features, model_dir)
+    )
+    scored = evaluate(config, prepared.dataset, model_dir, folder / "evaluation")
+    details = trained.details
+    return Run(
+        side="transferkit",
+        examples_per_second=float(details["examples_per_second"]),
+        train_wall_seconds=round(seconds, 2),
+        dev_accuracy=float(scored.scores.accuracy),
+        rows=trained.labelled_examples,
+        steps=int(details["steps"]),
+        precision=trained.precision,
+        extra={
+            "loop_seconds": details["train_seconds"],
+            "best_step": details["best_step"],
+            "validations": details["validations"],
+            "evaluation_precision": scored.precision,
+        },
+    )
+
+
+def total_steps(config: PipelineConfig, rows: int) -> int:
+    """Optimiser steps of our schedule (transferkit.training.finetune), for the peer's warm-up."""
+    training = config.training
+    total = math.ceil(rows / training.batch_size) * training.epochs
+    if training.min_steps:
+        total = max(total, training.min_steps)
+    if training.max_steps:
+        total = min(total, training.max_steps)
+    return total
+
+
+def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> list[dict]:
+    """Token ids per text, truncated and unpadded, as run_glue.py's preprocessing gives them."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return [
+        {**{key: values[i] for key, values in encoded.items()}, "label": int(labels[i])}
+        for i in range(len(texts))
+    ]
+
+
+def run_peer(config: PipelineConfig, prepared: Prepared, folder: Path) -> Run:
+    """The Trainer on the rows our ingest kept, with our recipe, fp32 and dynamic padding."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    training = config.training
+    model_folder = common.minilm_folder()
+    # The artifact's rows, not the TSV's: the peer sees exactly what our ingest kept.
+    train_texts, train_labels = load_split(prepared.dataset, "train")
+    test_texts, test_labels = load_split(prepared.dataset, "test")
+    tokenizer = AutoTokenizer.from_pretrained(model_folder, local_files_only=True)
+    train_set = encode(tokenizer, train_texts, train_labels, config.backbone.max_length)
+    test_set = encode(tokenizer, test_texts, test_labels, config.backbone.max_length)
+    # run_glue.py seeds before loading, so the new classifier's initialisation repeats.
+    set_seed(training.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_folder, num_labels=len(load_label_map(prepared.dataset)), local_files_only=True
+    )
+    steps = total_steps(config, len(train_set))
+    arguments = TrainingArguments(
+        output_dir=str(folder / "trainer"),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=config.evaluation.batch_size,
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.epochs,
+        # Only when our step bounds change the length: with max_steps the Trainer counts
+        # steps × batch size as examples seen, a partial last batch included.
+        max_steps=steps if training.max_steps or training.min_steps else -1,
+        lr_scheduler_type="linear",
+        # A step count, not a ratio: the Trainer rounds a ratio up, our schedule down.
+        warmup_steps=int(steps * training.warmup_ratio),
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+    # With tqdm off the Trainer prints its final metrics itself; this script prints its own.
+    trainer.remove_callback(PrinterCallback)
+    seconds, result = common.timed(trainer.train)
+    predicted = trainer.predict(test_set)  # type: ignore[arg-type]
+    logits = np.asarray(predicted.predictions)
+    return Run(
+        side=PEER,
+        examples_per_second=float(result.metrics["train_samples_per_second"]),
+        train_wall_seconds=round(seconds, 2),
+        dev_accuracy=float(np.mean(logits.argmax(axis=-1) == test_labels)),
+        rows=len(train_set),
+        steps=int(trainer.state.global_step),
+        precision="fp32",
+        extra={
+            "train_runtime": result.metrics["train_runtime"],
+            "train_loss": result.metrics.get("train_loss"),
+            "warmup_steps": arguments.warmup_steps,
+            "optimizer": str(arguments.optim),
+        },
+    )
+
+
+def release() -> None:
+    """Free the last run's model before the next one starts."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def repetition(
+    index: int,
+    args: argparse.Namespace,
+    prepared: Prepared,
+    root: Path,
+    threads: int,
+    warm_up: bool = False,
+) -> tuple[Run, Run]:
+    """One run of each side, in a fresh work dir; odd repetitions run the peer first.
+
+    ``warm_up``: a few steps of each side, untimed, so that neither side's first timed run
+    pays for first-use costs (kernel selection, page cache, allocator growth).
+    """
+    work = root / (f"repetition-{index}" if not warm_up else "warm-up")
+    overrides = [*args.set, "training.max_steps=3"] if warm_up else args.set
+    config = config_for(prepared.data, work / "work", overrides)
+    sides = [("ours", run_ours), ("peer", run_peer)]
+    if index % 2:
+        sides.reverse()  # so neither side always gets the warmer caches
+    runs: dict[str, Run] = {}
+    for name, run in sides:
+        folder = work / name
+        folder.mkdir(parents=True)
+        runs[name] = run(config, prepared, folder)
+        release()
+        if torch.get_num_threads() != threads:
+            # A library changed the thread pool: put it back so the other side gets the same.
+            log.warning("%s changed torch threads to %d", name, torch.get_num_threads())
+            torch.set_num_threads(threads)
+    shutil.rmtree(work, ignore_errors=True)
+    label = f"repetition {index + 1}/{args.repeats}"
+    if warm_up:
+        label = "warm-up (3 steps, not counted)"
+    print(runs["ours"].line(label))
+    print(runs["peer"].line(label))
+    return runs["ours"], runs["peer"]
+
+
+def summary(ours: list[Run], peer: list[Run]) -> dict[str, Any]:
+    """Medians of both sides, their ratio and the targets' verdicts."""
+    speed_ours = common.median([r.examples_per_second for r in ours])
+    speed_peer = common.median([r.examples_per_second for r in peer])
+    accuracy_ours = 100 * common.median([r.dev_accuracy for r in ours])
+    accuracy_peer = 100 * common.median([r.dev_accuracy for r in peer])
+    ratio = speed_ours / speed_peer
+    difference = accuracy_ours - accuracy_peer
+    print(common.ratio_line("fine-tuning", speed_ours, speed_peer, "examples/s", PEER))
+    print(
+        common.ratio_line("dev accuracy", accuracy_ours, accuracy_peer, "%", PEER)
+        + f" | difference {difference:+.2f} points"
+    )
+    speed_met = ratio >= SPEED_TARGET
+    accuracy_met = difference >= -ACCURACY_MARGIN
+    print(
+        f"target speed ≥ {SPEED_TARGET:g}× the peer's examples/s: "
+        f"{'met' if speed_met else 'NOT met'} ({ratio:.2f}×)"
+    )
+    print(
+        f"target dev accuracy ≥ peer − {ACCURACY_MARGIN:g} points: "
+        f"{'met' if accuracy_met else 'NOT met'} ({difference:+.2f} points)"
+    )
+    return {
+        "examples_per_second": {"transferkit": speed_ours, "peer": speed_peer, "ratio": ratio},
+        "dev_accuracy_percent": {
+            "transferkit": accuracy_ours,
+            "peer": accuracy_peer,
+            "difference_points": difference,
+        },
+        "targets": {"speed_2x": speed_met, "accuracy_within_0_5_points": accuracy_met},
+    }
+
+
+def recipe(config: PipelineConfig) -> dict[str, Any]:
+    """The settings both sides share (ours as resolved; the peer's are derived from them)."""
+    training = config.training
+    return {
+        "strategy": config.strategy.model_dump(),
+        "epochs": training.epochs,
+        "batch_size": training.batch_size,
+        "learning_rate": training.learning_rate,
+        "warmup_ratio": training.warmup_ratio,
+        "weight_decay": training.weight_decay,
+        "max_grad_norm": training.max_grad_norm,
+        "seed": training.seed,
+        "max_length": config.backbone.max_length,
+        "precision_setting": training.precision,
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8000, help="training rows (file order)")
+    parser.add_argument(
+        "--validation-rows",
+        type=int,
+        default=800,
+        help="the rows after the training rows: our validation split (checkpoint selection)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of each side")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="dotted.key=value",
+        help="override our config (repeatable); training.batch_size, learning_rate, epochs, "
+        "warmup_ratio, weight_decay, max_grad_norm, seed, max_steps and backbone.max_length "
+        "carry over to the peer",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show transferkit's INFO logs")
+    args = parser.parse_args()
+    if args.rows < 1 or args.validation_rows < 1 or args.repeats < 1:
+        parser.error("--rows, --validation-rows and --repeats must be at least 1")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s | %(message)s",
+    )
+    logging.getLogger("transferkit.progress").setLevel(logging.WARNING)
+    if not args.verbose:
+        import transformers
+
+        # The "newly initialized classifier" notice, once per repetition, is expected here.
+        transformers.logging.set_verbosity_error()
+    threads = torch.get_num_threads()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {device}, torch threads {threads} (both sides)")
+    ours: list[Run] = []
+    peer: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as scratch:
+        root = Path(scratch)
+        prepared = prepare(root, args.rows, args.validation_rows, args.set)
+        config = config_for(prepared.data, root / "work-prepare", args.set)
+        rows = prepared.rows
+        print(
+            f"rows: source train {rows['source']['train']} / validation "
+            f"{rows['source']['validation']} / test {rows['source']['test']}; ingest kept "
+            f"{rows['ingested']['train']} / {rows['ingested']['validation']} / "
+            f"{rows['ingested']['test']} ({prepared.texts_changed_by_ingest} texts changed, "
+            "whitespace stripped); the peer trains on the kept rows"
+        )
+        repetition(0, args, prepared, root, threads, warm_up=True)
+        for index in range(args.repeats):
+            first, second = repetition(index, args, prepared, root, threads)
+            ours.append(first)
+            peer.append(second)
+    if {r.rows for r in ours} != {r.rows for r in peer}:
+        print(f"WARNING: training rows differ: ours {ours[0].rows}, peer {peer[0].rows}")
+    medians = summary(ours, peer)
+    report = {
+        "benchmark": "finetune",
+        "peer": PEER,
+        "machine": common.machine(device),
+        "recipe": recipe(config),
+        "overrides": args.set,
+        "rows": prepared.rows,
+        "texts_changed_by_ingest": prepared.texts_changed_by_ingest,
+        "extract_texts_per_second": prepared.extract_texts_per_second,
+        "repetitions": [
+            {"transferkit": asdict(a), "peer": asdict(b)} for a, b in zip(ours, peer, strict=True)
+        ],
+        "medians": medians,
+    }
+    common.save(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
