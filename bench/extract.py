@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from transferkit.backbones import fetch_backbone
-from transferkit.config import PACKAGED_MINILM, PipelineConfig, apply_overrides
+from transferkit.config import PipelineConfig, apply_overrides
 from transferkit.data import SPLITS, ingest_data, load_split
 from transferkit.features import extract_features, load_features
 
@@ -48,7 +48,7 @@ def config(work: Path, data: Path, overrides: list[str]) -> PipelineConfig:
             "label_names": {"0": "negative", "1": "positive"},
             "split": {"validation": 0.1},
         },
-        "backbone": {"uri": PACKAGED_MINILM},
+        "backbone": {"uri": common.backbone_uri()},
         "training": {"precision": "auto"},
         "runtime": {"work_dir": str(work)},
     }
@@ -70,31 +70,35 @@ def unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-12)
 
 
+def our_encoder(cfg: PipelineConfig, backbone: Path) -> tuple[Any, Any, str, int]:
+    """(tokenizer, encoder, precision, max length) exactly as extract_features runs them."""
+    from transferkit.backbones import load_backbone_info
+    from transferkit.backbones.text import frozen_encoder, load_text_encoder, resolve_precision
+
+    info = load_backbone_info(backbone)
+    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
+    encoder, precision = frozen_encoder(
+        encoder.to(common.device()), resolve_precision(cfg.training.precision)
+    )
+    return tokenizer, encoder, precision, info.max_length
+
+
 def linear_layer_rate(cfg: PipelineConfig, backbone: Path, texts: list[str]) -> dict[str, float]:
-    """Time inside the encoder's linear layers (profiler) against the FLOPs they executed.
+    """Time inside the encoder's linear layers (CPU profiler) against the FLOPs they executed.
 
     The FLOPs count the padded tokens each length-sorted batch really multiplies.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from transferkit.backbones import load_backbone_info
-    from transferkit.backbones.text import (
-        length_sorted_batches,
-        load_text_encoder,
-        resolve_precision,
-        run_batched,
-        tokenize,
-    )
+    from transferkit.backbones.text import length_sorted_batches, run_batched, tokenize
 
-    info = load_backbone_info(backbone)
-    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
-    precision = resolve_precision(cfg.training.precision)
+    tokenizer, encoder, precision, max_length = our_encoder(cfg, backbone)
     batch = cfg.evaluation.batch_size
-    lengths = np.array([len(x) for x in tokenize(tokenizer, texts, info.max_length)])
+    lengths = np.array([len(x) for x in tokenize(tokenizer, texts, max_length)])
     padded = sum(len(b) * int(lengths[b].max()) for b in length_sorted_batches(lengths, batch))
-    run_batched(encoder, tokenizer, texts[:batch], info.max_length, batch, precision)  # warm
+    run_batched(encoder, tokenizer, texts[:batch], max_length, batch, precision)  # warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run_batched(encoder, tokenizer, texts, info.max_length, batch, precision)
+        run_batched(encoder, tokenizer, texts, max_length, batch, precision)
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     linear_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm"))
@@ -109,13 +113,10 @@ def linear_layer_rate(cfg: PipelineConfig, backbone: Path, texts: list[str]) -> 
 def warm_up(cfg: PipelineConfig, backbone: Path, texts: list[str], peer_model: Any) -> None:
     """Encode some texts with each side, untimed: first-use costs (kernel selection for each
     new shape, allocator growth, page cache) must not land on whichever side runs first."""
-    from transferkit.backbones import load_backbone_info
-    from transferkit.backbones.text import load_text_encoder, resolve_precision, run_batched
+    from transferkit.backbones.text import run_batched
 
-    info = load_backbone_info(backbone)
-    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
-    precision = resolve_precision(cfg.training.precision)
-    run_batched(encoder, tokenizer, texts, info.max_length, cfg.evaluation.batch_size, precision)
+    tokenizer, encoder, precision, max_length = our_encoder(cfg, backbone)
+    run_batched(encoder, tokenizer, texts, max_length, cfg.evaluation.batch_size, precision)
     peer_model.encode(texts, batch_size=32)
 
 
@@ -130,7 +131,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     from sentence_transformers import SentenceTransformer
 
-    report: dict[str, Any] = {"benchmark": "extract", "machine": common.machine(), "runs": []}
+    report: dict[str, Any] = {
+        "benchmark": "extract",
+        "machine": common.machine(common.device()),
+        "runs": [],
+    }
     print(f"machine: {report['machine']}")
     scratch = Path(tempfile.mkdtemp(prefix="tk-bench-extract-"))
     try:
@@ -144,7 +149,8 @@ def main() -> int:
         fetch_backbone(cfg, scratch / "backbone")
         splits = {s: load_split(scratch / "dataset", s) for s in SPLITS}
         count = sum(len(t) for t, _ in splits.values())
-        peer_model = SentenceTransformer(str(common.minilm_folder()), device="cpu")
+        peer_model = SentenceTransformer(str(common.minilm_folder()), device=common.device())
+        peer_model.float()  # the peer is fp32 whatever the checkpoint stores (a GPU copy is fp16)
         peer_model.max_seq_length = cfg.backbone.max_length
 
         warm_up(cfg, scratch / "backbone", splits["train"][0][:2048], peer_model)
@@ -199,7 +205,9 @@ def main() -> int:
         lengths = np.array([len(x) for x in tokenize(tokenizer, every, cfg.backbone.max_length)])
         flops = common.encoder_flops(peer_model[0].auto_model.config, lengths)
         achieved = flops["linear"] * ours / count / 1e12
-        rate = linear_layer_rate(cfg, scratch / "backbone", every[:4000])
+        rate = {"linear_tflops": float("nan"), "linear_share_of_time": float("nan")}
+        if common.device() == "cpu":  # the CPU profiler's op times mean nothing for a GPU
+            rate = linear_layer_rate(cfg, scratch / "backbone", every[:4000])
         ceiling = report["machine"]["bf16_matmul_tflops"]
         report["summary"] = {
             "texts": count,

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from transferkit.backbones import fetch_backbone
-from transferkit.config import PACKAGED_MINILM, PipelineConfig, apply_overrides, validate_mapping
+from transferkit.config import PipelineConfig, apply_overrides, validate_mapping
 from transferkit.data import ingest_data, load_label_map, load_split
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features
@@ -119,7 +119,7 @@ def config_for(data: Path, work: Path, overrides: list[str]) -> PipelineConfig:
             "label_column": "label",
             "label_names": {"0": "negative", "1": "positive"},
         },
-        "backbone": {"uri": PACKAGED_MINILM},
+        "backbone": {"uri": common.backbone_uri()},
         "strategy": {"name": "full_finetune"},
         "training": {"epochs": 1, "precision": "auto"},
         "runtime": {"work_dir": str(work)},
@@ -232,7 +232,10 @@ def run_peer(config: PipelineConfig, prepared: Prepared, folder: Path) -> Run:
     # run_glue.py seeds before loading, so the new classifier's initialisation repeats.
     set_seed(training.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_folder, num_labels=len(load_label_map(prepared.dataset)), local_files_only=True
+        model_folder,
+        num_labels=len(load_label_map(prepared.dataset)),
+        local_files_only=True,
+        dtype=torch.float32,  # fp32 whatever the checkpoint stores (a GPU copy is fp16)
     )
     steps = total_steps(config, len(train_set))
     arguments = TrainingArguments(
