@@ -171,3 +171,23 @@ def test_cached_steps_are_announced_by_depth() -> None:
     ]
     events.announce_cached()
     assert seen[-1] == "cached register_model"
+
+
+@pytest.mark.parametrize(("configure", "frozen"), [(True, True), (False, False)])
+def test_a_step_process_skips_the_last_garbage_collection(configure: bool, frozen: bool) -> None:
+    """configure_logging (every step's first call) freezes the heap at exit, after every
+    other exit handler: the 1-1.5 s final collection of a torch process is not paid."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, gc\n"
+        # Registered before configure_logging, so it runs after its handler (LIFO).
+        "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen'))\n"
+        "from transferkit.cli import configure_logging\n"
+        + ("configure_logging(); configure_logging()\n" if configure else "")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == ("frozen" if frozen else "not frozen")
