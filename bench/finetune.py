@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import math
 import shutil
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from transferkit.data import ingest_data, load_label_map, load_split
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features
 from transferkit.training import train
+from transferkit.training.finetune import total_steps
 
 PEER = "HF Trainer"
 SPEED_TARGET = 2.0  # ours ÷ peer's examples/s
@@ -189,17 +189,6 @@ def run_ours(config: PipelineConfig, prepared: Prepared, folder: Path) -> Run:
     )
 
 
-def total_steps(config: PipelineConfig, rows: int) -> int:
-    """Optimiser steps of our schedule (transferkit.training.finetune), for the peer's warm-up."""
-    training = config.training
-    total = math.ceil(rows / training.batch_size) * training.epochs
-    if training.min_steps:
-        total = max(total, training.min_steps)
-    if training.max_steps:
-        total = min(total, training.max_steps)
-    return total
-
-
 def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> list[dict]:
     """Token ids per text, truncated and unpadded, as run_glue.py's preprocessing gives them."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
@@ -237,7 +226,7 @@ def run_peer(config: PipelineConfig, prepared: Prepared, folder: Path) -> Run:
         local_files_only=True,
         dtype=torch.float32,  # fp32 whatever the checkpoint stores (a GPU copy is fp16)
     )
-    steps = total_steps(config, len(train_set))
+    steps = total_steps(config.training, len(train_set))
     arguments = TrainingArguments(
         output_dir=str(folder / "trainer"),
         per_device_train_batch_size=training.batch_size,

@@ -47,20 +47,15 @@ def token_lengths(backbone: Path, dataset: Path, max_length: int) -> dict[str, n
     """Token count of every text of every split, as the encoder sees it (no padding)."""
     from transformers import AutoTokenizer
 
+    from transferkit.backbones.text import tokenize
     from transferkit.data import SPLITS, load_split
 
     tokenizer = AutoTokenizer.from_pretrained(backbone / "model", local_files_only=True)
-    return {
-        split: np.array(
-            [
-                len(ids)
-                for ids in tokenizer(
-                    load_split(dataset, split)[0], truncation=True, max_length=max_length
-                )["input_ids"]
-            ]
-        )
-        for split in SPLITS
-    }
+    lengths = {}
+    for split in SPLITS:
+        texts, _ = load_split(dataset, split)
+        lengths[split] = np.array([len(ids) for ids in tokenize(tokenizer, texts, max_length)])
+    return lengths
 
 
 def peer_extract(backbone: Path, dataset: Path, device: str) -> float:
