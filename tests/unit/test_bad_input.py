@@ -220,6 +220,14 @@ def max_text_chars_zero(tmp_path: Path, inputs: Inputs) -> Attempt:
     return config_file(tmp_path, inputs, data={"max_text_chars": 0})
 
 
+def alias_bomb(tmp_path: Path, inputs: Inputs) -> Attempt:
+    from tests.unit.test_config import CONFIG_HEAD, laughs
+
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG_HEAD + f"  label_column: {laughs(9)}\n")  # 9**9 strings expanded
+    return Attempt(lambda: load_config(path), str(path), None)
+
+
 # Each case: how to spoil the input, the error, what the message says went wrong, and the fix.
 CASES = [
     pytest.param(
@@ -356,6 +364,13 @@ CASES = [
         "data.max_text_chars: Input should be greater than or equal to 1 (got 0)",
         "Input should be greater than or equal to 1",
         id="max-text-chars-zero",
+    ),
+    pytest.param(
+        alias_bomb,
+        ConfigError,
+        "line 10: aliases (*name) make this value stand for more than 100,000 values",
+        "write the values out or drop the aliases",
+        id="yaml-alias-bomb",
     ),
 ]
 
