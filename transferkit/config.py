@@ -348,7 +348,10 @@ class _Prompted(_Model):
 
 
 class FewShotConfig(_Prompted):
-    """SetFit: contrastive tuning of the sentence encoder on pairs of k examples per label."""
+    """SetFit: contrastive tuning of the sentence encoder on pairs of k examples per label.
+
+    k is the run's label budget, training.examples_per_class (FEW_SHOT_K when unset).
+    """
 
     name: Literal["few_shot"] = "few_shot"
     templates: list[str] = Field(
@@ -357,13 +360,6 @@ class FewShotConfig(_Prompted):
         "each description of a label (label_texts) is added to that label's k examples, for "
         "the pair tuning and the head alike, so the label's meaning in words anchors the few "
         "labelled examples. Empty: the k examples only.",
-    )
-    examples_per_class: int = Field(
-        16,
-        ge=1,
-        le=10_000,
-        description="k: labelled examples drawn per label from the training split (seeded by "
-        "training.seed); the rest of the training split is not used.",
     )
     pair_iterations: int = Field(
         20,
@@ -512,6 +508,16 @@ STRATEGIES: dict[str, type[_Model]] = {
     "domain_adaptation": DomainAdaptationConfig,
     "auto": AutoStrategyConfig,
 }
+# Keys that moved: (model, old key) -> the one-line fix. A config naming one is refused rather
+# than migrated, so the file stored with every run is the one that ran.
+_MOVED: dict[tuple[type[BaseModel] | None, str], tuple[str, str]] = {
+    (FewShotConfig, "examples_per_class"): (
+        "training.examples_per_class",
+        "the one label budget of every strategy; a sweep's budgets are sweep.examples_per_class",
+    ),
+}
+# few_shot's k when training.examples_per_class is unset (SetFit's usual 16 per label).
+FEW_SHOT_K = 16
 # Strategies that apply to image data (the rest need a tokenizer or a text encoder).
 IMAGE_STRATEGIES = frozenset(
     {"linear_probe", "partial_finetune", "full_finetune", "scratch", "domain_adaptation", "auto"}
@@ -640,7 +646,8 @@ class TrainingConfig(_Model):
         ge=1,
         description="Label budget: train on at most this many examples of every label, drawn "
         "from the training split with training.seed (the validation and evaluation splits are "
-        "unchanged). Unset: every training row.",
+        "unchanged); few_shot's k, which needs that many of every label. Unset: every "
+        "training row (few_shot: 16).",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="'auto' uses bf16 autocast where the CPU/GPU supports it, else fp32."
@@ -1166,6 +1173,18 @@ class PipelineConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _few_shot_budget(self) -> PipelineConfig:
+        # few_shot is a k-example method: its k is the label budget, made explicit here so
+        # the stored config, MLflow params and training.json all say what it trained on.
+        if (
+            isinstance(self.strategy, FewShotConfig)
+            and self.sweep is None
+            and self.training.examples_per_class is None
+        ):
+            self.training.examples_per_class = FEW_SHOT_K
+        return self
+
+    @model_validator(mode="after")
     def _no_credentials_in_uris(self) -> PipelineConfig:
         # The config is stored with every run (MLflow params, config.yaml) and compiled into
         # the pipeline: a password in it would be everywhere. Keys come from the environment.
@@ -1450,6 +1469,13 @@ def format_errors(error: ValidationError, source: str) -> list[str]:
         kind = item["type"]
         if kind == "extra_forbidden":
             parent = _parent_model(loc)
+            moved = _MOVED.get((parent, str(loc[-1])))
+            if moved:
+                lines.append(
+                    f"{source}: {where}: moved to {moved[0]} ({moved[1]}); set "
+                    f"{moved[0]}: {_shown(item.get('input'))} instead and remove this key"
+                )
+                continue
             valid = sorted(parent.model_fields) if parent else []
             guess = difflib.get_close_matches(_clip(str(loc[-1])), valid, n=1)
             hint = f"did you mean '{guess[0]}'? " if guess else ""

@@ -228,6 +228,10 @@ def alias_bomb(tmp_path: Path, inputs: Inputs) -> Attempt:
     return Attempt(lambda: load_config(path), str(path), None)
 
 
+def few_shot_own_budget(tmp_path: Path, inputs: Inputs) -> Attempt:
+    return config_file(tmp_path, inputs, strategy={"name": "few_shot", "examples_per_class": 8})
+
+
 # Each case: how to spoil the input, the error, what the message says went wrong, and the fix.
 CASES = [
     pytest.param(
@@ -371,6 +375,13 @@ CASES = [
         "line 10: aliases (*name) make this value stand for more than 100,000 values",
         "write the values out or drop the aliases",
         id="yaml-alias-bomb",
+    ),
+    pytest.param(
+        few_shot_own_budget,
+        ConfigError,
+        "strategy.examples_per_class: moved to training.examples_per_class",
+        "set training.examples_per_class: 8 instead and remove this key",
+        id="few-shot-strategy-examples-per-class",
     ),
 ]
 
