@@ -8,12 +8,14 @@ cannot read: empty files, non-UTF-8 bytes, malformed rows, missing columns, empt
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from transferkit.errors import DataError
@@ -109,6 +111,96 @@ def _read_parquet(path: Path, name: str) -> pd.DataFrame:
 MISSING_LABELS = frozenset({"nan", "NaN", "NAN", "NA", "N/A", "n/a", "null", "NULL", "None"})
 
 
+def _kind(value: Any) -> str:
+    """The kind of one cell: missing, bool, number, string, or what no label or text may be."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return "missing"
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    if isinstance(value, int | float | np.integer | np.floating | decimal.Decimal):
+        return "missing" if value != value else "number"  # NaN is the one value unequal to itself
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bytes"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list | tuple | np.ndarray):
+        return "list"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    """One cell as it reads in the file (JSON), cut short, for an error line."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"{len(value):,} bytes"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# How each kind that is neither text nor a label reads in an error.
+_ODD = {"list": "a list", "mapping": "a JSON object or struct", "bytes": "binary data"}
+
+
+def _kinds(column: pd.Series) -> dict[str, int]:
+    """Each kind of value in ``column`` and the position of its first cell, in file order."""
+    present = column[column.notna().to_numpy()].reset_index(drop=True)
+    positions = np.flatnonzero(column.notna().to_numpy())
+    if present.empty:
+        return {}
+    if column.dtype != object:  # a typed column (numbers, bools, strings): one kind
+        return {_kind(present.iloc[0]): int(positions[0])}
+    types = present.map(type)
+    first: dict[str, int] = {}
+    for kind_type in types.unique():
+        at = int(types.eq(kind_type).to_numpy().argmax())
+        kind = _kind(present.iloc[at])
+        if kind != "missing" and (kind not in first or positions[at] < first[kind]):
+            first[kind] = int(positions[at])
+    return dict(sorted(first.items(), key=lambda item: item[1]))
+
+
+def _check_text_cells(frame: pd.DataFrame, column: str, name: str, unit: str, offset: int) -> None:
+    """Refuse a text column holding lists, mappings (structs) or bytes: they would be
+    stringified into text the backbone was never meant to read."""
+    for kind, index in _kinds(frame[column]).items():
+        if kind in ("string", "number", "bool"):
+            continue
+        value = frame[column].iloc[index]
+        raise DataError(
+            f"{name} {unit} {index + offset}: column '{column}' holds "
+            f"{_ODD.get(kind, 'a ' + kind)} ({_shown(value)}), not text; store one string "
+            "per row (join or flatten it when exporting) or name the text column in the config"
+        )
+
+
+def _check_label_cells(frame: pd.DataFrame, column: str, name: str, unit: str, offset: int) -> None:
+    """Refuse labels of mixed kinds (true and 1, 1 and "1"): they would become different classes
+    whose names look alike. Numbers are one kind: 1 and 1.0 are the same label."""
+    kinds = _kinds(frame[column])
+    odd = [kind for kind in kinds if kind not in ("string", "number", "bool")]
+    if odd:
+        index = kinds[odd[0]]
+        raise DataError(
+            f"{name} {unit} {index + offset}: column '{column}' holds "
+            f"{_ODD.get(odd[0], 'a ' + odd[0])} ({_shown(frame[column].iloc[index])}), not a "
+            "label; a label is one string, number or boolean per row — point "
+            "data.label_column at the label"
+        )
+    if len(kinds) > 1:
+        found = ", ".join(
+            f"{kind} ({unit} {index + offset}: {_shown(frame[column].iloc[index])})"
+            for kind, index in kinds.items()
+        )
+        raise DataError(
+            f"{name}: column '{column}' mixes label types: {found}; they would be different "
+            "classes — write every label the same way (all numbers, all strings or all "
+            "true/false)"
+        )
+
+
 def _cell(value: Any) -> str | None:
     """Normalise one cell to text; None for missing (None, NaN, empty after stripping)."""
     if value is None:
@@ -139,6 +231,14 @@ def _frame(path: Path, name: str, fmt: str) -> pd.DataFrame:
     return frame
 
 
+def _position(fmt: str) -> tuple[str, int]:
+    """How rows are named in errors: ('line', 2) for delimited files (1-based, as a person
+    counts, after the header), ('line', 1) for JSONL, ('row', 1) for Parquet."""
+    if fmt in ("csv", "tsv"):
+        return "line", 2
+    return ("line" if fmt == "jsonl" else "row"), 1
+
+
 def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
     """The non-empty texts of one column of an unlabelled table, in file order.
 
@@ -151,6 +251,7 @@ def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
         raise DataError(
             f"{name}: no column '{text_column}' (columns: {found}); set strategy.text_column"
         )
+    _check_text_cells(frame, text_column, name, *_position(fmt))
     return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
 
 
@@ -196,12 +297,12 @@ def read_table(
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns[:12]))
             raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
+    unit, offset = _position(fmt)
+    _check_text_cells(frame, text_column, name, unit, offset)
+    _check_label_cells(frame, label_column, name, unit, offset)
     texts = [_cell(v) for v in frame[text_column].tolist()]
     labels = [_cell(v) for v in frame[label_column].tolist()]
     labels = [None if label in MISSING_LABELS else label for label in labels]
-    # Rows are reported 1-based, as a person counts them; delimited files add the header line.
-    offset = 2 if fmt in ("csv", "tsv") else 1
-    unit = "line" if fmt in ("csv", "tsv", "jsonl") else "row"
     for index, (text, label) in enumerate(zip(texts, labels, strict=True)):
         if text is None:
             raise DataError(
