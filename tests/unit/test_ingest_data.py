@@ -365,3 +365,16 @@ def test_unlabelled_text_that_is_a_list_is_refused(tmp_path: Path) -> None:
         read_unlabelled_texts(path, str(path), "text")
     write_jsonl(path, [{"text": "fine"}, {"text": "also fine"}])
     assert read_unlabelled_texts(path, str(path), "text") == ["fine", "also fine"]
+
+
+def test_jsonl_rows_are_named_by_their_line_blank_lines_counted(tmp_path: Path) -> None:
+    records = [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]
+    records[4]["label"] = "1"
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + "\n\n".join(json.dumps(record) for record in records) + "\n")
+    with pytest.raises(DataError, match=r"number \(line 2: 0\), string \(line 10: \"1\"\)"):
+        ingest_file(tmp_path, path)
+    records[4]["label"] = None
+    path.write_text("\n" + "\n\n".join(json.dumps(record) for record in records) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl line 10: empty or NaN label"):
+        ingest_file(tmp_path, path)

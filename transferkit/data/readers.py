@@ -12,6 +12,7 @@ import decimal
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def _read_delimited(raw: bytes, name: str, sep: str) -> pd.DataFrame:
 def _read_jsonl(raw: bytes, name: str) -> pd.DataFrame:
     text = _decode(raw, name)
     records: list[dict[str, Any]] = []
+    numbers: list[int] = []  # the file line of each record, for errors
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -91,7 +93,8 @@ def _read_jsonl(raw: bytes, name: str) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise DataError(f"{name} line {number}: expected a JSON object per line")
         records.append(record)
-    return pd.DataFrame.from_records(records)
+        numbers.append(number)
+    return pd.DataFrame.from_records(records, index=pd.Index(numbers, name="line"))
 
 
 def _read_parquet(path: Path, name: str) -> pd.DataFrame:
@@ -162,7 +165,9 @@ def _kinds(column: pd.Series) -> dict[str, int]:
     return dict(sorted(first.items(), key=lambda item: item[1]))
 
 
-def _check_text_cells(frame: pd.DataFrame, column: str, name: str, unit: str, offset: int) -> None:
+def _check_text_cells(
+    frame: pd.DataFrame, column: str, name: str, at: Callable[[int], str]
+) -> None:
     """Refuse a text column holding lists, mappings (structs) or bytes: they would be
     stringified into text the backbone was never meant to read."""
     for kind, index in _kinds(frame[column]).items():
@@ -170,13 +175,15 @@ def _check_text_cells(frame: pd.DataFrame, column: str, name: str, unit: str, of
             continue
         value = frame[column].iloc[index]
         raise DataError(
-            f"{name} {unit} {index + offset}: column '{column}' holds "
+            f"{name} {at(index)}: column '{column}' holds "
             f"{_ODD.get(kind, 'a ' + kind)} ({_shown(value)}), not text; store one string "
             "per row (join or flatten it when exporting) or name the text column in the config"
         )
 
 
-def _check_label_cells(frame: pd.DataFrame, column: str, name: str, unit: str, offset: int) -> None:
+def _check_label_cells(
+    frame: pd.DataFrame, column: str, name: str, at: Callable[[int], str]
+) -> None:
     """Refuse labels of mixed kinds (true and 1, 1 and "1"): they would become different classes
     whose names look alike. Numbers are one kind: 1 and 1.0 are the same label."""
     kinds = _kinds(frame[column])
@@ -184,14 +191,14 @@ def _check_label_cells(frame: pd.DataFrame, column: str, name: str, unit: str, o
     if odd:
         index = kinds[odd[0]]
         raise DataError(
-            f"{name} {unit} {index + offset}: column '{column}' holds "
+            f"{name} {at(index)}: column '{column}' holds "
             f"{_ODD.get(odd[0], 'a ' + odd[0])} ({_shown(frame[column].iloc[index])}), not a "
             "label; a label is one string, number or boolean per row — point "
             "data.label_column at the label"
         )
     if len(kinds) > 1:
         found = ", ".join(
-            f"{kind} ({unit} {index + offset}: {_shown(frame[column].iloc[index])})"
+            f"{kind} ({at(index)}: {_shown(frame[column].iloc[index])})"
             for kind, index in kinds.items()
         )
         raise DataError(
@@ -231,12 +238,16 @@ def _frame(path: Path, name: str, fmt: str) -> pd.DataFrame:
     return frame
 
 
-def _position(fmt: str) -> tuple[str, int]:
-    """How rows are named in errors: ('line', 2) for delimited files (1-based, as a person
-    counts, after the header), ('line', 1) for JSONL, ('row', 1) for Parquet."""
+def _position(frame: pd.DataFrame, fmt: str) -> Callable[[int], str]:
+    """How the row at ``index`` is named in errors, 1-based as a person counts: 'line N' of a
+    delimited file (after its header) or of a JSONL file (blank lines counted), 'row N' of
+    Parquet."""
     if fmt in ("csv", "tsv"):
-        return "line", 2
-    return ("line" if fmt == "jsonl" else "row"), 1
+        return lambda index: f"line {index + 2}"
+    if fmt == "jsonl":  # _read_jsonl indexes the records by their line
+        lines = frame.index
+        return lambda index: f"line {lines[index]}"
+    return lambda index: f"row {index + 1}"
 
 
 def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
@@ -251,7 +262,7 @@ def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
         raise DataError(
             f"{name}: no column '{text_column}' (columns: {found}); set strategy.text_column"
         )
-    _check_text_cells(frame, text_column, name, *_position(fmt))
+    _check_text_cells(frame, text_column, name, _position(frame, fmt))
     return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
 
 
@@ -297,21 +308,20 @@ def read_table(
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns[:12]))
             raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
-    unit, offset = _position(fmt)
-    _check_text_cells(frame, text_column, name, unit, offset)
-    _check_label_cells(frame, label_column, name, unit, offset)
+    at = _position(frame, fmt)
+    _check_text_cells(frame, text_column, name, at)
+    _check_label_cells(frame, label_column, name, at)
     texts = [_cell(v) for v in frame[text_column].tolist()]
     labels = [_cell(v) for v in frame[label_column].tolist()]
     labels = [None if label in MISSING_LABELS else label for label in labels]
     for index, (text, label) in enumerate(zip(texts, labels, strict=True)):
         if text is None:
             raise DataError(
-                f"{name} {unit} {index + offset}: empty text in column '{text_column}'; fill "
-                "or remove the row"
+                f"{name} {at(index)}: empty text in column '{text_column}'; fill or remove the row"
             )
         if label is None:
             raise DataError(
-                f"{name} {unit} {index + offset}: empty or NaN label in column "
+                f"{name} {at(index)}: empty or NaN label in column "
                 f"'{label_column}'; label or remove the row"
             )
     table = pd.DataFrame({"text": texts, "label": labels})
@@ -321,7 +331,7 @@ def read_table(
         if not too_long.empty:
             index, length = int(too_long.index[0]), int(too_long.iloc[0])
             raise DataError(
-                f"{name} {unit} {index + offset}: a text of {length:,} characters in column "
+                f"{name} {at(index)}: a text of {length:,} characters in column "
                 f"'{text_column}', above data.max_text_chars ({max_text_chars:,}); clean the "
                 "data or raise data.max_text_chars"
             )
