@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -347,7 +348,10 @@ class _Prompted(_Model):
 
 
 class FewShotConfig(_Prompted):
-    """SetFit: contrastive tuning of the sentence encoder on pairs of k examples per label."""
+    """SetFit: contrastive tuning of the sentence encoder on pairs of k examples per label.
+
+    k is the run's label budget, training.examples_per_class (FEW_SHOT_K when unset).
+    """
 
     name: Literal["few_shot"] = "few_shot"
     templates: list[str] = Field(
@@ -356,13 +360,6 @@ class FewShotConfig(_Prompted):
         "each description of a label (label_texts) is added to that label's k examples, for "
         "the pair tuning and the head alike, so the label's meaning in words anchors the few "
         "labelled examples. Empty: the k examples only.",
-    )
-    examples_per_class: int = Field(
-        16,
-        ge=1,
-        le=10_000,
-        description="k: labelled examples drawn per label from the training split (seeded by "
-        "training.seed); the rest of the training split is not used.",
     )
     pair_iterations: int = Field(
         20,
@@ -511,6 +508,16 @@ STRATEGIES: dict[str, type[_Model]] = {
     "domain_adaptation": DomainAdaptationConfig,
     "auto": AutoStrategyConfig,
 }
+# Keys that moved: (model, old key) -> the one-line fix. A config naming one is refused rather
+# than migrated, so the file stored with every run is the one that ran.
+_MOVED: dict[tuple[type[BaseModel] | None, str], tuple[str, str]] = {
+    (FewShotConfig, "examples_per_class"): (
+        "training.examples_per_class",
+        "the one label budget of every strategy; a sweep's budgets are sweep.examples_per_class",
+    ),
+}
+# few_shot's k when training.examples_per_class is unset (SetFit's usual 16 per label).
+FEW_SHOT_K = 16
 # Strategies that apply to image data (the rest need a tokenizer or a text encoder).
 IMAGE_STRATEGIES = frozenset(
     {"linear_probe", "partial_finetune", "full_finetune", "scratch", "domain_adaptation", "auto"}
@@ -639,7 +646,8 @@ class TrainingConfig(_Model):
         ge=1,
         description="Label budget: train on at most this many examples of every label, drawn "
         "from the training split with training.seed (the validation and evaluation splits are "
-        "unchanged). Unset: every training row.",
+        "unchanged); few_shot's k, which needs that many of every label. Unset: every "
+        "training row (few_shot: 16).",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="'auto' uses bf16 autocast where the CPU/GPU supports it, else fp32."
@@ -1165,6 +1173,18 @@ class PipelineConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _few_shot_budget(self) -> PipelineConfig:
+        # few_shot is a k-example method: its k is the label budget, made explicit here so
+        # the stored config, MLflow params and training.json all say what it trained on.
+        if (
+            isinstance(self.strategy, FewShotConfig)
+            and self.sweep is None
+            and self.training.examples_per_class is None
+        ):
+            self.training.examples_per_class = FEW_SHOT_K
+        return self
+
+    @model_validator(mode="after")
     def _no_credentials_in_uris(self) -> PipelineConfig:
         # The config is stored with every run (MLflow params, config.yaml) and compiled into
         # the pipeline: a password in it would be everywhere. Keys come from the environment.
@@ -1407,18 +1427,57 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return owner
 
 
+# What a config may expand to. Real configs are a few KB, a few hundred values and a few
+# sections deep; these bounds are far above that and far below what hurts (YAML aliases can
+# make a 1 KB file stand for a billion values: "billion laughs").
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 64
+MAX_VALUE_CHARS = 65_536
+# Longest echo of a user's input (a value, a key) inside an error line.
+_ECHO_CHARS = 120
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = _ECHO_CHARS
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def _clip(text: str, limit: int = _ECHO_CHARS) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (its start and end kept)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]} … {text[-half:]}"
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr of user input for an error line, built without the full repr."""
+    return _clip(_SHORT.repr(value))
+
+
 def format_errors(error: ValidationError, source: str) -> list[str]:
-    """Turn a pydantic error into one line per problem: where, what, and how to fix it."""
+    """Turn a pydantic error into one line per problem: where, what, and how to fix it.
+
+    Every echo of the input (values, keys, messages that quote them) is clipped, so a line
+    stays short whatever the config holds.
+    """
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
         where, _ = _describe(loc, PipelineConfig)
-        where = where or "(top level)"
+        where = _clip(where or "(top level)", 2 * _ECHO_CHARS)
         kind = item["type"]
         if kind == "extra_forbidden":
             parent = _parent_model(loc)
+            moved = _MOVED.get((parent, str(loc[-1])))
+            if moved:
+                lines.append(
+                    f"{source}: {where}: moved to {moved[0]} ({moved[1]}); set "
+                    f"{moved[0]}: {_shown(item.get('input'))} instead and remove this key"
+                )
+                continue
             valid = sorted(parent.model_fields) if parent else []
-            guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            guess = difflib.get_close_matches(_clip(str(loc[-1])), valid, n=1)
             hint = f"did you mean '{guess[0]}'? " if guess else ""
             lines.append(
                 f"{source}: {where}: unknown key; {hint}valid keys here: {', '.join(valid)}"
@@ -1428,11 +1487,12 @@ def format_errors(error: ValidationError, source: str) -> list[str]:
             ctx = item.get("ctx", {})
             lines.append(
                 f"{source}: {where}.{ctx.get('discriminator', 'name').strip(chr(39))}: unknown "
-                f"choice {ctx.get('tag')!r}; use one of {ctx.get('expected_tags')}"
+                f"choice {_shown(ctx.get('tag'))}; use one of {ctx.get('expected_tags')}"
             )
             continue
-        message = item["msg"].removeprefix("Value error, ")
-        got = "" if kind in ("missing", "value_error") else f" (got {item.get('input')!r})"
+        # Messages of value checks may quote the input: keep their start and their fix.
+        message = _clip(item["msg"].removeprefix("Value error, "), 4 * _ECHO_CHARS)
+        got = "" if kind in ("missing", "value_error") else f" (got {_shown(item.get('input'))})"
         hint = ""
         parent = _parent_model(loc)
         key = str(loc[-1]) if loc else ""
@@ -1451,13 +1511,141 @@ def format_errors(error: ValidationError, source: str) -> list[str]:
     return lines
 
 
+class _RefusedError(Exception):
+    """A config text beyond what a config may be (see MAX_CONFIG_*), at a line."""
+
+    def __init__(self, problem: str, line: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, before building anything, what no config needs: nesting
+    past MAX_CONFIG_DEPTH, a value longer than MAX_VALUE_CHARS, aliases that refer to
+    themselves or that expand (each use counted in full) to more than MAX_CONFIG_VALUES.
+
+    Anchors and aliases within those bounds load as usual.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # Composing recurses once per level: refuse deep nesting before Python's own limit.
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _RefusedError(
+                    f"nested deeper than {MAX_CONFIG_DEPTH} levels; a config is a few sections "
+                    "deep — look for runaway brackets",
+                    int(self.peek_event().start_mark.line) + 1,
+                )
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_VALUE_CHARS:
+            raise _RefusedError(
+                f"a value of {len(node.value):,} characters, above the {MAX_VALUE_CHARS:,} a "
+                "config value may hold; configs hold names, paths and numbers — put long text "
+                "in a data file",
+                _line(node),
+            )
+        return node
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph whose tree, every alias expanded, exceeds the bounds.
+
+    Each node's expanded size and depth are computed once (aliases share nodes), so the
+    check costs the size of the file, not of its expansion.
+    """
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) when expanded
+    active: set[int] = set()
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in done:
+            size, below = done[key]
+        elif key in active:
+            raise _RefusedError(
+                "an alias (*name) refers to the list or mapping that contains it; remove the loop",
+                _line(node),
+            )
+        else:
+            active.add(key)
+            if isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                children = [item for pair in node.value for item in pair]
+            else:
+                children = []
+            size, below = 1, 1
+            for child in children:
+                child_size, child_depth = measure(child, depth + 1)
+                size, below = size + child_size, max(below, child_depth + 1)
+                if size > MAX_CONFIG_VALUES:
+                    break
+            active.discard(key)
+            done[key] = (size, below)
+        if size > MAX_CONFIG_VALUES:
+            raise _RefusedError(
+                f"aliases (*name) make this value stand for more than {MAX_CONFIG_VALUES:,} "
+                "values; a config needs far fewer — write the values out or drop the aliases",
+                _line(node),
+            )
+        if depth + below > MAX_CONFIG_DEPTH:
+            raise _RefusedError(
+                f"aliases (*name) nest this value deeper than {MAX_CONFIG_DEPTH} levels; a "
+                "config is a few sections deep — drop the aliases",
+                _line(node),
+            )
+        return size, below
+
+    measure(root, 0)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse one YAML document with _BoundedLoader (safe tags only, bounded expansion).
+
+    Raises:
+        _RefusedError: the text is beyond the bounds.
+        yaml.YAMLError: the text is not valid YAML.
+        ValueError: a scalar cannot be converted (e.g. an integer of more than 4,300 digits).
+    """
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _parse_override(override: str) -> tuple[list[str], Any]:
+    shown = _shown(override)
+    if len(override) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"--set {shown}: {len(override):,} characters, above the {MAX_CONFIG_BYTES:,} a "
+            "config may hold; set a shorter value"
+        )
     key, sep, raw = override.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ConfigError(f"--set {override!r}: expected dotted.key=value, e.g. training.epochs=2")
+        raise ConfigError(f"--set {shown}: expected dotted.key=value, e.g. training.epochs=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = _load_yaml(raw) if raw.strip() else None
+    except _RefusedError as exc:
+        raise ConfigError(f"--set {shown}: {exc.problem}") from None
+    except (yaml.YAMLError, ValueError):
         value = raw
     return key.strip().split("."), value
 
@@ -1471,7 +1659,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(
-                    f"--set {override!r}: '{part}' is a value, not a section; set it directly"
+                    f"--set {_shown(override)}: '{_clip(part)}' is a value, not a section; set "
+                    "it directly"
                 )
             node = child
         node[path[-1]] = value
@@ -1479,20 +1668,42 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a config file into a mapping, with one-line errors for missing or malformed files."""
+    """Read a config file into a mapping, with one-line errors for missing or malformed files.
+
+    Raises:
+        ConfigError: no such file, not UTF-8, not YAML, beyond the bounds of a config
+            (``MAX_CONFIG_BYTES``, ``MAX_CONFIG_VALUES``, ``MAX_CONFIG_DEPTH``,
+            ``MAX_VALUE_CHARS``), or not a mapping.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            # Read one byte past the bound, never the whole of a huge file (or /dev/zero).
+            data = stream.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file; check the path") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: more than {MAX_CONFIG_BYTES:,} bytes, far above any config; point at the "
+            "config file (YAML of a few KB), not at data"
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
+    except _RefusedError as exc:
+        where = f" line {exc.line}" if exc.line else ""
+        raise ConfigError(f"{path}:{where}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        problem = _clip(getattr(exc, "problem", None) or "invalid YAML", 2 * _ECHO_CHARS)
         raise ConfigError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
+    except ValueError as exc:  # a scalar YAML reads but Python cannot hold, e.g. a huge int
+        raise ConfigError(f"{path}: {_clip(str(exc))}; fix the value") from None
     if raw is None:
         raise ConfigError(f"{path}: the file is empty; start from examples/sst2-quickstart.yaml")
     if not isinstance(raw, dict):

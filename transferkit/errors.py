@@ -7,13 +7,24 @@ components let them propagate so that the retry policy sees real failures.
 
 from __future__ import annotations
 
+# Longest message kept: a message that quotes an input (a value, a name) must not grow with
+# it. Its start (what and where) and its end (the fix) are kept.
+MAX_MESSAGE_CHARS = 2000
+
 
 class TransferkitError(Exception):
-    """Base class: a failure with a one-line message meant for the user."""
+    """Base class: a failure with a one-line, bounded message meant for the user."""
 
     def __init__(self, message: str) -> None:
         # One line, always: multi-line causes are folded so logs and CLIs stay readable.
-        super().__init__(" ".join(str(message).split()))
+        text = str(message)
+        half = MAX_MESSAGE_CHARS // 2
+        if len(text) > 2 * MAX_MESSAGE_CHARS:  # bound the folding's work too
+            text = f"{text[: 2 * half]} {text[-2 * half :]}"
+        line = " ".join(text.split())
+        if len(line) > MAX_MESSAGE_CHARS:
+            line = f"{line[: half - 2]} … {line[-(half - 1) :]}"
+        super().__init__(line)
 
 
 class ConfigError(TransferkitError):

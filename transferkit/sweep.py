@@ -113,9 +113,6 @@ def plan(config: PipelineConfig) -> list[Branch]:
                 if budget is None:
                     log.info("sweep: few_shot '%s' skips the 'all' budget", spec.display)
                     continue
-                spec = spec.model_copy(
-                    update={"strategy": strategy.model_copy(update={"examples_per_class": budget})}
-                )
                 branch_config = config.branch(spec, budget)
                 budget_for_branch = budget
             else:

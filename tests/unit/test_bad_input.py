@@ -220,6 +220,34 @@ def max_text_chars_zero(tmp_path: Path, inputs: Inputs) -> Attempt:
     return config_file(tmp_path, inputs, data={"max_text_chars": 0})
 
 
+def alias_bomb(tmp_path: Path, inputs: Inputs) -> Attempt:
+    from tests.unit.test_config import CONFIG_HEAD, laughs
+
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG_HEAD + f"  label_column: {laughs(9)}\n")  # 9**9 strings expanded
+    return Attempt(lambda: load_config(path), str(path), None)
+
+
+def few_shot_own_budget(tmp_path: Path, inputs: Inputs) -> Attempt:
+    return config_file(tmp_path, inputs, strategy={"name": "few_shot", "examples_per_class": 8})
+
+
+def jsonl_true_and_1(tmp_path: Path, inputs: Inputs) -> Attempt:
+    labels: list[object] = [int(label) for label in inputs.train["label"]]
+    labels[3] = True  # one row exported from a boolean column: it became the class 'True'
+    path = tmp_path / "train.jsonl"
+    rows = inputs.train.assign(label=labels)
+    rows.to_json(path, orient="records", lines=True)
+    return ingest_text(tmp_path, inputs, path)
+
+
+def parquet_struct_text(tmp_path: Path, inputs: Inputs) -> Attempt:
+    rows = inputs.train.assign(sentence=[{"text": t, "lang": "en"} for t in inputs.train.sentence])
+    path = tmp_path / "train.parquet"
+    rows.to_parquet(path, index=False)
+    return ingest_text(tmp_path, inputs, path)
+
+
 # Each case: how to spoil the input, the error, what the message says went wrong, and the fix.
 CASES = [
     pytest.param(
@@ -356,6 +384,34 @@ CASES = [
         "data.max_text_chars: Input should be greater than or equal to 1 (got 0)",
         "Input should be greater than or equal to 1",
         id="max-text-chars-zero",
+    ),
+    pytest.param(
+        alias_bomb,
+        ConfigError,
+        "line 10: aliases (*name) make this value stand for more than 100,000 values",
+        "write the values out or drop the aliases",
+        id="yaml-alias-bomb",
+    ),
+    pytest.param(
+        few_shot_own_budget,
+        ConfigError,
+        "strategy.examples_per_class: moved to training.examples_per_class",
+        "set training.examples_per_class: 8 instead and remove this key",
+        id="few-shot-strategy-examples-per-class",
+    ),
+    pytest.param(
+        jsonl_true_and_1,
+        DataError,
+        "column 'label' mixes label types: number (line 1: 1), bool (line 4: true)",
+        "write every label the same way (all numbers, all strings or all true/false)",
+        id="jsonl-labels-true-and-1",
+    ),
+    pytest.param(
+        parquet_struct_text,
+        DataError,
+        "row 1: column 'sentence' holds a JSON object or struct",
+        "store one string per row",
+        id="parquet-struct-text-column",
     ),
 ]
 

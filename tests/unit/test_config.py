@@ -271,3 +271,184 @@ def test_credentials_written_into_a_uri_are_refused(
     assert "MLFLOW_TRACKING_USERNAME" in message
     assert uri.split("//")[1].split("@")[0] not in message  # the credentials are not echoed
     assert "\n" not in message
+
+
+# --- bounded loading: what a config may expand to, and what an error may echo ---------------
+
+CONFIG_HEAD = "data:\n  train_uri: t.tsv\n  test_uri: d.tsv\n"
+
+
+def laughs(levels: int, flow: bool = False) -> str:
+    """The "billion laughs": 9 "lol"s, then each level 9 aliases of the one below (9**levels)."""
+    parts = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    parts += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]" if flow else "[\n    " + ",\n    ".join(parts) + "\n  ]"
+
+
+# A child that only imports the config module, then loads the config: its peak memory (the
+# kernel's ru_maxrss) over what the import took, and its time. Its address space is capped,
+# so a loader that expands the aliases fails there instead of taking the machine's memory.
+LOAD_IN_CHILD = """
+import json, resource, sys, time
+from transferkit.config import load_config
+from transferkit.errors import ConfigError
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), resource.RLIM_INFINITY))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+try:
+    load_config(sys.argv[1])
+    message = None
+except ConfigError as exc:
+    message = str(exc)
+seconds = time.perf_counter() - started
+extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+print(json.dumps({"message": message, "seconds": seconds, "extra_bytes": extra}))
+"""
+
+
+def load_in_child(path: Path) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_an_alias_bomb_in_a_typed_field_is_refused_in_one_short_line(tmp_path: Path) -> None:
+    # 795 bytes in the issue: 9**9 = 387 million strings once expanded.
+    path = write(tmp_path, CONFIG_HEAD + f"  label_column: {laughs(9)}\n")
+    assert path.stat().st_size < 1000
+    outcome = load_in_child(path)
+    message = outcome["message"]
+    assert message is not None
+    assert "\n" not in message
+    assert message.startswith(f"{path}: line ")
+    assert "aliases (*name) make this value stand for more than 100,000 values" in message
+    assert "write the values out or drop the aliases" in message
+    assert len(message) < 300
+    # The issue's bound: refused in ≤ 1 s using ≤ 100 MB. The check reads the file's nodes
+    # once (it never builds the expansion), so here it takes milliseconds and ~no memory.
+    assert outcome["extra_bytes"] <= 100 << 20
+    assert outcome["seconds"] <= 1.0
+
+
+def test_an_alias_bomb_in_an_override_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({}, [f"data.label_column={laughs(9, flow=True)}"])
+    message = str(info.value)
+    assert message.startswith("--set 'data.label_column=[&l0 [lol, ")
+    assert "stand for more than 100,000 values" in message
+    assert len(message) < 400
+
+
+def test_anchors_and_aliases_within_bounds_still_load(tmp_path: Path) -> None:
+    text = CONFIG_HEAD + (
+        "resources:\n"
+        "  train: &pod {cpu_request: '2', memory_request: 8Gi}\n"
+        "  evaluate: *pod\n"
+        "  register_model:\n"
+        "    <<: *pod\n"
+        "    memory_request: 2Gi\n"
+        "strategy: {name: linear_probe, l2_grid: &grid [0.001, 0.01]}\n"
+        "sweep:\n"
+        "  branches:\n"
+        "    - {label: a, strategy: {name: linear_probe, l2_grid: *grid}}\n"
+        "    - {label: b, strategy: {name: linear_probe, l2_grid: *grid}, training: {seed: 1}}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.resources.evaluate.memory_request == "8Gi"
+    assert config.resources.register_model.cpu_request == "2"
+    assert config.resources.register_model.memory_request == "2Gi"
+    assert [b.strategy.l2_grid for b in config.sweep.branches] == [[0.001, 0.01]] * 2
+
+
+def test_a_huge_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    with path.open("w") as out:  # one 50 MB scalar
+        out.write(CONFIG_HEAD + "  label_column: ")
+        out.write("x" * (50 << 20))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: more than 1,048,576 bytes, far above any config; point at the config file "
+        "(YAML of a few KB), not at data"
+    )
+
+
+def test_a_huge_value_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG_HEAD + "  label_column: " + "x" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 4: a value of 100,000 characters, above the 65,536")
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # 100,000 brackets: Python's recursion limit would be hit long before the end.
+        ("  label_column: " + "[" * 100_000 + "]" * 100_000, "line 4: nested deeper than 64"),
+        # Each anchor 40 levels deep, the second holding the first: 80 levels once expanded.
+        (
+            "  label_column: [&a " + "[" * 40 + "]" * 40 + ", " + "[" * 40 + "*a" + "]" * 40 + "]",
+            "aliases (*name) nest this value deeper than 64 levels",
+        ),
+        ("  label_column: &loop [x, *loop]", "refers to the list or mapping that contains it"),
+        ("  max_rows: " + "9" * 5000, "Exceeds the limit (4300 digits)"),
+    ],
+    ids=["deep-brackets", "deep-aliases", "alias-loop", "5000-digit-int"],
+)
+def test_deep_looping_or_unrepresentable_yaml_is_refused(
+    tmp_path: Path, body: str, expected: str
+) -> None:
+    path = write(tmp_path, CONFIG_HEAD + body + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:")
+    assert expected in message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        # A list where a string belongs: its repr is cut, not echoed whole (here 300 KB).
+        (
+            {"data": {"label_column": ["label"] * 50_000}},
+            "data.label_column: Input should be a valid string (got ['label', 'label', ",
+        ),
+        # A value check that quotes its input keeps its start and its fix.
+        (
+            {"strategy": {"name": "zero_shot", "templates": ["no slot " * 8000]}},
+            "needs exactly one '{}' slot",
+        ),
+        # An unknown key of 60,000 characters.
+        ({"training": {"k" * 60_000: 1}}, "unknown key; valid keys here: augmentation,"),
+        ({"strategy": {"name": "n" * 60_000}}, "strategy.name: unknown choice 'nnnn"),
+    ],
+    ids=["list-for-a-string", "long-template", "long-key", "long-strategy-name"],
+)
+def test_every_error_line_is_bounded_whatever_the_input(
+    tmp_path: Path, section: dict, expected: str
+) -> None:
+    raw = {"data": {**MINIMAL["data"], **section.pop("data", {})}, **section}
+    path = write(tmp_path, yaml.safe_dump(raw, width=1 << 20))
+    assert path.stat().st_size > 60_000
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert expected in message
+    assert len(message) < 1000
+    for line in info.value.all_lines:  # type: ignore[attr-defined]
+        assert len(line) < 1000

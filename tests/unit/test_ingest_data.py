@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import make_config
@@ -231,3 +233,148 @@ def test_label_names_must_match_the_data(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"data.label_names names '0', not a label"):
         ingest_data(config, tmp_path / "ds")
+
+
+# --- cell types: labels of one kind, texts that are text --------------------------------------
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def ingest_file(tmp_path: Path, path: Path) -> object:
+    config = make_config(tmp_path, {"uri": str(path), "text_column": "text"})
+    return ingest_data(config, tmp_path / "ds")
+
+
+TEXTS = [text for text, _ in ROWS]
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        # JSON true and 1: str() made them the classes 'True' and '1', with no warning.
+        (
+            [1, 0, True] + [1, 0] * 20,
+            "column 'label' mixes label types: number (line 1: 1), bool (line 3: true)",
+        ),
+        (
+            [0, 1] * 20 + ["1"],
+            "column 'label' mixes label types: number (line 1: 0), string (line 41: \"1\")",
+        ),
+        (
+            ["neg", "pos"] * 20 + [False],
+            "column 'label' mixes label types: string (line 1: \"neg\"), bool (line 41: false)",
+        ),
+    ],
+    ids=["bool-and-number", "number-and-string", "string-and-bool"],
+)
+def test_mixed_label_types_are_refused(tmp_path: Path, labels: list, expected: str) -> None:
+    records = [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError) as info:
+        ingest_file(tmp_path, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert message.endswith(
+        "they would be different classes — write every label the same way (all numbers, all "
+        "strings or all true/false)"
+    )
+    assert not (tmp_path / "ds").exists()
+
+
+def test_whole_numbers_are_one_label_however_written(tmp_path: Path) -> None:
+    # 1 and 1.0 are the same number, so the same label (read as '1'); bools alone are a kind.
+    records = [{"text": t, "label": [1, 0.0, 1.0, 0][i % 4]} for i, t in enumerate(TEXTS)]
+    assert ingest_file(tmp_path, write_jsonl(tmp_path / "n.jsonl", records)).labels == ["0", "1"]
+    records = [{"text": t, "label": i % 2 == 0} for i, t in enumerate(TEXTS)]
+    result = ingest_file(tmp_path, write_jsonl(tmp_path / "b.jsonl", records))
+    assert result.labels == ["False", "True"]
+    frame = pd.DataFrame({"text": TEXTS, "label": [float(i % 3) for i in range(len(TEXTS))]})
+    frame.to_parquet(tmp_path / "f.parquet")
+    assert ingest_file(tmp_path, tmp_path / "f.parquet").labels == ["0", "1", "2"]
+
+
+def test_a_null_label_among_numbers_is_missing(tmp_path: Path) -> None:
+    records = [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]
+    records[4]["label"] = None
+    with pytest.raises(DataError, match=r"line 5: empty or NaN label in column 'label'"):
+        ingest_file(tmp_path, write_jsonl(tmp_path / "d.jsonl", records))
+
+
+@pytest.mark.parametrize(
+    ("column", "label", "expected"),
+    [
+        (
+            pa.array([{"title": t, "body": t} for t in TEXTS]),
+            pa.array([i % 2 for i in range(len(TEXTS))]),
+            'row 1: column \'text\' holds a JSON object or struct ({"title": "a lovely film", '
+            '"body": "a lovely film"}), not text',
+        ),
+        (
+            pa.array([[t] for t in TEXTS]),
+            pa.array([i % 2 for i in range(len(TEXTS))]),
+            "row 1: column 'text' holds a list ([\"a lovely film\"]), not text",
+        ),
+        (
+            pa.array([t.encode() for t in TEXTS]),
+            pa.array([i % 2 for i in range(len(TEXTS))]),
+            "row 1: column 'text' holds binary data (13 bytes), not text",
+        ),
+        (
+            pa.array(TEXTS),
+            pa.array([[i % 2] for i in range(len(TEXTS))]),
+            "row 1: column 'label' holds a list ([0]), not a label",
+        ),
+    ],
+    ids=["struct-text", "list-text", "binary-text", "list-label"],
+)
+def test_parquet_cells_that_are_not_text_are_refused(
+    tmp_path: Path, column: pa.Array, label: pa.Array, expected: str
+) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": column, "label": label}), path)
+    with pytest.raises(DataError) as info:
+        ingest_file(tmp_path, path)
+    message = str(info.value)
+    assert message.startswith(f"{path} ")
+    assert expected in message
+    assert "store one string per row" in message or "point data.label_column" in message
+
+
+def test_jsonl_text_that_is_an_object_is_refused_with_its_line(tmp_path: Path) -> None:
+    records = [{"text": t, "label": "pos"} for t in TEXTS]
+    records[6]["text"] = {"en": "a lovely film", "fr": "un beau film"}
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError) as info:
+        ingest_file(tmp_path, path)
+    assert str(info.value) == (
+        f'{path} line 7: column \'text\' holds a JSON object or struct ({{"en": "a lovely '
+        'film", "fr": "un beau film"}), not text; store one string per row (join or '
+        "flatten it when exporting) or name the text column in the config"
+    )
+
+
+def test_unlabelled_text_that_is_a_list_is_refused(tmp_path: Path) -> None:
+    from transferkit.data.readers import read_unlabelled_texts
+
+    path = write_jsonl(tmp_path / "u.jsonl", [{"text": "fine"}, {"text": ["a", "b"]}])
+    with pytest.raises(DataError, match=r"u.jsonl line 2: column 'text' holds a list"):
+        read_unlabelled_texts(path, str(path), "text")
+    write_jsonl(path, [{"text": "fine"}, {"text": "also fine"}])
+    assert read_unlabelled_texts(path, str(path), "text") == ["fine", "also fine"]
+
+
+def test_jsonl_rows_are_named_by_their_line_blank_lines_counted(tmp_path: Path) -> None:
+    records = [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)]
+    records[4]["label"] = "1"
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + "\n\n".join(json.dumps(record) for record in records) + "\n")
+    with pytest.raises(DataError, match=r"number \(line 2: 0\), string \(line 10: \"1\"\)"):
+        ingest_file(tmp_path, path)
+    records[4]["label"] = None
+    path.write_text("\n" + "\n\n".join(json.dumps(record) for record in records) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl line 10: empty or NaN label"):
+        ingest_file(tmp_path, path)

@@ -375,7 +375,7 @@ def test_few_shot_samples_and_pairs_are_reproducible() -> None:
     assert first.tolist() == sample_per_class(labels, 3, seed=7, names=["a", "b"]).tolist()
     assert (labels[first] == [0, 0, 0, 1, 1, 1]).all()
     assert first.tolist() != sample_per_class(labels, 3, seed=8, names=["a", "b"]).tolist()
-    with pytest.raises(TrainingError, match=r"'a' has 4 — lower strategy.examples_per_class"):
+    with pytest.raises(TrainingError, match=r"'a' has 4 — lower training.examples_per_class"):
         sample_per_class(labels, 5, seed=0, names=["a", "b"])
     shot_labels = labels[first]
     pairs = make_pairs(shot_labels, iterations=2, rng=np.random.default_rng(0))
@@ -387,14 +387,17 @@ def test_few_shot_samples_and_pairs_are_reproducible() -> None:
 
 def test_few_shot_tunes_the_encoder_on_k_examples(minilm_small: tuple) -> None:
     tmp, data = minilm_small
-    strategy = {"name": "few_shot", "examples_per_class": 4, "pair_iterations": 2}
-    config = make_config(tmp, data, strategy=strategy)
+    # k is the one label budget, training.examples_per_class (few_shot has no knob of its own).
+    strategy = {"name": "few_shot", "pair_iterations": 2}
+    training = {"examples_per_class": 8}
+    config = make_config(tmp, data, strategy=strategy, training=training)
     result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fs")
     details = result.details
-    assert len(details["examples"]) == 8
+    assert (result.examples_per_class, result.labelled_examples) == (8, 16)
+    assert len(details["examples"]) == 16
     _, truth = load_split(tmp / "dataset", "train")
-    assert sorted(truth[details["examples"]].tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert details["tuning"]["pairs"] == 2 * 2 * 8
+    assert sorted(truth[details["examples"]].tolist()) == [0] * 8 + [1] * 8
+    assert details["tuning"]["pairs"] == 2 * 2 * 16
     assert details["tuning"]["last_loss"] < details["tuning"]["first_loss"]
     # The encoder itself changed (contrastive tuning), unlike a probe's linked backbone.
     tuned = load_file(str(tmp / "fs" / "encoder" / "model.safetensors"))
@@ -409,12 +412,11 @@ def test_few_shot_adds_templated_label_examples(minilm_small: tuple) -> None:
     tmp, data = minilm_small
     strategy = {
         "name": "few_shot",
-        "examples_per_class": 4,
         "pair_iterations": 2,
         "templates": ["a {} movie.", "this film is {}."],
         "label_texts": {"negative": ["bad"], "positive": ["good", "great"]},
     }
-    config = make_config(tmp, data, strategy=strategy)
+    config = make_config(tmp, data, strategy=strategy, training={"examples_per_class": 4})
     result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fst")
     details = result.details
     assert details["templated_examples"] == [
@@ -430,3 +432,32 @@ def test_few_shot_adds_templated_label_examples(minilm_small: tuple) -> None:
     assert len(details["examples"]) == 8  # the sampled rows alone are recorded as rows
     with pytest.raises(ValueError, match=r"template 'no slot' needs exactly one '\{\}' slot"):
         make_config(tmp, data, strategy={**strategy, "templates": ["no slot"]})
+
+
+def test_few_shot_k_is_the_label_budget(tmp_path: Path) -> None:
+    from tests.unit.test_config import write
+    from transferkit.config import load_config
+
+    data = {"train_uri": "t", "test_uri": "d"}
+    # Unset, k is 16, written into the config so MLflow and training.json say so.
+    config = PipelineConfig.model_validate({"data": data, "strategy": {"name": "few_shot"}})
+    assert config.training.examples_per_class == 16
+    assert config.as_parameter()["training"]["examples_per_class"] == 16
+    budget = {"data": data, "strategy": {"name": "few_shot"}, "training": {"examples_per_class": 8}}
+    assert PipelineConfig.model_validate(budget).training.examples_per_class == 8
+    # The old knob is refused with where it went, at the top level and in a sweep branch.
+    old = {"data": data, "strategy": {"name": "few_shot", "examples_per_class": 8}}
+    path = write(tmp_path, old)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: strategy.examples_per_class: moved to training.examples_per_class (the one "
+        "label budget of every strategy; a sweep's budgets are sweep.examples_per_class); set "
+        "training.examples_per_class: 8 instead and remove this key"
+    )
+    branch = {"strategy": {"name": "few_shot", "examples_per_class": 8}}
+    path = write(tmp_path, {"data": data, "sweep": {"branches": [branch]}})
+    with pytest.raises(
+        ConfigError, match=r"sweep.branches\[0\].strategy.examples_per_class: moved"
+    ):
+        load_config(path)

@@ -53,7 +53,7 @@ def test_plan_expands_budgets_and_strategies(tmp_path: Path) -> None:
     assert by_name["zero_shot@0"].training.examples_per_class is None
     few = by_name["few_shot@16"]
     assert few.strategy.name == "few_shot"
-    assert few.strategy.examples_per_class == 16
+    assert few.training.examples_per_class == 16
     assert few.strategy.pair_iterations == 3
     # Branch overrides change only their branch; the rest keeps the top-level training.
     assert by_name["scratch@all"].training.learning_rate == 5e-4

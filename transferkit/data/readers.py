@@ -8,12 +8,15 @@ cannot read: empty files, non-UTF-8 bytes, malformed rows, missing columns, empt
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from transferkit.errors import DataError
@@ -77,6 +80,7 @@ def _read_delimited(raw: bytes, name: str, sep: str) -> pd.DataFrame:
 def _read_jsonl(raw: bytes, name: str) -> pd.DataFrame:
     text = _decode(raw, name)
     records: list[dict[str, Any]] = []
+    numbers: list[int] = []  # the file line of each record, for errors
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -89,7 +93,8 @@ def _read_jsonl(raw: bytes, name: str) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise DataError(f"{name} line {number}: expected a JSON object per line")
         records.append(record)
-    return pd.DataFrame.from_records(records)
+        numbers.append(number)
+    return pd.DataFrame.from_records(records, index=pd.Index(numbers, name="line"))
 
 
 def _read_parquet(path: Path, name: str) -> pd.DataFrame:
@@ -107,6 +112,100 @@ def _read_parquet(path: Path, name: str) -> pd.DataFrame:
 
 # Spellings of "no value" that exports write into label columns.
 MISSING_LABELS = frozenset({"nan", "NaN", "NAN", "NA", "N/A", "n/a", "null", "NULL", "None"})
+
+
+def _kind(value: Any) -> str:
+    """The kind of one cell: missing, bool, number, string, or what no label or text may be."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return "missing"
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    if isinstance(value, int | float | np.integer | np.floating | decimal.Decimal):
+        return "missing" if value != value else "number"  # NaN is the one value unequal to itself
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bytes"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list | tuple | np.ndarray):
+        return "list"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    """One cell as it reads in the file (JSON), cut short, for an error line."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"{len(value):,} bytes"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# How each kind that is neither text nor a label reads in an error.
+_ODD = {"list": "a list", "mapping": "a JSON object or struct", "bytes": "binary data"}
+
+
+def _kinds(column: pd.Series) -> dict[str, int]:
+    """Each kind of value in ``column`` and the position of its first cell, in file order."""
+    present = column[column.notna().to_numpy()].reset_index(drop=True)
+    positions = np.flatnonzero(column.notna().to_numpy())
+    if present.empty:
+        return {}
+    if column.dtype != object:  # a typed column (numbers, bools, strings): one kind
+        return {_kind(present.iloc[0]): int(positions[0])}
+    types = present.map(type)
+    first: dict[str, int] = {}
+    for kind_type in types.unique():
+        at = int(types.eq(kind_type).to_numpy().argmax())
+        kind = _kind(present.iloc[at])
+        if kind != "missing" and (kind not in first or positions[at] < first[kind]):
+            first[kind] = int(positions[at])
+    return dict(sorted(first.items(), key=lambda item: item[1]))
+
+
+def _check_text_cells(
+    frame: pd.DataFrame, column: str, name: str, at: Callable[[int], str]
+) -> None:
+    """Refuse a text column holding lists, mappings (structs) or bytes: they would be
+    stringified into text the backbone was never meant to read."""
+    for kind, index in _kinds(frame[column]).items():
+        if kind in ("string", "number", "bool"):
+            continue
+        value = frame[column].iloc[index]
+        raise DataError(
+            f"{name} {at(index)}: column '{column}' holds "
+            f"{_ODD.get(kind, 'a ' + kind)} ({_shown(value)}), not text; store one string "
+            "per row (join or flatten it when exporting) or name the text column in the config"
+        )
+
+
+def _check_label_cells(
+    frame: pd.DataFrame, column: str, name: str, at: Callable[[int], str]
+) -> None:
+    """Refuse labels of mixed kinds (true and 1, 1 and "1"): they would become different classes
+    whose names look alike. Numbers are one kind: 1 and 1.0 are the same label."""
+    kinds = _kinds(frame[column])
+    odd = [kind for kind in kinds if kind not in ("string", "number", "bool")]
+    if odd:
+        index = kinds[odd[0]]
+        raise DataError(
+            f"{name} {at(index)}: column '{column}' holds "
+            f"{_ODD.get(odd[0], 'a ' + odd[0])} ({_shown(frame[column].iloc[index])}), not a "
+            "label; a label is one string, number or boolean per row — point "
+            "data.label_column at the label"
+        )
+    if len(kinds) > 1:
+        found = ", ".join(
+            f"{kind} ({at(index)}: {_shown(frame[column].iloc[index])})"
+            for kind, index in kinds.items()
+        )
+        raise DataError(
+            f"{name}: column '{column}' mixes label types: {found}; they would be different "
+            "classes — write every label the same way (all numbers, all strings or all "
+            "true/false)"
+        )
 
 
 def _cell(value: Any) -> str | None:
@@ -139,6 +238,18 @@ def _frame(path: Path, name: str, fmt: str) -> pd.DataFrame:
     return frame
 
 
+def _position(frame: pd.DataFrame, fmt: str) -> Callable[[int], str]:
+    """How the row at ``index`` is named in errors, 1-based as a person counts: 'line N' of a
+    delimited file (after its header) or of a JSONL file (blank lines counted), 'row N' of
+    Parquet."""
+    if fmt in ("csv", "tsv"):
+        return lambda index: f"line {index + 2}"
+    if fmt == "jsonl":  # _read_jsonl indexes the records by their line
+        lines = frame.index
+        return lambda index: f"line {lines[index]}"
+    return lambda index: f"row {index + 1}"
+
+
 def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
     """The non-empty texts of one column of an unlabelled table, in file order.
 
@@ -151,6 +262,7 @@ def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
         raise DataError(
             f"{name}: no column '{text_column}' (columns: {found}); set strategy.text_column"
         )
+    _check_text_cells(frame, text_column, name, _position(frame, fmt))
     return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
 
 
@@ -196,21 +308,20 @@ def read_table(
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns[:12]))
             raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
+    at = _position(frame, fmt)
+    _check_text_cells(frame, text_column, name, at)
+    _check_label_cells(frame, label_column, name, at)
     texts = [_cell(v) for v in frame[text_column].tolist()]
     labels = [_cell(v) for v in frame[label_column].tolist()]
     labels = [None if label in MISSING_LABELS else label for label in labels]
-    # Rows are reported 1-based, as a person counts them; delimited files add the header line.
-    offset = 2 if fmt in ("csv", "tsv") else 1
-    unit = "line" if fmt in ("csv", "tsv", "jsonl") else "row"
     for index, (text, label) in enumerate(zip(texts, labels, strict=True)):
         if text is None:
             raise DataError(
-                f"{name} {unit} {index + offset}: empty text in column '{text_column}'; fill "
-                "or remove the row"
+                f"{name} {at(index)}: empty text in column '{text_column}'; fill or remove the row"
             )
         if label is None:
             raise DataError(
-                f"{name} {unit} {index + offset}: empty or NaN label in column "
+                f"{name} {at(index)}: empty or NaN label in column "
                 f"'{label_column}'; label or remove the row"
             )
     table = pd.DataFrame({"text": texts, "label": labels})
@@ -220,7 +331,7 @@ def read_table(
         if not too_long.empty:
             index, length = int(too_long.index[0]), int(too_long.iloc[0])
             raise DataError(
-                f"{name} {unit} {index + offset}: a text of {length:,} characters in column "
+                f"{name} {at(index)}: a text of {length:,} characters in column "
                 f"'{text_column}', above data.max_text_chars ({max_text_chars:,}); clean the "
                 "data or raise data.max_text_chars"
             )

@@ -42,6 +42,7 @@ from transferkit.backbones.text import (
 )
 from transferkit.backbones.vision import load_image_encoder
 from transferkit.config import (
+    FEW_SHOT_K,
     AutoStrategyConfig,
     DomainAdaptationConfig,
     FewShotConfig,
@@ -200,7 +201,9 @@ def _few_shot(
     labels = label_map.names
     texts, truth = load_split(dataset_dir, "train")
     pool = np.arange(len(truth)) if rows is None else rows
-    k = strategy.examples_per_class
+    # k is the label budget: ``rows`` holds up to k of every label, drawn with the same seed,
+    # so this takes all of them, and refuses a label that has fewer than k.
+    k = config.training.examples_per_class or FEW_SHOT_K
     chosen = pool[sample_per_class(truth[pool], k, config.training.seed, labels)]
     shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
     templated = label_prompts(strategy, labels, label_map.values) if strategy.templates else []

@@ -51,7 +51,7 @@ def sample_per_class(
         if len(pool) < k:
             raise TrainingError(
                 f"few_shot needs {k} training examples of every label; '{names[label]}' has "
-                f"{len(pool)} — lower strategy.examples_per_class"
+                f"{len(pool)} — lower training.examples_per_class"
             )
         chosen.append(np.sort(rng.choice(pool, size=k, replace=False)))
     return np.concatenate(chosen)
