@@ -4,6 +4,7 @@ input and the fix, and leaves nothing behind (no output folder, no stray tempora
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -201,6 +202,20 @@ def archive_with_a_link(tmp_path: Path, inputs: Inputs) -> Attempt:
     return fetch(tmp_path, inputs, {"uri": str(packed(tmp_path, inputs, link))})
 
 
+def folder_with_a_link_out(tmp_path: Path, inputs: Inputs) -> Attempt:
+    folder = tmp_path / "minilm"
+    shutil.copytree(inputs.minilm, folder)
+    (folder / "NOTES.txt").symlink_to("/etc/passwd")
+    return fetch(tmp_path, inputs, {"uri": str(folder)})
+
+
+def folder_with_a_fifo(tmp_path: Path, inputs: Inputs) -> Attempt:
+    folder = tmp_path / "minilm"
+    shutil.copytree(inputs.minilm, folder)
+    os.mkfifo(folder / "tokenizer_config.json.pipe")  # a reader would block forever
+    return fetch(tmp_path, inputs, {"uri": str(folder)})
+
+
 def config_file(tmp_path: Path, inputs: Inputs, **sections: dict) -> Attempt:
     data = {"train_uri": "train.tsv", "test_uri": str(inputs.test)}
     path = tmp_path / "run.yaml"
@@ -356,6 +371,20 @@ CASES = [
         "data.max_text_chars: Input should be greater than or equal to 1 (got 0)",
         "Input should be greater than or equal to 1",
         id="max-text-chars-zero",
+    ),
+    pytest.param(
+        folder_with_a_link_out,
+        BackboneError,
+        "entry 'NOTES.txt' is a link to /etc/passwd, outside the folder",
+        "replace the link with the file itself (cp -L) or remove it",
+        id="backbone-folder-link-outside",
+    ),
+    pytest.param(
+        folder_with_a_fifo,
+        BackboneError,
+        "entry 'tokenizer_config.json.pipe' is not a regular file or folder",
+        "remove it from the folder",
+        id="backbone-folder-fifo",
     ),
 ]
 
