@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -390,16 +391,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise TransferkitError(
                 f"no MLflow store at {store}; run a pipeline first or pass --tracking-uri"
             )
+        from transferkit.registry import fetch_logged_model
+
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
-        try:
-            model = mlflow.pyfunc.load_model(args.model_uri)
-        except Exception as exc:
-            raise TransferkitError(
-                f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
-            ) from None
-        frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
+        with tempfile.TemporaryDirectory(prefix="transferkit-predict-") as scratch:
+            try:
+                # Checked to be transferkit's own models-from-code model first: loading
+                # any other pyfunc would run its code (a cloudpickle, a foreign code file).
+                local, _ = fetch_logged_model(args.model_uri, Path(scratch))
+                model = mlflow.pyfunc.load_model(str(local))
+            except TransferkitError:
+                raise
+            except Exception as exc:
+                raise TransferkitError(
+                    f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
+                ) from None
+            frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
     if args.json:
         records = frame.assign(text=texts).to_dict(orient="records")
         print(json.dumps(records, indent=2))
