@@ -360,6 +360,19 @@ def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
     return np.concatenate(arrays), names
 
 
+def _check_utf8(texts: list[str]) -> None:
+    """Refuse an argument whose bytes were not UTF-8 (Python keeps them as surrogates, which
+    no tokenizer, JSON or terminal accepts)."""
+    for number, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TransferkitError(
+                f"input {number}: bytes that are not UTF-8 (at character {exc.start + 1}); pass "
+                "UTF-8 text (check the terminal's encoding, LANG/LC_ALL)"
+            ) from None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -367,7 +380,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images = _image_inputs(texts)
     inputs: Any = texts if images is None else images[0]
     if images is not None:
-        texts = images[1]  # what the output rows are called
+        # What the output rows are called; a file name need not be UTF-8 to be printed.
+        texts = [os.fsencode(name).decode("utf-8", "replace") for name in images[1]]
+    else:
+        _check_utf8(texts)
     if Path(args.model_uri).is_dir():
         from transferkit.serving import predictions_frame
         from transferkit.training.model import load_classifier, predict_proba

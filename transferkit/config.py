@@ -693,9 +693,16 @@ class RegistryConfig(_Model):
         description="MLflow tracking URI (http(s)://, sqlite:///, file path). Unset: a SQLite "
         "store at <runtime.work_dir>/mlflow.db.",
     )
-    experiment: str = Field("transferkit", min_length=1, description="MLflow experiment name.")
+    # MLflow's SQL stores keep an experiment name and a registered model name in 256
+    # characters (tracking/model_registry dbmodels, String(256); its API allows experiment
+    # names of 500, which MySQL and PostgreSQL then reject). The model name leaves room for
+    # the lock's suffix.
+    experiment: str = Field(
+        "transferkit", min_length=1, max_length=256, description="MLflow experiment name."
+    )
     model_name: str = Field(
         "transferkit-model",
+        max_length=128,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Registered model name (letters, digits, . _ -).",
     )
@@ -1407,6 +1414,14 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return owner
 
 
+def _shown(value: Any) -> str:
+    """A rejected value as an error quotes it: a long string by its length, never whole."""
+    if isinstance(value, str) and len(value) > 80:
+        return f"{value[:40]!r}… of {len(value):,} characters"
+    shown = repr(value)
+    return shown if len(shown) <= 120 else shown[:119] + "…"
+
+
 def format_errors(error: ValidationError, source: str) -> list[str]:
     """Turn a pydantic error into one line per problem: where, what, and how to fix it."""
     lines = []
@@ -1432,7 +1447,7 @@ def format_errors(error: ValidationError, source: str) -> list[str]:
             )
             continue
         message = item["msg"].removeprefix("Value error, ")
-        got = "" if kind in ("missing", "value_error") else f" (got {item.get('input')!r})"
+        got = "" if kind in ("missing", "value_error") else f" (got {_shown(item.get('input'))})"
         hint = ""
         parent = _parent_model(loc)
         key = str(loc[-1]) if loc else ""
@@ -1484,6 +1499,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a config file; give a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot be read ({exc.strerror}); check its permissions"
+        ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -44,6 +46,8 @@ FOREIGN_ENTRY = """
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -159,3 +163,19 @@ def test_a_foreign_champion_is_not_loaded_nor_replaced_silently(
         "here — load only models that transferkit registered; compare them by hand"
     )
     assert not marker.exists()
+
+
+def test_a_non_utf8_argument_is_refused_in_one_line(probe_run: tuple) -> None:
+    _, artifacts, _ = probe_run
+    script = Path(sys.executable).with_name("transferkit")
+    done = subprocess.run(
+        [script, "predict", str(artifacts / "model"), "fine", b"caf\xff"],
+        capture_output=True,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+        timeout=300,
+    )
+    assert done.stderr.decode() == (
+        "error: input 2: bytes that are not UTF-8 (at character 4); pass UTF-8 text (check "
+        "the terminal's encoding, LANG/LC_ALL)\n"
+    )
+    assert (done.returncode, done.stdout) == (1, b"")
