@@ -179,3 +179,26 @@ def test_a_non_utf8_argument_is_refused_in_one_line(probe_run: tuple) -> None:
         "the terminal's encoding, LANG/LC_ALL)\n"
     )
     assert (done.returncode, done.stdout) == (1, b"")
+
+
+def test_every_pyfunc_load_in_the_package_follows_the_check() -> None:
+    # Source guard: a new loader must go through registry.fetch_logged_model first.
+    import ast
+
+    import transferkit
+
+    package = Path(transferkit.__file__).parent
+    loaders = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            calls = {
+                node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                for node in ast.walk(function)
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name)
+            }
+            if "load_model" in calls:
+                loaders.append((path.name, function.name, "fetch_logged_model" in calls))
+    assert loaders == [("cli.py", "cmd_predict", True)]
