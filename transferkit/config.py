@@ -1503,7 +1503,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: a folder, not a config file; give a YAML file") from None
     except OSError as exc:
         raise ConfigError(
-            f"{path}: cannot be read ({exc.strerror}); check its permissions"
+            f"{path}: cannot be read ({exc.strerror}); check the path and its permissions"
         ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None

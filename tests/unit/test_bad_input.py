@@ -240,6 +240,11 @@ def config_path_is_a_folder(tmp_path: Path, inputs: Inputs) -> Attempt:
     return Attempt(lambda: load_config(folder), str(folder), None)
 
 
+def unreadable_config_file(tmp_path: Path, inputs: Inputs) -> Attempt:
+    path = Path("/proc/self/mem")  # exists, and every read of it fails (EIO), even for root
+    return Attempt(lambda: load_config(path), str(path), None)
+
+
 def non_utf8_predict_argument(tmp_path: Path, inputs: Inputs) -> Attempt:
     # argv bytes b"caf\xff" reach Python as 'caf\udcff' (surrogateescape).
     args = build_parser().parse_args(["predict", "models:/sst2@champion", "fine", "caf\udcff"])
@@ -444,6 +449,13 @@ CASES = [
         "a folder, not a config file",
         "give a YAML file",
         id="config-path-is-a-folder",
+    ),
+    pytest.param(
+        unreadable_config_file,
+        ConfigError,
+        "cannot be read (Input/output error)",
+        "check the path and its permissions",
+        id="config-file-unreadable",
     ),
     pytest.param(
         non_utf8_predict_argument,
