@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,19 @@ def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
     return np.concatenate(arrays), names
 
 
+def _check_utf8(texts: list[str]) -> None:
+    """Refuse an argument whose bytes were not UTF-8 (Python keeps them as surrogates, which
+    no tokenizer, JSON or terminal accepts)."""
+    for number, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TransferkitError(
+                f"input {number}: bytes that are not UTF-8 (at character {exc.start + 1}); pass "
+                "UTF-8 text (check the terminal's encoding, LANG/LC_ALL)"
+            ) from None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -366,7 +380,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images = _image_inputs(texts)
     inputs: Any = texts if images is None else images[0]
     if images is not None:
-        texts = images[1]  # what the output rows are called
+        # What the output rows are called; a file name need not be UTF-8 to be printed.
+        texts = [os.fsencode(name).decode("utf-8", "replace") for name in images[1]]
+    else:
+        _check_utf8(texts)
     if Path(args.model_uri).is_dir():
         from transferkit.serving import predictions_frame
         from transferkit.training.model import load_classifier, predict_proba
@@ -390,16 +407,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise TransferkitError(
                 f"no MLflow store at {store}; run a pipeline first or pass --tracking-uri"
             )
+        from transferkit.registry import fetch_logged_model
+
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
-        try:
-            model = mlflow.pyfunc.load_model(args.model_uri)
-        except Exception as exc:
-            raise TransferkitError(
-                f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
-            ) from None
-        frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
+        with tempfile.TemporaryDirectory(prefix="transferkit-predict-") as scratch:
+            try:
+                # Checked to be transferkit's own models-from-code model first: loading
+                # any other pyfunc would run its code (a cloudpickle, a foreign code file).
+                local, _ = fetch_logged_model(args.model_uri, Path(scratch))
+                model = mlflow.pyfunc.load_model(str(local))
+            except TransferkitError:
+                raise
+            except Exception as exc:
+                raise TransferkitError(
+                    f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
+                ) from None
+            frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
     if args.json:
         records = frame.assign(text=texts).to_dict(orient="records")
         print(json.dumps(records, indent=2))

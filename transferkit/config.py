@@ -701,9 +701,16 @@ class RegistryConfig(_Model):
         description="MLflow tracking URI (http(s)://, sqlite:///, file path). Unset: a SQLite "
         "store at <runtime.work_dir>/mlflow.db.",
     )
-    experiment: str = Field("transferkit", min_length=1, description="MLflow experiment name.")
+    # MLflow's SQL stores keep an experiment name and a registered model name in 256
+    # characters (tracking/model_registry dbmodels, String(256); its API allows experiment
+    # names of 500, which MySQL and PostgreSQL then reject). The model name leaves room for
+    # the lock's suffix.
+    experiment: str = Field(
+        "transferkit", min_length=1, max_length=256, description="MLflow experiment name."
+    )
     model_name: str = Field(
         "transferkit-model",
+        max_length=128,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Registered model name (letters, digits, . _ -).",
     )
@@ -1451,7 +1458,10 @@ def _clip(text: str, limit: int = _ECHO_CHARS) -> str:
 
 
 def _shown(value: Any) -> str:
-    """A bounded repr of user input for an error line, built without the full repr."""
+    """A bounded repr of user input for an error line, built without the full repr: a long
+    string by its start and its length, never whole."""
+    if isinstance(value, str) and len(value) > 80:
+        return f"{value[:40]!r}… of {len(value):,} characters"
     return _clip(_SHORT.repr(value))
 
 
@@ -1681,8 +1691,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
             data = stream.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a config file; give a YAML file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        raise ConfigError(
+            f"{path}: cannot be read ({exc.strerror}); check the path and its permissions"
+        ) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
             f"{path}: more than {MAX_CONFIG_BYTES:,} bytes, far above any config; point at the "

@@ -242,6 +242,102 @@ class _IncomparableError(Exception):
     """The champion cannot be scored on this run's evaluation rows."""
 
 
+# What register_model logs (``_log_run``): a models-from-code pyfunc whose code is
+# transferkit's own entry file and whose one artifact is the model folder. Anything else in a
+# registry (a cloudpickled PythonModel, another code file, extra code paths, another loader)
+# runs its own code when loaded, so it is refused before ``mlflow.pyfunc.load_model``.
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
+
+
+def _untrusted_reason(mlmodel: Any, model_dir: Path | None) -> str | None:
+    """Why an MLmodel (parsed) is not one that transferkit logged; None when it is.
+
+    With ``model_dir`` (the downloaded model), the code file MLflow would execute must also be
+    byte-for-byte transferkit's entry.
+    """
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or set(flavors) != {"python_function"}:
+        found = sorted(flavors) if isinstance(flavors, dict) else "none"
+        return f"flavors {found}, not python_function alone"
+    pyfunc = flavors["python_function"]
+    if not isinstance(pyfunc, dict):
+        return "an empty python_function flavor"
+    if "python_model" in pyfunc:
+        return f"a pickled python_model ({pyfunc['python_model']}), which runs code when loaded"
+    if pyfunc.get("loader_module") != CODE_LOADER:
+        return f"loader_module {pyfunc.get('loader_module')!r}, not {CODE_LOADER}"
+    if pyfunc.get("code"):
+        return f"code paths ({pyfunc['code']}) that would be put on sys.path"
+    code = pyfunc.get("model_code_path")
+    if not isinstance(code, str) or Path(code).name != PYFUNC_ENTRY.name:
+        return f"model code {code!r}, not transferkit's {PYFUNC_ENTRY.name}"
+    artifacts = pyfunc.get("artifacts")
+    path = artifacts.get("model", {}).get("path") if isinstance(artifacts, dict) else None
+    if set(artifacts or {}) != {"model"} or not isinstance(path, str):
+        return f"artifacts {sorted(artifacts or {})}, not transferkit's one 'model' folder"
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        return f"a model artifact path outside the model ({path})"
+    if model_dir is not None:
+        entry = model_dir / PYFUNC_ENTRY.name
+        if entry.is_symlink() or not entry.is_file():
+            return f"no plain {PYFUNC_ENTRY.name} in the model"
+        if entry.read_bytes() != PYFUNC_ENTRY.read_bytes():
+            return f"a {PYFUNC_ENTRY.name} that is not transferkit's (other code)"
+    return None
+
+
+def _check_logged_model(mlmodel_path: Path, uri: str, model_dir: Path | None) -> dict[str, Any]:
+    """The parsed MLmodel, or RegistryError when it is not transferkit's models-from-code."""
+    mlmodel: Any = None
+    reason: str | None
+    try:
+        mlmodel = yaml.safe_load(mlmodel_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = f"an unreadable MLmodel file ({type(exc).__name__})"
+    else:
+        reason = _untrusted_reason(mlmodel, model_dir)
+    if reason is not None:
+        raise RegistryError(
+            f"{uri}: not a transferkit model: {reason}; refusing to load it, since loading "
+            "would run its code here — load only models that transferkit registered"
+        )
+    assert isinstance(mlmodel, dict)
+    return mlmodel
+
+
+def fetch_logged_model(uri: str, scratch: Path) -> tuple[Path, dict[str, Any]]:
+    """Download a logged or registered model, but only a transferkit one.
+
+    Its MLmodel file alone is fetched and checked first, so a foreign model is refused before
+    any of its files arrive; the downloaded copy is checked again (an alias may have moved in
+    between) along with the code file MLflow would run. Load the returned folder, never
+    ``uri`` itself, with ``mlflow.pyfunc.load_model``.
+
+    Args:
+        uri: ``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/…/model`` or an artifact URI
+            (tracking and registry URIs already set).
+        scratch: an empty folder that holds the download for as long as the model is used.
+
+    Returns:
+        The local model folder and its parsed MLmodel.
+
+    Raises:
+        RegistryError: the model is not transferkit's models-from-code model (one line:
+            the URI and why). MLflow's own exceptions when it cannot be downloaded.
+    """
+    import mlflow
+
+    base = uri.rstrip("/")
+    first = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{base}/MLmodel", dst_path=str(scratch / "check")
+    )
+    _check_logged_model(Path(first), uri, None)
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=base, dst_path=str(scratch / "model"))
+    )
+    return local, _check_logged_model(local / "MLmodel", uri, local)
+
+
 def load_version(name: str, version: Any, scratch: Path) -> tuple[Any, Any, Any]:
     """Download a registered version into ``scratch`` and load its classifier.
 
@@ -251,18 +347,15 @@ def load_version(name: str, version: Any, scratch: Path) -> tuple[Any, Any, Any]
     Raises:
         ValueError: the version is not a transferkit model.
     """
-    import mlflow
-
     from transferkit.training.model import load_classifier
 
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(scratch)
-        )
-    )
     try:
-        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-        return load_classifier(local / flavor["artifacts"]["model"]["path"])
+        local, mlmodel = fetch_logged_model(f"models:/{name}/{version.version}", scratch)
+    except RegistryError as exc:
+        raise ValueError(f"champion v{version.version}: {exc}") from None
+    try:
+        path = mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"]
+        return load_classifier(local / path)
     except Exception as exc:
         raise ValueError(
             f"champion v{version.version} is not a transferkit model ({type(exc).__name__})"

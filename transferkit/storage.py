@@ -189,6 +189,101 @@ def _safe_join(root: Path, relative: str, uri: str) -> Path:
     return target
 
 
+# ---------------------------------------------------------------------------- local folders
+# A local folder is copied by content, entry by entry. A link inside it may point anywhere
+# (NOTES.txt -> /etc/passwd), so only links that stay inside the folder are followed, plus
+# one layout that is all links: a Hugging Face hub cache snapshot, models--X/snapshots/<rev>/,
+# whose files point at ../../blobs/<hash> of the same model. Fifos, sockets and devices are
+# never read (a fifo blocks the reader forever, a device reads without end).
+
+
+def _allowed_roots(src: Path) -> list[Path]:
+    """Where the links of a local folder may resolve: the folder, and for a hub cache
+    snapshot its model's ``blobs/`` folder."""
+    root = src.resolve()
+    roots = [root]
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        roots.append((repo / "blobs").resolve())
+    return roots
+
+
+def _checked_entry(path: Path, rel: str, roots: list[Path], uri: str) -> tuple[Path, bool]:
+    """The real path of a folder entry and whether it is a folder; refuses a link that leaves
+    the allowed roots, a link to a folder, and anything that is not a plain file or folder."""
+    import stat
+
+    def refuse(what: str, fix: str) -> StorageError:
+        return StorageError(f"{uri}: entry '{rel}' is {what}; refusing to read it — {fix}")
+
+    try:
+        mode = os.lstat(path).st_mode
+        real = path
+        if stat.S_ISLNK(mode):
+            try:
+                real = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise refuse(
+                    f"a broken link (to {os.readlink(path)})", "remove it or copy the file in"
+                ) from None
+            if not any(real.is_relative_to(root) for root in roots):
+                raise refuse(
+                    f"a link to {real}, outside the folder",
+                    "replace the link with the file itself (cp -L) or remove it",
+                )
+            mode = os.stat(real).st_mode
+            if stat.S_ISDIR(mode):
+                raise refuse("a link to a folder", "replace the link with the folder itself")
+    except OSError as exc:
+        raise refuse(f"unreadable ({exc.strerror})", "check its permissions") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise refuse(
+            "not a regular file or folder (a fifo, socket or device)", "remove it from the folder"
+        )
+    return real, stat.S_ISDIR(mode)
+
+
+def _local_files(src: Path, uri: str) -> list[str]:
+    """Relative names of the files in a local folder, every entry checked (see above)."""
+    roots = _allowed_roots(src)
+    names = []
+
+    def unreadable(exc: OSError) -> None:
+        raise StorageError(f"{uri}: cannot list {exc.filename} ({exc.strerror}); check permissions")
+
+    for folder, dirs, files in os.walk(src, onerror=unreadable):  # never follows linked folders
+        if folder == str(src):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            rel = path.relative_to(src).as_posix()
+            if rel.startswith("."):
+                continue  # hidden top-level entries (.git, .cache) are not part of the model
+            if not _checked_entry(path, rel, roots, uri)[1]:
+                names.append(rel)
+    return names
+
+
+def _copy_entry(src: Path, rel: str, target: Path, uri: str) -> None:
+    """Copy the content (never the link) of one entry of a local folder, checked again at
+    copy time: the folder may have changed since it was listed."""
+    import stat
+
+    real, is_dir = _checked_entry(src / rel, rel, _allowed_roots(src), uri)
+    if is_dir:
+        raise StorageError(f"{uri}: entry '{rel}' is a folder, not a file; list the folder again")
+    # O_NOFOLLOW: the checked path cannot be swapped for a link; O_NONBLOCK: nor a fifo.
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with open(fd, "rb") as source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise StorageError(
+                f"{uri}: entry '{rel}' changed into a non-regular file while being copied; "
+                "refusing to read it — leave the folder alone while it is fetched"
+            )
+        with open(target, "wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+
+
 # ------------------------------------------------------------------------------ public helpers
 
 
@@ -226,7 +321,7 @@ def list_tree(uri: str, storage: StorageConfig | None = None) -> list[str]:
         src = local_path(uri)
         if not src.is_dir():
             raise StorageError(f"{uri}: no such folder; check the path")
-        names = [p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()]
+        names = _local_files(src, uri)
     else:
         prefix = loc.path if loc.path.endswith("/") or not loc.path else loc.path + "/"
         names = [o["Key"][len(prefix) :] for o in _list_s3(s3_client(storage), loc, uri)]
@@ -254,7 +349,7 @@ def fetch_tree(
         target = _safe_join(dest, rel, uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         if src is not None:
-            shutil.copyfile(src / rel, target)
+            _copy_entry(src, rel, target, uri)
             continue
         try:
             _download(client, loc.bucket, prefix + rel, target, storage)
@@ -430,6 +525,13 @@ def fetch_tree_cached(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     for name in names:
+        # Only this code writes entries, as plain files: anything else was put there since.
+        cached = entry / name
+        if cached.is_symlink() or not cached.is_file():
+            raise StorageError(
+                f"backbone cache {entry}: '{name}' is not a plain file (a link or special file "
+                f"put there after caching); refusing to use it — delete {entry}"
+            )
         link_or_copy(_safe_join(entry, name, uri), _safe_join(dest, name, uri))
     log.info("%s %s (%s)", "from the cache" if hit else "fetched and cached", uri, entry)
     return hit

@@ -208,3 +208,24 @@ def test_backbone_cache_fetches_once_until_the_objects_change(
         s3_env.client().delete_object(Bucket=bucket, Key="backbones/minilm/README.md")
     assert len(downloads) == 2
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+@pytest.mark.timeout(300)  # a reader of a fifo may block for ever: fail instead
+def test_a_tampered_backbone_cache_entry_is_refused(
+    tmp_path: Path, s3_env: S3Server, bucket: str
+) -> None:
+    import os
+
+    cache = tmp_path / "cache"
+    config = s3_config(tmp_path, s3_env)
+    fetch_backbone(config, tmp_path / "first", cache_dir=cache)
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    (entry / "vocab.txt").unlink()
+    os.mkfifo(entry / "vocab.txt")  # written into the shared PVC after caching
+    with pytest.raises(StorageError) as info:
+        fetch_backbone(config, tmp_path / "second", cache_dir=cache)
+    assert str(info.value) == (
+        f"backbone cache {entry}: 'vocab.txt' is not a plain file (a link or special file put "
+        f"there after caching); refusing to use it — delete {entry}"
+    )
+    assert not (tmp_path / "second").exists()

@@ -411,3 +411,30 @@ def test_no_credential_reaches_logs_mlflow_reports_errors_or_the_compiled_pipeli
         leaks += [f"version {version.version}" for s in secrets if s.decode() in str(version.tags)]
     assert leaks == []
     assert any((tmp_path / "artifacts").rglob("config.yaml"))  # the scan saw the artifacts
+
+
+def test_predict_and_the_champion_comparison_check_the_model_through_the_server(
+    tmp_path: Path, mlflow_server: MlflowServer, evaluated: tuple, capsys: pytest.CaptureFixture
+) -> None:
+    # registry.fetch_logged_model over HTTP, the artifacts proxied into S3.
+    config, artifacts, _ = evaluated
+    config = on_server(config, mlflow_server.url, "checked")
+    worse_model, worse_eval = biased_model(config, artifacts, tmp_path / "worse", 2.0)
+    register_model(
+        config,
+        artifacts / "dataset",
+        artifacts / "backbone",
+        worse_model,
+        worse_eval,
+        "pipeline-run-1",
+        tmp_path / "r1.json",
+    )
+    better = register_through(config, evaluated, tmp_path / "r2.json")
+    assert better.comparison is not None  # the champion was fetched, checked and re-scored
+    assert better.champion
+    texts = ["A gorgeous, moving and beautifully acted film.", "Dull, lifeless and far too long."]
+    args = ["predict", "models:/checked@champion", *texts, "--json"]
+    capsys.readouterr()
+    assert main([*args, "--tracking-uri", mlflow_server.url]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in records] == ["positive", "negative"]

@@ -4,6 +4,7 @@ input and the fix, and leaves nothing behind (no output folder, no stray tempora
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import yaml
 
 from tests.conftest import image_config, make_config, write_tsv
 from transferkit.backbones import fetch_backbone
+from transferkit.cli import build_parser, cmd_predict
 from transferkit.config import load_config
 from transferkit.data import ingest_data, load_split
 from transferkit.data.dataset import SPLITS
@@ -199,6 +201,62 @@ def archive_with_a_link(tmp_path: Path, inputs: Inputs) -> Attempt:
     link = tarfile.TarInfo("minilm/vocab-link.txt")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     return fetch(tmp_path, inputs, {"uri": str(packed(tmp_path, inputs, link))})
+
+
+def folder_with_a_link_out(tmp_path: Path, inputs: Inputs) -> Attempt:
+    folder = tmp_path / "minilm"
+    shutil.copytree(inputs.minilm, folder)
+    (folder / "NOTES.txt").symlink_to("/etc/passwd")
+    return fetch(tmp_path, inputs, {"uri": str(folder)})
+
+
+def folder_with_a_fifo(tmp_path: Path, inputs: Inputs) -> Attempt:
+    folder = tmp_path / "minilm"
+    shutil.copytree(inputs.minilm, folder)
+    os.mkfifo(folder / "tokenizer_config.json.pipe")  # a reader would block forever
+    return fetch(tmp_path, inputs, {"uri": str(folder)})
+
+
+def minilm_with_config(tmp_path: Path, inputs: Inputs, text: str) -> Attempt:
+    folder = tmp_path / "minilm"
+    shutil.copytree(inputs.minilm, folder)
+    (folder / "config.json").write_text(text)
+    return fetch(tmp_path, inputs, {"uri": str(folder)})
+
+
+def invalid_backbone_config(tmp_path: Path, inputs: Inputs) -> Attempt:
+    text = (inputs.minilm / "config.json").read_text()
+    return minilm_with_config(tmp_path, inputs, text.replace('"bert",', '"bert"', 1))
+
+
+def unknown_model_type(tmp_path: Path, inputs: Inputs) -> Attempt:
+    text = (inputs.minilm / "config.json").read_text()
+    return minilm_with_config(tmp_path, inputs, text.replace('"bert"', '"bertt"'))
+
+
+def config_path_is_a_folder(tmp_path: Path, inputs: Inputs) -> Attempt:
+    folder = tmp_path / "run.yaml"
+    folder.mkdir()
+    return Attempt(lambda: load_config(folder), str(folder), None)
+
+
+def unreadable_config_file(tmp_path: Path, inputs: Inputs) -> Attempt:
+    path = Path("/proc/self/mem")  # exists, and every read of it fails (EIO), even for root
+    return Attempt(lambda: load_config(path), str(path), None)
+
+
+def non_utf8_predict_argument(tmp_path: Path, inputs: Inputs) -> Attempt:
+    # argv bytes b"caf\xff" reach Python as 'caf\udcff' (surrogateescape).
+    args = build_parser().parse_args(["predict", "models:/sst2@champion", "fine", "caf\udcff"])
+    return Attempt(lambda: cmd_predict(args), "input 2", None)
+
+
+def overlong_experiment_name(tmp_path: Path, inputs: Inputs) -> Attempt:
+    return config_file(tmp_path, inputs, registry={"experiment": "e" * 5000})
+
+
+def overlong_model_name(tmp_path: Path, inputs: Inputs) -> Attempt:
+    return config_file(tmp_path, inputs, registry={"model_name": "m" * 5000})
 
 
 def config_file(tmp_path: Path, inputs: Inputs, **sections: dict) -> Attempt:
@@ -413,6 +471,69 @@ CASES = [
         "store one string per row",
         id="parquet-struct-text-column",
     ),
+    pytest.param(
+        folder_with_a_link_out,
+        BackboneError,
+        "entry 'NOTES.txt' is a link to /etc/passwd, outside the folder",
+        "replace the link with the file itself (cp -L) or remove it",
+        id="backbone-folder-link-outside",
+    ),
+    pytest.param(
+        folder_with_a_fifo,
+        BackboneError,
+        "entry 'tokenizer_config.json.pipe' is not a regular file or folder",
+        "remove it from the folder",
+        id="backbone-folder-fifo",
+    ),
+    pytest.param(
+        invalid_backbone_config,
+        BackboneError,
+        "config.json is not valid JSON (Expecting ',' delimiter at line 16 column 3)",
+        "repair the file or fetch the model again",
+        id="backbone-config-invalid-json",
+    ),
+    pytest.param(
+        unknown_model_type,
+        BackboneError,
+        "config.json model_type 'bertt' is not known to transformers",
+        "did you mean 'bert'? fix the model_type",
+        id="backbone-unknown-model-type",
+    ),
+    pytest.param(
+        config_path_is_a_folder,
+        ConfigError,
+        "a folder, not a config file",
+        "give a YAML file",
+        id="config-path-is-a-folder",
+    ),
+    pytest.param(
+        unreadable_config_file,
+        ConfigError,
+        "cannot be read (Input/output error)",
+        "check the path and its permissions",
+        id="config-file-unreadable",
+    ),
+    pytest.param(
+        non_utf8_predict_argument,
+        TransferkitError,
+        "input 2: bytes that are not UTF-8 (at character 4)",
+        "pass UTF-8 text",
+        id="predict-non-utf8-argument",
+    ),
+    pytest.param(
+        overlong_experiment_name,
+        ConfigError,
+        "registry.experiment: String should have at most 256 characters (got 'eeee",
+        "… of 5,000 characters) — MLflow experiment name",
+        id="overlong-experiment-name",
+    ),
+    pytest.param(
+        overlong_model_name,
+        ConfigError,
+        "registry.model_name: String should have at most 128 characters (got 'mmmm",
+        "… of 5,000 characters) — Registered model name",
+        id="overlong-model-name",
+    ),
 ]
 
 
@@ -436,6 +557,7 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(
     assert type(info.value) is error
     message = str(info.value)
     assert "\n" not in message
+    assert len(message) < 600  # a rejected value is quoted short, never whole
     assert attempt.culprit in message
     assert problem in message
     assert fix in message

@@ -172,3 +172,64 @@ def test_a_packed_model_folder_fetches_like_the_folder(
     assert packed.fingerprint == folder.fingerprint
     assert packed.source == archive
     assert (tmp_path / "packed" / "model" / "tokenizer.json").is_file()
+
+
+HUB_NAME = "models--sentence-transformers--all-MiniLM-L6-v2"
+
+
+def hub_snapshot(minilm_dir: Path, hub: Path, name: str = HUB_NAME) -> Path:
+    """The Hugging Face hub cache layout: snapshots/<rev>/ of links into the model's blobs/."""
+    repo = hub / name
+    snapshot = repo / "snapshots" / "8b3219a92973c328a8e22fadcfa821b5dc75636a"
+    (repo / "blobs").mkdir(parents=True)
+    for path in sorted(p for p in minilm_dir.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / storage.sha256_file(path)
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(minilm_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(link.relative_to(repo).parts) - 1), "blobs", blob.name))
+    return snapshot
+
+
+def test_a_hub_cache_snapshot_is_fetched_by_content(tmp_path: Path, minilm_dir: Path) -> None:
+    snapshot = hub_snapshot(minilm_dir, tmp_path / "hub")
+    assert (snapshot / "1_Pooling" / "config.json").is_symlink()
+    info = fetch_backbone(
+        make_config(tmp_path, DATA, backbone={"uri": str(snapshot)}), tmp_path / "backbone"
+    )
+    plain = fetch_backbone(make_config(tmp_path, DATA), tmp_path / "plain")
+    assert info.fingerprint == plain.fingerprint
+    copied = list((tmp_path / "backbone").rglob("*"))
+    assert len(copied) > 10
+    assert [p for p in copied if p.is_symlink()] == []  # the content, never the link
+    assert (tmp_path / "backbone" / "model" / "model.safetensors").stat().st_size == (
+        minilm_dir / "model.safetensors"
+    ).stat().st_size
+
+
+def test_a_snapshot_link_into_another_models_blobs_is_refused(
+    tmp_path: Path, minilm_dir: Path
+) -> None:
+    snapshot = hub_snapshot(minilm_dir, tmp_path / "hub")
+    other = hub_snapshot(minilm_dir, tmp_path / "hub", "models--someone--else")
+    (snapshot / "vocab.txt").unlink()
+    (snapshot / "vocab.txt").symlink_to((other / "vocab.txt").resolve())
+    config = make_config(tmp_path, DATA, backbone={"uri": str(snapshot)})
+    with pytest.raises(BackboneError, match=r"entry 'vocab.txt' is a link to .*models--someone"):
+        fetch_backbone(config, tmp_path / "backbone")
+    assert not (tmp_path / "backbone").exists()
+
+
+def test_links_inside_the_folder_are_copied_as_files(tmp_path: Path, minilm_dir: Path) -> None:
+    folder = copy_folder(minilm_dir, tmp_path / "minilm")
+    (folder / "vocab.txt").rename(folder / "1_Pooling" / "vocab.txt")
+    (folder / "vocab.txt").symlink_to("1_Pooling/vocab.txt")
+    (folder / "pooling").symlink_to("1_Pooling", target_is_directory=True)
+    config = make_config(tmp_path, DATA, backbone={"uri": str(folder)})
+    with pytest.raises(BackboneError, match="entry 'pooling' is a link to a folder"):
+        fetch_backbone(config, tmp_path / "backbone")
+    (folder / "pooling").unlink()
+    fetch_backbone(config, tmp_path / "backbone")
+    copied = tmp_path / "backbone" / "model" / "vocab.txt"
+    assert not copied.is_symlink()
+    assert copied.read_bytes() == (minilm_dir / "vocab.txt").read_bytes()

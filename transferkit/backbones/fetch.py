@@ -9,6 +9,7 @@ Output folder (the KFP ``Model`` artifact)::
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import shutil
@@ -111,6 +112,63 @@ def _select(names: list[str], config: PipelineConfig, uri: str) -> tuple[list[st
         and not (safe and n.endswith(".bin.index.json"))
     ]
     return keep, not safe
+
+
+def _read_json_files(model_dir: Path, uri: str) -> dict[str, Any]:
+    """Parse every JSON file of a fetched model folder (transformers reads them later, at
+    extraction, with raw errors) and check that its ``model_type`` is one transformers knows.
+
+    Returns:
+        ``config.json``.
+
+    Raises:
+        BackboneError: a file that is not UTF-8 JSON (its name and the position), a
+            config.json that is not an object, a missing or unknown model_type.
+    """
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from transferkit.backbones.vision import RESNET_CIFAR
+
+    parsed: dict[str, Any] = {}
+    for path in sorted(model_dir.rglob("*.json")):
+        rel = path.relative_to(model_dir).as_posix()
+        try:
+            parsed[rel] = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise BackboneError(
+                f"{uri}: {rel} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8 JSON "
+                "or fetch the model again"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise BackboneError(
+                f"{uri}: {rel} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}); repair the file or fetch the model again"
+            ) from None
+    hf_config = parsed.get("config.json")
+    if not isinstance(hf_config, dict):
+        raise BackboneError(
+            f"{uri}: config.json holds a {type(hf_config).__name__}, not an object; it is not "
+            "a Hugging Face config — fetch the model again"
+        )
+    model_type = hf_config.get("model_type")
+    if model_type == RESNET_CIFAR:
+        return hf_config
+    if not isinstance(model_type, str) or not model_type:
+        raise BackboneError(
+            f"{uri}: config.json has no model_type, so transformers cannot tell the "
+            'architecture; add it (e.g. "model_type": "bert") or save the model with '
+            "save_pretrained"
+        )
+    if model_type not in CONFIG_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise BackboneError(
+            f"{uri}: config.json model_type '{model_type[:80]}' is not known to transformers "
+            f"{transformers_version}; {hint}fix the model_type or use a model of a supported "
+            "architecture"
+        )
+    return hf_config
 
 
 def _convert_pickles(model_dir: Path) -> None:
@@ -388,6 +446,7 @@ def _fetch_one(
             convert = _fetch_checkpoint(config, config.backbone, tmp)
         else:
             storage.fetch_tree_cached(location, model_dir, keep, config.storage, cache_dir)
+        hf_config = _read_json_files(model_dir, uri)
         if convert and not is_file:
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
@@ -405,7 +464,6 @@ def _fetch_one(
                     f"{uri}: sha256 of {name} is {actual}, expected {expected}; the "
                     "file is corrupt or not the model you meant — fetch it again"
                 )
-        hf_config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
         st_pooling, st_normalize = _sentence_transformers_head(model_dir)
         pooling: str = config.backbone.pooling
         if pooling == "auto":
