@@ -1,8 +1,12 @@
 """Exceptions raised by transferkit.
 
 Every exception carries a one-line, user-facing message: what was wrong, where (file, row,
-field) and what to do about it. The CLI prints ``str(error)`` and exits non-zero; KFP
-components let them propagate so that the retry policy sees real failures.
+field) and what to do about it. The CLI prints ``str(error)`` and exits non-zero.
+
+An error is ``transient`` when the same call may well succeed a little later (a connection
+lost, a store or server answering 5xx or "slow down"); whoever raises it says so, because
+only there is the cause known. Steps retry transient errors (``transferkit.retry``) and fail
+at once on every other: bad input does not get better by running it again.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 class TransferkitError(Exception):
     """Base class: a failure with a one-line message meant for the user."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, transient: bool = False) -> None:
         # One line, always: multi-line causes are folded so logs and CLIs stay readable.
         super().__init__(" ".join(str(message).split()))
+        self.transient = transient
 
 
 class ConfigError(TransferkitError):
