@@ -43,3 +43,16 @@ class TrainingError(TransferkitError):
 
 class RegistryError(TransferkitError):
     """MLflow tracking or registration failed."""
+
+
+class RunInterruptedError(TransferkitError):
+    """SIGINT or SIGTERM stopped ``transferkit run`` and every process it had started."""
+
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended."""
+        return 128 + self.signum
