@@ -26,15 +26,17 @@ def fetch_backbone(
     from transferkit import config as cfg
     from transferkit.backbones import fetch_backbone as fetch
     from transferkit.cli import configure_logging
+    from transferkit.retry import retry_transient
     from transferkit.storage import CACHE_ENV
 
     configure_logging()
+    settings = cfg.PipelineConfig.model_validate(config)
     cache = os.environ.get(CACHE_ENV)  # the PVC mount that kubernetes.backbone_cache_pvc adds
-    info = fetch(
-        cfg.PipelineConfig.model_validate(config),
-        Path(backbone.path),
-        Path(dataset.path),
-        Path(cache) if cache else None,
+    info = retry_transient(
+        "fetch_backbone",
+        lambda: fetch(
+            settings, Path(backbone.path), Path(dataset.path), Path(cache) if cache else None
+        ),
     )
     backbone.metadata.update(
         {

@@ -19,9 +19,11 @@ def ingest_data(config: dict, source_stamp: str, dataset: Output[Dataset]) -> No
     from transferkit import config as cfg
     from transferkit.cli import configure_logging
     from transferkit.data import ingest_data as ingest
+    from transferkit.retry import retry_transient
 
     configure_logging()
-    result = ingest(cfg.PipelineConfig.model_validate(config), Path(dataset.path))
+    settings = cfg.PipelineConfig.model_validate(config)
+    result = retry_transient("ingest_data", lambda: ingest(settings, Path(dataset.path)))
     dataset.metadata.update(
         {
             "fingerprint": result.fingerprint,

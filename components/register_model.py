@@ -31,16 +31,23 @@ def register_model(
     from transferkit import config as cfg
     from transferkit.cli import configure_logging
     from transferkit.registry import register_model as register
+    from transferkit.retry import retry_transient
 
     configure_logging()
-    result = register(
-        cfg.PipelineConfig.model_validate(config),
-        Path(dataset.path),
-        Path(backbone.path),
-        Path(model.path),
-        Path(evaluation.path),
-        pipeline_run_id,
-        Path(registration.path),
+    settings = cfg.PipelineConfig.model_validate(config)
+    # Registering again after a lost connection reuses the version an attempt left (found
+    # by the model's fingerprint) and takes over its own promotion lock.
+    result = retry_transient(
+        "register_model",
+        lambda: register(
+            settings,
+            Path(dataset.path),
+            Path(backbone.path),
+            Path(model.path),
+            Path(evaluation.path),
+            pipeline_run_id,
+            Path(registration.path),
+        ),
     )
     registration.metadata.update(
         {"model_uri": result.model_uri, "champion": result.champion, "version": result.version}

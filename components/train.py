@@ -25,16 +25,23 @@ def train(
 
     from transferkit import config as cfg
     from transferkit.cli import configure_logging
+    from transferkit.retry import retry_transient
     from transferkit.training import artifact_metadata
     from transferkit.training import train as fit
 
     configure_logging()
-    result = fit(
-        cfg.PipelineConfig.model_validate(config),
-        Path(dataset.path),
-        Path(backbone.path),
-        Path(features.path),
-        Path(model.path),
+    settings = cfg.PipelineConfig.model_validate(config)
+    # S3 may fail under training (unlabelled text, checkpoints): a retry resumes from the
+    # last checkpoint when training.checkpoint_every_steps is set.
+    result = retry_transient(
+        "train",
+        lambda: fit(
+            settings,
+            Path(dataset.path),
+            Path(backbone.path),
+            Path(features.path),
+            Path(model.path),
+        ),
     )
     model.metadata.update(artifact_metadata(result.model_dump()))
 

@@ -1,8 +1,12 @@
 """Wiring shared by the pipelines: per-step options and the common ingest → extract prefix.
 
-Everything a cluster reads about a step — caching, retries, pod labels, resources, placement
-and the Secrets its credentials come from — is set here, from the configuration the pipeline
-is built with (``transferkit compile CONFIG``); the local runner ignores the Kubernetes parts.
+Everything a cluster reads about a step — caching, pod labels, resources, placement and the
+Secrets its credentials come from — is set here, from the configuration the pipeline is built
+with (``transferkit compile CONFIG``); the local runner ignores the Kubernetes parts.
+
+No step has a KFP retry policy: it would run a step again after any failure, bad input
+included, and cannot tell one error from another. The steps that talk to S3 or MLflow retry
+transient errors inside their own process instead (``transferkit.retry``).
 """
 
 from typing import Any
@@ -103,23 +107,12 @@ class Cluster:
             )
 
 
-def step(
-    task: dsl.PipelineTask,
-    name: str,
-    cache: bool,
-    cluster: Cluster,
-    io_retries: bool = False,
-) -> dsl.PipelineTask:
-    """Caching, retries, pod labels, resources, placement and credentials of one step.
+def step(task: dsl.PipelineTask, name: str, cache: bool, cluster: Cluster) -> dsl.PipelineTask:
+    """Caching, pod labels, resources, placement and credentials of one step.
 
-    Steps that talk to object storage or MLflow retry transient failures with backoff; pod
-    labels let cluster tooling (cost reports, policies, log search) find transferkit pods.
+    Pod labels let cluster tooling (cost reports, policies, log search) find transferkit pods.
     """
     task.set_caching_options(enable_caching=cache)
-    if io_retries:
-        task.set_retry(
-            num_retries=2, backoff_duration="5s", backoff_factor=2.0, backoff_max_duration="60s"
-        )
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "transferkit")
     kubernetes.add_pod_label(task, "transferkit.dev/step", name)
     cluster.apply(task, name)
@@ -140,7 +133,6 @@ def prepare(
         "ingest_data",
         cache=True,
         cluster=cluster,
-        io_retries=True,
     )
     fetch = step(
         fetch_backbone(
@@ -149,7 +141,6 @@ def prepare(
         "fetch_backbone",
         cache=True,
         cluster=cluster,
-        io_retries=True,
     )
     dataset, backbone = ingest.outputs["dataset"], fetch.outputs["backbone"]
     extract = step(
@@ -190,7 +181,7 @@ def register(
     config: Any, dataset: Any, backbone: Any, model: Any, evaluation: Any, cluster: Cluster
 ) -> Any:
     """register_model: it has side effects in MLflow, so it always runs (idempotent by
-    content) and retries transient failures.
+    content).
 
     Returns:
         The registration artifact.
@@ -207,6 +198,5 @@ def register(
         "register_model",
         cache=False,
         cluster=cluster,
-        io_retries=True,
     )
     return task.outputs["registration"]

@@ -9,7 +9,8 @@
     transferkit trigger CONFIG (--host URL | --local) [--dry-run]
     transferkit predict MODEL_URI TEXT... [--tracking-uri URI] [--json]
 
-Exit status: 0 success, 1 a run or prediction failed, 2 invalid configuration or usage.
+Exit status: 0 success, 1 a run or prediction failed, 2 invalid configuration or usage,
+130 / 143 a run interrupted by SIGINT / SIGTERM (every process it started is stopped).
 Errors are one line on stderr: what went wrong, where, and what to do.
 """
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ LOG_FORMAT = "transferkit %(levelname)s %(name)s | %(message)s"
 def configure_logging(level: int = logging.INFO) -> None:
     """Log transferkit's records as plain lines on stderr (entry points only: CLI, components).
 
-    The format is stable: ``transferkit run`` recognises step log lines by it.
+    The format is stable: ``transferkit run`` recognises step log lines by it. Being every
+    entry point's first call, it also makes SIGTERM end the process by ``SystemExit`` (see
+    ``_exit_on_sigterm``).
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -46,6 +49,28 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     root.propagate = False
     _quick_exit()
+    _exit_on_sigterm()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot.
+
+    ``transferkit run`` stops an interrupted step with SIGTERM (and a cluster stops a pod
+    with it): unwinding runs the ``finally`` blocks, so ``storage.atomic_dir`` removes its
+    half-written folder and a registration releases its promotion lock. SIGKILL follows if
+    that takes too long. A handler someone else installed is left alone.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 _exit_freeze_registered = False
@@ -546,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         return int(args.func(args))
+    except RunInterruptedError as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

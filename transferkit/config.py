@@ -742,8 +742,8 @@ class RegistryConfig(_Model):
         ge=0,
         le=10,
         description="Retries of each request to an http(s) tracking server that fails to "
-        "connect or answers 429/5xx, backing off 1, 2, 4, 8 … s; then the step fails with one "
-        "line (and the pipeline's retry policy may run it again).",
+        "connect or answers 429/5xx, backing off 1, 2, 4, 8 … s; then the step runs its work "
+        "again (at most 3 times in all) and fails in one line.",
     )
     http_timeout: int = Field(
         60, ge=1, le=3600, description="Seconds to wait for each answer of the tracking server."
@@ -851,8 +851,8 @@ class StorageConfig(_Model):
         ge=0,
         le=20,
         description="Retries of each S3 call on transient errors (connection lost, throttling, "
-        "5xx), with the SDK's exponential backoff; then the step fails in one line and the "
-        "pipeline's retry policy may run it again.",
+        "5xx), with the SDK's exponential backoff; then the step runs its work again (at most "
+        "3 times in all) and fails in one line.",
     )
 
 

@@ -1,8 +1,12 @@
 """Exceptions raised by transferkit.
 
 Every exception carries a one-line, user-facing message: what was wrong, where (file, row,
-field) and what to do about it. The CLI prints ``str(error)`` and exits non-zero; KFP
-components let them propagate so that the retry policy sees real failures.
+field) and what to do about it. The CLI prints ``str(error)`` and exits non-zero.
+
+An error is ``transient`` when the same call may well succeed a little later (a connection
+lost, a store or server answering 5xx or "slow down"); whoever raises it says so, because
+only there is the cause known. Steps retry transient errors (``transferkit.retry``) and fail
+at once on every other: bad input does not get better by running it again.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ MAX_MESSAGE_CHARS = 2000
 class TransferkitError(Exception):
     """Base class: a failure with a one-line, bounded message meant for the user."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, transient: bool = False) -> None:
         # One line, always: multi-line causes are folded so logs and CLIs stay readable.
         text = str(message)
         half = MAX_MESSAGE_CHARS // 2
@@ -25,6 +29,7 @@ class TransferkitError(Exception):
         if len(line) > MAX_MESSAGE_CHARS:
             line = f"{line[: half - 2]} … {line[-(half - 1) :]}"
         super().__init__(line)
+        self.transient = transient
 
 
 class ConfigError(TransferkitError):
@@ -49,3 +54,16 @@ class TrainingError(TransferkitError):
 
 class RegistryError(TransferkitError):
     """MLflow tracking or registration failed."""
+
+
+class RunInterruptedError(TransferkitError):
+    """SIGINT or SIGTERM stopped ``transferkit run`` and every process it had started."""
+
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended."""
+        return 128 + self.signum

@@ -7,7 +7,10 @@ Output folder (the KFP ``Dataset`` artifact)::
 
 The cache key is (data fingerprint, backbone fingerprint, pooling, normalisation, max length,
 precision): content, not URIs, so changed data behind an unchanged path is re-embedded and an
-identical rerun is a file link.
+identical rerun is a file link. A cache entry also holds ``checksums.json`` (size and sha256
+of each array), written after the arrays; a hit is served only when every array matches it,
+so a truncated or altered entry (a full disk, a crash, an edit through a hard link) is
+logged and embedded again, never served.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from transferkit.config import PipelineConfig
 from transferkit.data import SPLITS, load_images, load_split
 
 log = logging.getLogger(__name__)
+
+CHECKSUMS = "checksums.json"
 
 # Bump when the layout or the numerics of stored features change, to invalidate old caches.
 FEATURE_FORMAT = 2  # 2: text splits encoded in chunks of CHUNK_TEXTS
@@ -153,6 +158,45 @@ def _embedder(
     return embed_texts
 
 
+def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a cache entry (the arrays and features.json)."""
+    return {
+        path.name: {"size": path.stat().st_size, "sha256": storage.sha256_file(path)}
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name != CHECKSUMS
+    }
+
+
+def _damage(entry: Path) -> str | None:
+    """What is wrong with a cache entry's files, or None when each matches its checksum."""
+    try:
+        expected: dict[str, dict[str, Any]] = storage.read_json(entry / CHECKSUMS)
+    except FileNotFoundError:
+        return f"no {CHECKSUMS}"
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is unreadable"
+    needed = {f"{split}.npy" for split in SPLITS} | {"features.json"}
+    if missing := sorted(needed - set(expected)):
+        return f"{CHECKSUMS} does not list {missing[0]}"
+    for name, want in sorted(expected.items()):
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if (size := path.stat().st_size) != want.get("size"):
+            return f"{name} is {size} bytes, {want.get('size')} recorded"
+        if storage.sha256_file(path) != want.get("sha256"):
+            return f"{name} does not match its sha256"
+    return None
+
+
+def _intact(entry: Path) -> bool:
+    """Whether a cache entry can be served; a damaged one is logged in one line."""
+    damage = _damage(entry)
+    if damage is not None:
+        log.warning("feature cache entry %s is damaged (%s): embedding again", entry.name, damage)
+    return damage is None
+
+
 def extract_features(
     config: PipelineConfig, dataset_dir: Path, backbone_dir: Path, output_dir: Path
 ) -> FeaturesResult:
@@ -195,7 +239,7 @@ def extract_features(
         "precision": precision,
     }
 
-    if (cached / "features.json").exists():
+    if (cached / "features.json").exists() and _intact(cached):
         recorded = storage.read_json(cached / "features.json")
         result = FeaturesResult(
             **{**recorded, "cache_hit": True, "seconds": round(time.perf_counter() - started, 3)}
@@ -228,9 +272,10 @@ def extract_features(
         )
         storage.write_json(tmp / "features.json", result.model_dump())
     # Populate the cache from the finished artifact; a crash here costs a cache miss, never
-    # a half-written entry (atomic_dir).
+    # a half-written entry (atomic_dir), and the checksums catch what happens to it later.
     with storage.atomic_dir(cached) as entry:
         storage.link_or_copy_tree(output_dir, entry)
+        storage.write_json(entry / CHECKSUMS, _checksums(entry))
     what = "images" if info.modality == "image" else "texts"
     log.info(
         "embedded %s %s at %.0f %s/s (%s)",

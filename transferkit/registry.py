@@ -747,9 +747,16 @@ def _promotion(
     return promote, reason, comparison
 
 
+# A server error or overload (5xx, 429): the same request may succeed a little later.
+_TRANSIENT_MLFLOW_CODES = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+)
+
+
 def _registry_error(config: PipelineConfig, exc: Exception) -> RegistryError:
-    """One line for a failed MLflow call: unreachable (after how many attempts) or refused.
-    MLflow's own message may embed the tracking URI with credentials: it is never repeated."""
+    """One line for a failed MLflow call: unreachable (after how many attempts; transient) or
+    refused (transient only for a server error or overload). MLflow's own message may embed
+    the tracking URI with credentials: it is never repeated."""
     where = redact(config.tracking_uri)
     text = str(exc)
     markers = (
@@ -765,11 +772,14 @@ def _registry_error(config: PipelineConfig, exc: Exception) -> RegistryError:
             tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
         return RegistryError(
             f"MLflow at {where} is unreachable{tries}; check registry.tracking_uri and that the "
-            "server is running, then retry the run"
+            "server is running, then retry the run",
+            transient=True,
         )
+    code = getattr(exc, "error_code", type(exc).__name__)
     return RegistryError(
         f"MLflow at {where} refused the registration of '{config.registry.model_name}' "
-        f"({getattr(exc, 'error_code', type(exc).__name__)}); check the server logs"
+        f"({code}); check the server logs",
+        transient=code in _TRANSIENT_MLFLOW_CODES,
     )
 
 

@@ -2,8 +2,9 @@
 
 The pipeline runs exactly as compiled for a cluster: every step is a KFP component executed
 by ``kfp.local.SubprocessRunner(use_venv=False)`` in a subprocess of this Python, with KFP's
-local caching and retry policy. Everything the steps print goes to a log file; the terminal
-gets one line per step and the summary.
+local caching. Everything the steps print goes to a log file; the terminal gets one line per
+step and the summary. SIGINT or SIGTERM stops every process the run started (the step, and
+whatever the step started) before ``run_local`` raises ``RunInterruptedError``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +26,9 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from transferkit import storage
+from transferkit import processes, storage
 from transferkit.config import PipelineConfig
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,11 @@ class RunFailedError(TransferkitError):
     """A pipeline step failed; the message carries the step's own one-line cause."""
 
 
+class _Stop(BaseException):
+    """Raised by the signal handler to leave KFP's runner (no ``except Exception`` in it
+    may swallow it)."""
+
+
 class RunSummary(BaseModel):
     """What ``transferkit run --summary FILE`` writes."""
 
@@ -107,11 +115,16 @@ class _Events:
     attempts: dict[str, int] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=dict)
     failure: str | None = None
+    running: list[str] = field(default_factory=list)
+    muted: bool = False
 
     def feed(self, raw: str) -> None:
         line = _ANSI.sub("", raw)
+        if self.muted:  # interrupted: what the stopped steps print is for the log only
+            return
         if match := _START.search(line):
             self.current = step = match.group(1).replace("-", "_")
+            self.running.append(step)
             self.announce_cached(before=step)
             # A step inside a ParallelFor starts once per branch: a start after a success is
             # the next branch, a start after a failure is a retry.
@@ -125,6 +138,8 @@ class _Events:
                 self.on_line(f"start {step}" if branch == 1 else f"start {step} #{branch}")
         elif match := _DONE.search(line):
             step = match.group(1).replace("-", "_")
+            if step in self.running:
+                self.running.remove(step)
             took = time.perf_counter() - self.started.get(step, time.perf_counter())
             ok = match.group(2) == "SUCCESS"
             if not ok:
@@ -157,6 +172,15 @@ class _Events:
             if step not in self.started and step not in self.announced:
                 self.announced.add(step)
                 self.on_line(f"cached {step}")
+
+    def where(self) -> str:
+        """Where the run is: in which step(s), or between which."""
+        if self.running:
+            names = sorted(set(self.running))
+            return f"in step{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        if self.current is not None:
+            return f"after step {self.current}"
+        return "before the first step"
 
     def cause(self) -> str:
         """The last failed attempt's own one-line error, or its last exception line."""
@@ -222,6 +246,56 @@ def _child_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+@dataclass
+class _Interrupt:
+    """The signal that interrupted a run, once one has."""
+
+    signum: int | None = None
+    where: str = ""
+    stopped: int = 0
+    hurry: bool = False
+    over: threading.Event = field(default_factory=threading.Event)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(events: _Events) -> Iterator[_Interrupt]:
+    """While the pipeline runs, SIGINT and SIGTERM stop every process below this one.
+
+    The handler freezes and stops the process tree (``processes.stop_tree``), then raises
+    ``_Stop`` in the main thread so that KFP starts no further step. Steps that KFP's worker
+    threads start while it unwinds (queued branches of a sweep) are stopped as they appear,
+    until the pipeline call has returned. A second signal skips the grace period. This
+    process stays in its process group: Ctrl-C on a terminal still reaches it.
+    """
+    interrupt = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt  # signal handlers belong to the main thread
+        return
+
+    def reap() -> None:
+        while not interrupt.over.wait(0.1):
+            interrupt.stopped += len(processes.stop_tree(grace=1.0))
+
+    def handler(signum: int, frame: Any) -> None:
+        if interrupt.signum is not None:
+            interrupt.hurry = True
+            return
+        interrupt.signum, interrupt.where = signum, events.where()
+        events.muted = True
+        stopped = processes.stop_tree(hurry=lambda: interrupt.hurry)
+        interrupt.stopped = len(stopped)
+        threading.Thread(target=reap, name="transferkit-reaper", daemon=True).start()
+        raise _Stop
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupt
+    finally:
+        interrupt.over.set()
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
 def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = None) -> RunSummary:
     """Run the whole DAG locally and return its summary.
 
@@ -231,6 +305,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
 
     Raises:
         RunFailedError: a step failed (the message names the step and its cause, and the log).
+        RunInterruptedError: SIGINT or SIGTERM; every process the run started was stopped.
         TransferkitError: an input could not be read before the run started.
     """
     from kfp import local
@@ -262,16 +337,30 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         raise_on_error=True,
     )
     events = _Events(on_line=on_event or (lambda _: None), depth=SWEEP_DEPTH if sweep else DEPTH)
-    with open(log_file, "w", encoding="utf-8") as sink:
-        tee = _LineTee(sink, events)
+    with open(log_file, "w", encoding="utf-8") as sink, _stop_on_signals(events) as interrupt:
         try:
+            tee = _LineTee(sink, events)
             with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
                 task = pipeline(
                     config=config.as_parameter(),
                     data_stamp=data_stamp,
                     backbone_stamp=backbone_stamp,
                 )
-        except RuntimeError:
+        except (_Stop, RuntimeError) as error:
+            if interrupt.signum is not None:
+                # Whatever KFP's threads started last is gone too. Steps write their outputs
+                # atomically and KFP caches only a step that succeeded: nothing of a stopped
+                # step is served to a later run.
+                interrupt.stopped += len(processes.stop_tree(grace=1.0))
+                name = signal.Signals(interrupt.signum).name
+                raise RunInterruptedError(
+                    f"{name} {interrupt.where}; stopped {interrupt.stopped} process"
+                    f"{'es' if interrupt.stopped != 1 else ''} it had started, kept nothing of "
+                    f"the unfinished steps (log: {log_file})",
+                    interrupt.signum,
+                ) from None
+            if isinstance(error, _Stop):
+                raise
             step = events.failed or "pipeline"
             raise RunFailedError(f"{step} failed: {events.cause()} (log: {log_file})") from None
     events.announce_cached()

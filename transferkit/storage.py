@@ -12,6 +12,7 @@ Supported locations:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import hashlib
@@ -132,8 +133,56 @@ def _missing_object(exc: Exception) -> bool:
     return exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404", "NotFound")
 
 
+# Answers of a store that is busy or briefly broken, not refusing this request for good.
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+    }
+)
+
+
+def _transient_s3(exc: Exception) -> bool:
+    """Whether a boto error may go away by itself: connection lost or timed out, 5xx,
+    throttling. Missing objects, refused credentials and local errors do not."""
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        SSLError,
+    )
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in _TRANSIENT_S3_CODES or int(status) >= 500 or code.startswith("5")
+    if isinstance(exc, SSLError):  # a certificate that does not verify stays so
+        return False
+    # botocore's ConnectionError and HTTPClientError cover a refused or lost connection and
+    # the connect/read timeouts; a download whose every attempt was cut ends in
+    # RetriesExceededError.
+    return isinstance(
+        exc,
+        ConnectionError
+        | HTTPClientError
+        | IncompleteReadError
+        | RetriesExceededError
+        | builtins.ConnectionError
+        | builtins.TimeoutError,
+    )
+
+
 def _s3_error(uri: str, exc: Exception) -> StorageError:
-    """Translate boto errors into one actionable line, never echoing credentials."""
+    """Translate boto errors into one actionable line, never echoing credentials; marked
+    transient when a later attempt may succeed."""
     from botocore.exceptions import (
         ClientError,
         EndpointConnectionError,
@@ -145,10 +194,12 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
             f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(from a Kubernetes Secret on a cluster)"
         )
+    transient = _transient_s3(exc)
     if isinstance(exc, EndpointConnectionError):
         return StorageError(
             f"{uri}: cannot reach the S3 endpoint; check storage.s3_endpoint_url and that the "
-            "store is running"
+            "store is running",
+            transient=transient,
         )
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
@@ -161,8 +212,12 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
                 f"{uri}: S3 refused the request ({code}); check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY and the bucket policy"
             )
-        return StorageError(f"{uri}: S3 error {code or 'unknown'}; retry or check the store")
-    return StorageError(f"{uri}: S3 request failed ({type(exc).__name__}); retry later")
+        return StorageError(
+            f"{uri}: S3 error {code or 'unknown'}; retry or check the store", transient=transient
+        )
+    return StorageError(
+        f"{uri}: S3 request failed ({type(exc).__name__}); retry later", transient=transient
+    )
 
 
 def _list_s3(client: Any, loc: Location, uri: str) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,54 @@ def test_features_cover_every_split_and_hit_the_cache(
         a, b = load_features(tmp_path / "f3", split), load_features(tmp_path / "f1", split)
         assert a.shape == b.shape
         assert np.sum(a * b, axis=1).min() >= 0.9995
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "no checksums"])
+def test_a_damaged_cache_entry_is_embedded_again_never_served(
+    tmp_path: Path,
+    sst2_small: dict[str, Path],
+    tiny_backbone: Path,
+    damage: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = prepare(tmp_path, sst2_small, uri=str(tiny_backbone), max_length=32)
+    first = extract_features(config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "f1")
+    # Copied now: the artifact and the cache entry share their files (hard links).
+    original = {split: load_features(tmp_path / "f1", split).copy() for split in first.rows}
+    entry = Path(config.feature_cache) / first.key
+    array = entry / "train.npy"
+    if damage == "truncated":  # a full disk or a crash while the file was written
+        with array.open("r+b") as handle:
+            handle.truncate(array.stat().st_size // 2)
+    elif damage == "altered":  # same size, one byte of the data changed
+        with array.open("r+b") as handle:
+            handle.seek(-1, 2)
+            last = handle.read(1)
+            handle.seek(-1, 2)
+            handle.write(bytes([last[0] ^ 0xFF]))
+    else:  # an entry from before checksums, or one whose manifest was lost
+        (entry / "checksums.json").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="transferkit.features"):
+        second = extract_features(
+            config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "f2"
+        )
+    assert not second.cache_hit
+    warned = [r.getMessage() for r in caplog.records if r.name == "transferkit.features"]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"feature cache entry {first.key} is damaged (")
+    assert {
+        "truncated": "train.npy is ",
+        "altered": "train.npy does not match its sha256",
+        "no checksums": "no checksums.json",
+    }[damage] in warned[0]
+    for split, rows in original.items():
+        np.testing.assert_array_equal(load_features(tmp_path / "f2", split), rows)
+    # The entry was written again, whole: the next run is served from it.
+    third = extract_features(config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "f3")
+    assert third.cache_hit
+    for split, rows in original.items():
+        np.testing.assert_array_equal(load_features(tmp_path / "f3", split), rows)
 
 
 def test_cache_key_follows_content_and_settings(

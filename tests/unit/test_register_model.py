@@ -217,6 +217,7 @@ def test_unreachable_server_is_a_one_line_registry_error(tmp_path: Path, evaluat
     message = str(info.value)
     assert message.startswith("MLflow at http://127.0.0.1:9 is unreachable after 1 attempt;")
     assert "\n" not in message
+    assert info.value.transient  # the step runs its work again (transferkit.retry)
     assert not (tmp_path / "r.json").exists()
 
 
