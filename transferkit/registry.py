@@ -7,7 +7,9 @@ beats the current champion on the same evaluation rows: the champion is download
 re-scored on this run's evaluation split, and a paired test (McNemar or a bootstrap) must find
 the gain significant (``registry.gate``). The test, its p-value and interval are recorded in the
 run. Registration is all-or-nothing: if anything fails after the version was created, the
-version is deleted. Registering the same model bytes twice reuses the existing version.
+version is deleted. Registering the same model twice reuses the existing version: the model's
+fingerprint covers its weights, configs, tokenizer, labels and input settings, not its
+timings or provenance (training.model.model_fingerprint).
 """
 
 from __future__ import annotations
@@ -706,6 +708,8 @@ def register_model(
     """
     from mlflow.exceptions import MlflowException
 
+    from transferkit.training.model import model_fingerprint
+
     started = time.perf_counter()
     name = config.registry.model_name
     evaluation = storage.read_json(evaluation_dir / "evaluation.json")
@@ -713,7 +717,7 @@ def register_model(
     metric = config.evaluation.primary_metric
     metrics = _metrics(evaluation, training)
     value = metrics[f"test_{metric}"]
-    fingerprint = storage.sha256_tree(model_dir)
+    fingerprint = model_fingerprint(model_dir)
     stats = storage.read_json(dataset_dir / "stats.json")
     sweep = read_sweep(evaluation_dir)
     selected = None
@@ -768,6 +772,13 @@ def register_model(
                 if existing is not None:
                     run_id, version, reused = existing.run_id, existing, True
                     log.info("identical model already registered as %s v%s", name, version.version)
+                    stamp = tags[TAG + "data_stamp"]
+                    if stamp and existing.tags.get(TAG + "data_stamp") != stamp:
+                        # The same weights from other sources: the trigger compares the
+                        # champion's stamp with the sources, which this model now matches.
+                        client.set_model_version_tag(
+                            name, existing.version, TAG + "data_stamp", stamp
+                        )
                 else:
                     paths = {
                         "model": model_dir,

@@ -110,6 +110,68 @@ def test_identical_model_reuses_its_version(tmp_path: Path, evaluated: tuple) ->
     assert len(client.search_model_versions("name = 'sst2-test'")) == 1
 
 
+def test_the_same_weights_retrained_reuse_their_version_other_weights_do_not(
+    tmp_path: Path, evaluated: tuple, probe_run: tuple
+) -> None:
+    """The model fingerprint covers what the model computes, not how long it took."""
+    from transferkit.training import train
+
+    config, artifacts, evaluation = evaluated
+    config = with_store(config, tmp_path)
+    first = register(config, artifacts, evaluation, tmp_path / "r1.json")
+    # Retrained for real with the same seed: the same weights, other wall-clock seconds.
+    retrained = tmp_path / "retrained"
+    train(config, artifacts / "dataset", artifacts / "backbone", artifacts / "features", retrained)
+    before = storage.read_json(artifacts / "model" / "training.json")
+    record = storage.read_json(retrained / "training.json")
+    assert (retrained / "head.safetensors").read_bytes() == (
+        artifacts / "model" / "head.safetensors"
+    ).read_bytes()
+    # Timings and provenance differ as they would on another node and another day.
+    record["seconds"] = before["seconds"] + 12.5
+    storage.write_json(retrained / "training.json", record)
+    card = storage.read_json(retrained / "transferkit.json")
+    card["environment"] = {**card["environment"], "torch_threads": "64", "device": "cuda"}
+    storage.write_json(retrained / "transferkit.json", card)
+    assert record != before
+    # ... and from sources whose stamp changed (the same bytes): the trigger then sees the
+    # reused champion as trained on them.
+    dataset = Path(shutil.copytree(artifacts / "dataset", tmp_path / "dataset"))
+    stats = storage.read_json(dataset / "stats.json")
+    stats["source_stamp"] = "re-uploaded"
+    storage.write_json(dataset / "stats.json", stats)
+    again = register_model(
+        config,
+        dataset,
+        artifacts / "backbone",
+        retrained,
+        evaluation,
+        "run-2",
+        tmp_path / "r2.json",
+    )
+    assert (again.reused, again.version) == (True, first.version)
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'sst2-test'")] == ["1"]
+    assert client.get_model_version("sst2-test", "1").tags["transferkit.data_stamp"] == (
+        "re-uploaded"
+    )
+
+    # One weight changed: another model, another version.
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(str(retrained / "head.safetensors"))
+    head["weight"][0, 0] += 1e-3
+    save_file(head, str(retrained / "head.safetensors"))
+    other = register(config, artifacts, evaluation, tmp_path / "r3.json", "run-3", retrained)
+    assert (other.reused, other.version) == (False, "2")
+    # So do the labels it serves, even with the same weights.
+    relabelled_model = relabelled(artifacts / "model", tmp_path / "relabelled")
+    renamed = register(
+        config, artifacts, evaluation, tmp_path / "r4.json", "run-4", relabelled_model
+    )
+    assert (renamed.reused, renamed.version) == (False, "3")
+
+
 def test_champion_moves_only_to_a_significantly_better_model(
     tmp_path: Path, evaluated: tuple, biased: tuple[Path, Path]
 ) -> None:
