@@ -38,3 +38,20 @@ class TrainingError(TransferkitError):
 
 class RegistryError(TransferkitError):
     """MLflow tracking or registration failed."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: Kubernetes, docker or systemd is stopping the step.
+
+    Raised in the main thread by ``transferkit.termination.sigterm_raises`` so that ``finally``
+    blocks and context managers release what they hold. Not an ``Exception`` (as
+    KeyboardInterrupt is not), so no ``except Exception`` swallows it; uncaught, the process
+    exits quietly with status 143 (128 + SIGTERM), as a terminated process does.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(143)
+        self.message = " ".join(message.split())
+
+    def __str__(self) -> str:
+        return self.message

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -15,7 +18,14 @@ from tests.conftest import biased_model
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import RegistryError
-from transferkit.registry import LOCK_SUFFIX, promotion_lock, redact, register_model
+from transferkit.registry import (
+    LOCK_HEARTBEAT,
+    LOCK_HOLDER,
+    LOCK_SUFFIX,
+    promotion_lock,
+    redact,
+    register_model,
+)
 
 
 def with_store(config: PipelineConfig, tmp_path: Path) -> PipelineConfig:
@@ -291,9 +301,9 @@ def test_promotion_lock_takes_turns_and_breaks_an_abandoned_lock(tmp_path: Path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with promotion_lock(client, "m", "run-a", timeout=60):
-        assert client.get_registered_model("m" + LOCK_SUFFIX).tags == {
-            "transferkit.lock_holder": "run-a"
-        }
+        tags = client.get_registered_model("m" + LOCK_SUFFIX).tags
+        assert tags["transferkit.lock_holder"] == "run-a"
+        assert tags["transferkit.lock_heartbeat"].startswith("0 ")
         with (
             pytest.raises(RegistryError) as caught,
             promotion_lock(client, "m", "run-b", 0.5, 3600),
@@ -318,3 +328,102 @@ def test_promotion_lock_takes_turns_and_breaks_an_abandoned_lock(tmp_path: Path)
     with promotion_lock(client, "m", "run-c", timeout=60, abandoned_after=1):
         holder = client.get_registered_model("m" + LOCK_SUFFIX).tags["transferkit.lock_holder"]
         assert holder == "run-c"
+
+
+class LogLines(logging.Handler):
+    """The registry's log lines, whatever handlers the CLI configured before."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def registry_log() -> Iterator[list[str]]:
+    handler = LogLines()
+    logger = logging.getLogger("transferkit.registry")
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def beating(client: MlflowClient, lock: str, stop: threading.Event, skew: float) -> None:
+    """A live holder's heartbeat, written by a host whose clock is ``skew`` seconds off."""
+    beat = 0
+    while not stop.wait(0.3):
+        beat += 1
+        client.set_registered_model_tag(lock, LOCK_HEARTBEAT, f"{beat} {time.time() + skew:.3f}")
+
+
+def test_a_lock_whose_heartbeat_stopped_is_broken_within_the_lease_a_live_one_is_not(
+    tmp_path: Path, registry_log: list[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lock = "m" + LOCK_SUFFIX
+    # A holder killed with SIGKILL: its heartbeat never moves again. The waiter breaks the
+    # lock after the lease by its own clock, however young the lock looks.
+    client.create_registered_model(lock, tags={LOCK_HOLDER: "killed", LOCK_HEARTBEAT: "7 1.0"})
+    started = time.monotonic()
+    with promotion_lock(client, "m", "next", timeout=60, lease=2) as held:
+        waited = time.monotonic() - started
+        assert client.get_registered_model(lock).tags[LOCK_HOLDER] == "next"
+        assert held.broken == ["killed"]
+    assert 2 <= waited < 60  # the lease, not the timeout
+    [line] = [x for x in registry_log if x.startswith("breaking")]
+    assert line.startswith(
+        "breaking the promotion lock of m held by killed: its heartbeat stopped: unchanged for 2."
+    ), line
+    assert line.endswith(" s (registry.lock_lease 2 s)")
+    assert client.search_registered_models() == []
+
+    # A live holder on a host whose clock is an hour behind (or ahead): its heartbeat
+    # changes, so it is waited for up to the timeout and never broken, whatever its stamps.
+    for skew in (-3600.0, 3600.0):
+        client.create_registered_model(lock, tags={LOCK_HOLDER: "alive", LOCK_HEARTBEAT: "0 0"})
+        stop = threading.Event()
+        thread = threading.Thread(target=beating, args=(client, lock, stop, skew))
+        thread.start()
+        try:
+            with (
+                pytest.raises(RegistryError, match="is being promoted by alive"),
+                promotion_lock(client, "m", "waiter", timeout=4, lease=2),
+            ):
+                pass
+        finally:
+            stop.set()
+            thread.join()
+        assert client.get_registered_model(lock).tags[LOCK_HOLDER] == "alive"
+        client.delete_registered_model(lock)
+    assert not [x for x in registry_log if x.startswith("breaking")][1:]
+
+
+def test_the_holder_beats_and_learns_when_its_lock_was_broken(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lock = "m" + LOCK_SUFFIX
+    with promotion_lock(client, "m", "holder", timeout=60, lease=2) as held:
+        first = client.get_registered_model(lock).tags[LOCK_HEARTBEAT]
+        deadline = time.monotonic() + 30
+        while client.get_registered_model(lock).tags[LOCK_HEARTBEAT] == first:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.1)
+        held.check()  # still its own
+        # Broken by a waiter that took it for dead, and taken by another run.
+        client.delete_registered_model(lock)
+        client.create_registered_model(lock, tags={LOCK_HOLDER: "other"})
+        while held.lost is None:
+            assert time.monotonic() < deadline, "the loss went unnoticed"
+            time.sleep(0.1)
+        with pytest.raises(RegistryError) as caught:
+            held.check()
+        assert str(caught.value).startswith(
+            "the promotion lock m.transferkit-lock was lost: it was broken and is now held by other"
+        )
+        # Its heartbeat is not written on the other run's lock.
+        assert LOCK_HEARTBEAT not in client.get_registered_model(lock).tags
