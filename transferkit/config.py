@@ -754,8 +754,28 @@ class RegistryConfig(_Model):
         le=86_400,
         description="Registrations of one model take turns (a lock in the registry), so two "
         "runs finishing together cannot both become champion: wait at most this many seconds "
-        "for another run's registration; a lock older than this is taken as abandoned.",
+        "for another, live run's registration (a dead one's lock is broken after lock_lease).",
     )
+    lock_lease: int = Field(
+        15,
+        ge=2,
+        le=3600,
+        description="The registration holding the lock refreshes a heartbeat on it every "
+        "lock_lease/5 seconds; a lock whose heartbeat stays unchanged this many seconds (by "
+        "the waiter's clock: hosts' clocks are never compared) belongs to a killed run and is "
+        "broken, with a log line naming its holder. A killed registration blocks the next one "
+        "about this long; raise it if the tracking server can stall for longer.",
+    )
+
+    @model_validator(mode="after")
+    def _lease_within_timeout(self) -> RegistryConfig:
+        if self.lock_lease >= self.lock_timeout:
+            raise ValueError(
+                f"registry.lock_lease ({self.lock_lease} s) must be below registry.lock_timeout "
+                f"({self.lock_timeout} s): a waiter would give up before it could break a dead "
+                "run's lock"
+            )
+        return self
 
 
 class SweepBranch(_Model):

@@ -67,3 +67,20 @@ class RunInterruptedError(TransferkitError):
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process the signal ended."""
         return 128 + self.signum
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: Kubernetes, docker or systemd is stopping the step.
+
+    Raised in the main thread by ``transferkit.termination.sigterm_raises`` so that ``finally``
+    blocks and context managers release what they hold. Not an ``Exception`` (as
+    KeyboardInterrupt is not), so no ``except Exception`` swallows it; uncaught, the process
+    exits quietly with status 143 (128 + SIGTERM), as a terminated process does.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(143)
+        self.message = " ".join(message.split())
+
+    def __str__(self) -> str:
+        return self.message

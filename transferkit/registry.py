@@ -7,15 +7,21 @@ beats the current champion on the same evaluation rows: the champion is download
 re-scored on this run's evaluation split, and a paired test (McNemar or a bootstrap) must find
 the gain significant (``registry.gate``). The test, its p-value and interval are recorded in the
 run. Registration is all-or-nothing: if anything fails after the version was created, the
-version is deleted. Registering the same model bytes twice reuses the existing version.
+version is deleted. Registering the same model twice reuses the existing version: the model's
+fingerprint covers its weights, configs, tokenizer, labels and input settings, not its
+timings or provenance (training.model.model_fingerprint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
+import io
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +38,7 @@ from transferkit.config import PipelineConfig, flatten
 from transferkit.data import load_images, load_inputs
 from transferkit.errors import RegistryError
 from transferkit.metrics import PairedComparison, paired_comparison
+from transferkit.termination import sigterm_raises
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +107,68 @@ def http_policy(config: PipelineConfig) -> Iterator[None]:
 
 
 LOCK_SUFFIX = ".transferkit-lock"
+LOCK_HOLDER = TAG + "lock_holder"
+LOCK_HEARTBEAT = TAG + "lock_heartbeat"
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the lock's heartbeat tag every ``every`` seconds while the lock is held.
+
+    A waiter takes a heartbeat that has not changed for a lease as a dead holder. Each beat
+    first checks the lock is still this holder's: one broken in the meantime is reported
+    through ``lost`` instead of being written on another holder's lock.
+    """
+
+    def __init__(self, client: Any, lock: str, holder: str, every: float) -> None:
+        super().__init__(name=f"heartbeat {lock}", daemon=True)
+        self.client, self.lock, self.holder, self.every = client, lock, holder, every
+        self.stopped = threading.Event()
+        self.lost: str | None = None
+        self.broken: list[str] = []  # holders whose stale locks were broken to acquire it
+
+    def run(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        beat = 0
+        while not self.stopped.wait(self.every):
+            beat += 1
+            try:
+                owner = self.client.get_registered_model(self.lock).tags.get(LOCK_HOLDER)
+                if owner != self.holder:
+                    self.lost = f"it was broken and is now held by {owner}"
+                    return
+                if self.stopped.is_set():
+                    return
+                self.client.set_registered_model_tag(
+                    self.lock, LOCK_HEARTBEAT, f"{beat} {time.time():.3f}"
+                )
+            except MlflowException as exc:
+                if exc.error_code in _ABSENT:
+                    self.lost = "it was broken by another registration"
+                    return
+                log.warning("could not refresh the heartbeat of %s (%s)", self.lock, exc)
+            except Exception as exc:  # a lost connection: the next beat tries again
+                log.warning("could not refresh the heartbeat of %s (%s)", self.lock, exc)
+
+    def check(self) -> None:
+        """Raise RegistryError if another registration broke the lock."""
+        if self.lost is not None:
+            raise RegistryError(
+                f"the promotion lock {self.lock} was lost: {self.lost}, its heartbeat having "
+                "stalled for registry.lock_lease; nothing was promoted, retry the run (and "
+                "raise registry.lock_lease if the tracking server is slow)"
+            )
 
 
 @contextlib.contextmanager
 def promotion_lock(
-    client: Any, name: str, holder: str, timeout: float, abandoned_after: float | None = None
-) -> Iterator[None]:
+    client: Any,
+    name: str,
+    holder: str,
+    timeout: float,
+    abandoned_after: float | None = None,
+    lease: float = 15.0,
+) -> Iterator[Heartbeat]:
     """Hold the promotion lock of registered model ``name`` for the calls inside.
 
     The lock is a registered model named ``NAME.transferkit-lock`` that exists while one
@@ -114,15 +177,24 @@ def promotion_lock(
     whatever the number of servers and clients. Without it two runs finishing together both
     see the same champion (or none) and the last to move the alias wins, better or not.
 
+    The holder refreshes a heartbeat tag on the lock every ``lease / 5`` seconds from a
+    daemon thread. A waiter that sees the heartbeat unchanged for ``lease`` seconds of its
+    own clock takes the holder as dead (killed, out of memory, its node gone) and breaks the
+    lock, saying so; no two hosts' clocks are compared, so skew cannot break a live lock.
+
     Args:
         holder: who holds it (the pipeline run id), shown to whoever waits; a lock this
             holder left (a retried step) is taken over at once.
-        timeout: seconds to wait for another holder.
-        abandoned_after: a lock older than this many seconds is taken as abandoned (its
-            holder died) and broken; None: ``timeout``.
+        timeout: seconds to wait for a live holder.
+        abandoned_after: a lock without heartbeat (from a transferkit before heartbeats)
+            older than this many seconds is taken as abandoned and broken; None: ``timeout``.
+        lease: seconds without a heartbeat after which a lock is broken.
+
+    Yields:
+        The heartbeat: ``check()`` raises RegistryError if the lock was broken meanwhile.
 
     Raises:
-        RegistryError: another registration held the lock for the whole ``timeout``.
+        RegistryError: a live registration held the lock for the whole ``timeout``.
     """
     import random
 
@@ -131,52 +203,79 @@ def promotion_lock(
     lock = name + LOCK_SUFFIX
     deadline = time.monotonic() + timeout
     delay = 0.2
-    while True:
-        try:
-            client.create_registered_model(
-                lock, tags={TAG + "lock_holder": holder}, description=f"held by {holder}"
-            )
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        try:
-            held = client.get_registered_model(lock)
-        except MlflowException as exc:
-            if exc.error_code in _ABSENT:
-                continue  # released in the meantime
-            raise
-        owner = held.tags.get(TAG + "lock_holder", "?")
-        if owner == holder:
-            # This run's own lock, left by an attempt the server died under: a retry of the
-            # step takes it over instead of waiting for it to lapse.
-            log.warning("taking over the promotion lock of %s an earlier attempt left", name)
-            break
-        age = time.time() - held.creation_timestamp / 1000
-        if age > (timeout if abandoned_after is None else abandoned_after):
-            log.warning("breaking the promotion lock of %s held %.0f s by %s", name, age, owner)
-            with contextlib.suppress(MlflowException):
-                client.delete_registered_model(lock)
-            continue
-        if time.monotonic() > deadline:
-            raise RegistryError(
-                f"registered model '{name}' is being promoted by {owner} for {age:.0f} s; retry "
-                f"later, or delete the registered model '{lock}' if that run is dead"
-            )
-        time.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 1.5, 5.0)
+    seen: tuple[str, float] | None = None  # the holder's heartbeat, and when it was first seen
+    acquired = False
+    heartbeat = Heartbeat(client, lock, holder, lease / 5)
     try:
-        yield
+        while True:
+            try:
+                client.create_registered_model(
+                    lock,
+                    tags={LOCK_HOLDER: holder, LOCK_HEARTBEAT: f"0 {time.time():.3f}"},
+                    description=f"held by {holder}",
+                )
+                acquired = True
+                break
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            try:
+                held = client.get_registered_model(lock)
+            except MlflowException as exc:
+                if exc.error_code in _ABSENT:
+                    continue  # released in the meantime
+                raise
+            owner = held.tags.get(LOCK_HOLDER, "?")
+            if owner == holder:
+                # This run's own lock, left by an attempt the server died under: a retry of
+                # the step takes it over instead of waiting for it to lapse.
+                log.warning("taking over the promotion lock of %s an earlier attempt left", name)
+                acquired = True
+                break
+            age = time.time() - held.creation_timestamp / 1000
+            beat = held.tags.get(LOCK_HEARTBEAT)
+            stale = None
+            if beat is None:  # a holder from before heartbeats: only the lock's age tells
+                if age > (timeout if abandoned_after is None else abandoned_after):
+                    stale = f"held {age:.0f} s with no heartbeat"
+            elif seen is None or seen[0] != beat:
+                seen = (beat, time.monotonic())
+            elif time.monotonic() - seen[1] > lease:
+                stale = (
+                    f"its heartbeat stopped: unchanged for {time.monotonic() - seen[1]:.1f} s "
+                    f"(registry.lock_lease {lease:g} s)"
+                )
+            if stale is not None:
+                log.warning("breaking the promotion lock of %s held by %s: %s", name, owner, stale)
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+                heartbeat.broken.append(owner)
+                seen = None
+                continue
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"registered model '{name}' is being promoted by {owner} for {age:.0f} s; "
+                    f"retry later, or delete the registered model '{lock}' if that run is dead"
+                )
+            time.sleep(min(delay * (0.5 + random.random()), lease / 3))
+            delay = min(delay * 1.5, 5.0)
+        heartbeat.start()
+        yield heartbeat
     finally:
-        try:
-            client.delete_registered_model(lock)
-        except Exception as exc:  # the registration's own outcome matters more
-            log.error(
-                "could not release the promotion lock of %s (%s); it lapses after %d s",
-                name,
-                exc,
-                timeout,
-            )
+        heartbeat.stopped.set()
+        if heartbeat.is_alive():
+            heartbeat.join(timeout=1)  # no beat written after the release, unless one hangs
+        if acquired:
+            try:
+                client.delete_registered_model(lock)
+            except Exception as exc:  # the registration's own outcome matters more
+                log.error(
+                    "could not release the promotion lock of %s (%s); the next registration "
+                    "breaks it %g s after its heartbeat stops",
+                    name,
+                    exc,
+                    lease,
+                )
 
 
 def _client(config: PipelineConfig) -> Any:
@@ -540,7 +639,7 @@ def _log_sweep(
             ):
                 mlflow.log_params({k: v[:MAX_PARAM] for k, v in flatten(branch_config).items()})
                 mlflow.log_metrics(_metrics({"scores": row["scores"]}, training))
-    except Exception:
+    except BaseException:
         mlflow.end_run("FAILED")
         raise
     return parent
@@ -651,19 +750,93 @@ def _log_run(
             client.set_registered_model_alias(
                 config.registry.model_name, "challenger", version.version
             )
-        except Exception:
-            if version is not None:
-                _delete_version(client, config.registry.model_name, version.version)
+        except BaseException:  # SIGTERM (Terminated) and KeyboardInterrupt included
+            _delete_versions(client, config.registry.model_name, run.info.run_id, version)
             raise
     return run.info.run_id, version, None if parent is None else parent.info.run_id
 
 
-def _delete_version(client: Any, name: str, version: str) -> None:
+def _delete_versions(client: Any, name: str, run_id: str, version: Any | None) -> None:
+    """Delete what run ``run_id`` registered: ``version``, or when its number never came back
+    (SIGTERM or a lost answer after the server created it) the versions found by the run."""
     try:
-        client.delete_model_version(name, version)
-        log.warning("deleted half-registered version %s of %s", version, name)
+        numbers = (
+            [str(version.version)]
+            if version is not None
+            else [
+                str(v.version)
+                for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+            ]
+        )
     except Exception as exc:  # the original error matters more than the cleanup's
-        log.error("could not delete version %s of %s: %s", version, name, exc)
+        log.error("could not look for versions of %s that run %s registered: %s", name, run_id, exc)
+        return
+    for number in numbers:
+        try:
+            client.delete_model_version(name, number)
+            log.warning("deleted half-registered version %s of %s", number, name)
+        except Exception as exc:
+            log.error("could not delete version %s of %s: %s", number, name, exc)
+
+
+# What a full disk (or quota, or file size limit) raises.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@dataclasses.dataclass
+class _Attempt:
+    """What this registration attempt created, undone if it fails before it stands."""
+
+    run_id: str | None = None
+    version: Any | None = None
+    sweep_run_id: str | None = None
+    stands: bool = False  # the champion decision is applied: nothing is undone any more
+
+
+@contextlib.contextmanager
+def _undone_on_failure(client: Any, name: str) -> Iterator[_Attempt]:
+    """Undo the attempt on any failure inside, SIGTERM (Terminated) included: every run this
+    process left open ends FAILED, and a version the attempt registered is deleted and its
+    run (closed FINISHED) marked FAILED. Enter it under the promotion lock, so no other
+    registration sees the version meanwhile."""
+    import mlflow
+
+    attempt = _Attempt()
+    try:
+        yield attempt
+    except BaseException:
+        while mlflow.active_run() is not None:  # struck inside start_run or _log_run's body
+            try:
+                mlflow.end_run("FAILED")  # pops the run first: the loop ends
+            except Exception as exc:
+                log.error("could not mark an MLflow run FAILED: %s", exc)
+        if not attempt.stands and attempt.run_id is not None:
+            _delete_versions(client, name, attempt.run_id, attempt.version)
+            for run_id in (attempt.run_id, attempt.sweep_run_id):
+                if run_id is not None:
+                    try:
+                        client.set_terminated(run_id, "FAILED")
+                    except Exception as exc:
+                        log.error("could not mark MLflow run %s FAILED: %s", run_id, exc)
+        raise
+
+
+def _fail_abandoned(client: Any, config: PipelineConfig, holder: str) -> None:
+    """The runs a killed registration (whose lock was broken) left RUNNING end FAILED, and
+    the versions they registered are deleted: none of them got as far as the promotion."""
+    experiment = client.get_experiment_by_name(config.registry.experiment)
+    if experiment is None:
+        return
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{TAG}pipeline_run_id` = '{holder}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        _delete_versions(client, config.registry.model_name, run.info.run_id, None)
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning(
+            "marked MLflow run %s of the killed registration %s FAILED", run.info.run_id, holder
+        )
 
 
 def _requirements() -> list[str]:
@@ -704,7 +877,11 @@ def _log_drift_reference(
     vectors = embed(model, tokenizer, card, sample, config.evaluation.batch_size, precision)
     with tempfile.TemporaryDirectory(prefix="transferkit-drift-") as scratch:
         path = Path(scratch) / Path(REFERENCE_PATH).name
-        np.save(path, vectors.astype(np.float32))
+        # Through Python's write: numpy's own writer reports a full disk as a short write
+        # with no errno, which no caller can tell from any other failure.
+        buffer = io.BytesIO()
+        np.save(buffer, vectors.astype(np.float32))
+        path.write_bytes(buffer.getvalue())
         mlflow.log_artifact(str(path), artifact_path=str(Path(REFERENCE_PATH).parent))
 
 
@@ -809,6 +986,8 @@ def register_model(
     """
     from mlflow.exceptions import MlflowException
 
+    from transferkit.training.model import model_fingerprint
+
     started = time.perf_counter()
     name = config.registry.model_name
     evaluation = storage.read_json(evaluation_dir / "evaluation.json")
@@ -816,7 +995,7 @@ def register_model(
     metric = config.evaluation.primary_metric
     metrics = _metrics(evaluation, training)
     value = metrics[f"test_{metric}"]
-    fingerprint = storage.sha256_tree(model_dir)
+    fingerprint = model_fingerprint(model_dir)
     stats = storage.read_json(dataset_dir / "stats.json")
     sweep = read_sweep(evaluation_dir)
     selected = None
@@ -837,10 +1016,18 @@ def register_model(
     }
     if selected is not None:
         tags.update(_branch_tags(selected, pipeline_run_id))
-    with http_policy(config):
+    registry = config.registry
+    with sigterm_raises(f"the registration of '{name}'"), http_policy(config):
         try:
             client = _client(config)
-            with promotion_lock(client, name, pipeline_run_id, config.registry.lock_timeout):
+            with (
+                promotion_lock(
+                    client, name, pipeline_run_id, registry.lock_timeout, lease=registry.lock_lease
+                ) as lock,
+                _undone_on_failure(client, name) as attempt,
+            ):
+                for dead in lock.broken:
+                    _fail_abandoned(client, config, dead)
                 existing = _find_version(client, name, fingerprint)
                 champion = _champion(client, name)
                 previous = None if champion is None else str(champion.version)
@@ -864,13 +1051,20 @@ def register_model(
                             "gate_ci_high": comparison.ci_high,
                         }
                     )
-                tags[TAG + "gate"] = config.registry.gate
+                tags[TAG + "gate"] = registry.gate
                 verdict = "promoted: " if promote else "held: "
                 tags[TAG + "gate_decision"] = verdict + reason[:4000]
                 sweep_run_id = None
                 if existing is not None:
                     run_id, version, reused = existing.run_id, existing, True
                     log.info("identical model already registered as %s v%s", name, version.version)
+                    stamp = tags[TAG + "data_stamp"]
+                    if stamp and existing.tags.get(TAG + "data_stamp") != stamp:
+                        # The same weights from other sources: the trigger compares the
+                        # champion's stamp with the sources, which this model now matches.
+                        client.set_model_version_tag(
+                            name, existing.version, TAG + "data_stamp", stamp
+                        )
                 else:
                     paths = {
                         "model": model_dir,
@@ -882,29 +1076,43 @@ def register_model(
                     run_id, version, sweep_run_id = _log_run(
                         config, client, experiment_id, paths, tags, metrics
                     )
-                    reused = False
-                if promote and previous != str(version.version):
-                    client.set_registered_model_alias(name, "champion", version.version)
+                    attempt.run_id, attempt.version = run_id, version
+                    attempt.sweep_run_id, reused = sweep_run_id, False
+                result = RegistrationResult(
+                    model_name=name,
+                    version=str(version.version),
+                    model_uri=f"models:/{name}/{version.version}",
+                    champion_uri=f"models:/{name}@champion",
+                    run_id=run_id,
+                    tracking_uri=redact(config.tracking_uri),
+                    champion=promote,
+                    reason=reason,
+                    previous_champion=previous,
+                    metrics=metrics,
+                    scores=evaluation["scores"],
+                    comparison=comparison,
+                    reused=reused,
+                    seconds=round(time.perf_counter() - started, 3),
+                    sweep_run_id=sweep_run_id,
+                )
+                # The result is written before the champion moves, and moved into place
+                # after: a full disk fails the step here, with nothing promoted.
+                with storage.atomic_file(output_path) as staged:
+                    storage.write_json(staged, result.model_dump())
+                    lock.check()
+                    if promote and previous != str(version.version):
+                        client.set_registered_model_alias(name, "champion", version.version)
+                    attempt.stands = True
         except (MlflowException, ConnectionError) as exc:
             raise _registry_error(config, exc) from None
-    result = RegistrationResult(
-        model_name=name,
-        version=str(version.version),
-        model_uri=f"models:/{name}/{version.version}",
-        champion_uri=f"models:/{name}@champion",
-        run_id=run_id,
-        tracking_uri=redact(config.tracking_uri),
-        champion=promote,
-        reason=reason,
-        previous_champion=previous,
-        metrics=metrics,
-        scores=evaluation["scores"],
-        comparison=comparison,
-        reused=reused,
-        seconds=round(time.perf_counter() - started, 3),
-        sweep_run_id=sweep_run_id,
-    )
-    storage.write_json(output_path, result.model_dump())
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise RegistryError(
+                    f"the registration of '{name}' failed writing "
+                    f"{exc.filename or 'a file'}: {exc.strerror}; free space on that "
+                    "volume (or TMPDIR), then retry the run"
+                ) from None
+            raise
     log.info(
         "registered %s version %s (%s): %s",
         name,

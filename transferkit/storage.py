@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
@@ -637,15 +637,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: Path, known: dict[str, str] | None = None) -> str:
+def sha256_tree(root: Path, known: dict[str, str] | None = None, skip: Collection[str] = ()) -> str:
     """sha256 over a folder: relative names and file contents, in sorted order.
 
-    ``known`` maps relative names to file hashes already computed, which are not redone.
+    ``known`` maps relative names to file hashes already computed, which are not redone;
+    ``skip`` names relative paths left out.
     """
     known = known or {}
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
+        if rel in skip:
+            continue
         digest.update(rel.encode() + b"\0")
         digest.update((known.get(rel) or sha256_file(path)).encode() + b"\n")
     return digest.hexdigest()

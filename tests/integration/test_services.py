@@ -3,10 +3,17 @@ real ``mlflow server`` tracking over HTTP with its artifacts in that S3 store.""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import multiprocessing
 import re
+import signal
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from transferkit import storage
 from transferkit.cli import main
 from transferkit.config import PipelineConfig, StorageConfig
 from transferkit.errors import RegistryError, StorageError
-from transferkit.registry import LOCK_SUFFIX, register_model
+from transferkit.registry import LOCK_SUFFIX, promotion_lock, register_model
 from transferkit.training.checkpoint import Checkpoints
 
 pytestmark = pytest.mark.integration
@@ -282,6 +289,194 @@ def test_a_store_that_stops_answering_fails_a_read_after_bounded_retries(
     assert message.startswith(f"s3://{BUCKET}/sst2/train.tsv: S3 request failed")
     assert "\n" not in message
     assert list((tmp_path / "in").iterdir()) == []  # no half-written file
+
+
+# register_model in a child process, as a pipeline step's container runs it. With
+# ``file_size_limit`` it stands in for a full disk: RLIMIT_FSIZE with SIGXFSZ ignored makes
+# every write past the limit fail with OSError EFBIG, as ENOSPC fails them on a full volume.
+STEP = """
+import json, logging, resource, signal, sys
+from pathlib import Path
+from transferkit.config import PipelineConfig
+from transferkit.errors import TransferkitError
+from transferkit.registry import register_model
+job = json.loads(sys.argv[1])
+logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+if job["file_size_limit"]:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (job["file_size_limit"],) * 2)
+try:
+    register_model(PipelineConfig.model_validate(job["config"]), *map(Path, job["paths"]),
+                   job["run_id"], Path(job["out"]))
+except TransferkitError as exc:
+    print(str(exc))  # as the CLI does: one line
+    sys.exit(1)
+"""
+
+
+def registration_step(
+    config: PipelineConfig, evaluated: tuple, run_id: str, out: Path, file_size_limit: int = 0
+) -> subprocess.Popen:
+    _, artifacts, evaluation = evaluated
+    paths = [artifacts / "dataset", artifacts / "backbone", artifacts / "model", evaluation]
+    job = {
+        "config": config.model_dump(mode="json"),
+        "paths": [str(p) for p in paths],
+        "run_id": run_id,
+        "out": str(out),
+        "file_size_limit": file_size_limit,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", STEP, json.dumps(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+class Stall:
+    """Holds the first request ``matches`` accepts (a server gone quiet mid-request) until
+    ``release``, then drops it; ``reached`` is set when it arrives."""
+
+    def __init__(self, matches: Callable[[str, str], bool]) -> None:
+        self.matches = matches
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, method: str, path: str) -> bool:
+        if self.reached.is_set() or not self.matches(method, path):
+            return False
+        self.reached.set()
+        self.release.wait(300)
+        return True
+
+
+@contextlib.contextmanager
+def a_step_holding_the_lock(
+    server: MlflowServer, evaluated: tuple, name: str, run_id: str, out: Path
+) -> Iterator[subprocess.Popen]:
+    """A registration step in a child process, caught after it registered its version while
+    it waits on the server for the version's alias: it holds the promotion lock and its
+    MLflow run is RUNNING."""
+    proxy = FaultProxy(server.url)
+    stall = Stall(lambda method, path: method == "POST" and "registered-models/alias" in path)
+    proxy.drop = stall
+    try:
+        step = registration_step(on_server(evaluated[0], proxy.url, name), evaluated, run_id, out)
+        deadline = time.monotonic() + 600
+        while not stall.reached.wait(0.5):
+            if step.poll() is not None or time.monotonic() > deadline:
+                step.kill()
+                pytest.fail(f"the step never reached its alias: {step.communicate()[0][-3000:]}")
+        yield step
+    finally:
+        stall.release.set()
+        proxy.close()
+
+
+def step_runs(client: MlflowClient, run_id: str) -> list[str]:
+    experiment = client.get_experiment_by_name("transferkit")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`transferkit.pipeline_run_id` = '{run_id}'"
+    )
+    return [r.info.status for r in runs]
+
+
+def lock_wait(url: str, name: str) -> float:
+    """Seconds the next registration waits for the promotion lock."""
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    started = time.monotonic()
+    with promotion_lock(client, name, "the-next-run", timeout=900):
+        return time.monotonic() - started
+
+
+def test_a_registration_stopped_with_sigterm_releases_everything_and_the_next_goes_at_once(
+    tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
+) -> None:
+    out = tmp_path / "r"
+    with a_step_holding_the_lock(mlflow_server, evaluated, "sigterm", "terminated", out) as step:
+        client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+        assert len(registered(mlflow_server.url, "sigterm")) == 1
+        assert step_runs(client, "terminated") == ["RUNNING"]
+        step.send_signal(signal.SIGTERM)  # what Kubernetes sends first
+        output = step.communicate(timeout=120)[0]
+    assert step.returncode == 143, output[-3000:]  # 128 + SIGTERM, after cleaning up
+    assert "deleted half-registered version 1 of sigterm" in output, output[-3000:]
+    assert registered(mlflow_server.url, "sigterm") == []
+    assert step_runs(client, "terminated") == ["FAILED"]
+    assert client.search_registered_models("name = 'sigterm.transferkit-lock'") == []
+    assert not (tmp_path / "r").exists()
+    waited = lock_wait(mlflow_server.url, "sigterm")
+    print(f"after SIGTERM the next registration waited {waited:.2f} s for the lock")
+    assert waited < 30  # the issue's bound; the lock is gone, so it is taken at once
+    config = on_server(evaluated[0], mlflow_server.url, "sigterm")
+    result = register_through(config, evaluated, tmp_path / "next.json")
+    assert (result.version, result.champion, result.reused) == ("2", True, False)
+
+
+def test_a_registration_killed_with_sigkill_is_broken_within_the_lease_and_said_so(
+    tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
+) -> None:
+    out = tmp_path / "r"
+    with a_step_holding_the_lock(mlflow_server, evaluated, "sigkill", "killed", out) as step:
+        step.kill()  # SIGKILL: nothing runs, the lock, version and RUNNING run stay
+        step.communicate(timeout=60)
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert client.get_registered_model("sigkill.transferkit-lock").tags["transferkit.lock_holder"]
+    assert len(registered(mlflow_server.url, "sigkill")) == 1
+
+    lines: list[tuple[float, str]] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((record.created, record.getMessage()))
+
+    handler = Lines(logging.INFO)
+    logging.getLogger("transferkit.registry").addHandler(handler)
+    config = on_server(evaluated[0], mlflow_server.url, "sigkill")
+    assert config.registry.lock_lease == 15  # the default, measured
+    started = time.time()
+    try:
+        result = register_through(config, evaluated, tmp_path / "next.json")
+    finally:
+        logging.getLogger("transferkit.registry").removeHandler(handler)
+    [(broken_at, line)] = [(t, x) for t, x in lines if x.startswith("breaking")]
+    assert line.startswith(
+        "breaking the promotion lock of sigkill held by killed: its heartbeat stopped: "
+        "unchanged for 1"
+    ), line
+    assert line.endswith(" s (registry.lock_lease 15 s)"), line
+    blocked = broken_at - started
+    print(f"after SIGKILL the next registration was blocked {blocked:.1f} s: {line}")
+    assert 15 <= blocked < 30  # the lease, within the issue's bound
+    # The killed run never got to the promotion: it ends FAILED and its version goes.
+    assert step_runs(client, "killed") == ["FAILED"]
+    assert (result.version, result.champion, result.reused) == ("2", True, False)
+    assert [v.version for v in registered(mlflow_server.url, "sigkill")] == ["2"]
+    assert client.search_registered_models("name = 'sigkill.transferkit-lock'") == []
+
+
+def test_a_full_disk_during_registration_fails_it_in_one_line_with_nothing_held(
+    tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
+) -> None:
+    config = on_server(evaluated[0], mlflow_server.url, "disk-full")
+    # 1 MiB: the run starts and logs its params and small files, then the drift reference
+    # (1.5 MiB) is the first write that does not fit.
+    step = registration_step(config, evaluated, "disk-full", tmp_path / "r", 1 << 20)
+    output = step.communicate(timeout=600)[0]
+    assert step.returncode == 1, output[-3000:]
+    message = output.strip().splitlines()[-1]
+    assert message.startswith("the registration of 'disk-full' failed writing "), output[-3000:]
+    assert message.endswith(
+        ": File too large; free space on that volume (or TMPDIR), then retry the run"
+    )
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert step_runs(client, "disk-full") == ["FAILED"]
+    assert registered(mlflow_server.url, "disk-full") == []
+    assert client.search_registered_models("name = 'disk-full.transferkit-lock'") == []
+    waited = lock_wait(mlflow_server.url, "disk-full")
+    print(f"after a full disk the next registration waited {waited:.2f} s for the lock")
+    assert waited < 30
 
 
 def register_in_a_process(job: tuple[dict, list[str], str, str]) -> str:

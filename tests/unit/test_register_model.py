@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -15,7 +18,14 @@ from tests.conftest import biased_model
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import RegistryError
-from transferkit.registry import LOCK_SUFFIX, promotion_lock, redact, register_model
+from transferkit.registry import (
+    LOCK_HEARTBEAT,
+    LOCK_HOLDER,
+    LOCK_SUFFIX,
+    promotion_lock,
+    redact,
+    register_model,
+)
 
 
 def with_store(config: PipelineConfig, tmp_path: Path) -> PipelineConfig:
@@ -108,6 +118,68 @@ def test_identical_model_reuses_its_version(tmp_path: Path, evaluated: tuple) ->
     assert again.reason == "already the champion"
     client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
     assert len(client.search_model_versions("name = 'sst2-test'")) == 1
+
+
+def test_the_same_weights_retrained_reuse_their_version_other_weights_do_not(
+    tmp_path: Path, evaluated: tuple, probe_run: tuple
+) -> None:
+    """The model fingerprint covers what the model computes, not how long it took."""
+    from transferkit.training import train
+
+    config, artifacts, evaluation = evaluated
+    config = with_store(config, tmp_path)
+    first = register(config, artifacts, evaluation, tmp_path / "r1.json")
+    # Retrained for real with the same seed: the same weights, other wall-clock seconds.
+    retrained = tmp_path / "retrained"
+    train(config, artifacts / "dataset", artifacts / "backbone", artifacts / "features", retrained)
+    before = storage.read_json(artifacts / "model" / "training.json")
+    record = storage.read_json(retrained / "training.json")
+    assert (retrained / "head.safetensors").read_bytes() == (
+        artifacts / "model" / "head.safetensors"
+    ).read_bytes()
+    # Timings and provenance differ as they would on another node and another day.
+    record["seconds"] = before["seconds"] + 12.5
+    storage.write_json(retrained / "training.json", record)
+    card = storage.read_json(retrained / "transferkit.json")
+    card["environment"] = {**card["environment"], "torch_threads": "64", "device": "cuda"}
+    storage.write_json(retrained / "transferkit.json", card)
+    assert record != before
+    # ... and from sources whose stamp changed (the same bytes): the trigger then sees the
+    # reused champion as trained on them.
+    dataset = Path(shutil.copytree(artifacts / "dataset", tmp_path / "dataset"))
+    stats = storage.read_json(dataset / "stats.json")
+    stats["source_stamp"] = "re-uploaded"
+    storage.write_json(dataset / "stats.json", stats)
+    again = register_model(
+        config,
+        dataset,
+        artifacts / "backbone",
+        retrained,
+        evaluation,
+        "run-2",
+        tmp_path / "r2.json",
+    )
+    assert (again.reused, again.version) == (True, first.version)
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'sst2-test'")] == ["1"]
+    assert client.get_model_version("sst2-test", "1").tags["transferkit.data_stamp"] == (
+        "re-uploaded"
+    )
+
+    # One weight changed: another model, another version.
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(str(retrained / "head.safetensors"))
+    head["weight"][0, 0] += 1e-3
+    save_file(head, str(retrained / "head.safetensors"))
+    other = register(config, artifacts, evaluation, tmp_path / "r3.json", "run-3", retrained)
+    assert (other.reused, other.version) == (False, "2")
+    # So do the labels it serves, even with the same weights.
+    relabelled_model = relabelled(artifacts / "model", tmp_path / "relabelled")
+    renamed = register(
+        config, artifacts, evaluation, tmp_path / "r4.json", "run-4", relabelled_model
+    )
+    assert (renamed.reused, renamed.version) == (False, "3")
 
 
 def test_champion_moves_only_to_a_significantly_better_model(
@@ -230,9 +302,9 @@ def test_promotion_lock_takes_turns_and_breaks_an_abandoned_lock(tmp_path: Path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with promotion_lock(client, "m", "run-a", timeout=60):
-        assert client.get_registered_model("m" + LOCK_SUFFIX).tags == {
-            "transferkit.lock_holder": "run-a"
-        }
+        tags = client.get_registered_model("m" + LOCK_SUFFIX).tags
+        assert tags["transferkit.lock_holder"] == "run-a"
+        assert tags["transferkit.lock_heartbeat"].startswith("0 ")
         with (
             pytest.raises(RegistryError) as caught,
             promotion_lock(client, "m", "run-b", 0.5, 3600),
@@ -257,3 +329,102 @@ def test_promotion_lock_takes_turns_and_breaks_an_abandoned_lock(tmp_path: Path)
     with promotion_lock(client, "m", "run-c", timeout=60, abandoned_after=1):
         holder = client.get_registered_model("m" + LOCK_SUFFIX).tags["transferkit.lock_holder"]
         assert holder == "run-c"
+
+
+class LogLines(logging.Handler):
+    """The registry's log lines, whatever handlers the CLI configured before."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def registry_log() -> Iterator[list[str]]:
+    handler = LogLines()
+    logger = logging.getLogger("transferkit.registry")
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def beating(client: MlflowClient, lock: str, stop: threading.Event, skew: float) -> None:
+    """A live holder's heartbeat, written by a host whose clock is ``skew`` seconds off."""
+    beat = 0
+    while not stop.wait(0.3):
+        beat += 1
+        client.set_registered_model_tag(lock, LOCK_HEARTBEAT, f"{beat} {time.time() + skew:.3f}")
+
+
+def test_a_lock_whose_heartbeat_stopped_is_broken_within_the_lease_a_live_one_is_not(
+    tmp_path: Path, registry_log: list[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lock = "m" + LOCK_SUFFIX
+    # A holder killed with SIGKILL: its heartbeat never moves again. The waiter breaks the
+    # lock after the lease by its own clock, however young the lock looks.
+    client.create_registered_model(lock, tags={LOCK_HOLDER: "killed", LOCK_HEARTBEAT: "7 1.0"})
+    started = time.monotonic()
+    with promotion_lock(client, "m", "next", timeout=60, lease=2) as held:
+        waited = time.monotonic() - started
+        assert client.get_registered_model(lock).tags[LOCK_HOLDER] == "next"
+        assert held.broken == ["killed"]
+    assert 2 <= waited < 60  # the lease, not the timeout
+    [line] = [x for x in registry_log if x.startswith("breaking")]
+    assert line.startswith(
+        "breaking the promotion lock of m held by killed: its heartbeat stopped: unchanged for 2."
+    ), line
+    assert line.endswith(" s (registry.lock_lease 2 s)")
+    assert client.search_registered_models() == []
+
+    # A live holder on a host whose clock is an hour behind (or ahead): its heartbeat
+    # changes, so it is waited for up to the timeout and never broken, whatever its stamps.
+    for skew in (-3600.0, 3600.0):
+        client.create_registered_model(lock, tags={LOCK_HOLDER: "alive", LOCK_HEARTBEAT: "0 0"})
+        stop = threading.Event()
+        thread = threading.Thread(target=beating, args=(client, lock, stop, skew))
+        thread.start()
+        try:
+            with (
+                pytest.raises(RegistryError, match="is being promoted by alive"),
+                promotion_lock(client, "m", "waiter", timeout=4, lease=2),
+            ):
+                pass
+        finally:
+            stop.set()
+            thread.join()
+        assert client.get_registered_model(lock).tags[LOCK_HOLDER] == "alive"
+        client.delete_registered_model(lock)
+    assert not [x for x in registry_log if x.startswith("breaking")][1:]
+
+
+def test_the_holder_beats_and_learns_when_its_lock_was_broken(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    lock = "m" + LOCK_SUFFIX
+    with promotion_lock(client, "m", "holder", timeout=60, lease=2) as held:
+        first = client.get_registered_model(lock).tags[LOCK_HEARTBEAT]
+        deadline = time.monotonic() + 30
+        while client.get_registered_model(lock).tags[LOCK_HEARTBEAT] == first:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.1)
+        held.check()  # still its own
+        # Broken by a waiter that took it for dead, and taken by another run.
+        client.delete_registered_model(lock)
+        client.create_registered_model(lock, tags={LOCK_HOLDER: "other"})
+        while held.lost is None:
+            assert time.monotonic() < deadline, "the loss went unnoticed"
+            time.sleep(0.1)
+        with pytest.raises(RegistryError) as caught:
+            held.check()
+        assert str(caught.value).startswith(
+            "the promotion lock m.transferkit-lock was lost: it was broken and is now held by other"
+        )
+        # Its heartbeat is not written on the other run's lock.
+        assert LOCK_HEARTBEAT not in client.get_registered_model(lock).tags

@@ -8,10 +8,12 @@ loader::
     head.safetensors   linear head: weight [labels, hidden], bias [labels]
     transferkit.json   task, labels, strategy, provenance; text: pooling, normalisation, max
                        length; images: the input adaptation (size, channels, mean, std)
+    training.json      the run's record: seconds, metrics, history (not part of the model)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,16 @@ from transferkit.errors import TransferkitError
 from transferkit.metrics import softmax
 
 MODEL_FORMAT = 1
+CARD = "transferkit.json"
+RUN_RECORD = "training.json"
+# Card fields that say where a model came from, not what it computes.
+PROVENANCE = (
+    "strategy",
+    "backbone_source",
+    "backbone_fingerprint",
+    "data_fingerprint",
+    "environment",
+)
 
 
 class ModelCard(BaseModel):
@@ -124,8 +136,22 @@ def save_classifier(
         hf_config["label2id"] = {name: i for i, name in enumerate(card.labels)}
         storage.write_json(target / "config.json", hf_config)
         save_head(head, tmp / "head.safetensors")
-        storage.write_json(tmp / "transferkit.json", card.model_dump())
-        storage.write_json(tmp / "training.json", report)
+        storage.write_json(tmp / CARD, card.model_dump())
+        storage.write_json(tmp / RUN_RECORD, report)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 of what decides a model folder's served outputs: every file of the encoder
+    (weights, configs, tokenizer or processor files), the head, and the card without its
+    provenance (labels, pooling, normalisation, max length, image input). The run record
+    (training.json: seconds, metrics) and the card's strategy, sources, fingerprints and
+    environment are left out, so the same weights hash alike however long they took.
+    Every other file counts: a file added to the layout changes the hash rather than being
+    ignored."""
+    card = json.loads((model_dir / CARD).read_text())
+    behaviour = {key: value for key, value in card.items() if key not in PROVENANCE}
+    card_hash = hashlib.sha256(json.dumps(behaviour, sort_keys=True).encode()).hexdigest()
+    return storage.sha256_tree(model_dir, known={CARD: card_hash}, skip={RUN_RECORD})
 
 
 def save_image_encoder(encoder: ImageEncoder, source_dir: Path, target: Path) -> None:
