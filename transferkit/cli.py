@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transferkit import termination
 from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     """Log transferkit's records as plain lines on stderr (entry points only: CLI, components).
 
     The format is stable: ``transferkit run`` recognises step log lines by it. Being every
-    entry point's first call, it also makes SIGTERM end the process by ``SystemExit`` (see
-    ``_exit_on_sigterm``).
+    entry point's first call, it also makes SIGTERM end the process by ``errors.Terminated`` (see
+    ``termination.exit_on_sigterm``).
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -49,28 +50,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     root.propagate = False
     _quick_exit()
-    _exit_on_sigterm()
-
-
-def _exit_on_sigterm() -> None:
-    """SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot.
-
-    ``transferkit run`` stops an interrupted step with SIGTERM (and a cluster stops a pod
-    with it): unwinding runs the ``finally`` blocks, so ``storage.atomic_dir`` removes its
-    half-written folder and a registration releases its promotion lock. SIGKILL follows if
-    that takes too long. A handler someone else installed is left alone.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _sigterm)
-
-
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    termination.exit_on_sigterm()
 
 
 _exit_freeze_registered = False
