@@ -407,8 +407,9 @@ def test_a_registration_stopped_with_sigterm_releases_everything_and_the_next_go
     assert client.search_registered_models("name = 'sigterm.transferkit-lock'") == []
     assert not (tmp_path / "r").exists()
     waited = lock_wait(mlflow_server.url, "sigterm")
+    # Printed for the README's figure, not asserted (tests assert no timings): the lock is
+    # gone (asserted above), so nothing can make the next registration wait for it.
     print(f"after SIGTERM the next registration waited {waited:.2f} s for the lock")
-    assert waited < 30  # the bound; the lock is gone, so it is taken at once
     config = on_server(evaluated[0], mlflow_server.url, "sigterm")
     result = register_through(config, evaluated, tmp_path / "next.json")
     assert (result.version, result.champion, result.reused) == ("2", True, False)
@@ -448,7 +449,9 @@ def test_a_registration_killed_with_sigkill_is_broken_within_the_lease_and_said_
     assert line.endswith(" s (registry.lock_lease 15 s)"), line
     blocked = broken_at - started
     print(f"after SIGKILL the next registration was blocked {blocked:.1f} s: {line}")
-    assert 15 <= blocked < 30  # the lease, within the bound
+    # Broken by the heartbeat's lease (the line above), never before it; how long past it is
+    # printed for the README, not asserted (tests assert no timings).
+    assert blocked >= 15
     # The killed run never got to the promotion: it ends FAILED and its version goes.
     assert step_runs(client, "killed") == ["FAILED"]
     assert (result.version, result.champion, result.reused) == ("2", True, False)
@@ -476,7 +479,6 @@ def test_a_full_disk_during_registration_fails_it_in_one_line_with_nothing_held(
     assert client.search_registered_models("name = 'disk-full.transferkit-lock'") == []
     waited = lock_wait(mlflow_server.url, "disk-full")
     print(f"after a full disk the next registration waited {waited:.2f} s for the lock")
-    assert waited < 30
 
 
 def register_in_a_process(job: tuple[dict, list[str], str, str]) -> str:
