@@ -108,12 +108,18 @@ def machine(device: str = "cpu", smoke: bool = False) -> dict[str, Any]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
         size = SMOKE_MATMUL_SIZE if smoke else 8192
-        info["bf16_matmul_tflops"] = round(matmul_tflops(torch.bfloat16, "cuda", size), 1)
+        info["bf16_matmul_tflops"] = significant(matmul_tflops(torch.bfloat16, "cuda", size))
     else:
         size = SMOKE_MATMUL_SIZE if smoke else 2048
-        info["fp32_matmul_tflops"] = round(matmul_tflops(torch.float32, size=size), 3)
-        info["bf16_matmul_tflops"] = round(matmul_tflops(torch.bfloat16, size=size), 3)
+        info["fp32_matmul_tflops"] = significant(matmul_tflops(torch.float32, size=size))
+        info["bf16_matmul_tflops"] = significant(matmul_tflops(torch.bfloat16, size=size))
     return info
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits: a small rate (a smoke run's small matrices
+    on a busy machine) never rounds to 0, which figures are divided by."""
+    return float(f"{value:.{digits}g}")
 
 
 def smoke_data(

@@ -156,11 +156,10 @@ def main() -> int:
     report: dict = {
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "torch": torch.__version__,
-        "bf16_matmul_tflops": round(
+        "bf16_matmul_tflops": common.significant(
             common.matmul_tflops(torch.bfloat16, "cuda", 1024 if args.smoke else 8192)
             if on_gpu
-            else common.matmul_tflops(torch.bfloat16, "cpu", 256 if args.smoke else 1024),
-            3,
+            else common.matmul_tflops(torch.bfloat16, "cpu", 256 if args.smoke else 1024)
         ),
         "runs": [],
     }

@@ -20,7 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.bench
+# A smoke run takes seconds to a minute on an idle 2-core CPU; the limits only catch a hang,
+# on a machine that may be shared.
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 
 def bench(script: str, *args: str, data: Path | None = None) -> str:
@@ -34,7 +36,7 @@ def bench(script: str, *args: str, data: Path | None = None) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=3000,
         check=False,
     )
     assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
@@ -129,7 +131,7 @@ def test_gpu_check_smoke(tmp_path: Path, shared_data: Path) -> None:
         assert "no CUDA device: running on the CPU; no GPU figure is measured" in out
         assert result["device"] == "cpu"
     (extract,) = result["extract"]
-    assert extract["rows"] == {"train": 180, "validation": 20, "test": 100}
+    assert extract["rows"] == {"train": 190, "validation": 10, "test": 100}  # 5 % validation
     assert extract["texts_per_second"] > 0
     assert result["peer_extract"]["texts_per_second"] > 0
     (run,) = result["runs"]
