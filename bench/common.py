@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # package here; a GPU machine that has neither is given copies through these variables.
 SST2 = Path(os.environ.get("TRANSFERKIT_BENCH_SST2", ROOT.parent / "shared" / "data" / "sst2"))
 MINILM = os.environ.get("TRANSFERKIT_BENCH_MINILM")
+# --smoke: every script runs its real code path and its peer on this many SST-2 rows, so that
+# CI can run them all in a few minutes (tests/bench); its figures mean nothing.
+SMOKE_TRAIN_ROWS = 200
+SMOKE_TEST_ROWS = 100
+SMOKE_MATMUL_SIZE = 256
 
 
 def device() -> str:
@@ -86,8 +91,9 @@ def matmul_tflops(dtype: torch.dtype, device: str = "cpu", size: int = 2048) -> 
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def machine(device: str = "cpu") -> dict[str, Any]:
-    """Where a benchmark ran: processor, threads, library versions, measured matmul ceilings."""
+def machine(device: str = "cpu", smoke: bool = False) -> dict[str, Any]:
+    """Where a benchmark ran: processor, threads, library versions, measured matmul ceilings
+    (``smoke``: measured on small matrices, quickly and roughly)."""
     import transformers
 
     info: dict[str, Any] = {
@@ -101,11 +107,38 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["bf16_matmul_tflops"] = round(matmul_tflops(torch.bfloat16, "cuda", 8192), 1)
+        size = SMOKE_MATMUL_SIZE if smoke else 8192
+        info["bf16_matmul_tflops"] = significant(matmul_tflops(torch.bfloat16, "cuda", size))
     else:
-        info["fp32_matmul_tflops"] = round(matmul_tflops(torch.float32), 3)
-        info["bf16_matmul_tflops"] = round(matmul_tflops(torch.bfloat16), 3)
+        size = SMOKE_MATMUL_SIZE if smoke else 2048
+        info["fp32_matmul_tflops"] = significant(matmul_tflops(torch.float32, size=size))
+        info["bf16_matmul_tflops"] = significant(matmul_tflops(torch.bfloat16, size=size))
     return info
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits: a small rate (a smoke run's small matrices
+    on a busy machine) never rounds to 0, which figures are divided by."""
+    return float(f"{value:.{digits}g}")
+
+
+def smoke_data(
+    folder: Path,
+    train_rows: int = SMOKE_TRAIN_ROWS,
+    test_rows: int = SMOKE_TEST_ROWS,
+    source: Path | None = None,
+) -> Path:
+    """A tiny SST-2 in ``folder`` for a --smoke run: the first rows of train.tsv and dev.tsv
+    of ``source`` (default: SST2), copied line for line; from then on SST2 names it.
+    Returns ``folder``."""
+    global SST2
+    source = source or SST2
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.tsv", train_rows), ("dev.tsv", test_rows)):
+        lines = (source / name).read_text(encoding="utf-8").splitlines()[: rows + 1]
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    SST2 = folder
+    return folder
 
 
 def timed(function: Callable[[], Any]) -> tuple[float, Any]:
@@ -183,3 +216,19 @@ def save(path: Path | None, report: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
     print(text, file=sys.stderr)
+
+
+def main() -> int:
+    """Print the machine report (what every benchmark records) as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--smoke", action="store_true", help="small matrices: quick, rough")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    save(args.out, {"benchmark": "machine", "machine": machine(device(), args.smoke)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

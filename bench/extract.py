@@ -14,17 +14,19 @@ regression probe trained on each side's train vectors; and how busy the encoder'
 layers kept the matrix units (model FLOPs / time, against the measured bf16 matmul rate).
 
     python bench/extract.py [--rows 20000] [--repeats 3] [--out bench/results/extract.json]
+    python bench/extract.py --smoke       # the same on 200 + 100 rows, once (tests/bench)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -127,18 +129,28 @@ def main() -> int:
     parser.add_argument("--peer-batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny run: the first {common.SMOKE_TRAIN_ROWS} training and "
+        f"{common.SMOKE_TEST_ROWS} dev rows, one repetition (its figures mean nothing)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.repeats = common.SMOKE_TRAIN_ROWS, 1
     logging.basicConfig(level=logging.WARNING)
     from sentence_transformers import SentenceTransformer
 
     report: dict[str, Any] = {
         "benchmark": "extract",
-        "machine": common.machine(common.device()),
+        "machine": common.machine(common.device(), args.smoke),
         "runs": [],
     }
     print(f"machine: {report['machine']}")
     scratch = Path(tempfile.mkdtemp(prefix="tk-bench-extract-"))
     try:
+        if args.smoke:
+            common.smoke_data(scratch / "smoke-sst2")
         texts, labels = common.sst2_sentences(args.rows)
         data = scratch / "data"
         data.mkdir()
@@ -164,8 +176,12 @@ def main() -> int:
             run_cfg = config(work, data, args.overrides)
             shutil.rmtree(scratch / "features", ignore_errors=True)
             seconds, result = common.timed(
-                lambda c=run_cfg: extract_features(
-                    c, scratch / "dataset", scratch / "backbone", scratch / "features"
+                functools.partial(
+                    extract_features,
+                    run_cfg,
+                    scratch / "dataset",
+                    scratch / "backbone",
+                    scratch / "features",
                 )
             )
             assert not result.cache_hit
@@ -205,12 +221,13 @@ def main() -> int:
         tokenizer = peer_model.tokenizer
         every = [t for s in SPLITS for t in splits[s][0]]
         lengths = np.array([len(x) for x in tokenize(tokenizer, every, cfg.backbone.max_length)])
-        flops = common.encoder_flops(peer_model[0].auto_model.config, lengths)
+        flops = common.encoder_flops(cast(Any, peer_model[0]).auto_model.config, lengths)
         achieved = flops["linear"] * ours / count / 1e12
         ceiling = report["machine"]["bf16_matmul_tflops"]
         rate: dict[str, float] = {}
         if common.device() == "cpu":  # the CPU profiler's op times mean nothing for a GPU
-            rate = linear_layer_rate(cfg, scratch / "backbone", every[:4000])
+            profiled = every[: 64 if args.smoke else 4000]
+            rate = linear_layer_rate(cfg, scratch / "backbone", profiled)
             rate["fraction_of_bf16_matmul_in_linear_layers"] = round(
                 rate["linear_tflops"] / ceiling, 3
             )

@@ -20,7 +20,7 @@ targets of issue 7 (≥ 2× the peer's examples/s; dev accuracy ≥ the peer's �
 met. Nothing is asserted.
 
     python bench/finetune.py                                  # 8,000 rows, 3 repetitions
-    python bench/finetune.py --rows 300 --validation-rows 100 --repeats 1     # smoke run
+    python bench/finetune.py --smoke      # 64 + 32 rows, 100 dev rows, once (tests/bench)
     python bench/finetune.py --set training.batch_size=64 --out /tmp/finetune.json
 """
 
@@ -160,7 +160,7 @@ def prepare(root: Path, rows: int, validation_rows: int, overrides: list[str]) -
             "ingested": dict(ingested.rows),
         },
         texts_changed_by_ingest=int(changed),
-        extract_texts_per_second=float(features.texts_per_second),
+        extract_texts_per_second=float(features.texts_per_second or 0.0),
     )
 
 
@@ -395,7 +395,15 @@ def parse_args() -> argparse.Namespace:
         "carry over to the peer",
     )
     parser.add_argument("--verbose", action="store_true", help="show transferkit's INFO logs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny run: 64 training and 32 validation rows, the first "
+        f"{common.SMOKE_TEST_ROWS} dev rows, one repetition (its figures mean nothing)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.validation_rows, args.repeats = 64, 32, 1
     if args.rows < 1 or args.validation_rows < 1 or args.repeats < 1:
         parser.error("--rows, --validation-rows and --repeats must be at least 1")
     return args
@@ -420,6 +428,8 @@ def main() -> int:
     peer: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as scratch:
         root = Path(scratch)
+        if args.smoke:
+            common.smoke_data(root / "smoke-sst2")
         prepared = prepare(root, args.rows, args.validation_rows, args.set)
         config = config_for(prepared.data, root / "work-prepare", args.set)
         rows = prepared.rows
@@ -441,7 +451,7 @@ def main() -> int:
     report = {
         "benchmark": "finetune",
         "peer": PEER,
-        "machine": common.machine(device),
+        "machine": common.machine(device, args.smoke),
         "recipe": recipe(config),
         "overrides": args.set,
         "rows": prepared.rows,

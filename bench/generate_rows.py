@@ -44,7 +44,7 @@ def block(rng: np.random.Generator, rows: int) -> list[str]:
     for length in lengths:
         sentiment = rng.integers(1, 4)
         signs = rng.choice((-1, 1), size=sentiment)
-        words = list(rng.choice(NEUTRAL, size=max(int(length) - sentiment, 1)))
+        words = list(rng.choice(NEUTRAL, size=max(int(length) - int(sentiment), 1)))
         for sign in signs:
             pool = POSITIVE if sign > 0 else NEGATIVE
             words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(pool)))

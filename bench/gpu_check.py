@@ -15,8 +15,11 @@ the real SST-2 data and the real all-MiniLM-L6-v2 backbone, and prints:
   accuracy holds.
 
     python bench/gpu_check.py --data ../shared/data/sst2 --out /tmp/gpu-check
+    python bench/gpu_check.py --smoke --out /tmp/gpu-check   # 200 + 100 rows, 1 epoch
 
-It refuses to run without CUDA: the CPU path is measured by the test suite and the examples.
+Without CUDA it refuses to run (the CPU path is measured by the test suite and the examples),
+except with ``--smoke`` or ``--allow-cpu``: then the same code runs on the CPU, says so in one
+line, and skips what only GPUs have (the data-parallel comparison). tests/bench runs the smoke.
 """
 
 from __future__ import annotations
@@ -127,25 +130,36 @@ def main() -> int:
         action="store_true",
         help="run on the CPU anyway (a smoke test of this script)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny run, on the CPU if there is no GPU: the first {common.SMOKE_TRAIN_ROWS} "
+        f"training and {common.SMOKE_TEST_ROWS} dev rows, one epoch (figures mean nothing)",
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.allow_cpu:
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not (args.allow_cpu or args.smoke):
         print(
-            "gpu_check: no CUDA device; nothing to check (--allow-cpu to smoke-test)",
+            "gpu_check: no CUDA device; nothing to check (--smoke or --allow-cpu to smoke-test)",
             file=sys.stderr,
         )
         return 2
-    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        print("gpu_check: no CUDA device: running on the CPU; no GPU figure is measured")
+    if args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        args.data = common.smoke_data(args.out / "smoke-sst2", source=args.data)
+        args.epochs, args.batch_size, args.max_rows = 1, 16, None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s | %(message)s")
     logging.getLogger("transferkit.progress").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {
         "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "torch": torch.__version__,
-        "bf16_matmul_tflops": round(
-            common.matmul_tflops(torch.bfloat16, "cuda", 8192)
+        "bf16_matmul_tflops": common.significant(
+            common.matmul_tflops(torch.bfloat16, "cuda", 1024 if args.smoke else 8192)
             if on_gpu
-            else common.matmul_tflops(torch.bfloat16, "cpu", 1024),
-            3,
+            else common.matmul_tflops(torch.bfloat16, "cpu", 256 if args.smoke else 1024)
         ),
         "runs": [],
     }
@@ -203,6 +217,8 @@ def main() -> int:
     recipes = args.recipe or [""]
     if on_gpu and torch.cuda.device_count() > 1:  # the DDP runs against one GPU
         recipes = [*recipes, ",".join(filter(None, [recipes[0], "training.processes=1"]))]
+    else:
+        print("gpu_check: fewer than 2 GPUs: no data-parallel comparison")
     for index, recipe in enumerate(recipes):
         overrides = ["strategy.name=full_finetune", *filter(None, recipe.split(","))]
         config = config_for(args, args.out / "work", overrides)

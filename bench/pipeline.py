@@ -19,6 +19,7 @@ three walls per repetition with both test metrics, the per-step times, and the m
 
     python bench/pipeline.py [--config examples/sst2-quickstart.yaml] [--repeats 3]
         [--out FILE] [--set data.max_rows=2000 ...] [--keep]
+    python bench/pipeline.py --smoke      # 200 training + 100 dev rows, once (tests/bench)
 """
 
 from __future__ import annotations
@@ -278,6 +279,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="config override for both sides, e.g. --set data.max_rows=2000",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dirs and logs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny run: the first {common.SMOKE_TRAIN_ROWS} SST-2 training and "
+        f"{common.SMOKE_TEST_ROWS} dev rows, one repetition (its figures mean nothing)",
+    )
     parser.add_argument("--plain", nargs=2, metavar=("CONFIG", "WORKDIR"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -292,6 +299,13 @@ def main() -> int:
     config = load_config(common.ROOT / args.config, args.overrides)
     metric = config.evaluation.primary_metric
     root = Path(tempfile.mkdtemp(prefix="transferkit-bench-pipeline-"))
+    if args.smoke:
+        data = common.smoke_data(root / "smoke-sst2")
+        args.repeats = 1
+        args.overrides += [
+            f"data.train_uri={data / 'train.tsv'}",
+            f"data.test_uri={data / 'dev.tsv'}",
+        ]
     print(f"{args.config} {' '.join(args.overrides)}: {args.repeats} repetitions in {root}")
     try:
         reps = [repetition(i + 1, args, root, metric) for i in range(args.repeats)]
@@ -301,7 +315,7 @@ def main() -> int:
             "overrides": args.overrides,
             "repetitions": reps,
             **summarise(reps),
-            "machine": common.machine(),
+            "machine": common.machine(smoke=args.smoke),
         }
     finally:
         if args.keep:

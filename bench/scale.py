@@ -12,6 +12,7 @@ The rows come from bench/generate_rows.py (SST-2-like lengths), written once per
 
     python bench/scale.py [--sizes 100000 1000000] [--data-dir /tmp/transferkit-scale]
         [--out bench/results/scale.json]
+    python bench/scale.py --smoke         # 100 and 1,000 rows in a temporary dir (tests/bench)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,12 +113,25 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/transferkit-scale"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=3, metavar=("STEP", "ROWS_FILE", "WORK"))
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny run: 100 and 1,000 rows in a temporary --data-dir (figures mean nothing)",
+    )
     args = parser.parse_args()
     if args.child:
         step, rows_file, work = args.child
         return child(step, Path(rows_file), Path(work))
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    runs = [run_size(rows, args.data_dir) for rows in sorted(args.sizes)]
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="transferkit-scale-smoke-") as scratch:
+            return measure_sizes([100, 1_000], Path(scratch), args.out, smoke=True)
+    return measure_sizes(args.sizes, args.data_dir, args.out)
+
+
+def measure_sizes(sizes: list[int], data_dir: Path, out: Path | None, smoke: bool = False) -> int:
+    """Run every size, print the verdicts and save the report."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    runs = [run_size(rows, data_dir) for rows in sorted(sizes)]
     small, large = runs[0], runs[-1]
     peak = max(r[s]["peak_rss_mib"] for r in runs for s in ("ingest_data", "extract_features"))
     size_ratio = large["rows"] / small["rows"]
@@ -133,13 +148,13 @@ def main() -> int:
     )
     report = {
         "benchmark": "scale",
-        "machine": common.machine(),
+        "machine": common.machine(smoke=smoke),
         "runs": runs,
         "time_ratio": round(time_ratio, 2),
         "size_ratio": size_ratio,
         "peak_rss_gib": round(peak / 1024, 2),
     }
-    common.save(args.out, report)
+    common.save(out, report)
     return 0
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from kfp.kubernetes import kubernetes_executor_config_pb2
 from transferkit.components.images import CPU_IMAGE, CUDA_IMAGE
 
 from tests.pipelines.test_compile import parse
@@ -39,16 +38,9 @@ def compile_config(
     for override in overrides:
         args += ["--set", override]
     assert main(args) == 0
-    spec, platform = parse(out)
+    spec, platform = parse(out)  # strict, as the KFP backend parses it
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
     kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name, raw in kube.items():  # strict, as the KFP backend parses it
-        json_format.ParseDict(
-            raw,
-            kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
-            ignore_unknown_fields=False,
-        )
-        assert name in executors
     return out, executors, kube
 
 

@@ -16,12 +16,31 @@ STEPS = ["ingest-data", "fetch-backbone", "extract-features", "train", "evaluate
 
 
 def parse(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
-    """Strict parse: unknown fields anywhere fail, as on a KFP server."""
+    """Strict parse: unknown fields anywhere fail, as on a KFP server.
+
+    The pipeline spec parses into the IR's PipelineSpec; the platform document into
+    PlatformSpec, and each Kubernetes executor's config (a free-form Struct there) into
+    kfp-kubernetes' KubernetesExecutorConfig, as the KFP backend's driver reads it. Returns
+    the spec and the platform document as a dict.
+    """
     documents = list(yaml.safe_load_all(path.read_text()))
+    assert 1 <= len(documents) <= 2, f"{path}: {len(documents)} YAML documents"
     spec = json_format.ParseDict(
         documents[0], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False
     )
     platform = documents[1] if len(documents) > 1 else {}
+    platforms = json_format.ParseDict(
+        platform, pipeline_spec_pb2.PlatformSpec(), ignore_unknown_fields=False
+    ).platforms
+    assert set(platforms) <= {"kubernetes"}, sorted(platforms)
+    executors = platforms["kubernetes"].deployment_spec.executors if platforms else {}
+    for name, config in executors.items():
+        assert name in spec.deployment_spec["executors"], f"{name}: no such executor in the spec"
+        json_format.ParseDict(
+            json_format.MessageToDict(config),
+            kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
+            ignore_unknown_fields=False,
+        )
     return spec, platform
 
 
@@ -102,6 +121,29 @@ def test_platform_config_parses_as_kubernetes_executor_config(compiled: Path) ->
         labels = dict(parsed.pod_metadata.labels)
         assert labels["app.kubernetes.io/part-of"] == "transferkit"
         assert labels["transferkit.dev/step"].replace("_", "-") == name.removeprefix("exec-")
+
+
+@pytest.mark.parametrize(
+    ("misspelt", "field"),
+    [
+        # A misspelt key in one executor's Kubernetes config (podMetadata → podMetdata).
+        (("podMetadata:", "podMetdata:", 1), "podMetdata"),
+        # A misspelt key of the platform document itself (deploymentSpec → deploymentSpecs).
+        (("deploymentSpec:", "deploymentSpecs:", 1), "deploymentSpecs"),
+        # A Kubernetes executor the spec does not have.
+        (("exec-evaluate:", "exec-evaluat:", 1), "exec-evaluat"),
+    ],
+)
+def test_parse_rejects_a_misspelt_platform_field(
+    compiled: Path, tmp_path: Path, misspelt: tuple[str, str, int], field: str
+) -> None:
+    """The strictness every compile test relies on: the platform document is checked too."""
+    spec_text, platform_text = compiled.read_text().split("\n---\n")
+    assert misspelt[0] in platform_text
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(spec_text + "\n---\n" + platform_text.replace(*misspelt))
+    with pytest.raises((json_format.ParseError, AssertionError), match=field):
+        parse(broken)
 
 
 def test_compile_with_a_config_bakes_it_as_default(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The whole DAG through `transferkit run` (KFP local runner), on real SST-2 rows and MiniLM."""
+"""The whole DAG through `transferkit run` (KFP local runner), on real SST-2 rows and MiniLM:
+the README's quickstart itself, end to end, and its figure."""
 
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ["ingest_data", "fetch_backbone", "extract_features", "train", "evaluate", "register_model"]
 
-pytestmark = pytest.mark.slow
+# The quickstart takes about 2 minutes on an idle 2-core CPU; the limits only catch a hang,
+# on a machine that may be shared.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-def transferkit(*args: str) -> subprocess.CompletedProcess[str]:
+def transferkit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """The installed console script, run from the repository root as the README does."""
     script = Path(sys.executable).with_name("transferkit")
     return subprocess.run(
-        [str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
+        [str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -32,32 +35,35 @@ def work(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-def quickstart_subset(work: Path, data: Path, summary: str) -> subprocess.CompletedProcess[str]:
-    """The quickstart on 3,000 SST-2 rows (2,700 train, 300 validation), GLUE dev as test."""
-    overrides = [
-        f"data.train_uri={data / 'sst2' / 'train.tsv'}",
-        f"data.test_uri={data / 'sst2' / 'dev.tsv'}",
-        "data.max_rows=3000",
-        f"runtime.work_dir={work}",
-    ]
+def quickstart(work: Path, data: Path, summary: str) -> subprocess.CompletedProcess[str]:
+    """The README's quickstart, `transferkit run examples/sst2-quickstart.yaml`, whole: all
+    67,349 SST-2 training rows, GLUE dev as test. Only the work dir moves (into ``work``);
+    the data is the config's own ../shared/data unless $TRANSFERKIT_SHARED_DATA moved it."""
+    overrides = [f"runtime.work_dir={work}"]
+    if data.resolve() != (ROOT.parent / "shared" / "data").resolve():
+        overrides += [
+            f"data.train_uri={data / 'sst2' / 'train.tsv'}",
+            f"data.test_uri={data / 'sst2' / 'dev.tsv'}",
+        ]
     args = ["run", "examples/sst2-quickstart.yaml", "--summary", str(work / summary)]
     for override in overrides:
         args += ["--set", override]
-    return transferkit(*args)
+    return transferkit(*args, timeout=3000)
 
 
 @pytest.fixture(scope="module")
 def first_run(work: Path, shared_data: Path) -> dict:
-    result = quickstart_subset(work, shared_data, "first.json")
+    result = quickstart(work, shared_data, "first.json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((work / "first.json").read_text())
     summary["stdout"], summary["stderr"] = result.stdout, result.stderr
     return summary
 
 
-def test_quickstart_subset_trains_evaluates_and_registers(first_run: dict, work: Path) -> None:
+def test_quickstart_trains_evaluates_and_registers(first_run: dict, work: Path) -> None:
     summary = first_run
-    assert summary["metrics"]["test_accuracy"] > 0.75
+    # The README's figure: 0.8119 on GLUE dev (872 rows); its target is ≥ 0.80.
+    assert summary["metrics"]["test_accuracy"] >= 0.80, summary["metrics"]
     assert summary["scores"]["rows"] == 872
     assert summary["model_uri"] == "models:/sst2-sentiment/1"
     assert summary["champion"] is True
@@ -72,7 +78,9 @@ def test_quickstart_subset_trains_evaluates_and_registers(first_run: dict, work:
         assert f"✓ {step}" in summary["stderr"]
 
 
-def test_registered_champion_predicts_sentiment(first_run: dict, work: Path) -> None:
+def test_registered_champion_loads_back_and_scores_as_evaluated(
+    first_run: dict, sst2_frames: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
     mlflow.set_tracking_uri(first_run["tracking_uri"])
     mlflow.set_registry_uri(first_run["tracking_uri"])  # the registry URI is a separate global
     model = mlflow.pyfunc.load_model("models:/sst2-sentiment@champion")
@@ -80,12 +88,20 @@ def test_registered_champion_predicts_sentiment(first_run: dict, work: Path) -> 
         pd.DataFrame({"text": ["a wonderful, moving film", "a dull, lifeless mess"]})
     )
     assert predictions["label"].tolist() == ["positive", "negative"]
+    # The served model on the whole of GLUE dev: the evaluated accuracy, to a row or two
+    # (evaluation may run in bf16 where serving runs fp32).
+    _, dev = sst2_frames
+    served = model.predict(pd.DataFrame({"text": dev["sentence"]}))
+    truth = dev["label"].map({"0": "negative", "1": "positive"})
+    accuracy = float((served["label"] == truth).mean())
+    assert accuracy >= 0.80
+    assert abs(accuracy - first_run["metrics"]["test_accuracy"]) <= 3 / 872
 
 
 def test_identical_rerun_is_served_from_the_cache(
     first_run: dict, work: Path, shared_data: Path
 ) -> None:
-    result = quickstart_subset(work, shared_data, "second.json")
+    result = quickstart(work, shared_data, "second.json")
     assert result.returncode == 0, result.stderr[-3000:]
     second = json.loads((work / "second.json").read_text())
     assert second["cached_steps"] == STEPS[:5]

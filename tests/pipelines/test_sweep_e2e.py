@@ -107,8 +107,13 @@ def test_each_branch_is_a_child_run_of_one_parent(guarded: dict) -> None:
         "scratch@16",
         "zero_shot@0",
     ]
+    # Test accuracy on 300 GLUE dev rows (about half of each label), measured on this
+    # project's CPU: the probe on 32 examples 0.700 and the zero-shot prompts 0.683, well above
+    # chance; the random encoder after 2 steps stays at chance (0.517).
+    bounds = {"linear_probe@16": (0.65, 1.0), "zero_shot@0": (0.63, 1.0), "scratch@16": (0.4, 0.6)}
     for child in children:
-        assert child.data.metrics["test_accuracy"] > 0.4
+        low, high = bounds[child.info.run_name]
+        assert low <= child.data.metrics["test_accuracy"] <= high, child.info.run_name
         assert child.data.params["training.examples_per_class"] in ("16", "")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert "sweep/report.html" in artifacts

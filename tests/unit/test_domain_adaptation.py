@@ -51,6 +51,7 @@ def adapted_run(probe_run: tuple, unlabelled: Path, tmp_path_factory: pytest.Tem
     return config, folder, out, result, probe_result
 
 
+@pytest.mark.slow  # adapted_run: MLM adaptation of MiniLM, 42 s measured
 def test_adaptation_lowers_the_held_out_mlm_loss(adapted_run) -> None:  # type: ignore[no-untyped-def]
     _, _, _, result, _ = adapted_run
     record = result.details["adaptation"]
@@ -62,6 +63,7 @@ def test_adaptation_lowers_the_held_out_mlm_loss(adapted_run) -> None:  # type: 
     assert result.strategy == "domain_adaptation"
 
 
+@pytest.mark.slow  # adapted_run: MLM adaptation of MiniLM, 42 s measured
 def test_the_adapted_model_is_a_changed_backbone_that_still_classifies(adapted_run) -> None:  # type: ignore[no-untyped-def]
     _, folder, out, result, probe_result = adapted_run
     original = load_backbone_info(folder / "backbone")

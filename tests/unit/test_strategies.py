@@ -385,12 +385,18 @@ def test_few_shot_samples_and_pairs_are_reproducible() -> None:
         assert target == float(shot_labels[left] == shot_labels[right])
 
 
+def few_shot(k: int, **strategy: object) -> dict[str, dict]:
+    """Config sections of a few_shot run drawing k examples per label: the one place that
+    says where the knob lives."""
+    return {
+        "strategy": {"name": "few_shot", **strategy},
+        "training": {"examples_per_class": k},  # the one label budget of every strategy
+    }
+
+
 def test_few_shot_tunes_the_encoder_on_k_examples(minilm_small: tuple) -> None:
     tmp, data = minilm_small
-    # k is the one label budget, training.examples_per_class (few_shot has no knob of its own).
-    strategy = {"name": "few_shot", "pair_iterations": 2}
-    training = {"examples_per_class": 8}
-    config = make_config(tmp, data, strategy=strategy, training=training)
+    config = make_config(tmp, data, **few_shot(8, pair_iterations=2))
     result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fs")
     details = result.details
     assert (result.examples_per_class, result.labelled_examples) == (8, 16)
@@ -406,17 +412,19 @@ def test_few_shot_tunes_the_encoder_on_k_examples(minilm_small: tuple) -> None:
     assert any(not torch.equal(original[k], tuned[k]) for k in shared)
     again = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fs2")
     assert again.details["examples"] == details["examples"]
+    # Sixteen labelled sentences and two rounds of pairs, on 300 GLUE dev rows: measured 0.640
+    # (macro-F1 0.608; 0.647 with 8 sentences) on this project's CPU; chance is 0.5.
+    scored = evaluate(config, tmp / "dataset", tmp / "fs", tmp / "fs-eval")
+    assert scored.scores.accuracy >= 0.60, scored.scores
 
 
 def test_few_shot_adds_templated_label_examples(minilm_small: tuple) -> None:
     tmp, data = minilm_small
-    strategy = {
-        "name": "few_shot",
-        "pair_iterations": 2,
+    prompts = {
         "templates": ["a {} movie.", "this film is {}."],
         "label_texts": {"negative": ["bad"], "positive": ["good", "great"]},
     }
-    config = make_config(tmp, data, strategy=strategy, training={"examples_per_class": 4})
+    config = make_config(tmp, data, **few_shot(4, pair_iterations=2, **prompts))
     result = train(config, tmp / "dataset", tmp / "backbone", tmp / "features", tmp / "fst")
     details = result.details
     assert details["templated_examples"] == [
@@ -431,7 +439,7 @@ def test_few_shot_adds_templated_label_examples(minilm_small: tuple) -> None:
     assert details["tuning"]["pairs"] == 2 * 2 * 14
     assert len(details["examples"]) == 8  # the sampled rows alone are recorded as rows
     with pytest.raises(ValueError, match=r"template 'no slot' needs exactly one '\{\}' slot"):
-        make_config(tmp, data, strategy={**strategy, "templates": ["no slot"]})
+        make_config(tmp, data, **few_shot(4, **{**prompts, "templates": ["no slot"]}))
 
 
 def test_few_shot_k_is_the_label_budget(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from tests.conftest import make_config
 from transferkit import storage
 from transferkit.backbones import fetch_backbone
 from transferkit.data import ingest_data, load_split
+from transferkit.evaluation import evaluate
 from transferkit.features import extract_features, load_features
 from transferkit.metrics import score
 from transferkit.training import train
@@ -67,9 +68,10 @@ def test_saved_head_reproduces_the_probe_on_raw_features(probe_run: tuple) -> No
     with torch.no_grad():
         from_features = model.head(torch.from_numpy(features)).softmax(-1).numpy()
     texts, _ = load_split(tmp / "dataset", "test")
-    # Features were extracted in bf16 where supported; the model runs fp32 here.
+    # Features were extracted in bf16 where supported; the model runs fp32 here. Largest
+    # difference measured on this project's CPU (bf16 features): 0.0072.
     np.testing.assert_allclose(
-        predict_proba(model, tokenizer, card, texts[:50]), from_features, atol=0.05
+        predict_proba(model, tokenizer, card, texts[:50]), from_features, atol=0.02
     )
 
 
@@ -168,3 +170,37 @@ def test_full_finetune_mechanics_on_a_tiny_model(
     texts, truth = load_split(tmp_path / "dataset", "validation")
     reloaded = score(truth, predict_proba(model, tokenizer, card, texts).argmax(1), card.labels)
     assert reloaded.accuracy == pytest.approx(details["best_validation_metric"])
+
+
+@pytest.mark.slow
+def test_full_finetune_of_minilm_beats_the_probe_it_starts_from(
+    probe_run: tuple, tmp_path: Path
+) -> None:
+    """LP-FT on the real MiniLM, on probe_run's 1,200 SST-2 rows: the fine-tuned model beats
+    the linear probe on the same data, on validation (its own step 0) and on test.
+
+    Measured on this project's CPU (about 20 s of training): validation 0.900 against the
+    probe start's 0.883 (120 rows), test 0.770 against the probe's 0.763 (300 rows). With
+    1e-4 and early stopping the first validation fell to 0.75 and the probe was kept.
+    """
+    probe_config, artifacts, _ = probe_run
+    config = make_config(
+        tmp_path,
+        probe_config.data.model_dump(include={"train_uri", "test_uri", "label_names"}),
+        strategy={"name": "full_finetune", "head_init": "probe"},
+        training={"epochs": 3, "learning_rate": 3e-5, "early_stopping_patience": 0},
+    )
+    result = train(
+        config,
+        artifacts / "dataset",
+        artifacts / "backbone",
+        artifacts / "features",
+        tmp_path / "model",
+    )
+    validations = result.details["validations"]
+    start = validations[0]
+    assert start["step"] == 0.0
+    tuned = evaluate(config, artifacts / "dataset", tmp_path / "model", tmp_path / "tuned")
+    frozen = evaluate(probe_config, artifacts / "dataset", artifacts / "model", tmp_path / "probe")
+    assert result.validation_metric > start["accuracy"]
+    assert tuned.scores.accuracy > frozen.scores.accuracy

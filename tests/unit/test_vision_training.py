@@ -61,6 +61,7 @@ def test_partial_finetune_trains_top_blocks_and_keeps_frozen_batch_norm_statisti
     assert result.trainable_parameters == top3 + 130  # + head (64 × 2 + 2)
 
 
+@pytest.mark.slow  # two trainings of ResNet-20 on BreastMNIST: 72 CPU-seconds measured
 def test_full_finetune_and_scratch_save_models_that_reload_and_score(
     breast_run: tuple, tmp_path: Path
 ) -> None:
@@ -73,7 +74,8 @@ def test_full_finetune_and_scratch_save_models_that_reload_and_score(
     assert torch.equal(original["linear.weight"], tuned["linear.weight"])
     evaluation = evaluate(config, root / "dataset", tmp_path / "m", tmp_path / "e")
     assert evaluation.primary_metric == "roc_auc"
-    assert evaluation.scores.roc_auc > 0.6  # well above chance (0.5) after two epochs
+    # Measured 0.801 after two epochs (BreastMNIST test split, fp32); chance is 0.5.
+    assert evaluation.scores.roc_auc >= 0.75
     # The saved folder reloads to the same predictions.
     _, model, card = load_classifier(tmp_path / "m")
     images, _ = load_images(root / "dataset", "test")
