@@ -78,6 +78,7 @@ def services_config(
     return path
 
 
+@pytest.mark.slow
 def test_sst2_from_s3_registers_on_the_tracking_server_and_serves_from_its_alias(
     tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, sources: str
 ) -> None:
@@ -134,6 +135,7 @@ def registered(url: str, name: str) -> list[Any]:
     )
 
 
+@pytest.mark.slow
 def test_connection_lost_while_setting_the_alias_leaves_no_version_and_a_retry_registers_one(
     tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
 ) -> None:
@@ -210,6 +212,7 @@ def test_server_lost_mid_registration_then_back_the_retry_reuses_the_one_version
         proxy.close()
 
 
+@pytest.mark.slow
 def test_pipeline_with_the_tracking_server_down_fails_cleanly_and_reruns_to_one_version(
     tmp_path: Path,
     s3_env: S3Server,
@@ -232,6 +235,7 @@ def test_pipeline_with_the_tracking_server_down_fails_cleanly_and_reruns_to_one_
     assert len(registered(mlflow_server.url, "services-down")) == 1
 
 
+@pytest.mark.slow
 def test_s3_lost_while_ingesting_is_retried_inside_the_step_and_the_run_recovers(
     tmp_path: Path,
     s3_env: S3Server,
@@ -390,6 +394,7 @@ def lock_wait(url: str, name: str) -> float:
         return time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_a_registration_stopped_with_sigterm_releases_everything_and_the_next_goes_at_once(
     tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
 ) -> None:
@@ -415,6 +420,7 @@ def test_a_registration_stopped_with_sigterm_releases_everything_and_the_next_go
     assert (result.version, result.champion, result.reused) == ("2", True, False)
 
 
+@pytest.mark.slow
 def test_a_registration_killed_with_sigkill_is_broken_within_the_lease_and_said_so(
     tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
 ) -> None:
@@ -497,6 +503,7 @@ def register_in_a_process(job: tuple[dict, list[str], str, str]) -> str:
     return result.version
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_leave_exactly_one_champion_and_it_is_the_best(
     tmp_path: Path, mlflow_server: MlflowServer, evaluated: tuple
 ) -> None:
@@ -567,6 +574,7 @@ def files_holding(root: Path, secrets: list[bytes]) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_no_credential_reaches_logs_mlflow_reports_errors_or_the_compiled_pipeline(
     tmp_path: Path,
     s3_env: S3Server,
@@ -615,6 +623,7 @@ def test_no_credential_reaches_logs_mlflow_reports_errors_or_the_compiled_pipeli
     assert any((tmp_path / "artifacts").rglob("config.yaml"))  # the scan saw the artifacts
 
 
+@pytest.mark.slow
 def test_predict_and_the_champion_comparison_check_the_model_through_the_server(
     tmp_path: Path, mlflow_server: MlflowServer, evaluated: tuple, capsys: pytest.CaptureFixture
 ) -> None:

@@ -98,6 +98,7 @@ def versions(tracking_uri: str) -> list[str]:
     return sorted(str(v.version) for v in found)
 
 
+@pytest.mark.slow
 def test_new_data_retrains_once_and_an_unchanged_state_runs_nothing(
     tmp_path: Path,
     s3_env: S3Server,

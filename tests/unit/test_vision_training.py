@@ -61,7 +61,6 @@ def test_partial_finetune_trains_top_blocks_and_keeps_frozen_batch_norm_statisti
     assert result.trainable_parameters == top3 + 130  # + head (64 × 2 + 2)
 
 
-@pytest.mark.slow  # two trainings of ResNet-20 on BreastMNIST: 72 CPU-seconds measured
 def test_full_finetune_and_scratch_save_models_that_reload_and_score(
     breast_run: tuple, tmp_path: Path
 ) -> None:
