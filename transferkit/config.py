@@ -205,10 +205,11 @@ class BackboneConfig(_Model):
         "file:// or plain path, or an s3://bucket/prefix/; or one checkpoint file holding a "
         "CIFAR ResNet state dict (.safetensors, or .th/.pt with backbone.allow_pickle).",
     )
-    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+    pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
         "auto",
-        description="How token states become one vector; 'auto' reads the sentence-transformers "
-        "pooling config when present, else mean.",
+        description="How token states become one vector; 'auto' takes the family's own: the "
+        "sentence-transformers pooling config when present, the last real token for decoders "
+        "(GPT-2, Llama), else mean.",
     )
     normalize: Literal["auto"] | bool = Field(
         "auto",
@@ -216,6 +217,21 @@ class BackboneConfig(_Model):
         "modules.json (Normalize module) when present, else off.",
     )
     max_length: int = Field(128, ge=8, le=512, description="Tokens kept per text (truncation).")
+    family: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="The model family (encoder, decoder, vision, resnet_cifar, clip; see the "
+        "README's family table); unset: detected from the folder's config.json "
+        "(model_type, architectures) and files. Set it when detection guesses wrong.",
+    )
+    architecture: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="The architecture of a bare checkpoint file (backbone.uri ending in "
+        ".safetensors/.pt/.th): unset for a CIFAR ResNet (inferred from its keys), or a "
+        "torchvision ImageNet ResNet name (resnet18, resnet34, resnet50, resnet101, resnet152), "
+        "converted to the Hugging Face ResNet layout.",
+    )
     allow_pickle: bool = Field(
         False,
         description="Accept pickle weights (pytorch_model.bin) when no safetensors exist. They "

@@ -53,6 +53,12 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
     hidden = hidden.float()
     if pooling == "cls":
         pooled = hidden[:, 0]
+    elif pooling == "last":
+        # The last real token, whichever side the padding is on: a decoder's summary of the
+        # text (its causal attention lets only that position see every token).
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = (positions * mask.bool()).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     elif pooling == "max":
         pooled = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
     else:
