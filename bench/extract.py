@@ -75,7 +75,8 @@ def unit(rows: np.ndarray) -> np.ndarray:
 def our_encoder(cfg: PipelineConfig, backbone: Path) -> tuple[Any, Any, str, int]:
     """(tokenizer, encoder, precision, max length) exactly as extract_features runs them."""
     from transferkit.backbones import load_backbone_info
-    from transferkit.backbones.text import frozen_encoder, load_text_encoder, resolve_precision
+    from transferkit.backbones.encoder import load_text_encoder
+    from transferkit.backbones.text import frozen_encoder, resolve_precision
 
     info = load_backbone_info(backbone)
     tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)

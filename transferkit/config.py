@@ -12,8 +12,9 @@ import difflib
 import re
 import reprlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -265,9 +266,26 @@ class BackboneSelectionConfig(_Model):
     )
 
 
+@dataclass(frozen=True)
+class Applies:
+    """Where a strategy applies, declared by its config class (``applies``).
+
+    ``needs`` names the family capabilities it requires for the data's modality
+    (``transferkit.backbones.base.Capabilities``: finetune, blocks, lora, zero_shot,
+    contrastive, adaptation); the README's family × strategy matrix and the refusals at
+    validate time are both derived from these declarations.
+    """
+
+    needs: tuple[str, ...] = ()
+    multinode: bool = False  # one data-parallel loop: what a multi-node TrainJob runs
+    labels: Literal["all", "k", "none"] = "all"  # the labels it reads: a budget, k, or none
+    rung: int | None = None  # its place on auto's ladder (cheapest first); None: not a rung
+
+
 class LinearProbeConfig(_Model):
     """Freeze the backbone; fit a logistic-regression head on its features."""
 
+    applies: ClassVar[Applies] = Applies(rung=0)
     name: Literal["linear_probe"] = "linear_probe"
     l2_grid: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
@@ -307,12 +325,14 @@ class _LayerwiseHead(_TunedHead):
 class FullFinetuneConfig(_LayerwiseHead):
     """Train the backbone and the head together."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune",), multinode=True, rung=3)
     name: Literal["full_finetune"] = "full_finetune"
 
 
 class PartialFinetuneConfig(_LayerwiseHead):
     """Freeze the embeddings and the lower encoder layers; train the top layers and the head."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune", "blocks"), multinode=True, rung=1)
     name: Literal["partial_finetune"] = "partial_finetune"
     train_top_layers: int = Field(
         2,
@@ -326,21 +346,25 @@ class PartialFinetuneConfig(_LayerwiseHead):
 class LoraConfig(_TunedHead):
     """Low-rank adapters (PEFT LoRA) in the backbone plus the head; merged before saving."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune", "lora"), multinode=True, rung=2)
     name: Literal["lora"] = "lora"
     rank: int = Field(8, ge=1, le=1024, description="Rank r of each adapter.")
     alpha: int = Field(16, ge=1, description="Scaling numerator: updates are × alpha / r.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"],
+    target_modules: list[str] | None = Field(
+        None,
         min_length=1,
-        description="Names of the linear layers that get adapters: the attention query and "
-        "value projections by default (Hu et al. 2021); BERT also has key and dense.",
+        description="Names of the linear layers that get adapters; unset: the family's "
+        "attention query and value projections (Hu et al. 2021) under its own names (BERT "
+        "query/value, GPT-2 c_attn, Llama q_proj/v_proj, ViT query/value; see the README's "
+        "family table).",
     )
 
 
 class ScratchConfig(_Model):
     """The control: the backbone's architecture, randomly initialised, trained on the data."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune",), multinode=True)
     name: Literal["scratch"] = "scratch"
 
 
@@ -369,6 +393,7 @@ class FewShotConfig(_Prompted):
     k is the run's label budget, training.examples_per_class (FEW_SHOT_K when unset).
     """
 
+    applies: ClassVar[Applies] = Applies(needs=("contrastive",), labels="k")
     name: Literal["few_shot"] = "few_shot"
     templates: list[str] = Field(
         default_factory=list,
@@ -397,6 +422,7 @@ class FewShotConfig(_Prompted):
 class ZeroShotConfig(_Prompted):
     """No training: classify by cosine similarity to embedded label descriptions."""
 
+    applies: ClassVar[Applies] = Applies(needs=("zero_shot",), labels="none")
     name: Literal["zero_shot"] = "zero_shot"
     templates: list[str] = Field(
         default_factory=lambda: ["{}"],
@@ -413,16 +439,18 @@ TunedStrategyConfig = Annotated[
     LinearProbeConfig | FullFinetuneConfig | PartialFinetuneConfig | LoraConfig,
     Field(discriminator="name"),
 ]
-LADDER = ("linear_probe", "partial_finetune", "lora", "full_finetune")
 
 
 class DomainAdaptationConfig(_Model):
     """Adapt the backbone to the target domain without labels, then train a strategy on it.
 
-    Text: continued masked-language-model pre-training on unlabelled target text. Images:
-    AdaBN, the BatchNorm statistics re-estimated on target images.
+    The family's own objective: continued masked-language-model pre-training on unlabelled
+    target text (BERT-like encoders), continued causal-LM training (GPT-style decoders), or
+    AdaBN, the BatchNorm statistics re-estimated on target images (vision models with
+    BatchNorm).
     """
 
+    applies: ClassVar[Applies] = Applies(needs=("adaptation",))
     name: Literal["domain_adaptation"] = "domain_adaptation"
     unlabelled_uri: str | None = Field(
         None,
@@ -467,9 +495,10 @@ class DomainAdaptationConfig(_Model):
 class AutoStrategyConfig(_Model):
     """Escalate from cheap to expensive strategies while validation keeps improving."""
 
+    applies: ClassVar[Applies] = Applies()
     name: Literal["auto"] = "auto"
     ladder: list[Literal["linear_probe", "partial_finetune", "lora", "full_finetune"]] = Field(
-        default_factory=lambda: list(LADDER),  # type: ignore[arg-type]
+        default_factory=lambda: list(LADDER),
         min_length=1,
         description="Strategies in order of cost. Each next one runs only while the last one "
         "gained more than 'margin' on validation over the best so far.",
@@ -524,6 +553,13 @@ STRATEGIES: dict[str, type[_Model]] = {
     "domain_adaptation": DomainAdaptationConfig,
     "auto": AutoStrategyConfig,
 }
+# auto's default ladder: every strategy declaring a rung, cheapest first.
+LADDER = tuple(
+    sorted(
+        (name for name, model in STRATEGIES.items() if model.applies.rung is not None),  # type: ignore[attr-defined]
+        key=lambda name: STRATEGIES[name].applies.rung,  # type: ignore[attr-defined]
+    )
+)
 # Keys that moved: (model, old key) -> the one-line fix. A config naming one is refused rather
 # than migrated, so the file stored with every run is the one that ran.
 _MOVED: dict[tuple[type[BaseModel] | None, str], tuple[str, str]] = {
@@ -1157,8 +1193,15 @@ def _strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
             yield from _strings(item, f"{where}[{i}]")
 
 
+DEFAULT_METRIC = {"text": "accuracy", "image": "roc_auc"}  # evaluation.primary_metric: auto
+
+
 class PipelineConfig(_Model):
-    """One transferkit run."""
+    """One transferkit run.
+
+    Which strategies a backbone family allows is checked once the family is known
+    (``transferkit.backbones.support``): at validate for a local folder, else at fetch.
+    """
 
     data: DataConfig = Field(description="The labelled target dataset.")
     backbone: BackboneConfig = Field(
@@ -1202,9 +1245,8 @@ class PipelineConfig(_Model):
     @model_validator(mode="after")
     def _resolve_metric(self) -> PipelineConfig:
         if self.evaluation.primary_metric == "auto":
-            self.evaluation.primary_metric = (
-                "roc_auc" if self.data.modality == "image" else "accuracy"
-            )
+            # MedMNIST's convention for images; GLUE's for text.
+            self.evaluation.primary_metric = DEFAULT_METRIC[self.data.modality]
         if self.evaluation.primary_metric == "roc_auc" and self.registry.gate == "mcnemar":
             # McNemar counts rows right and wrong: it says nothing about a ranking metric.
             if "gate" in self.registry.model_fields_set:
@@ -1220,7 +1262,7 @@ class PipelineConfig(_Model):
         # few_shot is a k-example method: its k is the label budget, made explicit here so
         # the stored config, MLflow params and training.json all say what it trained on.
         if (
-            isinstance(self.strategy, FewShotConfig)
+            self.strategy.applies.labels == "k"
             and self.sweep is None
             and self.training.examples_per_class is None
         ):
@@ -1239,49 +1281,6 @@ class PipelineConfig(_Model):
                     "environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID/"
                     "AWS_SECRET_ACCESS_KEY; a Kubernetes Secret on a cluster)"
                 )
-        return self
-
-    @model_validator(mode="after")
-    def _strategy_fits_data(self) -> PipelineConfig:
-        used: list[tuple[str, Any]] = [("strategy", self.strategy)]
-        if self.sweep is not None:
-            used += [
-                (f"sweep.branches[{i}].strategy", b.strategy)
-                for i, b in enumerate(self.sweep.branches)
-            ]
-        image = self.data.modality == "image"
-        for where, strategy in used:
-            if isinstance(strategy, DomainAdaptationConfig):
-                if not image and strategy.unlabelled_uri is None:
-                    raise ValueError(
-                        f"{where}.unlabelled_uri: text domain adaptation needs unlabelled "
-                        "target-domain text; give its file"
-                    )
-                if image and strategy.then.name == "lora":
-                    raise ValueError(
-                        f"{where}.then.name: lora works on text only; for images use "
-                        "linear_probe, partial_finetune or full_finetune"
-                    )
-            if not image:
-                continue
-            if strategy.name not in IMAGE_STRATEGIES:
-                raise ValueError(
-                    f"{where}.name: '{strategy.name}' works on text only; image data takes "
-                    f"{', '.join(sorted(IMAGE_STRATEGIES))}"
-                )
-            if isinstance(strategy, AutoStrategyConfig) and "lora" in strategy.ladder:
-                if "ladder" in strategy.model_fields_set:
-                    raise ValueError(
-                        f"{where}.ladder: lora works on text only; for images climb "
-                        "[linear_probe, partial_finetune, full_finetune]"
-                    )
-                strategy.ladder = [rung for rung in strategy.ladder if rung != "lora"]
-        if not image:
-            return self
-        if self.backbone_selection is not None:
-            raise ValueError(
-                "backbone_selection ranks text backbones only; for image data set backbone.uri"
-            )
         return self
 
     @model_validator(mode="after")
@@ -1310,10 +1309,11 @@ class PipelineConfig(_Model):
                 f"training.nodes: a sweep trains each branch on one node; set training.nodes: 1 "
                 f"(not {nodes}) or run the chosen strategy alone"
             )
-        if self.strategy.name not in MULTINODE_STRATEGIES:
+        if not self.strategy.applies.multinode:
+            multinode = sorted(n for n, m in STRATEGIES.items() if m.applies.multinode)  # type: ignore[attr-defined]
             raise ValueError(
                 f"training.nodes: {nodes} nodes train only "
-                f"{', '.join(sorted(MULTINODE_STRATEGIES))}; '{self.strategy.name}' needs one "
+                f"{', '.join(multinode)}; '{self.strategy.name}' needs one "
                 "node — set training.nodes: 1"
             )
         return self

@@ -60,10 +60,10 @@ class ClassifierModel(PythonModel):
     _skip_type_hint_validation = True
 
     def predict(self, context, model_input, params=None):
-        from transferkit.training.model import as_image_batch, predict_proba
+        from transferkit.training.model import predict_proba
 
         batch_size = int((params or {}).get("batch_size", 64))
-        inputs = texts_of(model_input) if self._card.image is None else as_image_batch(model_input)
+        inputs = self._card.input_modality().served(model_input)
         proba = predict_proba(self._model, self._tokenizer, self._card, inputs, batch_size)
         return predictions_frame(proba, self._card.labels)
 

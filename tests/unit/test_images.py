@@ -14,8 +14,16 @@ from PIL import Image
 
 from tests.conftest import RESNET20_SHA256, image_config, make_config
 from transferkit.backbones import fetch_backbone
+from transferkit.backbones.base import folder_family
 from transferkit.backbones.fetch import ImageInput
-from transferkit.backbones.vision import load_image_encoder, prepare
+from transferkit.backbones.images import prepare
+
+
+def load_image_encoder(model_dir):  # type: ignore[no-untyped-def]
+    """The image encoder of a stored backbone folder, through its family."""
+    return folder_family(model_dir).load(model_dir, "image", None)[1]
+
+
 from transferkit.config import PipelineConfig
 from transferkit.data import ingest_data, load_images
 from transferkit.errors import BackboneError, DataError

@@ -11,15 +11,24 @@ from safetensors.torch import load_file
 
 from tests.conftest import image_config
 from transferkit.backbones import fetch_backbone
+from transferkit.backbones.base import folder_family
 from transferkit.backbones.fetch import ImageInput
-from transferkit.backbones.vision import load_image_encoder, prepare
+from transferkit.backbones.images import prepare
+
+
+def load_image_encoder(model_dir):  # type: ignore[no-untyped-def]
+    """The image encoder of a stored backbone folder, through its family."""
+    return folder_family(model_dir).load(model_dir, "image", None)[1]
+
+
+from transferkit.training.inputs import augment
+
 from transferkit.config import AugmentationConfig
 from transferkit.data import load_images
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features
 from transferkit.training import train
 from transferkit.training.adabn import recompute_batch_norm
-from transferkit.training.inputs import augment
 from transferkit.training.model import load_classifier, predict_proba
 
 FAST = {"epochs": 2, "batch_size": 64, "learning_rate": 1e-3, "precision": "fp32"}

@@ -169,9 +169,7 @@ def family_of(name: str) -> Family:
     """
     known = {f.name: f for f in families()}
     if name not in known:
-        raise BackboneError(
-            f"backbone.family '{name}' is unknown; use one of {', '.join(known)}"
-        )
+        raise BackboneError(f"backbone.family '{name}' is unknown; use one of {', '.join(known)}")
     return known[name]
 
 
@@ -206,3 +204,12 @@ def model_types(hf_config: dict[str, Any]) -> tuple[str, list[str]]:
     if not isinstance(architectures, list):
         architectures = []
     return str(hf_config.get("model_type") or ""), [str(a) for a in architectures]
+
+
+def folder_family(model_dir: Path, name: str = "") -> Family:
+    """The family of a stored backbone or encoder folder: ``name`` when recorded, else
+    detected (records written before families had none)."""
+    if name:
+        return family_of(name)
+    files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    return detect(read_config(model_dir), files, str(model_dir))

@@ -114,6 +114,32 @@ def load_hf_text(
     return tokenizer, encoder(body, settings.pooling, settings.normalize)
 
 
+class _Settings:
+    def __init__(self, pooling: str, normalize: bool) -> None:
+        self.pooling, self.normalize, self.max_length = pooling, normalize, 0
+
+
+def load_text_encoder(model_dir: Path, pooling: str, normalize: bool) -> tuple[Any, HFTextEncoder]:
+    """Tokenizer and encoder of a BERT-like folder (offline, safetensors only)."""
+    tokenizer, encoder = load_hf_text(
+        model_dir, _Settings(pooling, normalize), False, HFTextEncoder
+    )
+    assert isinstance(encoder, HFTextEncoder)
+    return tokenizer, encoder
+
+
+def random_text_encoder(
+    model_dir: Path, pooling: str, normalize: bool
+) -> tuple[Any, HFTextEncoder]:
+    """Tokenizer and a randomly initialised encoder of the same architecture (the control).
+
+    Initialisation draws from torch's global generator: seed it first.
+    """
+    tokenizer, encoder = load_hf_text(model_dir, _Settings(pooling, normalize), True, HFTextEncoder)
+    assert isinstance(encoder, HFTextEncoder)
+    return tokenizer, encoder
+
+
 class TextEncoderFamily(Family):
     """BERT-like encoders: mean/CLS pooling, MLM domain adaptation, SetFit, zero-shot."""
 

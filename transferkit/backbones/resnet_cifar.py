@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from transferkit import storage
-from transferkit.backbones.base import Capabilities, Encoder, Family, Settings, read_config, register
+from transferkit.backbones.base import (
+    Capabilities,
+    Encoder,
+    Family,
+    Settings,
+    read_config,
+    register,
+)
 from transferkit.backbones.images import IMAGENET_MEAN, IMAGENET_STD, ImageInput
 from transferkit.errors import BackboneError
 

@@ -23,7 +23,11 @@ from transferkit.backbones.encoder import has_tokenizer, text_blocks
 from transferkit.backbones.images import ImageInput
 
 # Attention projections named like BERT's: LoRA's default targets there.
-ATTENTION_TARGETS = {"vit": ("query", "value"), "dinov2": ("query", "value"), "swin": ("query", "value")}
+ATTENTION_TARGETS = {
+    "vit": ("query", "value"),
+    "dinov2": ("query", "value"),
+    "swin": ("query", "value"),
+}
 
 
 class HFVisionEncoder(Encoder):

@@ -1,0 +1,151 @@
+"""Which strategies apply to which family: the support matrix and its one-line refusals.
+
+Each strategy's config class declares what it needs (``config.Applies``); each family says
+what it can do with a modality (``Family.capabilities``). Both the README's matrix and the
+refusals at ``transferkit validate`` / fetch_backbone are computed here from those
+declarations, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transferkit.backbones.base import (
+    Capabilities,
+    Family,
+    detect,
+    families,
+    family_of,
+    read_config,
+)
+from transferkit.config import STRATEGIES, PipelineConfig
+from transferkit.errors import ConfigError, StorageError
+
+
+def missing(strategy: Any, caps: Capabilities) -> str | None:
+    """The first capability ``strategy`` (a strategy config) needs that ``caps`` lacks."""
+    for need in type(strategy).applies.needs:
+        if need == "lora":
+            if not caps.lora or not (
+                getattr(strategy, "target_modules", None) or caps.lora_targets
+            ):
+                return "lora"
+        elif need == "adaptation":
+            if caps.adaptation is None:
+                return "adaptation"
+        elif not getattr(caps, need):
+            return need
+    return None
+
+
+def components(strategy: Any) -> list[tuple[str, Any]]:
+    """A strategy and the strategies it runs (domain adaptation's ``then``), with their
+    locations in the config."""
+    parts = [("", strategy)]
+    then = getattr(strategy, "then", None)
+    if then is not None:
+        parts.append((".then", then))
+    return parts
+
+
+def _describe(need: str, family: Family, modality: str) -> str:
+    return {
+        "finetune": "cannot be fine-tuned",
+        "blocks": "has no stack of blocks to freeze",
+        "lora": "has no default LoRA target modules (name them in strategy.target_modules)",
+        "zero_shot": f"cannot classify {modality} data from label descriptions",
+        "contrastive": f"has no sentence-pair tuning for {modality} data",
+        "adaptation": f"has no domain-adaptation objective for {modality} data",
+    }[need]
+
+
+def rungs(strategy: Any, caps: Capabilities) -> list[str]:
+    """auto's ladder without the rungs this family cannot climb."""
+    return [name for name in strategy.ladder if missing(strategy.rung(name), caps) is None]
+
+
+def check_strategies(config: PipelineConfig, family: Family, hf_config: dict[str, Any]) -> None:
+    """Refuse, in one line, a configured strategy this family cannot run on the data.
+
+    Raises:
+        ConfigError: naming the strategy's field, the family and the strategies that apply.
+    """
+    modality = config.data.modality
+    caps = family.capabilities(modality, hf_config)
+    used: list[tuple[str, Any]] = [("strategy", config.strategy)]
+    if config.sweep is not None:
+        used += [
+            (f"sweep.branches[{i}].strategy", b.strategy)
+            for i, b in enumerate(config.sweep.branches)
+        ]
+    for where, strategy in used:
+        for suffix, part in components(strategy):
+            need = missing(part, caps)
+            if need is not None:
+                allowed = ", ".join(supported(family, modality, hf_config))
+                raise ConfigError(
+                    f"{where}{suffix}.name: '{part.name}' does not apply to this backbone: a "
+                    f"{family.title} backbone {_describe(need, family, modality)}; for "
+                    f"{modality} data it takes {allowed}"
+                )
+        if caps.adaptation in ("mlm", "clm") and getattr(strategy, "unlabelled_uri", 1) is None:
+            raise ConfigError(
+                f"{where}.unlabelled_uri: domain adaptation of a {family.title} backbone "
+                f"({caps.adaptation.upper()}) trains on unlabelled target-domain text; give its "
+                "file"
+            )
+        ladder = getattr(strategy, "ladder", None)
+        if ladder is not None:
+            climbable = rungs(strategy, caps)
+            if "ladder" in strategy.model_fields_set and climbable != ladder:
+                stray = next(name for name in ladder if name not in climbable)
+                raise ConfigError(
+                    f"{where}.ladder: '{stray}' does not apply to a {family.title} backbone; "
+                    f"climb {climbable}"
+                )
+
+
+def supported(family: Family, modality: str, hf_config: dict[str, Any] | None = None) -> list[str]:
+    """The strategies that apply to ``family`` on ``modality`` data."""
+    caps = family.capabilities(modality, hf_config or {})
+    return [
+        name
+        for name, model in STRATEGIES.items()
+        if missing(model.model_construct(), caps) is None  # type: ignore[attr-defined]
+    ]
+
+
+def matrix() -> list[tuple[str, str, dict[str, bool]]]:
+    """(family, modality, {strategy: applies}) for every family and modality it embeds."""
+    rows = []
+    for family in families():
+        for modality in family.modalities:
+            allowed = set(supported(family, modality))
+            rows.append((family.name, modality, {n: n in allowed for n in STRATEGIES}))
+    return rows
+
+
+def local_family(config: PipelineConfig) -> tuple[Family, dict[str, Any]] | None:
+    """The family of a backbone readable on this machine (a local folder or a package), or
+    the configured ``backbone.family``; None when it can only be known at fetch."""
+    from transferkit import storage
+
+    hf_config: dict[str, Any] = {}
+    folder: Path | None = None
+    try:
+        folder = storage.local_path(config.backbone.uri)
+    except StorageError:  # remote or malformed: fetch_backbone will say
+        folder = None
+    files: set[str] = set()
+    if folder is not None and folder.is_dir() and (folder / "config.json").is_file():
+        try:
+            hf_config = read_config(folder)
+        except ValueError:
+            hf_config = {}
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    if config.backbone.family:
+        return family_of(config.backbone.family), hf_config
+    if not files:
+        return None
+    return detect(hf_config, files, config.backbone.uri), hf_config
