@@ -14,16 +14,9 @@ from PIL import Image
 
 from tests.conftest import RESNET20_SHA256, image_config, make_config
 from transferkit.backbones import fetch_backbone
-from transferkit.backbones.base import folder_family
+from transferkit.backbones.base import load_folder
 from transferkit.backbones.fetch import ImageInput
 from transferkit.backbones.images import prepare
-
-
-def load_image_encoder(model_dir):  # type: ignore[no-untyped-def]
-    """The image encoder of a stored backbone folder, through its family."""
-    return folder_family(model_dir).load(model_dir, "image", None)[1]
-
-
 from transferkit.config import PipelineConfig
 from transferkit.data import ingest_data, load_images
 from transferkit.errors import BackboneError, DataError
@@ -221,7 +214,7 @@ def test_resnet20_checkpoint_is_converted_and_loads_exactly(
         "model.safetensors",
         "source.json",
     ]
-    encoder = load_image_encoder(tmp_path / "backbone" / "model")
+    encoder = load_folder(tmp_path / "backbone" / "model", "image")[1]
     original = torch.load(resnet20, map_location="cpu", weights_only=True)["state_dict"]
     state = encoder.body.state_dict()
     for key, tensor in original.items():

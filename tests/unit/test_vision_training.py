@@ -11,18 +11,10 @@ from safetensors.torch import load_file
 
 from tests.conftest import image_config
 from transferkit.backbones import fetch_backbone
-from transferkit.backbones.base import folder_family
+from transferkit.backbones.base import load_folder
 from transferkit.backbones.fetch import ImageInput
 from transferkit.backbones.images import prepare
-
-
-def load_image_encoder(model_dir):  # type: ignore[no-untyped-def]
-    """The image encoder of a stored backbone folder, through its family."""
-    return folder_family(model_dir).load(model_dir, "image", None)[1]
-
-
-from transferkit.training.inputs import augment
-
+from transferkit.backbones.modality import augment
 from transferkit.config import AugmentationConfig
 from transferkit.data import load_images
 from transferkit.evaluation import evaluate
@@ -105,7 +97,7 @@ def test_adabn_reestimates_batch_norm_statistics_exactly_and_keeps_weights(
     breast_run: tuple, tmp_path: Path
 ) -> None:
     root, data, resnet20 = breast_run
-    encoder = load_image_encoder(root / "backbone" / "model")
+    encoder = load_folder(root / "backbone" / "model", "image")[1]
     images, _ = load_images(root / "dataset", "train")
     spec = ImageInput(size=32, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     weights = {k: v.clone() for k, v in encoder.state_dict().items() if "running" not in k}

@@ -213,3 +213,22 @@ def folder_family(model_dir: Path, name: str = "") -> Family:
         return family_of(name)
     files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
     return detect(read_config(model_dir), files, str(model_dir))
+
+
+def load_folder(
+    model_dir: Path, modality: str, settings: Settings | None = None
+) -> tuple[Any, Encoder]:
+    """Processor and encoder of a stored backbone folder, by its detected family (images need
+    no settings; text takes pooling and normalisation from ``settings``)."""
+    family = folder_family(model_dir)
+    if settings is None:
+        pooling, normalize = family.default_pooling(model_dir)
+        settings = Defaults(pooling, normalize)
+    return family.load(model_dir, modality, settings)
+
+
+@dataclass
+class Defaults:
+    pooling: str
+    normalize: bool
+    max_length: int = 0

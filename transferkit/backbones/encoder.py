@@ -16,6 +16,7 @@ from torch import nn
 
 from transferkit.backbones.base import (
     Capabilities,
+    Defaults,
     Encoder,
     Family,
     Settings,
@@ -114,16 +115,9 @@ def load_hf_text(
     return tokenizer, encoder(body, settings.pooling, settings.normalize)
 
 
-class _Settings:
-    def __init__(self, pooling: str, normalize: bool) -> None:
-        self.pooling, self.normalize, self.max_length = pooling, normalize, 0
-
-
 def load_text_encoder(model_dir: Path, pooling: str, normalize: bool) -> tuple[Any, HFTextEncoder]:
     """Tokenizer and encoder of a BERT-like folder (offline, safetensors only)."""
-    tokenizer, encoder = load_hf_text(
-        model_dir, _Settings(pooling, normalize), False, HFTextEncoder
-    )
+    tokenizer, encoder = load_hf_text(model_dir, Defaults(pooling, normalize), False, HFTextEncoder)
     assert isinstance(encoder, HFTextEncoder)
     return tokenizer, encoder
 
@@ -135,7 +129,7 @@ def random_text_encoder(
 
     Initialisation draws from torch's global generator: seed it first.
     """
-    tokenizer, encoder = load_hf_text(model_dir, _Settings(pooling, normalize), True, HFTextEncoder)
+    tokenizer, encoder = load_hf_text(model_dir, Defaults(pooling, normalize), True, HFTextEncoder)
     assert isinstance(encoder, HFTextEncoder)
     return tokenizer, encoder
 
