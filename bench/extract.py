@@ -79,9 +79,9 @@ def our_encoder(cfg: PipelineConfig, backbone: Path) -> tuple[Any, Any, str, int
     from transferkit.backbones.text import frozen_encoder, resolve_precision
 
     info = load_backbone_info(backbone)
-    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
+    tokenizer, loaded = load_text_encoder(backbone / "model", info.pooling, info.normalize)
     encoder, precision = frozen_encoder(
-        encoder.to(common.device()), resolve_precision(cfg.training.precision)
+        loaded.to(common.device()), resolve_precision(cfg.training.precision)
     )
     return tokenizer, encoder, precision, info.max_length
 

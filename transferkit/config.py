@@ -492,13 +492,17 @@ class DomainAdaptationConfig(_Model):
     )
 
 
+def _ladder() -> tuple[str, ...]:
+    return LADDER
+
+
 class AutoStrategyConfig(_Model):
     """Escalate from cheap to expensive strategies while validation keeps improving."""
 
     applies: ClassVar[Applies] = Applies()
     name: Literal["auto"] = "auto"
     ladder: list[Literal["linear_probe", "partial_finetune", "lora", "full_finetune"]] = Field(
-        default_factory=lambda: list(LADDER),
+        default_factory=lambda: list(_ladder()),  # type: ignore[arg-type]
         min_length=1,
         description="Strategies in order of cost. Each next one runs only while the last one "
         "gained more than 'margin' on validation over the best so far.",
@@ -554,7 +558,7 @@ STRATEGIES: dict[str, type[_Model]] = {
     "auto": AutoStrategyConfig,
 }
 # auto's default ladder: every strategy declaring a rung, cheapest first.
-LADDER = tuple(
+LADDER: tuple[str, ...] = tuple(
     sorted(
         (name for name, model in STRATEGIES.items() if model.applies.rung is not None),  # type: ignore[attr-defined]
         key=lambda name: STRATEGIES[name].applies.rung,  # type: ignore[attr-defined]
@@ -1246,7 +1250,7 @@ class PipelineConfig(_Model):
     def _resolve_metric(self) -> PipelineConfig:
         if self.evaluation.primary_metric == "auto":
             # MedMNIST's convention for images; GLUE's for text.
-            self.evaluation.primary_metric = DEFAULT_METRIC[self.data.modality]
+            self.evaluation.primary_metric = DEFAULT_METRIC[self.data.modality]  # type: ignore[assignment]
         if self.evaluation.primary_metric == "roc_auc" and self.registry.gate == "mcnemar":
             # McNemar counts rows right and wrong: it says nothing about a ranking metric.
             if "gate" in self.registry.model_fields_set:
@@ -1327,8 +1331,8 @@ class PipelineConfig(_Model):
                 (f"sweep.branches[{i}].training", b.training)
                 for i, b in enumerate(self.sweep.branches)
             ]
-        if isinstance(self.strategy, AutoStrategyConfig):
-            overrides += [(f"strategy.training.{k}", v) for k, v in self.strategy.training.items()]
+        rungs = getattr(self.strategy, "training", {})  # auto's per-rung overrides
+        overrides += [(f"strategy.training.{k}", v) for k, v in rungs.items()]
         for where, override in overrides:
             try:
                 TrainingConfig.model_validate({**base, **override})

@@ -97,6 +97,7 @@ class RunSummary(BaseModel):
     run_dir: str
     sweep: dict[str, Any] | None = None
     modality: str = "text"
+    primary_metric: str = "accuracy"
     sweep_run_id: str | None = None
 
 
@@ -308,6 +309,9 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         RunInterruptedError: SIGINT or SIGTERM; every process the run started was stopped.
         TransferkitError: an input could not be read before the run started.
     """
+    from transferkit.backbones.support import check_local
+
+    check_local(config)  # refuse a family/strategy mismatch before any step starts
     from kfp import local
 
     from transferkit.pipelines import strategy_sweep, transfer_learning
@@ -375,6 +379,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
             comparison["report"] = str(found[0] / "report.html")
     return RunSummary(
         modality=config.data.modality,
+        primary_metric=config.evaluation.primary_metric,
         metrics=result["metrics"],
         scores=result["scores"],
         model_uri=result["model_uri"],

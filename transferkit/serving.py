@@ -15,23 +15,6 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
-def texts_of(model_input: Any) -> list[str]:
-    """Texts from a DataFrame with a ``text`` column, a Series, a list or one string."""
-    if isinstance(model_input, pd.DataFrame):
-        if "text" in model_input.columns:
-            column = model_input["text"]
-        elif model_input.shape[1] == 1:
-            column = model_input.iloc[:, 0]
-        else:
-            raise ValueError(f"input has columns {list(model_input.columns)}; pass a 'text' column")
-        return [str(v) for v in column.tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    if isinstance(model_input, pd.Series | list | tuple):
-        return [str(v) for v in model_input]
-    raise ValueError(f"cannot read texts from {type(model_input).__name__}; pass a DataFrame")
-
-
 def predictions_frame(proba: Any, labels: list[str]) -> pd.DataFrame:
     """Probabilities [rows, labels] → label, score and p_<label> columns."""
     best = proba.argmax(axis=1)

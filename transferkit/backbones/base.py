@@ -68,7 +68,7 @@ class Family:
     """One kind of backbone. Subclasses set the class attributes and override the methods."""
 
     name: ClassVar[str]
-    title: ClassVar[str]  # how the README and errors name it, e.g. "GPT-style decoders"
+    title: ClassVar[str]  # how errors name one, e.g. "GPT-style decoder"
     modalities: ClassVar[tuple[str, ...]]  # data it embeds: ('text',), ('image',) or both
     # Detection order: lower first. Specific families (CLIP, the CIFAR ResNet) go before the
     # generic ones (any AutoModel text encoder).

@@ -79,8 +79,8 @@ def text_blocks(body: nn.Module) -> list[nn.Module]:
     BERT keeps it at ``encoder.layer``, GPT-2 at ``h``, Llama at ``layers``; looking for the
     longest list finds each without a table of architectures.
     """
-    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    lists = [list(m) for m in body.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else []
 
 
 class HFTextEncoder(TextEncoder, Encoder):
@@ -138,7 +138,7 @@ class TextEncoderFamily(Family):
     """BERT-like encoders: mean/CLS pooling, MLM domain adaptation, SetFit, zero-shot."""
 
     name = "encoder"
-    title = "BERT-like text encoders (incl. sentence-transformers)"
+    title = "BERT-like encoder"
     modalities = ("text",)
     priority = 90  # the generic text family: after every specific one
 

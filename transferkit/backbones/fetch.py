@@ -466,8 +466,8 @@ def _fetch_one(
             default_pooling, default_normalize = family.default_pooling(model_dir)
             pooling = config.backbone.pooling
             pooling = default_pooling if pooling == "auto" else pooling
-            normalize = config.backbone.normalize
-            normalize = default_normalize if normalize == "auto" else normalize
+            setting = config.backbone.normalize
+            normalize = default_normalize if setting == "auto" else bool(setting)
         info = BackboneInfo(
             source=uri,
             architecture=(hf_config.get("architectures") or [hf_config.get("model_type", "?")])[0],

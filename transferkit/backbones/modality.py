@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -137,6 +138,23 @@ class ImageInputs:
         return run_images(model, self.images, self.spec, batch_size, precision, "validate")
 
 
+def texts_of(model_input: Any) -> list[str]:
+    """Texts from a DataFrame with a ``text`` column, a Series, a list or one string."""
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            column = model_input["text"]
+        elif model_input.shape[1] == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise ValueError(f"input has columns {list(model_input.columns)}; pass a 'text' column")
+        return [str(v) for v in column.tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.Series | list | tuple):
+        return [str(v) for v in model_input]
+    raise ValueError(f"cannot read texts from {type(model_input).__name__}; pass a DataFrame")
+
+
 class Settings(Protocol):
     """The fetch record (BackboneInfo) or the model card: how inputs are prepared."""
 
@@ -206,10 +224,25 @@ class Modality:
         """Two inputs as a served request gives them (the logged model's signature)."""
         raise NotImplementedError
 
+    unlabelled_form: ClassVar[str]  # what an unlabelled file of this modality is
+
+    def read_unlabelled(self, path: Path, uri: str, text_column: str) -> Any:
+        """The inputs of an unlabelled file (drift checks, adaptation corpora), or None when
+        the file is of another modality's form."""
+        raise NotImplementedError
+
 
 class TextModality(Modality):
     name = "text"
     noun = "texts"
+    unlabelled_form = "texts (.txt or a table)"
+
+    def read_unlabelled(self, path: Path, uri: str, text_column: str) -> Any:
+        from transferkit.data.readers import read_unlabelled_texts
+
+        if path.suffix.lower() == ".npz":
+            return None
+        return read_unlabelled_texts(path, uri, text_column)
 
     def load(self, dataset_dir: Path, split: str) -> tuple[Any, np.ndarray]:
         return load_split(dataset_dir, split)
@@ -226,12 +259,12 @@ class TextModality(Modality):
     ) -> Inputs:
         return TextInputs(processor, list(inputs), settings.max_length)
 
-    def run(self, module, processor, inputs, settings, batch_size, precision, description):  # type: ignore[no-untyped-def]
+    def run(self, module, processor, inputs, settings, batch_size, precision, description):
         return run_batched(
             module, processor, list(inputs), settings.max_length, batch_size, precision, description
         )
 
-    def stream(self, module, processor, inputs, settings, batch_size, precision, description):  # type: ignore[no-untyped-def]
+    def stream(self, module, processor, inputs, settings, batch_size, precision, description):
         return encode_chunks(
             module, processor, list(inputs), settings.max_length, batch_size, precision, description
         )
@@ -240,8 +273,6 @@ class TextModality(Modality):
         return frozen_encoder(encoder, precision)
 
     def served(self, model_input: Any) -> Any:
-        from transferkit.serving import texts_of
-
         return texts_of(model_input)
 
     def example(self, dataset_dir: Path) -> Any:
@@ -253,6 +284,14 @@ class TextModality(Modality):
 class ImageModality(Modality):
     name = "image"
     noun = "images"
+    unlabelled_form = "an .npz of images"
+
+    def read_unlabelled(self, path: Path, uri: str, text_column: str) -> Any:
+        from transferkit.data.images import read_unlabelled_npz
+
+        if path.suffix.lower() != ".npz":
+            return None
+        return read_unlabelled_npz(path, uri)
 
     def load(self, dataset_dir: Path, split: str) -> tuple[Any, np.ndarray]:
         return load_images(dataset_dir, split)
@@ -270,7 +309,7 @@ class ImageModality(Modality):
         assert settings.image is not None
         return ImageInputs(inputs, settings.image, augmentation)
 
-    def run(self, module, processor, inputs, settings, batch_size, precision, description):  # type: ignore[no-untyped-def]
+    def run(self, module, processor, inputs, settings, batch_size, precision, description):
         assert settings.image is not None
         return run_images(
             module, self.served(inputs), settings.image, batch_size, precision, description
@@ -303,3 +342,9 @@ def dataset_modality(dataset_dir: Path) -> Modality:
         if name in MODALITIES:
             return MODALITIES[name]
     return MODALITIES["image" if (dataset_dir / "train_images.npy").exists() else "text"]
+
+
+def card_modality(name: str, image: ImageInput | None) -> Modality:
+    """A model card's modality; cards written before families name none, and only image
+    models had an ``image`` input spec."""
+    return MODALITIES[name or ("text" if image is None else "image")]

@@ -154,6 +154,7 @@ class CifarEncoder(Encoder):
         return 64
 
     def blocks(self) -> list[nn.Module]:
+        assert isinstance(self.body, ResNetCifar)
         return self.body.stages()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,7 @@ class ResNetCifarFamily(Family):
     """The CIFAR ResNet (He et al. 2016): probe, partial, full, scratch, AdaBN."""
 
     name = RESNET_CIFAR
-    title = "CIFAR ResNet (state-dict checkpoints)"
+    title = "CIFAR ResNet"
     modalities = ("image",)
     priority = 10
 

@@ -53,7 +53,9 @@ def _describe(need: str, family: Family, modality: str) -> str:
     return {
         "finetune": "cannot be fine-tuned",
         "blocks": "has no stack of blocks to freeze",
-        "lora": "has no default LoRA target modules (name them in strategy.target_modules)",
+        "lora": "takes no LoRA adapters",
+        "lora_targets": "has no default LoRA target modules (name its linear layers in "
+        "strategy.target_modules)",
         "zero_shot": f"cannot classify {modality} data from label descriptions",
         "contrastive": f"has no sentence-pair tuning for {modality} data",
         "adaptation": f"has no domain-adaptation objective for {modality} data",
@@ -110,9 +112,7 @@ def supported(family: Family, modality: str, hf_config: dict[str, Any] | None = 
     """The strategies that apply to ``family`` on ``modality`` data."""
     caps = family.capabilities(modality, hf_config or {})
     return [
-        name
-        for name, model in STRATEGIES.items()
-        if missing(model.model_construct(), caps) is None  # type: ignore[attr-defined]
+        name for name, model in STRATEGIES.items() if missing(model.model_construct(), caps) is None
     ]
 
 
@@ -146,6 +146,36 @@ def local_family(config: PipelineConfig) -> tuple[Family, dict[str, Any]] | None
         files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     if config.backbone.family:
         return family_of(config.backbone.family), hf_config
+    if folder is not None and folder.is_file():
+        # A bare checkpoint: converted to a CIFAR ResNet, or with backbone.architecture to the
+        # Hugging Face vision layout (fetch_backbone's _fetch_checkpoint).
+        return family_of("vision" if config.backbone.architecture else "resnet_cifar"), {}
     if not files:
         return None
     return detect(hf_config, files, config.backbone.uri), hf_config
+
+
+def check_local(config: PipelineConfig) -> Family | None:
+    """What fetch_backbone will check, checked now where the backbone can be read here (a
+    local folder, a package, or ``backbone.family``): the family embeds the data and allows
+    the strategies. Returns the family, or None when only the fetch can tell.
+
+    Raises:
+        BackboneError: no family recognises the folder, or it cannot embed the data.
+        ConfigError: a configured strategy does not apply to this family.
+    """
+    from transferkit.errors import BackboneError
+
+    found = local_family(config)
+    if found is None:
+        return None
+    family, hf_config = found
+    modality = config.data.modality
+    if modality not in family.modalities:
+        raise BackboneError(
+            f"backbone.uri {config.backbone.uri}: a {family.title} backbone embeds "
+            f"{' and '.join(family.modalities)}, but the data is {modality}; point backbone.uri "
+            "at a model for it (or set backbone.family if the detected family is wrong)"
+        )
+    check_strategies(config, family, hf_config)
+    return family

@@ -68,7 +68,7 @@ class TextEncoder(nn.Module):
         return pool(hidden, attention_mask, self.pooling, self.normalize)
 
 
-def frozen_encoder(encoder: TextEncoder, precision: str) -> tuple[TextEncoder, str]:
+def frozen_encoder(encoder: nn.Module, precision: str) -> tuple[nn.Module, str]:
     """The fastest form of a frozen encoder for inference at ``precision``.
 
     bf16: the weights themselves are cast to bf16 (autocast would re-cast every weight on
@@ -85,7 +85,7 @@ def frozen_encoder(encoder: TextEncoder, precision: str) -> tuple[TextEncoder, s
     encoder.to(torch.bfloat16)
     if next(encoder.parameters()).device.type == "cpu":
         with contextlib.suppress(AttributeError, ValueError):  # older transformers
-            encoder.body.set_attn_implementation("eager")  # type: ignore[operator]
+            encoder.body.set_attn_implementation("eager")  # type: ignore[operator, union-attr]
     return encoder, "fp32"
 
 

@@ -63,7 +63,7 @@ class VisionFamily(Family):
     AdaBN where the model has BatchNorm."""
 
     name = "vision"
-    title = "Hugging Face vision models (ResNet, ConvNeXt, ViT, DINOv2, Swin)"
+    title = "Hugging Face vision model"
     modalities = ("image",)
     priority = 40
 

@@ -152,10 +152,15 @@ def _local_tree(uri: str, names: list[str], config: PipelineConfig, scratch: Pat
     return root
 
 
+# The data kinds: images are read as pixel arrays, everything else as a table of texts.
+IMAGE_DATA = ("image",)
+NOUNS = {"text": "texts", "image": "images"}
+
+
 def _read(
     uri: str, config: PipelineConfig, scratch: Path, split: str = "all"
 ) -> Rows | dict[str, ImageRows]:
-    if config.data.modality == "image":
+    if config.data.modality in IMAGE_DATA:
         rows = _read_images(uri, config, scratch, split)
         count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
         log.info("read %s images from %s", f"{count:,}", uri)
@@ -360,7 +365,7 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
         for name, rows in raw_splits.items()
     }
     keys = {name: _keys(rows) for name, rows in raw_splits.items()}
-    what = "images" if config.data.modality == "image" else "texts"
+    what = NOUNS[config.data.modality]
 
     train_keys = keys["train"]
     duplicated = train_keys.duplicated(keep=False).to_numpy()

@@ -88,12 +88,13 @@ def adapt_batch_norm(
         What was done, for ``training.json``: layers, images, seconds and how far the first
         layer's statistics moved.
     """
-    assert info.image is not None
+    spec = info.image
+    assert spec, "AdaBN adapts image backbones only (backbones.support refuses the rest)"
     started = time.perf_counter()
     family = folder_family(backbone_dir / "model", info.family)
     _, encoder = family.load(backbone_dir / "model", info.modality, info)
     encoder.to(target)
-    layers = recompute_batch_norm(encoder, images, info.image, batch_size, before := [])
+    layers = recompute_batch_norm(encoder, images, spec, batch_size, before := list[torch.Tensor]())
     first = next(m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
     shift = float((torch.as_tensor(first.running_mean) - before[0]).abs().mean())
     with storage.atomic_dir(output_dir) as tmp:

@@ -26,7 +26,7 @@ from torch import nn
 from transferkit import storage
 from transferkit.backbones.base import Encoder, Family, folder_family
 from transferkit.backbones.images import ImageInput
-from transferkit.backbones.modality import Modality, modality_of
+from transferkit.backbones.modality import Modality, card_modality
 from transferkit.errors import TransferkitError
 from transferkit.metrics import softmax
 
@@ -66,7 +66,7 @@ class ModelCard(BaseModel):
 
     def input_modality(self) -> Modality:
         """The modality of the inputs this model classifies."""
-        return modality_of(self.modality or ("text" if self.image is None else "image"))
+        return card_modality(self.modality, self.image)
 
 
 class Classifier(nn.Module):

@@ -38,7 +38,7 @@ def _text(module: str, function: str) -> Objective:
         scratch: Path,
     ) -> dict[str, Any]:
         adapt_text = getattr(importlib.import_module(module), function)
-        return adapt_text(  # type: ignore[no-any-return]
+        return adapt_text(
             strategy,
             config.storage,
             ctx.backbone_dir,
@@ -76,7 +76,7 @@ def _target_images(
 ) -> np.ndarray:
     """Unlabelled target images for AdaBN: an npz's image arrays, else the training split."""
     if strategy.unlabelled_uri is None:
-        return ctx.modality.load(ctx.dataset_dir, "train")[0]  # type: ignore[no-any-return]
+        return ctx.modality.load(ctx.dataset_dir, "train")[0]
     from transferkit.data.images import read_unlabelled_npz
 
     path = storage.fetch_file(strategy.unlabelled_uri, scratch / "unlabelled", config.storage)
