@@ -128,7 +128,7 @@ def _read_json_files(model_dir: Path, uri: str) -> dict[str, Any]:
     from transformers import __version__ as transformers_version
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    from transferkit.backbones.vision import RESNET_CIFAR
+    from transferkit.backbones.resnet_cifar import RESNET_CIFAR
 
     parsed: dict[str, Any] = {}
     for path in sorted(model_dir.rglob("*.json")):
