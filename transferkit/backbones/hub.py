@@ -206,6 +206,25 @@ def fetch_hub(
     return HubSnapshot(folder=folder, commit=commit, files=sorted(keep))
 
 
+def source_stamp(uri: str, cache_dir: Path | None = None) -> str:
+    """The content stamp of a Hub backbone (what ``storage.stamp`` is for other sources):
+    the commit its revision points at now, from the Hub, or offline from the cache; a
+    pinned commit is its own stamp (no request).
+
+    Raises:
+        BackboneError: as ``fetch_hub``.
+    """
+    ref = parse_hub_uri(uri)
+    if ref.pinned:
+        return ref.revision
+    env = _Environment.read()
+    cache = hub_cache(cache_dir)
+    if env.offline:
+        repo_dir = cache / ("models--" + ref.repo_id.replace("/", "--"))
+        return _cached_listing(uri, ref, cache, repo_dir)[0]
+    return _resolve(uri, ref, env, cache)[0]
+
+
 def _is_commit(revision: str) -> bool:
     return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
