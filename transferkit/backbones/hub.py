@@ -171,7 +171,7 @@ def fetch_hub(
     ref = parse_hub_uri(uri)
     env = _Environment.read()
     cache = hub_cache(cache_dir)
-    repo_dir = cache / ("models--" + ref.repo_id.replace("/", "--"))
+    repo_dir = _repo_dir(cache, ref)
     if env.offline:
         commit, names = _cached_listing(uri, ref, cache, repo_dir)
     else:
@@ -220,9 +220,12 @@ def source_stamp(uri: str, cache_dir: Path | None = None) -> str:
     env = _Environment.read()
     cache = hub_cache(cache_dir)
     if env.offline:
-        repo_dir = cache / ("models--" + ref.repo_id.replace("/", "--"))
-        return _cached_listing(uri, ref, cache, repo_dir)[0]
+        return _cached_listing(uri, ref, cache, _repo_dir(cache, ref))[0]
     return _resolve(uri, ref, env, cache)[0]
+
+
+def _repo_dir(cache: Path, ref: HubRef) -> Path:
+    return cache / ("models--" + ref.repo_id.replace("/", "--"))  # the Hub cache's naming
 
 
 def _is_commit(revision: str) -> bool:
@@ -373,7 +376,7 @@ def _hub_error(uri: str, ref: HubRef, env: _Environment, cache: Path, exc: Excep
             transient=True,
         )
     if isinstance(exc, httpx2.TransportError | LocalEntryNotFoundError | ConnectionError):
-        cached = cache / ("models--" + ref.repo_id.replace("/", "--")) / "refs" / ref.revision
+        cached = _repo_dir(cache, ref) / "refs" / ref.revision
         hint = (
             "; it is in the backbone cache: HF_HUB_OFFLINE=1 uses that copy"
             if cached.is_file() or ref.pinned
