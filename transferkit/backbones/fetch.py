@@ -460,11 +460,10 @@ def _fetch_one(
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
         weights, parameters = _inspect_weights(model_dir, uri)
-        files = {
-            rel: weights.get(rel) or storage.sha256_file(p)
-            for p in sorted(model_dir.rglob("*"))
-            if p.is_file() and (rel := p.relative_to(model_dir).as_posix())
-        }
+        files: dict[str, str] = {}
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(model_dir).as_posix()
+            files[rel] = weights.get(rel) or storage.sha256_file(path)
         expected = None if is_file else config.backbone.weights_sha256
         if expected:
             if len(weights) != 1:
