@@ -45,7 +45,11 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                # `from package import module` depends on that module (the package's own
+                # __init__ runs too, but it only re-exports); `from module import name` on it.
+                submodules = [f"{node.module}.{a.name}" for a in node.names]
+                names = [a.name for a in node.names if f"{node.module}.{a.name}" not in known]
+                targets = submodules + ([node.module] if names else [])
             edges[name] |= {t for t in targets if t in known and t != name}
     return edges
 
