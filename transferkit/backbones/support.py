@@ -179,3 +179,17 @@ def check_local(config: PipelineConfig) -> Family | None:
         )
     check_strategies(config, family, hf_config)
     return family
+
+
+def matrix_markdown() -> str:
+    """The family × strategy matrix as the README shows it (a test keeps them equal)."""
+    rows = matrix()
+    names = list(STRATEGIES)
+    lines = [
+        "| family | data | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for family, modality, allowed in rows:
+        marks = " | ".join("✓" if allowed[n] else "—" for n in names)
+        lines.append(f"| `{family}` | {modality} | {marks} |")
+    return "\n".join(lines)
