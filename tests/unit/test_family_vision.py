@@ -1,0 +1,362 @@
+"""The Hugging Face vision family (ResNet, ConvNeXt, ViT, DINOv2, Swin) on tiny random-weight
+folders in their real format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tests.families.tiny_vision import MAIN, MODEL_TYPES, colour_task, save_tiny_vision
+from transferkit.backbones.base import detect, family_of, read_config
+from transferkit.backbones.images import IMAGENET_MEAN, IMAGENET_STD, run_images
+from transferkit.backbones.vision import HFVisionEncoder, VisionFamily, feature_width
+from transferkit.errors import BackboneError
+
+FAMILY = VisionFamily()
+# Pooled feature width and number of blocks of each tiny model (tests/families/tiny_vision).
+WIDTHS = {
+    "resnet": 16,  # last stage
+    "convnext": 32,
+    "convnextv2": 32,
+    "vit": 32,  # hidden_size
+    "dinov2": 64,  # CLS ⊕ mean patch: 2 × hidden_size
+    "dinov2_with_registers": 64,
+    "swin": 32,  # embed_dim 16 doubled once
+    "swinv2": 32,
+}
+BLOCKS = {
+    "resnet": 3,  # stem + 1 + 1 layers
+    "convnext": 3,  # 1 + 2 layers
+    "convnextv2": 3,
+    "vit": 2,
+    "dinov2": 2,
+    "dinov2_with_registers": 2,
+    "swin": 3,  # 1 + 2 blocks
+    "swinv2": 3,
+}
+
+
+class Settings:
+    pooling = "image"
+    normalize = False
+    max_length = 0
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-vision")
+    return {t: save_tiny_vision(root / t, t) for t in MODEL_TYPES}
+
+
+@pytest.fixture(scope="module")
+def encoders(folders: dict[str, Path]) -> dict[str, HFVisionEncoder]:
+    loaded = {}
+    for model_type, folder in folders.items():
+        _, encoder = FAMILY.load(folder, "image", Settings())
+        assert isinstance(encoder, HFVisionEncoder)
+        loaded[model_type] = encoder
+    return loaded
+
+
+def pixels(count: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# --- detection --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_each_architecture_is_detected_as_vision(folders: dict[str, Path], model_type: str):
+    folder = folders[model_type]
+    assert detect(read_config(folder), files(folder), str(folder)).name == "vision"
+
+
+def test_text_unknown_and_cifar_folders_are_not_claimed(tmp_path: Path) -> None:
+    bert = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 32}
+    assert not FAMILY.detect(bert, {"config.json", "vocab.txt", "model.safetensors"})
+    assert not FAMILY.detect({"model_type": "clip"}, {"preprocessor_config.json"})
+    assert not FAMILY.detect({"model_type": "resnet_cifar"}, {"model.safetensors"})
+    assert not FAMILY.detect({}, {"preprocessor_config.json"})
+    # An image model the family has not been taught to pool: refused by detection, in one line.
+    beit = {"model_type": "beit", "architectures": ["BeitModel"]}
+    assert not FAMILY.detect(beit, {"config.json", "preprocessor_config.json"})
+    with pytest.raises(BackboneError, match=r"model_type 'beit'.*backbone\.family") as caught:
+        detect(beit, {"config.json", "preprocessor_config.json"}, "models/beit")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_forced_vision_family_refuses_an_unknown_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "beit"}))
+    pattern = r"model_type 'beit' is not a vision architecture .*\(resnet, convnext.*swinv2\)"
+    with pytest.raises(BackboneError, match=pattern):
+        family_of("vision").load(tmp_path, "image", Settings())
+    with pytest.raises(BackboneError, match=pattern):
+        FAMILY.capabilities("image", {"model_type": "beit"})
+
+
+# --- image input from each processor ----------------------------------------------------------
+
+
+def test_image_input_follows_each_processor(folders: dict[str, Path]) -> None:
+    imagenet = ([pytest.approx(v) for v in IMAGENET_MEAN], [pytest.approx(v) for v in IMAGENET_STD])
+    specs = {t: FAMILY.image_input(folders[t]) for t in MAIN}
+    # ConvNeXt's processor (ResNet, ConvNeXt): shortest_edge, ImageNet statistics.
+    for model_type in ("resnet", "convnext"):
+        spec = specs[model_type]
+        assert (spec.size, spec.channels, (spec.mean, spec.std)) == (32, 3, imagenet)
+    # ViT's (ViT, Swin): height × width, mean and std 0.5.
+    for model_type in ("vit", "swin"):
+        spec = specs[model_type]
+        assert (spec.size, spec.mean, spec.std) == (32, [0.5] * 3, [0.5] * 3)
+    # BiT's (DINOv2): resized to a shortest edge of 36, then centre-cropped: the crop counts.
+    processor = json.loads((folders["dinov2"] / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 36}
+    assert (specs["dinov2"].size, (specs["dinov2"].mean, specs["dinov2"].std)) == (32, imagenet)
+
+
+def edited_processor(source: Path, target: Path, **changes: Any) -> Path:
+    shutil.copytree(source, target)
+    path = target / "preprocessor_config.json"
+    processor = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            processor.pop(key, None)
+        else:
+            processor[key] = value
+    path.write_text(json.dumps(processor))
+    return target
+
+
+def test_image_input_without_normalisation_and_from_the_config_size(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    plain = edited_processor(folders["vit"], tmp_path / "plain", do_normalize=False, size=None)
+    spec = FAMILY.image_input(plain)
+    # No size in the processor: the model's image_size; no normalisation: mean 0, std 1.
+    assert (spec.size, spec.mean, spec.std) == (32, [0.0] * 3, [1.0] * 3)
+
+
+def test_bad_or_missing_processors_are_refused_in_one_line(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(folders["vit"], bare)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(BackboneError, match=r"no preprocessor_config\.json.*save_pretrained"):
+        FAMILY.image_input(bare)
+    (bare / "preprocessor_config.json").write_text("[1, 2")
+    with pytest.raises(BackboneError, match="not a JSON object"):
+        FAMILY.image_input(bare)
+    # ResNet's config has no image_size to fall back on.
+    sizeless = edited_processor(folders["resnet"], tmp_path / "sizeless", size=None)
+    with pytest.raises(BackboneError, match="no size"):
+        FAMILY.image_input(sizeless)
+    meanless = edited_processor(folders["convnext"], tmp_path / "meanless", image_mean=None)
+    with pytest.raises(BackboneError, match="no image_mean"):
+        FAMILY.image_input(meanless)
+
+
+# --- pooling, blocks, capabilities ------------------------------------------------------------
+
+
+def reference_features(folder: Path, model_type: str, x: torch.Tensor) -> torch.Tensor:
+    """What each architecture's own classification head reads, from the plain HF model."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder).eval()  # ViT with its (unused) pooler
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    tokens = out.last_hidden_state
+    if model_type == "vit":
+        assert not torch.allclose(out.pooler_output, tokens[:, 0])  # the pooler is not it
+        return tokens[:, 0]
+    if model_type in ("dinov2", "dinov2_with_registers"):
+        registers = 2 if model_type == "dinov2_with_registers" else 0
+        assert tokens.shape[1] == 1 + registers + 16  # CLS, registers, 4 × 4 patches
+        return torch.cat([tokens[:, 0], tokens[:, 1 + registers :].mean(dim=1)], dim=1)
+    return out.pooler_output.flatten(1)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_pooled_features_are_what_each_head_reads(
+    folders: dict[str, Path], encoders: dict[str, HFVisionEncoder], model_type: str
+) -> None:
+    encoder = encoders[model_type]
+    x = pixels()
+    with torch.no_grad():
+        features = encoder(x)
+    assert features.dtype == torch.float32
+    assert features.shape == (3, WIDTHS[model_type])
+    assert encoder.hidden_size == WIDTHS[model_type]
+    assert feature_width(read_config(folders[model_type])) == WIDTHS[model_type]
+    expected = reference_features(folders[model_type], model_type, x)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(features[0], features[1], atol=1e-3)  # images told apart
+
+
+def test_vit_is_built_without_its_pooler_and_takes_other_sizes(
+    encoders: dict[str, HFVisionEncoder],
+) -> None:
+    vit = encoders["vit"]
+    assert not any("pooler" in name for name, _ in vit.body.named_parameters())
+    with torch.no_grad():  # backbone.image.size 48: position embeddings interpolated
+        assert vit(pixels(2, size=48)).shape == (2, 32)
+
+
+def _first_parameter_index(block: nn.Module, order: dict[int, int]) -> int:
+    return min(order[id(p)] for p in block.parameters())
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_blocks_run_bottom_to_top_and_cover_the_stack(
+    encoders: dict[str, HFVisionEncoder], model_type: str
+) -> None:
+    body = encoders[model_type].body
+    blocks = encoders[model_type].blocks()
+    assert len(blocks) == BLOCKS[model_type]
+    order = {id(p): i for i, p in enumerate(body.parameters())}
+    starts = [_first_parameter_index(b, order) for b in blocks]
+    assert starts == sorted(starts)
+    inside = [id(p) for b in blocks for p in b.parameters()]
+    assert len(inside) == len(set(inside))  # no parameter in two blocks
+    # Outside the blocks only the stem/embeddings and the final norm: stage downsampling
+    # (ConvNeXt) and patch merging (Swin) belong to a block, so partial freezing covers them.
+    outside = {n.split(".")[0] for n, p in body.named_parameters() if id(p) not in set(inside)}
+    assert outside <= {"embeddings", "layernorm"}
+    if model_type == "resnet":
+        assert blocks[0] is body.embedder
+        assert not outside
+
+
+@pytest.mark.parametrize("model_type", MAIN)
+def test_lora_defaults_and_adabn_where_they_belong(
+    folders: dict[str, Path], encoders: dict[str, HFVisionEncoder], model_type: str
+) -> None:
+    caps = FAMILY.capabilities("image", read_config(folders[model_type]))
+    has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in encoders[model_type].modules())
+    assert (caps.adaptation == "adabn") == has_batch_norm == (model_type == "resnet")
+    assert (caps.finetune, caps.blocks, caps.zero_shot, caps.contrastive) == (
+        True,
+        True,
+        False,
+        False,
+    )
+    expected = {
+        "resnet": (),  # convolutions only: no default, LoRA refused
+        "convnext": ("pwconv1", "pwconv2"),
+        "vit": ("q_proj", "v_proj"),
+        "dinov2": ("q_proj", "v_proj"),
+        "swin": ("q_proj", "v_proj"),
+    }[model_type]
+    assert (caps.lora_targets, caps.lora) == (expected, bool(expected))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "adapted"),
+    [("vit", 4), ("dinov2", 4), ("swin", 6), ("convnext", 6), ("swinv2", 6)],
+)
+def test_lora_default_targets_apply(folders: dict[str, Path], model_type: str, adapted: int):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    caps = FAMILY.capabilities("image", read_config(folders[model_type]))
+    _, encoder = FAMILY.load(folders[model_type], "image", Settings())
+    x = pixels(2)
+    with torch.no_grad():
+        before = encoder(x)
+    peft_model = get_peft_model(
+        encoder.body,  # type: ignore[arg-type]
+        LoraConfig(r=4, lora_alpha=8, target_modules=list(caps.lora_targets)),
+    )
+    layers = [m for m in encoder.body.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == adapted  # two projections in each block
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable
+    assert all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), before, atol=1e-6)  # B starts at zero
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_()  # type: ignore[index, union-attr]
+        assert not torch.allclose(encoder(x), before, atol=1e-3)
+
+
+# --- save / load ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MAIN)
+def test_save_and_load_round_trip(
+    folders: dict[str, Path], tmp_path: Path, model_type: str
+) -> None:
+    source = folders[model_type]
+    _, encoder = FAMILY.load(source, "image", Settings())
+    x = pixels(2)
+    with torch.no_grad():
+        original = encoder(x)
+        top = encoder.blocks()[-1]
+        for parameter in top.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # "trained"
+        for module in top.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.add_(0.3)  # AdaBN's statistics are saved too
+        trained = encoder(x)
+    assert not torch.allclose(original, trained, atol=1e-4)
+    family_of("vision").save(encoder, None, source, tmp_path / "saved")
+    saved = tmp_path / "saved"
+    assert FAMILY.image_input(saved) == FAMILY.image_input(source)
+    assert detect(read_config(saved), files(saved), str(saved)).name == "vision"
+    _, again = FAMILY.load(saved, "image", Settings())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), trained)
+    if model_type == "vit":
+        assert not any("pooler" in k for k in load_file(str(saved / "model.safetensors")))
+    # The scratch control: the same architecture, other weights.
+    torch.manual_seed(1)
+    _, scratch = FAMILY.load(source, "image", Settings(), random_init=True)
+    with torch.no_grad():
+        fresh = scratch(x)
+    assert fresh.shape == trained.shape
+    assert not torch.allclose(fresh, trained, atol=1e-3)
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def colour_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    train, train_labels = colour_task(150, seed=0)
+    test, test_labels = colour_task(90, seed=1)
+    return train, train_labels, test, test_labels
+
+
+@pytest.mark.parametrize("model_type", MAIN)
+def test_a_probe_on_frozen_features_learns_the_colour_task(
+    folders: dict[str, Path],
+    encoders: dict[str, HFVisionEncoder],
+    colour_images: tuple[np.ndarray, ...],
+    model_type: str,
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, train_labels, test, test_labels = colour_images
+    spec = FAMILY.image_input(folders[model_type])  # 24 px images resized to 32
+    encoder = encoders[model_type]
+    features = run_images(encoder, train, spec), run_images(encoder, test, spec)
+    assert features[0].shape == (150, WIDTHS[model_type])
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(features[0], train_labels)
+    accuracy = probe.score(features[1], test_labels)
+    assert accuracy >= 0.85, accuracy  # 3 colours: chance is 1/3
