@@ -1,5 +1,5 @@
 """The Hugging Face vision family (ResNet, ConvNeXt, ViT, DINOv2, Swin) on tiny random-weight
-folders in their real format."""
+folders in their real format, and torchvision ResNet checkpoints converted to it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.families.tiny_vision import MAIN, MODEL_TYPES, colour_task, save_tiny_vision
+from transferkit.backbones import torchvision_resnet
 from transferkit.backbones.base import detect, family_of, read_config
+from transferkit.backbones.fetch import _fetch_checkpoint
 from transferkit.backbones.images import IMAGENET_MEAN, IMAGENET_STD, run_images
+from transferkit.backbones.resnet_cifar import ResNetCifarFamily
 from transferkit.backbones.vision import HFVisionEncoder, VisionFamily, feature_width
+from transferkit.config import PipelineConfig
 from transferkit.errors import BackboneError
 
 FAMILY = VisionFamily()
@@ -360,3 +364,252 @@ def test_a_probe_on_frozen_features_learns_the_colour_task(
     probe.fit(features[0], train_labels)
     accuracy = probe.score(features[1], test_labels)
     assert accuracy >= 0.85, accuracy  # 3 colours: chance is 1/3
+
+
+# --- torchvision ResNet checkpoints -----------------------------------------------------------
+
+
+class TVBasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock: same module names, same forward."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class TVBottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (v1.5: the stride on the 3×3 convolution)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class TVResNet(nn.Module):
+    """torchvision.models.resnet.ResNet's layout and forward (torchvision does not import
+    beside this torch build); ``features`` is the forward up to the flattened average pool."""
+
+    def __init__(self, block: type[TVBasicBlock | TVBottleneck], layers: tuple[int, ...]):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, 64, layers[0], 1)
+        self.layer2 = self._make_layer(block, 128, layers[1], 2)
+        self.layer3 = self._make_layer(block, 256, layers[2], 2)
+        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, 1000)
+
+    def _make_layer(self, block: Any, planes: int, count: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, None) for _ in range(1, count)]
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def torchvision_resnet_state(architecture: str) -> tuple[TVResNet, dict[str, torch.Tensor]]:
+    """A random torchvision-layout ResNet in eval mode with non-trivial batch norms."""
+    torch.manual_seed(0)
+    layer_type, depths = torchvision_resnet.ARCHITECTURES[architecture]
+    model = TVResNet(TVBasicBlock if layer_type == "basic" else TVBottleneck, depths)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.2, 0.6)  # keeps 50 random layers from blowing up
+                module.bias.uniform_(-0.1, 0.1)
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval(), model.state_dict()
+
+
+def checkpoint_config(tmp_path: Path, uri: Path, **backbone: Any) -> PipelineConfig:
+    raw = {
+        "data": {"uri": str(tmp_path / "images.npz")},
+        "backbone": {"uri": str(uri), **backbone},
+        "runtime": {"work_dir": str(tmp_path / "work")},
+    }
+    return PipelineConfig.model_validate(raw).resolved()
+
+
+def fetch_checkpoint(tmp_path: Path, uri: Path, **backbone: Any) -> Path:
+    config = checkpoint_config(tmp_path, uri, **backbone)
+    scratch = tmp_path / "fetch"
+    scratch.mkdir(parents=True)
+    _fetch_checkpoint(config, config.backbone, scratch)
+    return scratch / "model"
+
+
+@pytest.mark.parametrize(
+    ("architecture", "suffix"), [("resnet18", "pth"), ("resnet50", "safetensors")]
+)
+def test_a_torchvision_resnet_converts_to_the_same_network(
+    tmp_path: Path, architecture: str, suffix: str
+) -> None:
+    model, state = torchvision_resnet_state(architecture)
+    if suffix == "pth":  # torchvision's own format, read with weights_only=True
+        uri = tmp_path / f"{architecture}-weights.pth"
+        torch.save({f"module.{k}": v for k, v in state.items()}, uri)  # DataParallel prefix
+        model_dir = fetch_checkpoint(tmp_path, uri, architecture=architecture, allow_pickle=True)
+    else:
+        uri = tmp_path / f"{architecture}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(uri))
+        model_dir = fetch_checkpoint(tmp_path, uri, architecture=architecture)
+    assert files(model_dir) == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "source.json",
+    }
+    assert json.loads((model_dir / "source.json").read_text())["torchvision_architecture"] == (
+        architecture
+    )
+    family = detect(read_config(model_dir), files(model_dir), str(model_dir))
+    assert family.name == "vision"
+    spec = family.image_input(model_dir)
+    assert (spec.size, spec.channels) == (224, 3)
+    assert spec.mean == pytest.approx(IMAGENET_MEAN)
+    assert spec.std == pytest.approx(IMAGENET_STD)
+    assert family.capabilities("image", read_config(model_dir)).adaptation == "adabn"
+    _, encoder = family.load(model_dir, "image", Settings())
+    width = 512 if architecture == "resnet18" else 2048
+    assert encoder.hidden_size == width
+    x = pixels(2, size=48)
+    with torch.no_grad():
+        expected = model.features(x)
+        converted = encoder(x)
+    assert converted.shape == (2, width)
+    assert expected.abs().mean() > 1e-2  # the comparison is not between near-zero vectors
+    torch.testing.assert_close(converted, expected, rtol=1e-4, atol=1e-5)
+    assert len(encoder.blocks()) == 1 + sum(torchvision_resnet.ARCHITECTURES[architecture][1])
+
+
+def test_a_torchvision_resnet_without_architecture_is_refused(tmp_path: Path) -> None:
+    """The issue's bug: it was taken for a ResNet20Cifar and failed at extraction."""
+    _, state = torchvision_resnet_state("resnet50")
+    uri = tmp_path / "resnet50.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(uri))
+    with pytest.raises(BackboneError) as caught:
+        fetch_checkpoint(tmp_path, uri)
+    message = str(caught.value)
+    assert "not a CIFAR ResNet; set backbone.architecture: resnet50 to convert it" in message
+    assert "\n" not in message
+    assert str(uri) in message
+    assert not (tmp_path / "fetch" / "model").exists()
+
+
+def small_state(architecture: str) -> dict[str, torch.Tensor]:
+    _, state = torchvision_resnet_state(architecture)
+    return state
+
+
+def test_unknown_architectures_and_keys_that_do_not_fit_are_refused() -> None:
+    resnet18 = small_state("resnet18")
+    with pytest.raises(BackboneError) as caught:
+        torchvision_resnet.convert(resnet18, "vgg16", "ckpt.pth")
+    assert str(caught.value) == (
+        "ckpt.pth: backbone.architecture 'vgg16' is not a torchvision ResNet transferkit "
+        "converts; use one of resnet18, resnet34, resnet50, resnet101, resnet152"
+    )
+    # A ResNet-18 said to be a ResNet-50: the first bottleneck tensor it lacks is named.
+    with pytest.raises(BackboneError, match=r"not a torchvision resnet50 state dict: no "):
+        torchvision_resnet.convert(resnet18, "resnet50", "ckpt.pth")
+    # A ResNet-18 said to be a ResNet-34: layer1 has 2 blocks, not 3.
+    with pytest.raises(BackboneError, match=r"resnet34 state dict: no layer1\.2\.conv1\.weight"):
+        torchvision_resnet.convert(resnet18, "resnet34", "ckpt.pth")
+    extra = {**resnet18, "layer5.0.conv1.weight": torch.zeros(1)}
+    with pytest.raises(BackboneError, match=r"unexpected key layer5\.0\.conv1\.weight \(1 of 1"):
+        torchvision_resnet.convert(extra, "resnet18", "ckpt.pth")
+    misshapen = {**resnet18, "layer2.0.conv1.weight": torch.zeros(128, 64, 1, 1)}
+    with pytest.raises(BackboneError) as caught:
+        torchvision_resnet.convert(misshapen, "resnet18", "ckpt.pth")
+    assert "layer2.0.conv1.weight has shape [128, 64, 1, 1], but a torchvision resnet18 has " in (
+        str(caught.value)
+    )
+    # fc is the source classifier: optional. num_batches_tracked: filled when absent.
+    headless = {
+        k: v
+        for k, v in resnet18.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+    config, tensors, _ = torchvision_resnet.convert(headless, "resnet18", "ckpt.pth")
+    assert config["depths"] == [2, 2, 2, 2]
+    assert config["layer_type"] == "basic"
+    assert tensors["embedder.embedder.normalization.num_batches_tracked"].item() == 0
+    assert not any("fc" in k for k in tensors)
+
+
+def test_a_resnet50_layout_is_told_apart_from_resnet18_and_cifar() -> None:
+    assert torchvision_resnet.layout_of(small_state("resnet18")) == "resnet18"
+    assert torchvision_resnet.layout_of({"layer4.0.conv3.weight": torch.zeros(1)}) == "resnet"
+    cifar = {"conv1.weight": torch.zeros(16, 3, 3, 3), "layer3.0.conv1.weight": torch.zeros(1)}
+    assert torchvision_resnet.layout_of(cifar) is None
+
+
+def test_the_cifar_checkpoint_still_loads_and_cifar_mismatches_are_refused(
+    tmp_path: Path, resnet20: Path
+) -> None:
+    model_dir = fetch_checkpoint(tmp_path, resnet20, allow_pickle=True)
+    config = read_config(model_dir)
+    assert config["architectures"] == ["ResNet20Cifar"]
+    assert "torchvision_architecture" not in json.loads((model_dir / "source.json").read_text())
+    _, encoder = ResNetCifarFamily().load(model_dir, "image", Settings())
+    assert encoder(pixels(2)).shape == (2, 64)
+    # The CIFAR checkpoint said to be a torchvision ResNet: refused, naming what to unset.
+    with pytest.raises(
+        BackboneError,
+        match=r"not a torchvision resnet18 state dict: unexpected key .*unset it for a CIFAR",
+    ):
+        fetch_checkpoint(
+            tmp_path / "as-resnet18", resnet20, allow_pickle=True, architecture="resnet18"
+        )
+    # A CIFAR ResNet with a stray tensor is refused at fetch, not at extraction.
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    tensors["layer3.0.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(tmp_path / "stray.safetensors"))
+    with pytest.raises(
+        BackboneError, match=r"not a CIFAR ResNet-20 state dict: unexpected key layer3\.0\.extra"
+    ):
+        fetch_checkpoint(tmp_path / "stray", tmp_path / "stray.safetensors")

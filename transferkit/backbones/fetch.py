@@ -289,12 +289,21 @@ def image_input(model_dir: Path, backbone: BackboneConfig) -> ImageInput:
 def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Path) -> bool:
     """A single checkpoint file → ``tmp/model`` (config.json + model.safetensors).
 
+    With ``backbone.architecture`` set, a torchvision ImageNet ResNet converted to the
+    Hugging Face ResNet layout (plus its preprocessor_config.json); unset, a CIFAR ResNet
+    whose depth is inferred from its keys.
+
     Returns whether pickle weights were converted.
+
+    Raises:
+        BackboneError: the file is not a state dict, or its tensors do not fit the
+            architecture (a torchvision ResNet given without backbone.architecture among them).
     """
     import torch
     from safetensors.torch import load_file, save_file
 
-    from transferkit.backbones.vision import resnet_cifar_config
+    from transferkit.backbones import torchvision_resnet
+    from transferkit.backbones.resnet_cifar import resnet_cifar_config
 
     uri = backbone.uri
     is_pickle = uri.lower().endswith(PICKLE_WEIGHTS)
@@ -332,14 +341,38 @@ def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Pat
         for k, v in state.items()
         if isinstance(v, torch.Tensor)
     }
-    hf_config = resnet_cifar_config(tensors, uri)
+    preprocessor: dict[str, Any] | None = None
+    architecture = backbone.architecture
+    if architecture:
+        hf_config, tensors, preprocessor = torchvision_resnet.convert(tensors, architecture, uri)
+    else:
+        layout = torchvision_resnet.layout_of(tensors)
+        if layout is not None:
+            choice = (
+                f"backbone.architecture: {layout}"
+                if layout in torchvision_resnet.ARCHITECTURES
+                else f"backbone.architecture (one of {', '.join(torchvision_resnet.ARCHITECTURES)})"
+            )
+            raise BackboneError(
+                f"{uri}: a torchvision ImageNet ResNet checkpoint (layer4, fc; {layout} layout), "
+                f"not a CIFAR ResNet; set {choice} to convert it to the Hugging Face ResNet layout"
+            )
+        hf_config = resnet_cifar_config(tensors, uri)
     model_dir = tmp / "model"
     model_dir.mkdir()
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     storage.write_json(model_dir / "config.json", hf_config)
+    if preprocessor is not None:
+        storage.write_json(model_dir / "preprocessor_config.json", preprocessor)
     storage.write_json(
         model_dir / "source.json",
-        {"uri": uri, "sha256": actual, "converted_from_pickle": is_pickle},
+        {
+            "uri": uri,
+            "sha256": actual,
+            "converted_from_pickle": is_pickle,
+            # Only for conversions: a CIFAR ResNet's folder (and fingerprint) stays as before.
+            **({"torchvision_architecture": architecture} if architecture else {}),
+        },
     )
     shutil.rmtree(tmp / "download", ignore_errors=True)  # an S3 download; local files stay
     return is_pickle
