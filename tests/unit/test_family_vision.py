@@ -219,6 +219,34 @@ def test_vit_is_built_without_its_pooler_and_takes_other_sizes(
         assert vit(pixels(2, size=48)).shape == (2, 32)
 
 
+def test_weights_that_do_not_fit_are_refused_not_left_random(
+    folders: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ViT's stored pooler is not built: one log line, no error.
+    with caplog.at_level("INFO", logger="transferkit.backbones.vision"):
+        FAMILY.load(folders["vit"], "image", Settings())
+    assert "2 stored tensors not used for features (pooler.dense.bias" in caplog.text
+    for name, change in (("missing", None), ("misshapen", torch.zeros(3, 3))):
+        broken = tmp_path / name
+        shutil.copytree(folders["dinov2"], broken)
+        tensors = load_file(str(broken / "model.safetensors"))
+        key = next(k for k in sorted(tensors) if k.endswith("mlp.fc1.weight"))
+        if change is None:
+            del tensors[key]
+        else:
+            tensors[key] = change
+        save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(BackboneError) as caught:
+            FAMILY.load(broken, "image", Settings())
+        message = str(caught.value)
+        assert "\n" not in message
+        assert message.endswith("fetch it again")
+        if change is None:
+            assert "(1 of 1 missing tensors), which would be left random" in message
+        else:
+            assert "its weights do not load (RuntimeError" in message
+
+
 def _first_parameter_index(block: nn.Module, order: dict[int, int]) -> int:
     return min(order[id(p)] for p in block.parameters())
 

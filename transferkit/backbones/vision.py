@@ -21,6 +21,7 @@ detection.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from transferkit.backbones.base import (
 )
 from transferkit.backbones.images import ImageInput
 from transferkit.errors import BackboneError
+
+log = logging.getLogger(__name__)
 
 # The block functions take the Hugging Face model (typed Any: its submodules are attributes
 # torch's stubs cannot see).
@@ -310,9 +313,7 @@ class VisionFamily(Family):
         self, model_dir: Path, modality: str, settings: Settings, random_init: bool = False
     ) -> tuple[Any, Encoder]:
         from transformers import AutoConfig, AutoModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
         arch = architecture_of(read_config(model_dir), str(model_dir))
         if random_init:
             hf = AutoModel.from_config(
@@ -321,14 +322,58 @@ class VisionFamily(Family):
                 **arch.load_kwargs,
             )
         else:
-            hf = AutoModel.from_pretrained(
-                model_dir,
-                local_files_only=True,
-                use_safetensors=True,
-                dtype=torch.float32,
-                **arch.load_kwargs,
-            )
+            hf = _from_pretrained(model_dir, arch)
         return None, HFVisionEncoder(hf, arch).eval()
+
+
+def _from_pretrained(model_dir: Path, arch: Architecture) -> Any:
+    """The fp32 model of a folder, every weight it needs present.
+
+    transformers reports missing and unexpected weights in a table and goes on, the missing
+    ones randomly initialised: here a missing weight is an error, and an unused one (ViT's
+    pooler, a classifier's head) a log line.
+
+    Raises:
+        BackboneError: weights missing, misshapen or unreadable.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report; checked below instead
+    fix = "the folder is incomplete or its config.json is not its weights' — fetch it again"
+    try:
+        hf, info = AutoModel.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            output_loading_info=True,
+            **arch.load_kwargs,
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        cause = " ".join(str(exc).split())[:160]
+        raise BackboneError(
+            f"{model_dir}: its weights do not load ({type(exc).__name__}: {cause}); {fix}"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(k for k in info["missing_keys"] if not k.endswith("num_batches_tracked"))
+    if missing:
+        raise BackboneError(
+            f"{model_dir}: the weights have no {missing[0]} (1 of {len(missing)} missing "
+            f"tensors), which would be left random; {fix}"
+        )
+    unused = sorted(info["unexpected_keys"])
+    if unused:
+        log.info(
+            "%s: %d stored tensors not used for features (%s …): the source task's pooler or head",
+            model_dir,
+            len(unused),
+            unused[0],
+        )
+    return hf
 
 
 register(VisionFamily())
