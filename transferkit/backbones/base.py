@@ -82,6 +82,10 @@ class Family:
         """What this family can do with ``modality`` data (one of ``self.modalities``)."""
         raise NotImplementedError
 
+    def feature_size(self, hf_config: dict[str, Any], modality: str) -> int:
+        """Width of the features this family embeds ``modality`` into (backbone.json)."""
+        return config_width(hf_config)
+
     def default_pooling(self, model_dir: Path) -> tuple[str, bool]:
         """(pooling, normalize) when the config says 'auto' (text modalities)."""
         return "mean", False
@@ -119,6 +123,16 @@ class Family:
         if processor is not None:
             processor.save_pretrained(target)
         copy_processor_files(source_dir, target)
+
+
+def config_width(hf_config: dict[str, Any]) -> int:
+    """Width of the features: transformers' hidden_size (n_embd in GPT-2, d_model in OPT),
+    ResNets' last stage width, a dual encoder's projection."""
+    value = hf_config.get("hidden_size") or hf_config.get("d_model") or hf_config.get("n_embd")
+    if not value and hf_config.get("hidden_sizes"):
+        value = hf_config["hidden_sizes"][-1]
+    value = value or hf_config.get("projection_dim")
+    return int(value or 0)
 
 
 PROCESSOR_FILES = ("preprocessor_config.json",)

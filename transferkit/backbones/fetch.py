@@ -62,16 +62,6 @@ class BackboneInfo(BaseModel):
     files: dict[str, str] = {}  # sha256 of every file of model/
 
 
-def _hidden_size(hf_config: dict[str, Any]) -> int:
-    """Width of the features: transformers' hidden_size (n_embd in GPT-2, d_model in OPT),
-    ResNets' last stage width, a dual encoder's projection."""
-    value = hf_config.get("hidden_size") or hf_config.get("d_model") or hf_config.get("n_embd")
-    if not value and hf_config.get("hidden_sizes"):
-        value = hf_config["hidden_sizes"][-1]
-    value = value or hf_config.get("projection_dim")
-    return int(value or 0)
-
-
 def load_backbone_info(backbone_dir: Path) -> BackboneInfo:
     """Read ``backbone.json`` of a fetched backbone."""
     return BackboneInfo.model_validate_json((backbone_dir / "backbone.json").read_text())
@@ -256,11 +246,20 @@ def image_input(declared: ImageInput, backbone: BackboneConfig) -> ImageInput:
 def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Path) -> bool:
     """A single checkpoint file → ``tmp/model`` (config.json + model.safetensors).
 
+    With ``backbone.architecture`` set, a torchvision ImageNet ResNet converted to the
+    Hugging Face ResNet layout (plus its preprocessor_config.json); unset, a CIFAR ResNet
+    whose depth is inferred from its keys.
+
     Returns whether pickle weights were converted.
+
+    Raises:
+        BackboneError: the file is not a state dict, or its tensors do not fit the
+            architecture (a torchvision ResNet given without backbone.architecture among them).
     """
     import torch
     from safetensors.torch import load_file, save_file
 
+    from transferkit.backbones import torchvision_resnet
     from transferkit.backbones.resnet_cifar import resnet_cifar_config
 
     uri = backbone.uri
@@ -299,14 +298,38 @@ def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Pat
         for k, v in state.items()
         if isinstance(v, torch.Tensor)
     }
-    hf_config = resnet_cifar_config(tensors, uri)
+    preprocessor: dict[str, Any] | None = None
+    architecture = backbone.architecture
+    if architecture:
+        hf_config, tensors, preprocessor = torchvision_resnet.convert(tensors, architecture, uri)
+    else:
+        layout = torchvision_resnet.layout_of(tensors)
+        if layout is not None:
+            choice = (
+                f"backbone.architecture: {layout}"
+                if layout in torchvision_resnet.ARCHITECTURES
+                else f"backbone.architecture (one of {', '.join(torchvision_resnet.ARCHITECTURES)})"
+            )
+            raise BackboneError(
+                f"{uri}: a torchvision ImageNet ResNet checkpoint (layer4, fc; {layout} layout), "
+                f"not a CIFAR ResNet; set {choice} to convert it to the Hugging Face ResNet layout"
+            )
+        hf_config = resnet_cifar_config(tensors, uri)
     model_dir = tmp / "model"
     model_dir.mkdir()
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     storage.write_json(model_dir / "config.json", hf_config)
+    if preprocessor is not None:
+        storage.write_json(model_dir / "preprocessor_config.json", preprocessor)
     storage.write_json(
         model_dir / "source.json",
-        {"uri": uri, "sha256": actual, "converted_from_pickle": is_pickle},
+        {
+            "uri": uri,
+            "sha256": actual,
+            "converted_from_pickle": is_pickle,
+            # Only for conversions: a CIFAR ResNet's folder (and fingerprint) stays as before.
+            **({"torchvision_architecture": architecture} if architecture else {}),
+        },
     )
     shutil.rmtree(tmp / "download", ignore_errors=True)  # an S3 download; local files stay
     return is_pickle
@@ -485,7 +508,7 @@ def _fetch_one(
             source=uri,
             architecture=(hf_config.get("architectures") or [hf_config.get("model_type", "?")])[0],
             model_type=str(hf_config.get("model_type", "unknown")),
-            hidden_size=_hidden_size(hf_config),
+            hidden_size=family.feature_size(hf_config, modality.name),
             num_layers=int(hf_config.get("num_hidden_layers") or hf_config.get("n_layer") or 0),
             parameters=parameters,
             weights=weights,

@@ -112,28 +112,81 @@ def init_resnet_cifar(model: ResNetCifar) -> None:
             nn.init.kaiming_normal_(module.weight)
 
 
+def check_tensors(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    what: str,
+    source: str,
+    hint: str,
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Refuse a state dict whose keys or shapes are not ``expected``'s, in one line naming the
+    first unexpected, missing or misshapen key. ``optional`` keys may be present or not;
+    BatchNorm's ``num_batches_tracked`` may be absent (old checkpoints lack it, and BatchNorm
+    fills it on load).
+
+    Raises:
+        BackboneError: the first mismatch, ``what`` the architecture and ``hint`` the fix.
+    """
+    unexpected = [k for k in state if k not in expected and k not in optional]
+    if unexpected:
+        raise BackboneError(
+            f"{source}: not a {what} state dict: unexpected key {unexpected[0]} (1 of "
+            f"{len(unexpected)} that do not fit); {hint}"
+        )
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise BackboneError(
+            f"{source}: not a {what} state dict: no {missing[0]} (1 of {len(missing)} missing "
+            f"keys); {hint}"
+        )
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise BackboneError(
+                f"{source}: {key} has shape {list(state[key].shape)}, but a {what} has "
+                f"{list(shape)}; {hint}"
+            )
+
+
 def resnet_cifar_config(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     """``config.json`` of a CIFAR ResNet, inferred from a state dict's keys and shapes.
 
+    Every key and shape is checked against the ResNet the config describes, so a checkpoint
+    that is accepted here also loads.
+
     Raises:
-        BackboneError: the keys are not those of a CIFAR ResNet.
+        BackboneError: the keys are not those of a CIFAR ResNet (the first missing,
+            unexpected or misshapen one named).
     """
+    hint = (
+        "give a Hugging Face model folder, a resnet_cifar state dict, or a torchvision "
+        "ImageNet ResNet with backbone.architecture set"
+    )
     needed = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer3.0.conv1.weight")
     missing = [k for k in needed if k not in state]
     if missing:
         raise BackboneError(
             f"{source}: not a CIFAR ResNet checkpoint (no {missing[0]} among its "
-            f"{len(state)} tensors); give a Hugging Face model folder or a resnet_cifar "
-            "state dict"
+            f"{len(state)} tensors); {hint}"
         )
     blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layer1."))
     classes = int(state["linear.weight"].shape[0]) if "linear.weight" in state else 10
+    in_channels = int(state["conv1.weight"].shape[1])
+    with torch.device("meta"):
+        expected = ResNetCifar(blocks, classes, in_channels).state_dict()
+    check_tensors(
+        state,
+        {k: tuple(v.shape) for k, v in expected.items()},
+        f"CIFAR ResNet-{6 * blocks + 2}",
+        source,
+        hint,
+    )
     return {
         "model_type": RESNET_CIFAR,
         "architectures": [f"ResNet{6 * blocks + 2}Cifar"],
         "blocks_per_stage": blocks,
         "num_classes": classes,
-        "in_channels": int(state["conv1.weight"].shape[1]),
+        "in_channels": in_channels,
         "hidden_size": 64,
         "num_hidden_layers": 3 * blocks,
         "image_size": 32,
@@ -144,6 +197,8 @@ def resnet_cifar_config(state: dict[str, torch.Tensor], source: str) -> dict[str
 
 class CifarEncoder(Encoder):
     """The CIFAR ResNet as an encoder: normalised images [B, C, H, W] → 64-d features."""
+
+    body: ResNetCifar
 
     def __init__(self, body: ResNetCifar) -> None:
         super().__init__()
