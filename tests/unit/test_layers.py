@@ -138,3 +138,12 @@ def test_the_training_package_only_orchestrates() -> None:
         for path in (ROOT / "transferkit" / "training").rglob("*.py")
     }
     assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda item: -item[1])[:3]
+
+
+def test_the_readme_support_matrix_is_the_generated_one() -> None:
+    from transferkit.backbones.support import matrix_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- support-matrix:start -->\n") + len("<!-- support-matrix:start -->\n")
+    end = readme.index("\n<!-- support-matrix:end -->")
+    assert readme[start:end] == matrix_markdown()

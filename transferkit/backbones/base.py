@@ -86,6 +86,11 @@ class Family:
         """Width of the features this family embeds ``modality`` into (backbone.json)."""
         return config_width(hf_config)
 
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, config.json) of the kinds whose capabilities differ, for the README's
+        support matrix; one unnamed kind by default."""
+        return [("", {})]
+
     def default_pooling(self, model_dir: Path) -> tuple[str, bool]:
         """(pooling, normalize) when the config says 'auto' (text modalities)."""
         return "mean", False

@@ -117,12 +117,15 @@ def supported(family: Family, modality: str, hf_config: dict[str, Any] | None = 
 
 
 def matrix() -> list[tuple[str, str, dict[str, bool]]]:
-    """(family, modality, {strategy: applies}) for every family and modality it embeds."""
+    """(family and kind, modality, {strategy: applies}) for every family, each kind of it
+    whose capabilities differ, and every modality it embeds."""
     rows = []
     for family in families():
-        for modality in family.modalities:
-            allowed = set(supported(family, modality))
-            rows.append((family.name, modality, {n: n in allowed for n in STRATEGIES}))
+        for kind, hf_config in family.examples():
+            for modality in family.modalities:
+                allowed = set(supported(family, modality, hf_config))
+                name = f"`{family.name}`" + (f" ({kind})" if kind else "")
+                rows.append((name, modality, {n: n in allowed for n in STRATEGIES}))
     return rows
 
 
@@ -191,5 +194,5 @@ def matrix_markdown() -> str:
     ]
     for family, modality, allowed in rows:
         marks = " | ".join("✓" if allowed[n] else "—" for n in names)
-        lines.append(f"| `{family}` | {modality} | {marks} |")
+        lines.append(f"| {family} | {modality} | {marks} |")
     return "\n".join(lines)

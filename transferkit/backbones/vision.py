@@ -265,6 +265,13 @@ class VisionFamily(Family):
             adaptation="adabn" if arch.batch_norm else None,
         )
 
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            ("ResNet", {"model_type": "resnet"}),
+            ("ConvNeXt", {"model_type": "convnext"}),
+            ("ViT, DINOv2, Swin", {"model_type": "vit"}),
+        ]
+
     def feature_size(self, hf_config: dict[str, Any], modality: str) -> int:
         return feature_width(hf_config)
 
