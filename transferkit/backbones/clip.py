@@ -106,36 +106,34 @@ def layout_of(hf_config: dict[str, Any], source: str) -> Layout:
     return known[model_type]
 
 
-class TowerWithProjection(nn.Module):
-    """A CLIP tower and its projection as one module: the projected embedding."""
-
-    def __init__(self, tower: nn.Module, projection: nn.Module) -> None:
-        super().__init__()
-        self.tower = tower
-        self.projection = projection
-
-    @property
-    def config(self) -> Any:
-        return self.tower.config
-
-    def forward(self, **inputs: Any) -> Any:
-        out = self.tower(**inputs)
-        out.pooler_output = self.projection(out.pooler_output)
-        return out
-
-
 def tower_of(model: nn.Module, layout: Layout, modality: str) -> nn.Module:
-    """The module giving ``modality``'s embeddings: the tower (with its projection, if any).
+    """The model giving ``modality``'s embeddings: the tower, or for CLIP the library's own
+    ``…ModelWithProjection`` made of the tower and its projection (a PreTrainedModel LoRA can
+    wrap, with the full model's parameter names).
 
     It shares its parameters with ``model``: loading a state into it changes ``model``.
     """
-    name, projection = (
-        (layout.vision, layout.vision_projection)
-        if modality == "image"
-        else (layout.text, layout.text_projection)
-    )
+    image = modality == "image"
+    name = layout.vision if image else layout.text
+    projection = layout.vision_projection if image else layout.text_projection
     tower: nn.Module = getattr(model, name)
-    return TowerWithProjection(tower, getattr(model, projection)) if projection else tower
+    if projection is None:
+        return tower
+    import copy
+    import sys
+
+    prefix = type(model).__name__.removesuffix("Model")
+    kind = "Vision" if image else "Text"
+    wrapper_class = getattr(
+        sys.modules[type(model).__module__], f"{prefix}{kind}ModelWithProjection"
+    )
+    config = copy.deepcopy(getattr(model.config, f"{kind.lower()}_config"))
+    config.projection_dim = model.config.projection_dim  # type: ignore[union-attr]
+    with torch.device("meta"):  # its own modules are replaced at once: never initialised
+        wrapper = wrapper_class(config)
+    setattr(wrapper, name, tower)
+    setattr(wrapper, projection, getattr(model, projection))
+    return wrapper.eval()
 
 
 def embedding_width(model: nn.Module, layout: Layout, modality: str) -> int:
@@ -171,7 +169,11 @@ class DualTowerEncoder(Encoder):
         return text_blocks(self.body)
 
     def embed(self, out: Any) -> torch.Tensor:
-        vectors = out.pooler_output.float()
+        vectors = next(
+            getattr(out, name)
+            for name in ("image_embeds", "text_embeds", "pooler_output")
+            if getattr(out, name, None) is not None
+        ).float()
         return nn.functional.normalize(vectors, dim=-1) if self.normalize else vectors
 
 
@@ -378,7 +380,7 @@ class DualEncoderFamily(Family):
         model = load_dual(source_dir, random_init=False)
         tower = tower_of(model, layout, encoder.modality)
         tower.load_state_dict(encoder.body.state_dict(), strict=True)
-        model.save_pretrained(target)  # type: ignore[operator]
+        model.save_pretrained(target)
         if processor is not None:
             processor.save_pretrained(target)
         for path in sorted(source_dir.iterdir()):
