@@ -127,10 +127,20 @@ def _towers(vocab_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build(model_type: str, target: Path, seed: int = 0) -> Path:
-    """A tiny random-weight dual encoder folder: 'clip' or 'siglip'."""
-    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+    """A tiny random-weight dual encoder folder: 'clip', 'siglip' or 'siglip2'."""
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        Siglip2Config,
+        Siglip2Model,
+        SiglipConfig,
+        SiglipModel,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers.models.siglip2.image_processing_pil_siglip2 import (
+        Siglip2ImageProcessorPil,
+    )
 
     torch.manual_seed(seed)
     tok = tokenizer(model_type)
@@ -150,6 +160,18 @@ def build(model_type: str, target: Path, seed: int = 0) -> Path:
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
         processor = SiglipImageProcessorPil(
             size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+    elif model_type == "siglip2":
+        # NaFlex: no fixed image size, a position grid of num_patches resized per image, and
+        # a processor that resizes to at most max_num_patches patches.
+        del vision["image_size"]
+        vision["num_patches"] = (SIZE // vision["patch_size"]) ** 2
+        model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+        processor = Siglip2ImageProcessorPil(
+            patch_size=vision["patch_size"],
+            max_num_patches=vision["num_patches"],
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
         )
     else:
         raise ValueError(model_type)

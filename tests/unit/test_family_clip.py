@@ -178,6 +178,56 @@ def test_embeddings_are_the_models_own_features(folders: dict[str, Path], kind: 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_texts_longer_than_the_position_table_keep_their_end_token(
+    folders: dict[str, Path], kind: str
+) -> None:
+    """max_length beyond the text tower's 16 positions: the first 15 tokens and the end
+    token (CLIP pools there), as the tokenizer would truncate at the tower's own length."""
+    from transformers import AutoModel
+
+    folder = folders[f"{kind}_pre"]
+    model = AutoModel.from_pretrained(folder).eval()
+    tokenizer, encoder = family().load(folder, "text", SETTINGS)
+    long_text = " ".join(["a photo of a red square"] * 5)
+    ours = run_batched(encoder, tokenizer, [long_text, "blue"], max_length=64)
+    cut = tokenizer([long_text], truncation=True, max_length=16, return_tensors="pt")
+    assert cut["input_ids"][0, -1].item() == tokenizer.eos_token_id
+    with torch.no_grad():
+        theirs = model.get_text_features(input_ids=cut["input_ids"]).pooler_output
+    assert np.allclose(ours[0], torch.nn.functional.normalize(theirs, dim=-1)[0], atol=1e-5)
+
+
+def test_siglip2_takes_patch_sequences_and_full_length_text(tmp_path: Path) -> None:
+    """SigLIP 2 (NaFlex): the image tower is fed flattened patches in its processor's order
+    with the grid's shape; texts right-padded to full length, pooled at the last position."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    folder = tiny_clip.build("siglip2", tmp_path / "siglip2")
+    assert detect(read_config(folder), files(folder), str(folder)).name == "clip"
+    model = AutoModel.from_pretrained(folder).eval()
+    spec = family().image_input(folder)
+    assert spec.size == 16  # a 4×4 grid of 4-pixel patches: max_num_patches 16
+    images, _ = tiny_clip.images(3, seed=4)
+    _, encoder = family().load(folder, "image", SETTINGS)
+    ours = run_images(encoder, images, spec)
+    processed = AutoImageProcessor.from_pretrained(folder)(
+        images=[Image.fromarray(image) for image in images], return_tensors="pt"
+    )
+    _, text_encoder = family().load(folder, "text", SETTINGS)
+    ids = torch.tensor([[4, 5, 6, 3, 0, 0], [7, 3, 0, 0, 0, 0]])
+    mask = (torch.arange(6) < torch.tensor([[4], [2]])).long()
+    full = torch.nn.functional.pad(ids, (0, 16 - ids.shape[1]), value=0)
+    with torch.no_grad():
+        theirs = model.get_image_features(**processed).pooler_output
+        ours_text = text_encoder(ids, mask)
+        theirs_text = model.get_text_features(input_ids=full).pooler_output
+    unit = torch.nn.functional.normalize
+    assert np.allclose(ours, unit(theirs, dim=-1).numpy(), atol=1e-5)
+    assert torch.allclose(ours_text, unit(theirs_text, dim=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_image_input_is_the_towers_size_and_the_processors_normalisation(
     folders: dict[str, Path], kind: str, tmp_path: Path
 ) -> None:
