@@ -75,7 +75,6 @@ SIGLIP_LAYOUT = Layout(
 )
 LAYOUTS = {
     "clip": CLIP_LAYOUT,
-    "metaclip_2": CLIP_LAYOUT,
     "siglip": SIGLIP_LAYOUT,
     "siglip2": Layout(
         "vision_model", "text_model", None, None, True, True, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
