@@ -401,7 +401,7 @@ def test_bad_folders_and_settings_are_refused_in_one_line(
         (lambda: family().load(broken, "text", SETTINGS), "no tokenizer files"),
         (
             lambda: family().load(
-                folders["clip"], "image", SimpleNamespace(pooling="mean", normalize=False)
+                folders["clip"], "text", SimpleNamespace(pooling="mean", normalize=False)
             ),
             "backbone.pooling 'mean' does not apply",
         ),

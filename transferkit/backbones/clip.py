@@ -295,7 +295,8 @@ class DualEncoderFamily(Family):
     def load(
         self, model_dir: Path, modality: str, settings: Settings, random_init: bool = False
     ) -> tuple[Any, Encoder]:
-        if settings.pooling not in (POOLING, "auto"):
+        # Images have no token pooling to choose (the fetch record may name it 'image').
+        if modality == "text" and settings.pooling not in (POOLING, "auto"):
             raise BackboneError(
                 f"backbone.pooling '{settings.pooling}' does not apply to the CLIP-style dual "
                 f"encoder at {model_dir} (its embedding is the tower's own projected output); "
