@@ -348,6 +348,51 @@ def test_lora_wraps_only_the_chosen_tower_and_save_writes_the_whole_model(
         assert np.array_equal(image_new, image_old)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_partial_fine_tuning_of_the_image_tower_trains_its_top_block_only(
+    folders: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    """The top block of blocks() and what follows it (final norm, pooling head, projection)
+    train with a linear head; the embeddings and the lower block stay as they were, and the
+    saved folder holds exactly those changes; the head's accuracy on held-out images rises."""
+    source = folders[kind]
+    _, encoder = family().load(source, "image", SETTINGS)
+    spec = family().image_input(source)
+    blocks = encoder.blocks()
+    below = {id(p) for block in blocks[:-1] for p in block.parameters()}
+    seen_top = False
+    top = {id(p) for p in blocks[-1].parameters()}
+    for parameter in encoder.body.parameters():
+        seen_top = seen_top or id(parameter) in top
+        parameter.requires_grad = seen_top and id(parameter) not in below
+    head = torch.nn.Linear(encoder.hidden_size, len(tiny_clip.NAMES))
+    trained = [p for p in encoder.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW([*trained, *head.parameters()], lr=3e-3)
+    images, labels = tiny_clip.images(256, seed=21)
+    pixels = tiny_clip.pixels(images, spec.mean, spec.std)
+    encoder.train()
+    for step in range(40):
+        part = slice((step * 32) % 256, (step * 32) % 256 + 32)
+        loss = torch.nn.functional.cross_entropy(
+            head(encoder(pixels[part])), torch.from_numpy(labels[part])
+        )
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    encoder.eval()
+    held_out, held_labels = tiny_clip.images(200, seed=22)
+    with torch.no_grad():
+        logits = head(torch.from_numpy(run_images(encoder, held_out, spec)))
+    accuracy = (logits.argmax(1).numpy() == held_labels).mean()
+    assert accuracy >= 0.8, accuracy
+    family().save(encoder, None, source, tmp_path / "partial")
+    before, after = tensors(source), tensors(tmp_path / "partial")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".layers.1." in k for k in changed)
+    assert not any(".layers.0." in k or ".embeddings." in k for k in changed)
+    assert all(k.startswith(("vision_model.", "visual_projection.")) for k in changed)
+
+
 def test_random_init_draws_fresh_weights_of_the_same_shape(folders: dict[str, Path]) -> None:
     torch.manual_seed(3)
     _, fresh = family().load(folders["clip_pre"], "image", SETTINGS, random_init=True)
