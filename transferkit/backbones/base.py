@@ -156,6 +156,7 @@ _FAMILIES: dict[str, Family] = {}
 # Modules that register the built-in families, imported on first use (they import torch and
 # transformers, which the config validation need not load).
 BUILTIN = (
+    "transferkit.backbones.clip",
     "transferkit.backbones.resnet_cifar",
     "transferkit.backbones.vision",
     "transferkit.backbones.encoder",
