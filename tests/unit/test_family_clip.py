@@ -3,11 +3,10 @@ formats, and the same folders pre-trained contrastively on a synthetic colour ta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from transferkit.backbones.images import run_images
 from transferkit.backbones.text import run_batched
 from transferkit.config import ZeroShotConfig
 from transferkit.errors import BackboneError
+from transferkit.training.zero_shot import zero_shot_head
 
 KINDS = ("clip", "siglip")
 SETTINGS = SimpleNamespace(pooling="projection", normalize=True, max_length=32)
@@ -55,23 +55,6 @@ def files(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir()]
 
 
-def zero_shot_module() -> ModuleType:
-    """transferkit.training.zero_shot. Its package's __init__ is being rewired on the seam
-    branch and may not import yet; the module itself only needs backbones.text and config."""
-    try:
-        from transferkit.training import zero_shot
-
-        return zero_shot
-    except ImportError:
-        path = Path(__file__).parents[2] / "transferkit" / "training" / "zero_shot.py"
-        spec = importlib.util.spec_from_file_location("zero_shot_standalone", path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
 def zero_shot_predictions(model_dir: Path, images: np.ndarray) -> np.ndarray:
     """CLIP's recipe through the family's API, as the training step wires it: prototypes of
     templates × label descriptions from ``prompt_encoder``'s text tower, the head from
@@ -82,7 +65,7 @@ def zero_shot_predictions(model_dir: Path, images: np.ndarray) -> np.ndarray:
         label_texts={n: [colour] for n, colour in zip(names, tiny_clip.NAMES, strict=True)},
     )
     tokenizer, text = family().prompt_encoder(model_dir, "image", SETTINGS)
-    head, prototypes = zero_shot_module().zero_shot_head(
+    head, prototypes = zero_shot_head(
         tokenizer, text, strategy, names, names, SETTINGS.max_length, "fp32"
     )
     assert prototypes.shape == (len(names), text.hidden_size)

@@ -95,6 +95,10 @@ class Family:
         """(pooling, normalize) when the config says 'auto' (text modalities)."""
         return "mean", False
 
+    def image_pooling(self) -> tuple[str, bool]:
+        """(pooling, normalize) recorded for image features: the family's own head."""
+        return "image", False
+
     def load(
         self,
         model_dir: Path,

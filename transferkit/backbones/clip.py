@@ -269,7 +269,7 @@ class DualEncoderFamily(Family):
     zero-shot from prompts), the text tower for text tasks (also SetFit and zero-shot)."""
 
     name = "clip"
-    title = "CLIP-style dual encoders (CLIP, SigLIP)"
+    title = "CLIP-style dual encoder"
     modalities = ("text", "image")
     priority = 20  # before the generic text and vision families, which would claim its files
 
@@ -288,6 +288,10 @@ class DualEncoderFamily(Family):
             contrastive=modality == "text",
             adaptation=None,
         )
+
+    def image_pooling(self) -> tuple[str, bool]:
+        # The projected embedding, normalised: what CLIP compares by cosine.
+        return "projection", True
 
     def default_pooling(self, model_dir: Path) -> tuple[str, bool]:
         return POOLING, True

@@ -497,7 +497,7 @@ def _fetch_one(
         spec = None
         if modality.name == "image":
             spec = image_input(family.image_input(model_dir), config.backbone)
-            pooling, normalize = "image", False
+            pooling, normalize = family.image_pooling()
         else:
             default_pooling, default_normalize = family.default_pooling(model_dir)
             pooling = config.backbone.pooling
