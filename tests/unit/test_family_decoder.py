@@ -131,12 +131,14 @@ def test_encoders_and_folders_without_a_tokenizer_are_not_decoders(
 
 def test_hidden_size_and_depth_read_each_configs_own_key(folders: dict[str, Path]) -> None:
     assert hidden_size(read_config(folders["gpt2"])) == HIDDEN  # n_embd
+    assert FAMILY.feature_size(read_config(folders["gpt2"]), "text") == HIDDEN
     assert "hidden_size" not in read_config(folders["gpt2"])
     assert hidden_size(read_config(folders["llama"])) == HIDDEN
     assert hidden_size({"model_type": "mpt", "d_model": 2048}) == 2048
     # OPT-350m projects its 1024-wide states to 512 on the way out.
     opt = {"model_type": "opt", "hidden_size": 1024, "word_embed_proj_dim": 512}
     assert hidden_size(opt) == 512
+    assert FAMILY.feature_size(opt, "text") == 512
     assert hidden_size({"model_type": "mystery"}) == 0
     assert num_layers(read_config(folders["gpt2"])) == 2  # n_layer
     assert num_layers({"n_layers": 3}) == 3
@@ -412,9 +414,11 @@ def test_a_corpus_of_one_token_texts_is_refused_in_one_line(
 ) -> None:
     backbone_dir, info = backbone(tmp_path, folders["gpt2"])
     path = tmp_path / "short.txt"
-    path.write_text("a\n" * 40)
+    path.write_text("a\n" * 40 + "the apple\n" * 10)
     strategy = DomainAdaptationConfig(unlabelled_uri=str(path), steps=5)
-    with pytest.raises(DataError, match=r"short\.txt: no unlabelled text is longer than one token"):
+    with pytest.raises(
+        DataError, match=r"short\.txt: 10 unlabelled texts are longer than one token.* at least 20"
+    ):
         adapt_causal_lm(
             strategy, StorageConfig(), backbone_dir, info, tmp_path / "out", "fp32", 0,
             torch.device("cpu"),

@@ -242,6 +242,9 @@ class DecoderFamily(Family):
             adaptation="clm",
         )
 
+    def feature_size(self, hf_config: dict[str, Any], modality: str) -> int:
+        return hidden_size(hf_config)
+
     def default_pooling(self, model_dir: Path) -> tuple[str, bool]:
         return "last", False
 

@@ -173,16 +173,17 @@ def adapt_causal_lm(
         )
 
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(texts))
-    held_count = min(max(len(texts) // 20, 16), 512)
     ids = tokenize(tokenizer, texts, strategy.max_length or info.max_length)
-    held = [ids[i] for i in order[:held_count]]
-    train = [ids[i] for i in order[held_count:] if len(ids[i]) > 1]
-    if not train:
+    # A one-token text has no next token to predict: it neither trains nor measures.
+    usable = [ids[i] for i in rng.permutation(len(ids)) if len(ids[i]) > 1]
+    held_count = min(max(len(usable) // 20, 16), 512)
+    if len(usable) < 20:
         raise DataError(
-            f"{strategy.unlabelled_uri}: no unlabelled text is longer than one token, so "
-            "there is no next token to predict; give sentences or paragraphs"
+            f"{strategy.unlabelled_uri}: {len(usable)} unlabelled texts are longer than one "
+            "token; causal-LM adaptation needs at least 20 (more is better: thousands of "
+            "sentences or paragraphs)"
         )
+    held, train = usable[:held_count], usable[held_count:]
     held_batches = [
         batch_of(held[i : i + strategy.batch_size], pad_id)
         for i in range(0, len(held), strategy.batch_size)
@@ -240,7 +241,7 @@ def adapt_causal_lm(
     return {
         "objective": "clm",
         "unlabelled_texts": len(texts),
-        "held_out_texts": int(held_count),
+        "held_out_texts": held_count,
         "head_warmup_steps": warmup,
         "steps": strategy.steps,
         "held_out_clm_loss_before": round(before, 4),
