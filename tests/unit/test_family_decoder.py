@@ -361,6 +361,17 @@ def test_causal_lm_adaptation_lowers_the_held_out_loss_and_reloads(
     assert written["hidden_size"] == HIDDEN
     assert written["fingerprint"] not in ("original", info.fingerprint)
     assert set(written["weights"]) == {"model.safetensors"}
+    assert written["num_layers"] == 2
+    from transferkit import storage
+
+    assert written["fingerprint"] == storage.sha256_tree(adapted)
+    assert written["weights"]["model.safetensors"] == storage.sha256_file(
+        adapted / "model.safetensors"
+    )
+    if "files" in BackboneInfo.model_fields:  # records that keep every file's hash
+        assert written["files"] == {
+            p.name: storage.sha256_file(p) for p in adapted.iterdir() if p.is_file()
+        }
     # The causal-LM layout, read back by AutoModel (through the family) without a missing key.
     from transformers import AutoModel
 

@@ -28,7 +28,12 @@ from torch import nn
 
 from transferkit import storage
 from transferkit.backbones import BackboneInfo
-from transferkit.backbones.decoder import hidden_size, quiet_transformers, set_pad_token
+from transferkit.backbones.decoder import (
+    hidden_size,
+    num_layers,
+    quiet_transformers,
+    set_pad_token,
+)
 from transferkit.backbones.text import autocast, pad, tokenize
 from transferkit.config import DomainAdaptationConfig, StorageConfig
 from transferkit.errors import DataError, TrainingError
@@ -118,11 +123,18 @@ def write_adapted_backbone(
             if path.is_file() and not copy.exists() and not path.name.endswith(WEIGHT_SUFFIXES):
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, copy)
-        weights = {
-            p.name: storage.sha256_file(p) for p in sorted((tmp / "model").glob("*.safetensors"))
+        files = {
+            p.relative_to(tmp / "model").as_posix(): storage.sha256_file(p)
+            for p in sorted((tmp / "model").rglob("*"))
+            if p.is_file()
         }
-        fingerprint = storage.sha256_tree(tmp / "model")
-        adapted = info.model_copy(update={"weights": weights, "fingerprint": fingerprint})
+        update: dict[str, Any] = {
+            "weights": {n: h for n, h in files.items() if n.endswith(".safetensors")},
+            "fingerprint": storage.sha256_tree(tmp / "model", known=files),
+        }
+        if "files" in type(info).model_fields:  # records that keep every file's hash
+            update["files"] = files
+        adapted = info.model_copy(update=update)
         storage.write_json(tmp / "backbone.json", adapted.model_dump())
 
 
@@ -234,6 +246,7 @@ def adapt_causal_lm(
                 "source": f"{info.source} + CLM on {strategy.unlabelled_uri}",
                 "architecture": type(model).__name__,
                 "hidden_size": hidden_size(model.config.to_dict()) or info.hidden_size,
+                "num_layers": num_layers(model.config.to_dict()) or info.num_layers,
             }
         ),
         output_dir,
