@@ -36,7 +36,7 @@ from transferkit.backbones.decoder import (
 )
 from transferkit.backbones.text import pad, run_batched, tokenize
 from transferkit.config import DomainAdaptationConfig, StorageConfig
-from transferkit.errors import DataError, TrainingError
+from transferkit.errors import BackboneError, DataError, TrainingError
 from transferkit.training.causal import adapt_causal_lm
 
 FAMILY = DecoderFamily()
@@ -162,6 +162,24 @@ def test_the_block_stack_is_the_outer_list() -> None:
 
     body = Body()
     assert decoder_blocks(body) == list(body.layers)
+
+
+def test_a_folder_missing_a_weight_or_with_broken_weights_is_refused_in_one_line(
+    tmp_path: Path, folders: dict[str, Path]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "llama"
+    shutil.copytree(folders["llama"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BackboneError, match=r"weights have no layers\.1\.mlp\.down_proj") as error:
+        FAMILY.load(folder, "text", Settings())
+    assert "\n" not in str(error.value)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BackboneError, match=r"its weights do not load .*fetch it again"):
+        FAMILY.load(folder, "text", Settings())
 
 
 def test_the_pad_token_is_one_the_tokenizer_has(folders: dict[str, Path]) -> None:

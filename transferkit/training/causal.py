@@ -101,8 +101,14 @@ def _load_causal_lm(model_dir: Path, info: BackboneInfo) -> tuple[Any, bool]:
         ) from None
     model, loading = loaded
     prefix = str(model.base_model_prefix)
-    created = any(not name.startswith(prefix) for name in loading["missing_keys"])
-    return model, created
+    missing = sorted(loading["missing_keys"])
+    body = [name for name in missing if name.startswith(prefix)]
+    if body:
+        raise TrainingError(
+            f"{info.source}: the weights have no {body[0]} (1 of {len(body)} missing tensors), "
+            "which would be left random; fetch the complete backbone again"
+        )
+    return model, bool(missing)
 
 
 def write_adapted_backbone(
