@@ -164,6 +164,7 @@ BUILTIN = (
     "transferkit.backbones.resnet_cifar",
     "transferkit.backbones.vision",
     "transferkit.backbones.encoder",
+    "transferkit.backbones.decoder",
 )
 
 
