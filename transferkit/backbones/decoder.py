@@ -282,7 +282,7 @@ class DecoderFamily(Family):
     """GPT-style decoders: last-token pooling, causal-LM domain adaptation, SetFit, zero-shot."""
 
     name = "decoder"
-    title = "GPT-style decoders (GPT-2, Llama, Qwen, Mistral)"
+    title = "GPT-style decoder"
     modalities = ("text",)
     priority = 30
 
