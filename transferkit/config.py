@@ -488,30 +488,39 @@ class DomainAdaptationConfig(_Model):
     name: Literal["domain_adaptation"] = "domain_adaptation"
     unlabelled_uri: str | None = Field(
         None,
-        description="Text (required): unlabelled target-domain text, a .txt file (one text "
-        "per line) or a csv/tsv/jsonl/parquet table (column strategy.text_column); path, "
-        "file:// or s3://. Images: an .npz of target images (every *images array; labels "
+        description="Text (required: MLM and causal-LM train on it): unlabelled "
+        "target-domain text, a .txt file (one text per line) or a csv/tsv/jsonl/parquet "
+        "table (column strategy.text_column); path, file:// or s3://. Images: an .npz of target images (every *images array; labels "
         "unused); unset: the training split's images.",
     )
     text_column: str = Field("text", min_length=1, description="Text column of a table.")
     max_rows: int | None = Field(
         None, gt=0, description="Use at most this many texts (a seeded sample); unset: all."
     )
-    steps: int = Field(1000, ge=1, le=1_000_000, description="MLM steps that update the encoder.")
+    steps: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Language-model steps (MLM or causal-LM) that update the encoder.",
+    )
     head_warmup_steps: int = Field(
         200,
         ge=0,
         le=100_000,
-        description="MLM steps that train only the MLM head first (sentence encoders ship "
-        "without one; a random head's gradients would damage the encoder).",
+        description="Steps that train only the language-model head first, when the backbone "
+        "ships without one (sentence encoders' MLM head; a bare decoder body): a random "
+        "head's gradients would damage the encoder.",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Texts per MLM step.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Texts per language-model step.")
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak rate of the encoder steps.")
     head_learning_rate: float = Field(
         1e-3, gt=0, lt=1, description="Peak rate of the head warm-up steps."
     )
     mlm_probability: float = Field(
-        0.15, gt=0, lt=1, description="Share of tokens masked (BERT: 80/10/10 corruption)."
+        0.15,
+        gt=0,
+        lt=1,
+        description="MLM only: share of tokens masked (BERT: 80/10/10 corruption).",
     )
     max_length: int | None = Field(
         None, ge=8, le=512, description="Tokens kept per text; unset: backbone.max_length."
