@@ -490,8 +490,9 @@ class DomainAdaptationConfig(_Model):
         None,
         description="Text (required: MLM and causal-LM train on it): unlabelled "
         "target-domain text, a .txt file (one text per line) or a csv/tsv/jsonl/parquet "
-        "table (column strategy.text_column); path, file:// or s3://. Images: an .npz of target images (every *images array; labels "
-        "unused); unset: the training split's images.",
+        "table (column strategy.text_column); path, file:// or s3://. Images: an .npz of "
+        "target images (every *images array; labels unused); unset: the training split's "
+        "images.",
     )
     text_column: str = Field("text", min_length=1, description="Text column of a table.")
     max_rows: int | None = Field(
