@@ -337,3 +337,57 @@ def test_an_unsupported_pair_is_refused_at_validate_in_one_line(
 def test_the_matrix_covers_every_strategy() -> None:
     named = {name for _, _, allowed in matrix() for name in allowed}
     assert named == set(STRATEGIES)
+
+
+THROUGH_RUN = [
+    ("`decoder`", "text", "lora"),
+    ("`clip`", "image", "zero_shot"),
+    ("`vision` (ViT, DINOv2, Swin)", "image", "partial_finetune"),
+]
+
+
+@pytest.mark.families
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("row", "modality", "strategy"), THROUGH_RUN)
+def test_a_family_runs_through_transferkit_run_and_serves(
+    row: str, modality: str, strategy: str, built: Callable, tmp_path: Path
+) -> None:
+    """The CLI a user types: the KFP local runner, each step in its own process."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    kind = KIND_OF[(row, modality)]
+    config = config_for(kind, strategy, built, tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
+    script = Path(sys.executable).with_name("transferkit")
+    done = subprocess.run(
+        [str(script), "run", str(path), "--summary", str(tmp_path / "summary.json")],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    accuracy = summary["scores"]["accuracy"]
+    assert accuracy >= (0.7 if strategy == "zero_shot" else 0.8), accuracy
+    # Served from the registry: the evaluation rows, read from the files, predicted as scored.
+    import mlflow
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)
+    data = config.data
+    if modality == "text":
+        table = pd.read_csv(str(data.test_uri), sep="\t")
+        request: Any = pd.DataFrame({"text": table["sentence"]})
+        truth = table["label"].to_numpy()
+    else:
+        arrays = np.load(str(data.uri))
+        request, truth = arrays["test_images"], arrays["test_labels"].ravel()
+    frame = mlflow.pyfunc.load_model(summary["model_uri"]).predict(request)
+    names = np.array(list(label_names(kind).values()))[truth]
+    assert float(np.mean(frame["label"].to_numpy() == names)) == pytest.approx(accuracy)

@@ -19,7 +19,7 @@ from transferkit.backbones.fetch import ImageInput
 from transferkit.backbones.images import prepare
 from transferkit.config import PipelineConfig
 from transferkit.data import ingest_data, load_images
-from transferkit.errors import BackboneError, DataError
+from transferkit.errors import BackboneError, ConfigError, DataError
 from transferkit.metrics import roc_auc, roc_curve, score
 
 
@@ -326,8 +326,19 @@ def test_image_config_defaults_and_refusals() -> None:
     assert (text.evaluation.primary_metric, text.registry.gate) == ("accuracy", "mcnemar")
     folder = PipelineConfig.model_validate({"data": {"uri": "s3://b/xrays/"}})
     assert folder.data.modality == "image"
-    with pytest.raises(ValueError, match=r"strategy.name: 'lora' works on text only"):
-        PipelineConfig.model_validate({"data": {"uri": "x.npz"}, "strategy": {"name": "lora"}})
+    # Which strategies apply is the backbone family's to say (backbones.support), checked by
+    # `transferkit validate` where the family is known, else at fetch.
+    from transferkit.backbones.support import check_local
+
+    lora = PipelineConfig.model_validate(
+        {
+            "data": {"uri": "x.npz"},
+            "strategy": {"name": "lora"},
+            "backbone": {"family": "resnet_cifar"},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"strategy.name: 'lora' does not apply .* CIFAR ResNet"):
+        check_local(lora)
     with pytest.raises(ValueError, match=r"registry.gate: mcnemar tests accuracy, not roc_auc"):
         PipelineConfig.model_validate({"data": {"uri": "x.npz"}, "registry": {"gate": "mcnemar"}})
     with pytest.raises(ValueError, match=r"backbone.image.channels"):

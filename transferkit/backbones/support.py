@@ -19,7 +19,7 @@ from transferkit.backbones.base import (
     family_of,
     read_config,
 )
-from transferkit.config import STRATEGIES, PipelineConfig
+from transferkit.config import LADDER, STRATEGIES, PipelineConfig
 from transferkit.errors import ConfigError, StorageError
 
 
@@ -100,7 +100,9 @@ def check_strategies(config: PipelineConfig, family: Family, hf_config: dict[str
         ladder = getattr(strategy, "ladder", None)
         if ladder is not None:
             climbable = rungs(strategy, caps)
-            if "ladder" in strategy.model_fields_set and climbable != ladder:
+            # The default ladder (also what a serialised default reads back as) drops the
+            # rungs this family cannot climb; a ladder the user chose is refused instead.
+            if list(ladder) != list(LADDER) and climbable != ladder:
                 stray = next(name for name in ladder if name not in climbable)
                 raise ConfigError(
                     f"{where}.ladder: '{stray}' does not apply to a {family.title} backbone; "
