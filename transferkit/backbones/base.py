@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -22,6 +24,8 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 
 from transferkit.errors import BackboneError
+
+log = logging.getLogger(__name__)
 
 
 class Settings(Protocol):
@@ -257,3 +261,67 @@ class Defaults:
     pooling: str
     normalize: bool
     max_length: int = 0
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report while the caller checks the loading info itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def checked_pretrained(model_dir: Path, unused_ok: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """The fp32 ``AutoModel`` of a folder, every weight it needs present.
+
+    transformers reports missing and unused weights in a table and goes on, the missing ones
+    left random: here a missing weight is an error (except batch-norm counters and names
+    starting with ``unused_ok``, parts the features never read, like BERT's pooler), and
+    stored weights the model does not use (a causal LM's ``lm_head``, a classifier's head) a
+    log line.
+
+    Raises:
+        BackboneError: weights missing, misshapen or unreadable.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModel
+
+    fix = "the folder is incomplete or its config.json is not its weights' — fetch it again"
+    try:
+        with quiet_transformers():
+            body, loading = AutoModel.from_pretrained(
+                model_dir,
+                local_files_only=True,
+                use_safetensors=True,
+                dtype=torch.float32,
+                output_loading_info=True,
+                **kwargs,
+            )
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        cause = " ".join(str(exc).split())[:160]
+        raise BackboneError(
+            f"{model_dir}: its weights do not load ({type(exc).__name__}: {cause}); {fix}"
+        ) from None
+    missing = sorted(
+        k
+        for k in loading["missing_keys"]
+        if not k.endswith("num_batches_tracked") and not k.startswith(unused_ok or ("\0",))
+    )
+    if missing:
+        raise BackboneError(
+            f"{model_dir}: the weights have no {missing[0]} (1 of {len(missing)} missing "
+            f"tensors), which would be left random; {fix}"
+        )
+    unused = sorted(loading["unexpected_keys"])
+    if unused:
+        log.info(
+            "%s: %d stored tensors not used for features (%s …)", model_dir, len(unused), unused[0]
+        )
+    return body

@@ -13,10 +13,8 @@ Domain adaptation continues causal-LM training on unlabelled target text
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,12 @@ from transferkit.backbones.base import (
     Encoder,
     Family,
     Settings,
+    checked_pretrained,
     model_types,
     register,
 )
 from transferkit.backbones.encoder import has_tokenizer, load_hf_text
 from transferkit.backbones.text import TextEncoder, pool
-from transferkit.errors import BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -203,60 +201,10 @@ def set_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report while the caller checks the loading info itself."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def checked_body(model_dir: Path) -> Any:
-    """The fp32 ``AutoModel`` of a folder, every weight it needs present.
-
-    transformers reports missing and unused weights in a table and goes on, the missing ones
-    left random: here a missing weight is an error, and unused ones (a causal LM's
-    ``lm_head``, which features never use) a log line.
-
-    Raises:
-        BackboneError: weights missing, misshapen or unreadable.
-    """
-    from safetensors import SafetensorError
-    from transformers import AutoModel
-
-    fix = "the folder is incomplete or its config.json is not its weights' — fetch it again"
-    try:
-        with quiet_transformers():
-            body, loading = AutoModel.from_pretrained(
-                model_dir,
-                local_files_only=True,
-                use_safetensors=True,
-                dtype=torch.float32,
-                output_loading_info=True,
-            )
-    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
-        cause = " ".join(str(exc).split())[:160]
-        raise BackboneError(
-            f"{model_dir}: its weights do not load ({type(exc).__name__}: {cause}); {fix}"
-        ) from None
-    missing = sorted(loading["missing_keys"])
-    if missing:
-        raise BackboneError(
-            f"{model_dir}: the weights have no {missing[0]} (1 of {len(missing)} missing "
-            f"tensors), which would be left random; {fix}"
-        )
-    unused = sorted(loading["unexpected_keys"])
-    if unused:
-        log.info(
-            "%s: %d stored tensors not used for features (%s …)", model_dir, len(unused), unused[0]
-        )
-    return body
+    """The fp32 ``AutoModel`` of a decoder folder, every weight it needs present (an unused
+    ``lm_head`` logged)."""
+    return checked_pretrained(model_dir)
 
 
 def load_decoder(

@@ -20,6 +20,7 @@ from transferkit.backbones.base import (
     Encoder,
     Family,
     Settings,
+    checked_pretrained,
     model_types,
     register,
 )
@@ -109,9 +110,8 @@ def load_hf_text(
             AutoConfig.from_pretrained(model_dir, local_files_only=True), dtype=torch.float32
         )
     else:
-        body = AutoModel.from_pretrained(
-            model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
-        )
+        # Every weight present (a missing one would be left random); the pooler is never read.
+        body = checked_pretrained(model_dir, unused_ok=("pooler.",))
     return tokenizer, encoder(body, settings.pooling, settings.normalize)
 
 

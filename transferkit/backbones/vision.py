@@ -35,6 +35,7 @@ from transferkit.backbones.base import (
     Encoder,
     Family,
     Settings,
+    checked_pretrained,
     model_types,
     read_config,
     register,
@@ -337,53 +338,9 @@ class VisionFamily(Family):
 
 
 def _from_pretrained(model_dir: Path, arch: Architecture) -> Any:
-    """The fp32 model of a folder, every weight it needs present.
-
-    transformers reports missing and unexpected weights in a table and goes on, the missing
-    ones randomly initialised: here a missing weight is an error, and an unused one (ViT's
-    pooler, a classifier's head) a log line.
-
-    Raises:
-        BackboneError: weights missing, misshapen or unreadable.
-    """
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report; checked below instead
-    fix = "the folder is incomplete or its config.json is not its weights' — fetch it again"
-    try:
-        hf, info = AutoModel.from_pretrained(
-            model_dir,
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=torch.float32,
-            output_loading_info=True,
-            **arch.load_kwargs,
-        )
-    except (OSError, RuntimeError, ValueError) as exc:
-        cause = " ".join(str(exc).split())[:160]
-        raise BackboneError(
-            f"{model_dir}: its weights do not load ({type(exc).__name__}: {cause}); {fix}"
-        ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = sorted(k for k in info["missing_keys"] if not k.endswith("num_batches_tracked"))
-    if missing:
-        raise BackboneError(
-            f"{model_dir}: the weights have no {missing[0]} (1 of {len(missing)} missing "
-            f"tensors), which would be left random; {fix}"
-        )
-    unused = sorted(info["unexpected_keys"])
-    if unused:
-        log.info(
-            "%s: %d stored tensors not used for features (%s …): the source task's pooler or head",
-            model_dir,
-            len(unused),
-            unused[0],
-        )
-    return hf
+    """The fp32 model of a folder, every weight it needs present (an unused pooler or the
+    source task's head logged)."""
+    return checked_pretrained(model_dir, **arch.load_kwargs)
 
 
 register(VisionFamily())

@@ -28,10 +28,10 @@ from torch import nn
 
 from transferkit import storage
 from transferkit.backbones import BackboneInfo
+from transferkit.backbones.base import quiet_transformers
 from transferkit.backbones.decoder import (
     hidden_size,
     num_layers,
-    quiet_transformers,
     set_pad_token,
 )
 from transferkit.backbones.text import autocast, pad, tokenize
