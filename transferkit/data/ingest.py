@@ -152,19 +152,21 @@ def _local_tree(uri: str, names: list[str], config: PipelineConfig, scratch: Pat
     return root
 
 
-# The data kinds: images are read as pixel arrays, everything else as a table of texts.
-IMAGE_DATA = ("image",)
 NOUNS = {"text": "texts", "image": "images"}
 
 
-def _read(
-    uri: str, config: PipelineConfig, scratch: Path, split: str = "all"
+def _read_pixels(
+    uri: str, config: PipelineConfig, scratch: Path, split: str
 ) -> Rows | dict[str, ImageRows]:
-    if config.data.modality in IMAGE_DATA:
-        rows = _read_images(uri, config, scratch, split)
-        count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
-        log.info("read %s images from %s", f"{count:,}", uri)
-        return rows
+    rows = _read_images(uri, config, scratch, split)
+    count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
+    log.info("read %s images from %s", f"{count:,}", uri)
+    return rows
+
+
+def _read_texts(
+    uri: str, config: PipelineConfig, scratch: Path, split: str
+) -> Rows | dict[str, ImageRows]:
     fmt = detect_format(storage.parse(uri).name, config.data.format)
     path = storage.fetch_file(uri, scratch, config.storage)
     data = config.data
@@ -173,6 +175,16 @@ def _read(
     )
     log.info("read %s rows from %s", f"{len(frame):,}", uri)
     return frame
+
+
+# How each kind of data file (data.modality, from its format) is read.
+READERS = {"text": _read_texts, "image": _read_pixels}
+
+
+def _read(
+    uri: str, config: PipelineConfig, scratch: Path, split: str = "all"
+) -> Rows | dict[str, ImageRows]:
+    return READERS[config.data.modality](uri, config, scratch, split)
 
 
 def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
