@@ -75,12 +75,13 @@ def unit(rows: np.ndarray) -> np.ndarray:
 def our_encoder(cfg: PipelineConfig, backbone: Path) -> tuple[Any, Any, str, int]:
     """(tokenizer, encoder, precision, max length) exactly as extract_features runs them."""
     from transferkit.backbones import load_backbone_info
-    from transferkit.backbones.text import frozen_encoder, load_text_encoder, resolve_precision
+    from transferkit.backbones.encoder import load_text_encoder
+    from transferkit.backbones.text import frozen_encoder, resolve_precision
 
     info = load_backbone_info(backbone)
-    tokenizer, encoder = load_text_encoder(backbone / "model", info.pooling, info.normalize)
+    tokenizer, loaded = load_text_encoder(backbone / "model", info.pooling, info.normalize)
     encoder, precision = frozen_encoder(
-        encoder.to(common.device()), resolve_precision(cfg.training.precision)
+        loaded.to(common.device()), resolve_precision(cfg.training.precision)
     )
     return tokenizer, encoder, precision, info.max_length
 

@@ -53,12 +53,13 @@ ALWAYS_RUNS = ("register_model",)
 
 def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
     """The peer: the six core functions in one process, called as the components call them."""
+    from transferkit import config as cfg
     from transferkit.runner import _child_environment
 
+    loaded = cfg.load_config(config_path, [*overrides, f"runtime.work_dir={work_dir}"])
     # The environment `transferkit run` gives its steps (offline hub, no tokenizer threads …),
     # set before the libraries that read it at import are imported.
-    _child_environment()
-    from transferkit import config as cfg
+    _child_environment(loaded)
     from transferkit.backbones import fetch_backbone
     from transferkit.cli import configure_logging
     from transferkit.data import ingest_data
@@ -69,7 +70,6 @@ def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
     from transferkit.training import train
 
     configure_logging()
-    loaded = cfg.load_config(config_path, [*overrides, f"runtime.work_dir={work_dir}"])
     # What a component receives: the resolved config as a KFP parameter, validated again.
     config = cfg.PipelineConfig.model_validate(loaded.resolved().as_parameter())
     out = work_dir / "plain"

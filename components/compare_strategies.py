@@ -33,7 +33,7 @@ def compare_strategies(
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
     from transferkit.sweep import compare
 
     configure_logging()

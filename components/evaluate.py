@@ -40,8 +40,8 @@ def evaluate(
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
     from transferkit.evaluation import evaluate as score
+    from transferkit.logs import configure_logging
 
     configure_logging()
     result = score(

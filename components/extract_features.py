@@ -20,8 +20,8 @@ def extract_features(
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
     from transferkit.features import extract_features as extract
+    from transferkit.logs import configure_logging
 
     configure_logging()
     result = extract(

@@ -25,7 +25,7 @@ def fetch_backbone(
 
     from transferkit import config as cfg
     from transferkit.backbones import fetch_backbone as fetch
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
     from transferkit.retry import retry_transient
     from transferkit.storage import CACHE_ENV
 

@@ -17,8 +17,8 @@ def ingest_data(config: dict, source_stamp: str, dataset: Output[Dataset]) -> No
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
     from transferkit.data import ingest_data as ingest
+    from transferkit.logs import configure_logging
     from transferkit.retry import retry_transient
 
     configure_logging()

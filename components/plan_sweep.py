@@ -15,7 +15,7 @@ def plan_sweep(config: dict) -> list:
         The branch configs, in the order compare_strategies reports them.
     """
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
     from transferkit.sweep import plan
 
     configure_logging()

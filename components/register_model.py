@@ -29,7 +29,7 @@ def register_model(
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
     from transferkit.registry import register_model as register
     from transferkit.retry import retry_transient
 

@@ -24,7 +24,7 @@ def train(
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
     from transferkit.retry import retry_transient
     from transferkit.training import artifact_metadata
     from transferkit.training import train as fit
@@ -59,7 +59,7 @@ def train_nodes(
     from pathlib import Path
 
     from transferkit import config as cfg
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
     from transferkit.training import artifact_metadata
     from transferkit.training.trainjob import run_train_job
 

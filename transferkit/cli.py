@@ -17,8 +17,6 @@ Errors are one line on stderr: what went wrong, where, and what to do.
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import json
 import logging
 import os
@@ -28,46 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transferkit import termination
-from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
+from transferkit.errors import BackboneError, ConfigError, RunInterruptedError, TransferkitError
+from transferkit.logs import LOG_FORMAT, configure_logging
+
+__all__ = ["LOG_FORMAT", "configure_logging", "main"]  # the first two: older imports
 
 log = logging.getLogger(__name__)
-
-LOG_FORMAT = "transferkit %(levelname)s %(name)s | %(message)s"
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Log transferkit's records as plain lines on stderr (entry points only: CLI, components).
-
-    The format is stable: ``transferkit run`` recognises step log lines by it. Being every
-    entry point's first call, it also makes SIGTERM end the process by ``errors.Terminated`` (see
-    ``termination.exit_on_sigterm``).
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger("transferkit")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    _quick_exit()
-    termination.exit_on_sigterm()
-
-
-_exit_freeze_registered = False
-
-
-def _quick_exit() -> None:
-    """Skip the interpreter's last garbage collection when this process ends.
-
-    A step that loaded torch and a model spends 1–1.5 s at exit collecting millions of
-    objects that the OS frees at once anyway; each KFP step is a process of its own, so that
-    was paid at every step (bench/pipeline.py). Registered first, the freeze runs after every
-    other exit handler (MLflow's included), so nothing that flushes at exit is skipped.
-    """
-    global _exit_freeze_registered
-    if not _exit_freeze_registered:
-        atexit.register(gc.freeze)
-        _exit_freeze_registered = True
 
 
 # ------------------------------------------------------------------------------------ output
@@ -145,7 +109,9 @@ def _sweep_table(sweep: dict[str, Any]) -> list[str]:
 
 def _summary_table(summary: Any) -> str:
     scores = summary.scores
-    w = 13 if summary.modality == "image" else 11  # room for 'sensitivity'
+    # A run ranked by ROC-AUC (the images' default) shows the ranking and clinical metrics.
+    ranked = summary.primary_metric == "roc_auc"
+    w = 13 if ranked else 11  # room for 'sensitivity'
     lines = _sweep_table(summary.sweep) if summary.sweep else []
     lines += [
         "",
@@ -157,7 +123,7 @@ def _summary_table(summary: Any) -> str:
                 ("accuracy", "accuracy"),
                 ("balanced_accuracy", "balanced"),
             )
-            if scores.get(key) is not None and (key == "accuracy" or summary.modality == "image")
+            if scores.get(key) is not None and (key == "accuracy" or ranked)
         ),
         *(
             [
@@ -165,7 +131,7 @@ def _summary_table(summary: Any) -> str:
                 f"(recall of {scores['positive_label']})",
                 f"  {'specificity':<{w}}{scores['specificity']:.4f}",
             ]
-            if summary.modality == "image" and scores.get("sensitivity") is not None
+            if ranked and scores.get("sensitivity") is not None
             else []
         ),
         f"  {'macro-F1':<{w}}{scores['macro_f1']:.4f}   ({scores['rows']:,} rows)",
@@ -204,13 +170,18 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from transferkit.backbones.hub import refuse_bare_hub_ids
     from transferkit.config import apply_overrides, read_yaml, validate_mapping
 
     path = Path(args.config)
     raw = apply_overrides(read_yaml(path), args.overrides)
     try:
         config = validate_mapping(raw, str(path))
-    except ConfigError as exc:
+        refuse_bare_hub_ids(config, str(path))
+        from transferkit.backbones.support import check_local
+
+        check_local(config)
+    except (ConfigError, BackboneError) as exc:
         for line in getattr(exc, "all_lines", [str(exc)]):
             print(f"error: {line}", file=sys.stderr)
         return 2
@@ -341,8 +312,8 @@ def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
     """
     import numpy as np
 
+    from transferkit.backbones.modality import modality_of
     from transferkit.data.images import IMAGE_SUFFIXES, decode_image, read_unlabelled_npz
-    from transferkit.training.model import as_image_batch
 
     suffixes = (*IMAGE_SUFFIXES, ".npy", ".npz")
     if not all(Path(p).suffix.lower() in suffixes and Path(p).is_file() for p in paths):
@@ -352,7 +323,7 @@ def _image_inputs(paths: list[str]) -> tuple[Any, list[str]] | None:
         if path.suffix.lower() == ".npz":
             block = read_unlabelled_npz(path, str(path))
         elif path.suffix.lower() == ".npy":
-            block = as_image_batch(np.load(path, allow_pickle=False))
+            block = modality_of("image").served(np.load(path, allow_pickle=False))
         else:
             block = decode_image(path.read_bytes(), str(path), "auto", None)[None]
         arrays.append(block)
@@ -394,8 +365,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from transferkit.training.model import load_classifier, predict_proba
 
         tokenizer, model, card = load_classifier(Path(args.model_uri))
-        if (card.image is None) != (images is None):
-            kind = "images" if card.image else "texts"
+        given = "texts" if images is None else "images"
+        if card.input_modality().noun != given:
+            kind = card.input_modality().noun
             raise TransferkitError(f"{args.model_uri} classifies {kind}; pass {kind}")
         frame = predictions_frame(predict_proba(model, tokenizer, card, inputs), card.labels)
     else:

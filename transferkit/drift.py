@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def mmd_test(
 
 
 def read_recent(
-    drift: DriftConfig, image: bool, storage_config: StorageConfig
+    drift: DriftConfig, modality: Any, storage_config: StorageConfig
 ) -> list[str] | np.ndarray:
     """The recent inputs of ``drift.uri``, a seeded sample of at most ``drift.max_rows``:
     texts, or uint8 images [N, H, W(, C)].
@@ -95,27 +96,20 @@ def read_recent(
         DataError: unreadable, of the wrong kind for the model, or fewer than 20 inputs.
         StorageError: the URI cannot be read.
     """
-    from transferkit.data.images import read_unlabelled_npz
-    from transferkit.data.readers import read_unlabelled_texts
-
     uri = drift.uri
     with tempfile.TemporaryDirectory(prefix="transferkit-drift-") as scratch:
         try:
             path = storage.fetch_file(uri, Path(scratch), storage_config)
         except StorageError as exc:
             raise StorageError(f"trigger.drift.uri: {exc}") from None
-        suffix = path.suffix.lower()
-        if image != (suffix == ".npz"):
-            want = "an .npz of images" if image else "texts (.txt or a table)"
-            raise DataError(f"trigger.drift.uri {uri}: the champion takes {want}; point it there")
-        inputs: list[str] | np.ndarray
-        if image:
-            inputs = read_unlabelled_npz(path, uri)
-        else:
-            inputs = read_unlabelled_texts(path, uri, drift.text_column)
+        inputs = modality.read_unlabelled(path, uri, drift.text_column)
+        if inputs is None:
+            raise DataError(
+                f"trigger.drift.uri {uri}: the champion takes {modality.unlabelled_form}; point "
+                "it there"
+            )
     if len(inputs) < 20:
         raise DataError(
             f"trigger.drift.uri {uri}: {len(inputs)} inputs; a drift test needs at least 20"
         )
-    rows = sample_rows(len(inputs), drift.max_rows)
-    return inputs[rows] if isinstance(inputs, np.ndarray) else [inputs[i] for i in rows]
+    return modality.subset(inputs, sample_rows(len(inputs), drift.max_rows))

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.config import PipelineConfig
-from transferkit.data import load_inputs, load_label_map
+from transferkit.data import load_label_map
 from transferkit.metrics import Scores, roc_points, score
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,11 @@ def render_report(
         f"| precision | training {training.get('precision')}, evaluation {result.precision} |",
         f"| training seconds | {training.get('seconds')} |",
     ]
+    from transferkit.backbones.modality import modality_of
+
     overlap = dataset.get("overlap", {}).get("test", 0)
     if overlap:
-        what = "images" if dataset.get("modality") == "image" else "texts"
+        what = modality_of(dataset.get("modality") or "text").noun
         lines += [
             "",
             f"> {overlap} evaluation {what} also occur in the training data; the "
@@ -229,7 +231,7 @@ def evaluate(
     target = device()
     tokenizer, model, card = load_classifier(model_dir)
     model.to(target)
-    inputs, truth = load_inputs(dataset_dir, "test")
+    inputs, truth = card.input_modality().load(dataset_dir, "test")
     precision = resolve_precision(config.evaluation.precision, target)
     proba = predict_proba(model, tokenizer, card, inputs, config.evaluation.batch_size, precision)
     predicted = proba.argmax(axis=1)

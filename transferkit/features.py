@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from transferkit import storage
 from transferkit.backbones import BackboneInfo, load_backbone_info
 from transferkit.config import PipelineConfig
-from transferkit.data import SPLITS, load_images, load_split
+from transferkit.data import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -126,36 +126,24 @@ def _embedder(
     Text splits are encoded and written a chunk at a time, so memory does not grow with the
     number of rows.
     """
+    from transferkit.backbones.base import folder_family
+    from transferkit.backbones.modality import modality_of
     from transferkit.training.runtime import device
 
     batch = config.evaluation.batch_size
-    if info.modality == "image":
-        from transferkit.backbones.vision import load_image_encoder, run_images
+    modality = modality_of(info.modality)
+    family = folder_family(backbone_dir / "model", info.family)
+    processor, encoder = family.load(backbone_dir / "model", info.modality, info)
+    module, precision = modality.frozen(encoder.to(device()), precision)
 
-        assert info.image is not None
-        spec = info.image
-        vision = load_image_encoder(backbone_dir / "model").to(device())
-
-        def embed_images(split: str, path: Path) -> tuple[int, int]:
-            images, _ = load_images(dataset_dir, split)
-            vectors = run_images(vision, images, spec, batch, precision, f"embed {split}")
-            np.save(path, vectors)
-            return vectors.shape[0], vectors.shape[1]
-
-        return embed_images
-    from transferkit.backbones.text import encode_chunks, frozen_encoder, load_text_encoder
-
-    tokenizer, encoder = load_text_encoder(backbone_dir / "model", info.pooling, info.normalize)
-    encoder, precision = frozen_encoder(encoder.to(device()), precision)
-
-    def embed_texts(split: str, path: Path) -> tuple[int, int]:
-        texts, _ = load_split(dataset_dir, split)
-        chunks = encode_chunks(
-            encoder, tokenizer, texts, info.max_length, batch, precision, f"embed {split}"
+    def embed(split: str, path: Path) -> tuple[int, int]:
+        inputs, _ = modality.load(dataset_dir, split)
+        blocks = modality.stream(
+            module, processor, inputs, info, batch, precision, f"embed {split}"
         )
-        return len(texts), save_rows(path, len(texts), chunks)
+        return len(inputs), save_rows(path, len(inputs), blocks)
 
-    return embed_texts
+    return embed
 
 
 def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
@@ -276,7 +264,9 @@ def extract_features(
     with storage.atomic_dir(cached) as entry:
         storage.link_or_copy_tree(output_dir, entry)
         storage.write_json(entry / CHECKSUMS, _checksums(entry))
-    what = "images" if info.modality == "image" else "texts"
+    from transferkit.backbones.modality import modality_of
+
+    what = modality_of(info.modality).noun
     log.info(
         "embedded %s %s at %.0f %s/s (%s)",
         f"{total_texts:,}",

@@ -15,7 +15,9 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -113,7 +115,12 @@ class Ranking(BaseModel):
     selected: str  # "<uri> (<pooling> pooling)"
 
 
-def rank_backbones(config: PipelineConfig, dataset_dir: Path, output_dir: Path) -> Ranking:
+def rank_backbones(
+    config: PipelineConfig,
+    dataset_dir: Path,
+    output_dir: Path,
+    fetch: Callable[[PipelineConfig, Path], Any],
+) -> Ranking:
     """Fetch every candidate of ``config.backbone_selection``, score it, keep the best.
 
     Each candidate embeds the same seeded sample of training rows (``examples_per_class`` per
@@ -121,23 +128,28 @@ def rank_backbones(config: PipelineConfig, dataset_dir: Path, output_dir: Path) 
     becomes ``output_dir`` (a fetch_backbone artifact) with ``ranking.json`` beside its
     ``backbone.json``.
 
+    Args:
+        fetch: fetches one backbone config into a folder and returns its BackboneInfo
+            (fetch_backbone's own single-backbone fetch).
+
     Raises:
         BackboneError, StorageError: a candidate cannot be fetched (named in the message).
     """
-    from transferkit.backbones import fetch_backbone
-    from transferkit.backbones.text import load_text_encoder, resolve_precision, run_batched
-    from transferkit.data import load_label_map, load_split
-    from transferkit.training.few_shot import sample_per_class
-    from transferkit.training.runtime import device
+    from transferkit.backbones.base import folder_family
+    from transferkit.backbones.modality import modality_of
+    from transferkit.data import load_label_map
+    from transferkit.data.sampling import sample_per_class
+    from transferkit.devices import device, resolve_precision
 
     selection = config.backbone_selection
     assert selection is not None
-    texts, truth = load_split(dataset_dir, "train")
+    modality = modality_of(config.data.modality)
+    inputs, truth = modality.load(dataset_dir, "train")
     labels = load_label_map(dataset_dir).names
     rows = sample_per_class(
         truth, selection.examples_per_class, config.data.split.seed, labels, strict=False
     )
-    sample, sample_labels = [texts[i] for i in rows], truth[rows]
+    sample, sample_labels = modality.subset(inputs, rows), truth[rows]
     target = device()
     precision = resolve_precision(config.training.precision, target)
     scores: list[tuple[CandidateScore, Path]] = []
@@ -146,13 +158,14 @@ def rank_backbones(config: PipelineConfig, dataset_dir: Path, output_dir: Path) 
             started = time.perf_counter()
             folder = Path(tmp) / f"candidate-{index}"
             single = config.model_copy(update={"backbone": candidate, "backbone_selection": None})
-            info = fetch_backbone(single, folder)
-            tokenizer, encoder = load_text_encoder(folder / "model", info.pooling, info.normalize)
-            features = run_batched(
+            info = fetch(single, folder)
+            family = folder_family(folder / "model", info.family)
+            processor, encoder = family.load(folder / "model", info.modality, info)
+            features = modality.run(
                 encoder.to(target).eval(),
-                tokenizer,
+                processor,
                 sample,
-                info.max_length,
+                info,
                 config.evaluation.batch_size,
                 precision,
                 f"embed for LogME ({index + 1}/{len(selection.candidates)})",

@@ -34,8 +34,9 @@ import yaml
 from pydantic import BaseModel
 
 from transferkit import storage
+from transferkit.backbones.modality import dataset_modality
 from transferkit.config import PipelineConfig, flatten
-from transferkit.data import load_images, load_inputs
+from transferkit.data import load_labels
 from transferkit.errors import RegistryError
 from transferkit.metrics import PairedComparison, paired_comparison
 from transferkit.termination import sigterm_raises
@@ -464,7 +465,7 @@ def load_version(name: str, version: Any, scratch: Path) -> tuple[Any, Any, Any]
 def _champion_predictions(
     config: PipelineConfig,
     champion: Any,
-    inputs: list[str] | np.ndarray,
+    dataset_dir: Path,
     labels: list[str],
     scratch: Path,
 ) -> np.ndarray:
@@ -487,8 +488,10 @@ def _champion_predictions(
         )
     target = device()
     precision = resolve_precision(config.evaluation.precision, target)
-    if (card.image is None) != isinstance(inputs, list):
+    modality = dataset_modality(dataset_dir)
+    if card.input_modality().name != modality.name:
         raise _IncomparableError(f"champion v{champion.version} takes another kind of input")
+    inputs, _ = modality.load(dataset_dir, "test")
     return predict_proba(
         model.to(target), tokenizer, card, inputs, config.evaluation.batch_size, precision
     )
@@ -502,10 +505,10 @@ def compare_with_champion(
     labels: list[str],
 ) -> PairedComparison:
     """Score the champion on this run's evaluation rows and test the paired difference."""
-    inputs, truth = load_inputs(dataset_dir, "test")
+    truth = load_labels(dataset_dir, "test")
     predictions = pd.read_parquet(evaluation_dir / "predictions.parquet")
     with tempfile.TemporaryDirectory(prefix="transferkit-champion-") as scratch:
-        old = _champion_predictions(config, champion, inputs, labels, Path(scratch))
+        old = _champion_predictions(config, champion, dataset_dir, labels, Path(scratch))
     new = predictions[[f"p_{name}" for name in labels]].to_numpy()
     method = "mcnemar" if config.registry.gate == "none" else config.registry.gate
     return paired_comparison(
@@ -675,7 +678,6 @@ def _log_run(
         The model run id, the model version, and the sweep's parent run id (or None).
     """
     import mlflow
-    import pandas as pd
     from mlflow.models import infer_signature
 
     from transferkit.serving import predictions_frame
@@ -725,17 +727,10 @@ def _log_run(
 
             tokenizer, model, card = load_classifier(model_dir)
             _log_drift_reference(model, tokenizer, card, paths["dataset"], config)
-            example: Any = pd.DataFrame({"text": ["An example input text.", "Another one."]})
-            if card.image is not None:  # two evaluation images, as stored: uint8 [N, H, W, C]
-                example = load_images(paths["dataset"], "test")[0][:2]
+            modality = card.input_modality()
+            example = modality.example(paths["dataset"])
             output = predictions_frame(
-                predict_proba(
-                    model,
-                    tokenizer,
-                    card,
-                    example if card.image is not None else example["text"].tolist(),
-                ),
-                card.labels,
+                predict_proba(model, tokenizer, card, modality.served(example)), card.labels
             )
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -870,9 +865,10 @@ def _log_drift_reference(
     from transferkit.training.model import embed
     from transferkit.training.runtime import device
 
-    inputs, _ = load_inputs(dataset_dir, "train")
+    modality = card.input_modality()
+    inputs, _ = modality.load(dataset_dir, "train")
     rows = sample_rows(len(inputs), REFERENCE_ROWS)
-    sample = inputs[rows] if isinstance(inputs, np.ndarray) else [inputs[i] for i in rows]
+    sample = modality.subset(inputs, rows)
     precision = resolve_precision(config.evaluation.precision, device())
     vectors = embed(model, tokenizer, card, sample, config.evaluation.batch_size, precision)
     with tempfile.TemporaryDirectory(prefix="transferkit-drift-") as scratch:

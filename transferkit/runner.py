@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from pydantic import BaseModel
 
 from transferkit import processes, storage
+from transferkit.backbones import hub
 from transferkit.config import PipelineConfig
 from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
 
@@ -97,6 +98,7 @@ class RunSummary(BaseModel):
     run_dir: str
     sweep: dict[str, Any] | None = None
     modality: str = "text"
+    primary_metric: str = "accuracy"
     sweep_run_id: str | None = None
 
 
@@ -226,19 +228,27 @@ def source_stamps(config: PipelineConfig) -> tuple[str, str]:
     """Content stamps of the data sources and of the backbone source(s)."""
     from transferkit.data.ingest import data_stamp
 
-    backbones = [config.backbone.uri]
-    if config.backbone_selection is not None:
-        backbones = [c.uri for c in config.backbone_selection.candidates]
-    stamps = ",".join(storage.stamp(uri, config.storage) for uri in backbones)
+    stamps = ",".join(
+        hub.source_stamp(uri) if hub.is_hub_uri(uri) else storage.stamp(uri, config.storage)
+        for uri in _backbones(config)
+    )
     return data_stamp(config), stamps
 
 
-def _child_environment() -> None:
-    # Steps run in subprocesses that inherit this environment: offline model loading, no
-    # tokenizer thread pools fighting torch's, no download progress bars in logs.
+def _backbones(config: PipelineConfig) -> list[str]:
+    if config.backbone_selection is not None:
+        return [c.uri for c in config.backbone_selection.candidates]
+    return [config.backbone.uri]
+
+
+def _child_environment(config: PipelineConfig) -> None:
+    # Steps run in subprocesses that inherit this environment: offline model loading (unless
+    # fetch_backbone downloads from the Hub), no tokenizer thread pools fighting torch's, no
+    # download progress bars in logs.
+    offline = "0" if any(hub.is_hub_uri(uri) for uri in _backbones(config)) else "1"
     for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": offline,
+        "TRANSFORMERS_OFFLINE": offline,
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PYTHONUNBUFFERED": "1",
@@ -308,6 +318,9 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         RunInterruptedError: SIGINT or SIGTERM; every process the run started was stopped.
         TransferkitError: an input could not be read before the run started.
     """
+    from transferkit.backbones.support import check_local
+
+    check_local(config)  # refuse a family/strategy mismatch before any step starts
     from kfp import local
 
     from transferkit.pipelines import strategy_sweep, transfer_learning
@@ -328,7 +341,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     log_file = work_dir / "logs" / f"run-{stamp}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     data_stamp, backbone_stamp = source_stamps(config)
-    _child_environment()
+    _child_environment(config)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=config.pipeline_root,
@@ -375,6 +388,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
             comparison["report"] = str(found[0] / "report.html")
     return RunSummary(
         modality=config.data.modality,
+        primary_metric=config.evaluation.primary_metric,
         metrics=result["metrics"],
         scores=result["scores"],
         model_uri=result["model_uri"],

@@ -15,23 +15,6 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
-def texts_of(model_input: Any) -> list[str]:
-    """Texts from a DataFrame with a ``text`` column, a Series, a list or one string."""
-    if isinstance(model_input, pd.DataFrame):
-        if "text" in model_input.columns:
-            column = model_input["text"]
-        elif model_input.shape[1] == 1:
-            column = model_input.iloc[:, 0]
-        else:
-            raise ValueError(f"input has columns {list(model_input.columns)}; pass a 'text' column")
-        return [str(v) for v in column.tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    if isinstance(model_input, pd.Series | list | tuple):
-        return [str(v) for v in model_input]
-    raise ValueError(f"cannot read texts from {type(model_input).__name__}; pass a DataFrame")
-
-
 def predictions_frame(proba: Any, labels: list[str]) -> pd.DataFrame:
     """Probabilities [rows, labels] → label, score and p_<label> columns."""
     best = proba.argmax(axis=1)
@@ -60,10 +43,10 @@ class ClassifierModel(PythonModel):
     _skip_type_hint_validation = True
 
     def predict(self, context, model_input, params=None):
-        from transferkit.training.model import as_image_batch, predict_proba
+        from transferkit.training.model import predict_proba
 
         batch_size = int((params or {}).get("batch_size", 64))
-        inputs = texts_of(model_input) if self._card.image is None else as_image_batch(model_input)
+        inputs = self._card.input_modality().served(model_input)
         proba = predict_proba(self._model, self._tokenizer, self._card, inputs, batch_size)
         return predictions_frame(proba, self._card.labels)
 

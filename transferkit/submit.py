@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit import storage
+from transferkit.backbones.hub import is_hub_uri
 from transferkit.config import PipelineConfig
 from transferkit.errors import ConfigError, TransferkitError
 
@@ -64,6 +65,8 @@ def check_cluster_sources(config: PipelineConfig) -> None:
         ConfigError: a source is a local path (one line: which key, and the fix).
     """
     for key, uri in sources(config):
+        if is_hub_uri(uri):
+            continue  # the pods fetch it from the Hub (HF_ENDPOINT, HF_TOKEN in their env)
         if storage.parse(uri).scheme == "file":
             raise ConfigError(
                 f"{key} is a path on this machine ({uri}); cluster pods cannot read it — "

@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from transferkit import storage
-from transferkit.config import FewShotConfig, PipelineConfig, ZeroShotConfig
+from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,14 @@ def plan(config: PipelineConfig) -> list[Branch]:
         budget = None if raw == "all" else int(raw)
         for spec in config.sweep.branches:
             strategy = spec.strategy
-            if isinstance(strategy, ZeroShotConfig):
+            labels = type(strategy).applies.labels
+            if labels == "none":  # reads no labels: one branch whatever the budget
                 if spec.display in planned_zero_shot:
                     continue
                 planned_zero_shot.add(spec.display)
                 branch_config = config.branch(spec, None)
                 budget_for_branch: int | None = None
-            elif isinstance(strategy, FewShotConfig):
+            elif labels == "k":  # k examples per label: no 'all' budget
                 if budget is None:
                     log.info("sweep: few_shot '%s' skips the 'all' budget", spec.display)
                     continue
@@ -118,7 +119,7 @@ def plan(config: PipelineConfig) -> list[Branch]:
             else:
                 branch_config = config.branch(spec, budget)
                 budget_for_branch = budget
-            shown = "0" if isinstance(strategy, ZeroShotConfig) else budget_name(budget_for_branch)
+            shown = "0" if labels == "none" else budget_name(budget_for_branch)
             name = f"{spec.display}@{shown}"
             branches.append(
                 Branch(

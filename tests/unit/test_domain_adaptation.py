@@ -71,7 +71,7 @@ def test_the_adapted_model_is_a_changed_backbone_that_still_classifies(adapted_r
     assert "MLM on" in card.backbone_source
     assert card.backbone_fingerprint != original.fingerprint
     # The saved encoder is the adapted one, not the original weights.
-    from transferkit.backbones.text import load_text_encoder
+    from transferkit.backbones.encoder import load_text_encoder
 
     _, reference = load_text_encoder(folder / "backbone" / "model", card.pooling, card.normalize)
     moved = [

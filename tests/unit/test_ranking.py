@@ -70,7 +70,8 @@ def test_logme_ranks_the_pretrained_encoder_above_a_random_one(probe_run: tuple)
     import torch
 
     from transferkit.backbones import load_backbone_info
-    from transferkit.backbones.text import random_text_encoder, run_batched
+    from transferkit.backbones.encoder import random_text_encoder
+    from transferkit.backbones.text import run_batched
     from transferkit.data import load_split
     from transferkit.features import load_features
 

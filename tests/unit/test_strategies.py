@@ -17,8 +17,7 @@ from transferkit.errors import ConfigError, TrainingError
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features, load_features
 from transferkit.training import train
-from transferkit.training.model import TextClassifier, load_classifier, predict_proba
-from transferkit.training.strategies import encoder_blocks, parameter_groups
+from transferkit.training.model import Classifier, load_classifier, predict_proba
 from transferkit.training.zero_shot import label_prompts, unit
 
 
@@ -70,20 +69,55 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def one_step(tiny_backbone: Path, strategy: dict) -> tuple[TextClassifier, dict, dict]:
+def load_tiny(tiny_backbone: Path) -> tuple[object, Classifier]:
+    """Tokenizer and a 2-label classifier on the tiny BERT, through its family."""
+    from transferkit.backbones.base import folder_family
+    from transferkit.backbones.modality import modality_of
+    from transferkit.training.model import ModelCard
+
+    settings = ModelCard(
+        labels=["a", "b"],
+        label_values=["a", "b"],
+        pooling="mean",
+        normalize=False,
+        max_length=32,
+        strategy="",
+        backbone_source="",
+        backbone_fingerprint="",
+        data_fingerprint="",
+    )
+    assert modality_of("text").name == "text"
+    tokenizer, encoder = folder_family(tiny_backbone).load(tiny_backbone, "text", settings)
+    return tokenizer, Classifier(encoder, 2)
+
+
+def parameter_groups(model: Classifier, strategy, config) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The optimiser groups the strategy's plugin builds (LoRA on the family's targets)."""
+    import importlib
+
+    from transferkit.training.groups import head_group
+
+    plugin = importlib.import_module(f"transferkit.training.strategies.{strategy.name}")
+    if strategy.name == "lora":
+        body = plugin.groups(model, strategy, config, strategy.target_modules or ["query", "value"])
+    else:
+        body = plugin.groups(model, strategy, config)
+    return body + head_group(model, strategy, config)  # type: ignore[no-any-return]
+
+
+def one_step(tiny_backbone: Path, strategy: dict) -> tuple[Classifier, dict, dict]:
     """Prepare a tiny classifier for ``strategy``, take one optimiser step on real text.
 
     Returns the model and its body's weights before and after the step.
     """
-    from transferkit.backbones.text import load_text_encoder, pad, tokenize
+    from transferkit.backbones.text import pad, tokenize
 
-    tokenizer, encoder = load_text_encoder(tiny_backbone, "mean", False)
-    model = TextClassifier(encoder, 2)
+    tokenizer, model = load_tiny(tiny_backbone)
     before = {k: v.clone() for k, v in model.encoder.body.state_dict().items()}
     config = PipelineConfig.model_validate(
         {"data": {"train_uri": "t", "test_uri": "d"}, "strategy": strategy}
     )
-    groups = parameter_groups(model, config.strategy, config)  # type: ignore[arg-type]
+    groups = parameter_groups(model, config.strategy, config)
     optimizer = torch.optim.AdamW(groups)
     ids, mask = pad(tokenize(tokenizer, ["a wonderful film", "a dull mess"], 32), 0)
     loss = torch.nn.functional.cross_entropy(model(ids, mask), torch.tensor([1, 0]))
@@ -105,10 +139,7 @@ def test_partial_finetune_trains_only_the_top_blocks(tiny_backbone: Path) -> Non
 
 
 def test_partial_finetune_layerwise_decay_and_frozen_pooler(tiny_backbone: Path) -> None:
-    from transferkit.backbones.text import load_text_encoder
-
-    _, encoder = load_text_encoder(tiny_backbone, "mean", False)
-    model = TextClassifier(encoder, 2)
+    _, model = load_tiny(tiny_backbone)
     config = PipelineConfig.model_validate(
         {
             "data": {"train_uri": "t.tsv", "test_uri": "d.tsv"},
@@ -120,9 +151,9 @@ def test_partial_finetune_layerwise_decay_and_frozen_pooler(tiny_backbone: Path)
             "training": {"learning_rate": 1e-3},
         }
     )
-    groups = parameter_groups(model, config.strategy, config)  # type: ignore[arg-type]
+    groups = parameter_groups(model, config.strategy, config)
     rates = {}
-    blocks = encoder_blocks(model.encoder.body)
+    blocks = model.encoder.blocks()
     for group in groups:
         for parameter in group["params"]:
             for index, block in enumerate(blocks):
@@ -139,10 +170,7 @@ def test_partial_finetune_layerwise_decay_and_frozen_pooler(tiny_backbone: Path)
 
 
 def test_full_finetune_layerwise_decay_reaches_the_embeddings(tiny_backbone: Path) -> None:
-    from transferkit.backbones.text import load_text_encoder
-
-    _, encoder = load_text_encoder(tiny_backbone, "mean", False)
-    model = TextClassifier(encoder, 2)
+    _, model = load_tiny(tiny_backbone)
     config = PipelineConfig.model_validate(
         {
             "data": {"train_uri": "t.tsv", "test_uri": "d.tsv"},
@@ -151,13 +179,13 @@ def test_full_finetune_layerwise_decay_reaches_the_embeddings(tiny_backbone: Pat
         }
     )
     trainable_before = {n for n, p in model.encoder.body.named_parameters() if p.requires_grad}
-    groups = parameter_groups(model, config.strategy, config)  # type: ignore[arg-type]
+    groups = parameter_groups(model, config.strategy, config)
     rate_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.encoder.body.named_parameters())
     # Every parameter that trained before still trains, each in exactly one group.
     assert sum(len(g["params"]) for g in groups) == len(rate_of)
     assert {n for n in trainable_before if id(named[n]) in rate_of} == trainable_before
-    blocks = encoder_blocks(model.encoder.body)
+    blocks = model.encoder.blocks()
     assert {rate_of[id(p)] for p in blocks[1].parameters()} == {1e-3}
     assert {rate_of[id(p)] for p in blocks[0].parameters()} == {5e-4}
     embeddings = [p for n, p in named.items() if n.startswith("embeddings.")]
@@ -219,7 +247,7 @@ def test_label_smoothing_keeps_the_trained_model_less_confident(tiny_run: tuple)
 
 
 def test_lora_trains_only_adapters_and_merges_into_query_and_value(tiny_backbone: Path) -> None:
-    from transferkit.training.strategies import merge_lora
+    from transferkit.training.groups import merge_lora
 
     model, before, _ = one_step(tiny_backbone, {"name": "lora", "rank": 4, "alpha": 8})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -11,15 +11,16 @@ from safetensors.torch import load_file
 
 from tests.conftest import image_config
 from transferkit.backbones import fetch_backbone
+from transferkit.backbones.base import load_folder
 from transferkit.backbones.fetch import ImageInput
-from transferkit.backbones.vision import load_image_encoder, prepare
+from transferkit.backbones.images import prepare
+from transferkit.backbones.modality import augment
 from transferkit.config import AugmentationConfig
 from transferkit.data import load_images
 from transferkit.evaluation import evaluate
 from transferkit.features import extract_features
 from transferkit.training import train
 from transferkit.training.adabn import recompute_batch_norm
-from transferkit.training.inputs import augment
 from transferkit.training.model import load_classifier, predict_proba
 
 FAST = {"epochs": 2, "batch_size": 64, "learning_rate": 1e-3, "precision": "fp32"}
@@ -96,7 +97,7 @@ def test_adabn_reestimates_batch_norm_statistics_exactly_and_keeps_weights(
     breast_run: tuple, tmp_path: Path
 ) -> None:
     root, data, resnet20 = breast_run
-    encoder = load_image_encoder(root / "backbone" / "model")
+    encoder = load_folder(root / "backbone" / "model", "image")[1]
     images, _ = load_images(root / "dataset", "train")
     spec = ImageInput(size=32, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     weights = {k: v.clone() for k, v in encoder.state_dict().items() if "running" not in k}
@@ -192,9 +193,10 @@ def test_hugging_face_vision_folder_fetches_extracts_and_fine_tunes(
     result = train(tuned, root / "dataset", tmp_path / "backbone", tmp_path / "f", tmp_path / "m")
     sizes = {n: p.numel() for n, p in ViTModel.from_pretrained(folder).named_parameters()}
     top = sum(v for n, v in sizes.items() if n.startswith("layers.1."))
-    after = sum(v for n, v in sizes.items() if n.startswith(("layernorm.", "pooler.")))
-    # The top block, what follows it (final layer norm; the pooler, whose output is the
-    # feature) and the head (32 × 2 + 2); embeddings and the lower block stay frozen.
+    after = sum(v for n, v in sizes.items() if n.startswith("layernorm."))
+    # The top block, what follows it (the final layer norm, whose CLS token is the feature;
+    # ViT's pooler is not even built) and the head (32 × 2 + 2); embeddings and the lower
+    # block stay frozen.
     assert top > 0
     assert result.trainable_parameters == top + after + 66
     _, model, card = load_classifier(tmp_path / "m")
@@ -248,7 +250,12 @@ def test_auto_on_images_climbs_without_lora_and_keeps_the_cheapest_near_best(
 ) -> None:
     root, data, resnet20 = breast_run
     config, result = run(root, tmp_path, data, resnet20, {"name": "auto", "margin": 0.5}, epochs=1)
-    assert config.strategy.ladder == ["linear_probe", "partial_finetune", "full_finetune"]
+    # The CIFAR ResNet takes no LoRA: auto's default ladder climbs without that rung.
+    from transferkit.backbones.base import family_of
+    from transferkit.backbones.support import rungs
+
+    caps = family_of("resnet_cifar").capabilities("image", {})
+    assert rungs(config.strategy, caps) == ["linear_probe", "partial_finetune", "full_finetune"]
     ladder = result.details["ladder"]
     # A margin of 0.5 AUC: no rung can gain that much, so it stops after the second rung and
     # keeps the first (the probe), which is within the margin of anything.

@@ -21,6 +21,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from transferkit import storage
+from transferkit.backbones import hub
+from transferkit.backbones.base import Family, detect, family_of
+from transferkit.backbones.encoder import TOKENIZER_FILES, has_tokenizer
+from transferkit.backbones.images import ImageInput
+from transferkit.backbones.modality import Modality, modality_of
 from transferkit.config import BackboneConfig, PipelineConfig
 from transferkit.errors import BackboneError, StorageError
 
@@ -32,24 +37,6 @@ PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".th", ".ckpt", ".pkl")
 FOREIGN_WEIGHTS = (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".gguf")
 # Batch-norm statistics are stored beside the weights but are buffers, not parameters.
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-
-
-class ImageInput(BaseModel):
-    """What a vision backbone is fed: square size, channels, per-channel mean and std."""
-
-    size: int
-    channels: int
-    mean: list[float]
-    std: list[float]
-    flip_average: bool = False  # outputs averaged over the image and its mirror (inference)
 
 
 class BackboneInfo(BaseModel):
@@ -68,16 +55,11 @@ class BackboneInfo(BaseModel):
     max_length: int
     converted_from_pickle: bool = False
     seconds: float = 0.0
-    modality: str = "text"
+    modality: str = "text"  # the data it embeds here: 'text' or 'image'
     image: ImageInput | None = None  # what a vision backbone is fed (after config overrides)
-
-
-def _hidden_size(hf_config: dict[str, Any]) -> int:
-    """Width of the features: text models' hidden_size, ResNets' last stage width."""
-    value = hf_config.get("hidden_size") or hf_config.get("d_model")
-    if not value and hf_config.get("hidden_sizes"):
-        value = hf_config["hidden_sizes"][-1]
-    return int(value or 0)
+    family: str = ""  # transferkit.backbones.base: '' in records written before families
+    revision: str | None = None  # the commit an hf:// source resolved to
+    files: dict[str, str] = {}  # sha256 of every file of model/
 
 
 def load_backbone_info(backbone_dir: Path) -> BackboneInfo:
@@ -128,7 +110,7 @@ def _read_json_files(model_dir: Path, uri: str) -> dict[str, Any]:
     from transformers import __version__ as transformers_version
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    from transferkit.backbones.vision import RESNET_CIFAR
+    from transferkit.backbones.resnet_cifar import RESNET_CIFAR
 
     parsed: dict[str, Any] = {}
     for path in sorted(model_dir.rglob("*.json")):
@@ -234,37 +216,12 @@ def _inspect_weights(model_dir: Path, uri: str) -> tuple[dict[str, str], int]:
     return weights, parameters
 
 
-def _sentence_transformers_head(model_dir: Path) -> tuple[str | None, bool]:
-    """Pooling and normalisation declared by a sentence-transformers folder, if any."""
-    pooling = None
-    pooling_config = model_dir / "1_Pooling" / "config.json"
-    if pooling_config.exists():
-        modes = json.loads(pooling_config.read_text())
-        for key, name in (
-            ("pooling_mode_cls_token", "cls"),
-            ("pooling_mode_max_tokens", "max"),
-            ("pooling_mode_mean_tokens", "mean"),
-        ):
-            if modes.get(key):
-                pooling = name
-    normalize = False
-    modules = model_dir / "modules.json"
-    if modules.exists():
-        normalize = any(
-            m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
-        )
-    return pooling, normalize
-
-
-def image_input(model_dir: Path, backbone: BackboneConfig) -> ImageInput:
+def image_input(declared: ImageInput, backbone: BackboneConfig) -> ImageInput:
     """The backbone's declared input with the config's overrides applied.
 
     Raises:
         BackboneError: mean/std lengths do not match the channels.
     """
-    from transferkit.backbones.vision import declared_input
-
-    declared = declared_input(model_dir)
     override = backbone.image
     channels = override.channels or declared.channels
     spec = ImageInput(
@@ -289,12 +246,21 @@ def image_input(model_dir: Path, backbone: BackboneConfig) -> ImageInput:
 def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Path) -> bool:
     """A single checkpoint file → ``tmp/model`` (config.json + model.safetensors).
 
+    With ``backbone.architecture`` set, a torchvision ImageNet ResNet converted to the
+    Hugging Face ResNet layout (plus its preprocessor_config.json); unset, a CIFAR ResNet
+    whose depth is inferred from its keys.
+
     Returns whether pickle weights were converted.
+
+    Raises:
+        BackboneError: the file is not a state dict, or its tensors do not fit the
+            architecture (a torchvision ResNet given without backbone.architecture among them).
     """
     import torch
     from safetensors.torch import load_file, save_file
 
-    from transferkit.backbones.vision import resnet_cifar_config
+    from transferkit.backbones import torchvision_resnet
+    from transferkit.backbones.resnet_cifar import resnet_cifar_config
 
     uri = backbone.uri
     is_pickle = uri.lower().endswith(PICKLE_WEIGHTS)
@@ -332,14 +298,38 @@ def _fetch_checkpoint(config: PipelineConfig, backbone: BackboneConfig, tmp: Pat
         for k, v in state.items()
         if isinstance(v, torch.Tensor)
     }
-    hf_config = resnet_cifar_config(tensors, uri)
+    preprocessor: dict[str, Any] | None = None
+    architecture = backbone.architecture
+    if architecture:
+        hf_config, tensors, preprocessor = torchvision_resnet.convert(tensors, architecture, uri)
+    else:
+        layout = torchvision_resnet.layout_of(tensors)
+        if layout is not None:
+            choice = (
+                f"backbone.architecture: {layout}"
+                if layout in torchvision_resnet.ARCHITECTURES
+                else f"backbone.architecture (one of {', '.join(torchvision_resnet.ARCHITECTURES)})"
+            )
+            raise BackboneError(
+                f"{uri}: a torchvision ImageNet ResNet checkpoint (layer4, fc; {layout} layout), "
+                f"not a CIFAR ResNet; set {choice} to convert it to the Hugging Face ResNet layout"
+            )
+        hf_config = resnet_cifar_config(tensors, uri)
     model_dir = tmp / "model"
     model_dir.mkdir()
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     storage.write_json(model_dir / "config.json", hf_config)
+    if preprocessor is not None:
+        storage.write_json(model_dir / "preprocessor_config.json", preprocessor)
     storage.write_json(
         model_dir / "source.json",
-        {"uri": uri, "sha256": actual, "converted_from_pickle": is_pickle},
+        {
+            "uri": uri,
+            "sha256": actual,
+            "converted_from_pickle": is_pickle,
+            # Only for conversions: a CIFAR ResNet's folder (and fingerprint) stays as before.
+            **({"torchvision_architecture": architecture} if architecture else {}),
+        },
     )
     shutil.rmtree(tmp / "download", ignore_errors=True)  # an S3 download; local files stay
     return is_pickle
@@ -380,10 +370,14 @@ def fetch_backbone(
                 "backbone_selection ranks candidates on the training data, but no dataset "
                 "was given; run it inside the pipeline"
             )
-        rank_backbones(config, dataset_dir, output_dir)
+        rank_backbones(config, dataset_dir, output_dir, _fetch_candidate)
         return load_backbone_info(output_dir)
     started = time.perf_counter()
     uri = config.backbone.uri
+    if hub.is_hub_uri(uri):
+        with tempfile.TemporaryDirectory(prefix="transferkit-hub-") as scratch:
+            got = hub.fetch_hub(uri, Path(scratch), cache_dir, lambda n: _select(n, config, uri)[0])
+            return _fetch_one(config, output_dir, None, started, uri, str(got.folder), got.commit)
     if uri.lower().endswith(storage.ARCHIVES):
         # A packed model folder (a .tar.gz from a training job, a .zip from a hub export):
         # unpacked safely into scratch, then fetched from there like any folder.
@@ -391,6 +385,11 @@ def fetch_backbone(
             unpacked = _unpack(uri, Path(scratch), config)
             return _fetch_one(config, output_dir, None, started, uri, str(unpacked))
     return _fetch_one(config, output_dir, cache_dir, started, uri, uri)
+
+
+def _fetch_candidate(config: PipelineConfig, output_dir: Path) -> BackboneInfo:
+    """fetch_backbone of one candidate of a backbone selection."""
+    return fetch_backbone(config, output_dir)
 
 
 def _unpack(uri: str, scratch: Path, config: PipelineConfig) -> Path:
@@ -406,6 +405,39 @@ def _unpack(uri: str, scratch: Path, config: PipelineConfig) -> Path:
     return scratch / "unpacked"
 
 
+def _files(model_dir: Path) -> set[str]:
+    """Relative paths of a fetched model folder's files."""
+    return {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+
+
+def resolve_family(
+    config: PipelineConfig, hf_config: dict[str, Any], files: set[str], uri: str
+) -> tuple[Family, Modality]:
+    """The backbone's family (``backbone.family`` or detected) and the data's modality, checked
+    against each other and against the configured strategies.
+
+    Raises:
+        BackboneError: no family recognises the folder, or it cannot embed the data.
+        ConfigError: a configured strategy does not apply to this family.
+    """
+    from transferkit.backbones.support import check_strategies
+
+    if config.backbone.family:
+        family = family_of(config.backbone.family)
+    else:
+        family = detect(hf_config, files, uri)
+    modality = modality_of(config.data.modality)
+    if modality.name not in family.modalities:
+        raise BackboneError(
+            f"{uri}: a {family.title} backbone embeds {' and '.join(family.modalities)}, but "
+            f"data {config.data.uri or config.data.train_uri} holds {modality.noun}; point "
+            f"backbone.uri at a model for {modality.noun} (or set backbone.family if the "
+            "detected family is wrong)"
+        )
+    check_strategies(config, family, hf_config)
+    return family, modality
+
+
 def _fetch_one(
     config: PipelineConfig,
     output_dir: Path,
@@ -413,33 +445,26 @@ def _fetch_one(
     started: float,
     uri: str,
     location: str,
+    revision: str | None = None,
 ) -> BackboneInfo:
     """fetch_backbone of one backbone: ``uri`` is what the config names (messages,
-    provenance), ``location`` where its files are read (an unpacked archive's folder)."""
+    provenance), ``location`` where its files are read (an unpacked archive's folder, a
+    Hub snapshot), ``revision`` the commit a Hub id resolved to."""
     is_file = uri.lower().endswith(SAFE_WEIGHTS + PICKLE_WEIGHTS)
     keep: list[str] = []
     convert = False
-    vision = is_file
     if not is_file:
         try:
             names = storage.list_tree(location, config.storage)
         except StorageError as exc:
             raise BackboneError(str(exc)) from None
         keep, convert = _select(names, config, uri)
-        has_tokenizer = any(n.endswith(TOKENIZER_FILES) for n in keep)
-        vision = "preprocessor_config.json" in keep and not has_tokenizer
-        if not has_tokenizer and not vision:
+        if not has_tokenizer(set(keep)) and "preprocessor_config.json" not in keep:
             raise BackboneError(
                 f"{uri}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}) and no image "
                 "processor (preprocessor_config.json); save them next to the model "
                 "(tokenizer.save_pretrained / image_processor.save_pretrained)"
             )
-    if vision != (config.data.modality == "image"):
-        raise BackboneError(
-            f"{uri}: a {'vision' if vision else 'text'} backbone, but data "
-            f"{config.data.uri or config.data.train_uri} is {config.data.modality}; point "
-            f"backbone.uri at a {config.data.modality} model"
-        )
     with storage.atomic_dir(output_dir) as tmp:
         model_dir = tmp / "model"
         if is_file:
@@ -447,10 +472,15 @@ def _fetch_one(
         else:
             storage.fetch_tree_cached(location, model_dir, keep, config.storage, cache_dir)
         hf_config = _read_json_files(model_dir, uri)
+        family, modality = resolve_family(config, hf_config, _files(model_dir), uri)
         if convert and not is_file:
             log.warning("converting pickle weights to safetensors (backbone.allow_pickle)")
             _convert_pickles(model_dir)
         weights, parameters = _inspect_weights(model_dir, uri)
+        files: dict[str, str] = {}
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(model_dir).as_posix()
+            files[rel] = weights.get(rel) or storage.sha256_file(path)
         expected = None if is_file else config.backbone.weights_sha256
         if expected:
             if len(weights) != 1:
@@ -464,32 +494,35 @@ def _fetch_one(
                     f"{uri}: sha256 of {name} is {actual}, expected {expected}; the "
                     "file is corrupt or not the model you meant — fetch it again"
                 )
-        st_pooling, st_normalize = _sentence_transformers_head(model_dir)
-        pooling: str = config.backbone.pooling
-        if pooling == "auto":
-            pooling = st_pooling or "mean"
-        normalize = config.backbone.normalize
-        if normalize == "auto":
-            normalize = st_normalize
-        spec = image_input(model_dir, config.backbone) if vision else None
-        if vision:
-            pooling, normalize = "image", False
+        spec = None
+        if modality.name == "image":
+            spec = image_input(family.image_input(model_dir), config.backbone)
+            pooling, normalize = family.image_pooling()
+        else:
+            default_pooling, default_normalize = family.default_pooling(model_dir)
+            pooling = config.backbone.pooling
+            pooling = default_pooling if pooling == "auto" else pooling
+            setting = config.backbone.normalize
+            normalize = default_normalize if setting == "auto" else bool(setting)
         info = BackboneInfo(
             source=uri,
             architecture=(hf_config.get("architectures") or [hf_config.get("model_type", "?")])[0],
             model_type=str(hf_config.get("model_type", "unknown")),
-            hidden_size=_hidden_size(hf_config),
+            hidden_size=family.feature_size(hf_config, modality.name),
             num_layers=int(hf_config.get("num_hidden_layers") or hf_config.get("n_layer") or 0),
             parameters=parameters,
             weights=weights,
-            fingerprint=storage.sha256_tree(model_dir, known=weights),
+            fingerprint=storage.sha256_tree(model_dir, known=files),
             pooling=pooling,
             normalize=bool(normalize),
-            max_length=0 if vision else config.backbone.max_length,
+            max_length=0 if spec else config.backbone.max_length,
             converted_from_pickle=convert,
             seconds=round(time.perf_counter() - started, 3),
-            modality="image" if vision else "text",
+            modality=modality.name,
             image=spec,
+            family=family.name,
+            revision=revision,
+            files=files,
         )
         storage.write_json(tmp / "backbone.json", info.model_dump())
     log.info(

@@ -12,40 +12,18 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from transferkit.devices import autocast, bf16_supported, resolve_precision
 from transferkit.progress import progress
 
+__all__ = ["autocast", "bf16_supported", "resolve_precision"]  # re-exported: older imports
+
 log = logging.getLogger(__name__)
-
-
-def bf16_supported(device: torch.device | None = None) -> bool:
-    """Whether bf16 matrix work runs natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
-    device = device or torch.device("cpu")
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(setting: str, device: torch.device | None = None) -> str:
-    """'auto' → 'bf16' where supported, else 'fp32'; explicit settings pass through."""
-    if setting == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return setting
-
-
-def autocast(precision: str, device: torch.device | None = None) -> Any:
-    """An autocast context for ``precision`` ('bf16' or 'fp32': disabled)."""
-    device = device or torch.device("cpu")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
@@ -53,6 +31,12 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
     hidden = hidden.float()
     if pooling == "cls":
         pooled = hidden[:, 0]
+    elif pooling == "last":
+        # The last real token, whichever side the padding is on: a decoder's summary of the
+        # text (its causal attention lets only that position see every token).
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = (positions * mask.bool()).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     elif pooling == "max":
         pooled = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
     else:
@@ -84,23 +68,7 @@ class TextEncoder(nn.Module):
         return pool(hidden, attention_mask, self.pooling, self.normalize)
 
 
-def load_text_encoder(model_dir: Path, pooling: str, normalize: bool) -> tuple[Any, TextEncoder]:
-    """Tokenizer and encoder from a Hugging Face folder (offline, safetensors only)."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    # fp32 master weights whatever the checkpoint's dtype: transformers 5 would otherwise keep
-    # a half-precision checkpoint in half precision, and fine-tuning such weights diverges.
-    # Speed comes from autocast, not from the stored dtype.
-    body = AutoModel.from_pretrained(
-        model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
-    )
-    return tokenizer, TextEncoder(body, pooling, normalize)
-
-
-def frozen_encoder(encoder: TextEncoder, precision: str) -> tuple[TextEncoder, str]:
+def frozen_encoder(encoder: nn.Module, precision: str) -> tuple[nn.Module, str]:
     """The fastest form of a frozen encoder for inference at ``precision``.
 
     bf16: the weights themselves are cast to bf16 (autocast would re-cast every weight on
@@ -117,26 +85,8 @@ def frozen_encoder(encoder: TextEncoder, precision: str) -> tuple[TextEncoder, s
     encoder.to(torch.bfloat16)
     if next(encoder.parameters()).device.type == "cpu":
         with contextlib.suppress(AttributeError, ValueError):  # older transformers
-            encoder.body.set_attn_implementation("eager")  # type: ignore[operator]
+            encoder.body.set_attn_implementation("eager")  # type: ignore[operator, union-attr]
     return encoder, "fp32"
-
-
-def random_text_encoder(
-    model_dir: Path,
-    pooling: str,
-    normalize: bool,
-) -> tuple[Any, TextEncoder]:
-    """Tokenizer and a randomly initialised encoder of the same architecture (the control).
-
-    Initialisation draws from torch's global generator: seed it first.
-    """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    body = AutoModel.from_config(
-        AutoConfig.from_pretrained(model_dir, local_files_only=True), dtype=torch.float32
-    )
-    return tokenizer, TextEncoder(body, pooling, normalize)
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:

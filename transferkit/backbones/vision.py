@@ -1,316 +1,346 @@
-"""Image encoders: the CIFAR ResNet family, Hugging Face vision models, and input adaptation.
+"""Hugging Face vision models: ResNet, ConvNeXt (v1, v2), ViT, DINOv2 (with or without
+registers), Swin (v1, v2) — ``AutoModel`` folders with an image processor, whose size and
+normalisation are used.
 
-A vision backbone is stored like a text one — a folder with ``config.json`` and
-``model.safetensors`` — so fetching, fingerprinting and caching treat both alike. Two kinds:
+Each architecture is read the way its own classification head reads it, so a linear probe
+sees the features the model was trained to expose:
 
-- ``resnet_cifar``: the 3-stage CIFAR ResNet of He et al. 2016 (16/32/64 channels, n basic
-  blocks per stage, option-A shortcuts: stride-2 subsampling plus zero-padded channels), the
-  architecture of the ResNet-20 CIFAR-10 checkpoint. Its layer names match that checkpoint's
-  keys (``conv1``, ``bn1``, ``layer1.0.conv1`` …, ``linear``), so it loads without renaming.
-- ``hf``: any Hugging Face vision model folder (``AutoModel``), with the size, mean and std of
-  its image processor.
+- ResNet: the global average pool of the last stage ([B, C, 1, 1], flattened);
+- ConvNeXt: the layer-normed global average pool (its ``pooler_output``);
+- ViT: the CLS token of the final layer norm. ViT's ``pooler`` (dense + tanh) is not built:
+  many checkpoints ship it untrained, and ``ViTForImageClassification`` does not use it;
+- DINOv2: CLS ⊕ mean of the patch tokens (registers excluded), 2 × hidden_size wide — the
+  linear-evaluation protocol of Oquab et al. 2023 and ``Dinov2ForImageClassification``'s input;
+- Swin: the average pool of the layer-normed last stage (its ``pooler_output``).
 
-Input adaptation (resize, grey → 3 channels, normalisation) is explicit: the backbone records
-what it expects (``ImageInput``), the config may override it, and ``prepare`` applies it to
-uint8 images [N, H, W, C] in one place, for feature extraction, training and serving alike.
+Only these architectures are claimed: any other ``model_type`` (a text model, BEiT, a model
+this module has not been taught to pool) is left to the other families or refused by
+detection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from transferkit.backbones.fetch import ImageInput
-from transferkit.backbones.text import autocast
+from transferkit.backbones.base import (
+    Capabilities,
+    Encoder,
+    Family,
+    Settings,
+    checked_pretrained,
+    model_types,
+    read_config,
+    register,
+)
+from transferkit.backbones.images import ImageInput
 from transferkit.errors import BackboneError
-from transferkit.progress import progress
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESNET_CIFAR = "resnet_cifar"
+# The block functions take the Hugging Face model (typed Any: its submodules are attributes
+# torch's stubs cannot see).
 
 
-# --- the CIFAR ResNet -------------------------------------------------------------------------
+def _resnet_blocks(body: Any) -> list[nn.Module]:
+    # The stem (7×7 convolution, batch norm, max pool) first, then every residual layer.
+    return [body.embedder, *(layer for stage in body.encoder.stages for layer in stage.layers)]
 
 
-class _ShortcutA(nn.Module):
-    """Option-A shortcut: subsample by the stride, zero-pad the new channels (no parameters)."""
-
-    def __init__(self, stride: int, extra: int) -> None:
-        super().__init__()
-        self.stride = stride
-        self.extra = extra
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        half = self.extra // 2
-        return nn.functional.pad(x, (0, 0, 0, 0, half, self.extra - half))
+def _has_parameters(module: nn.Module | None) -> bool:
+    return module is not None and any(True for _ in module.parameters())
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 convolutions with batch norm and an identity (or option-A) shortcut."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = (
-            _ShortcutA(stride, planes - in_planes)
-            if stride != 1 or in_planes != planes
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return nn.functional.relu(out + self.shortcut(x))
+def _convnext_blocks(body: Any) -> list[nn.Module]:
+    # A stage's downsampling (layer norm + strided 2×2 convolution) runs before its first
+    # layer: one unit with it, so the blocks cover every parameter between the stem and the
+    # final norm and freezing below a block freezes the downsampling below it too.
+    blocks: list[nn.Module] = []
+    pending: list[nn.Module] = []
+    for stage in body.encoder.stages:
+        if _has_parameters(stage.downsampling_layer):
+            pending.append(stage.downsampling_layer)
+        for layer in stage.layers:
+            blocks.append(nn.ModuleList([*pending, layer]) if pending else layer)
+            pending = []
+    return blocks
 
 
-class ResNetCifar(nn.Module):
-    """CIFAR ResNet-(6n+2). ``forward`` returns the pooled 64-d features, not class logits.
-
-    ``linear`` (the source task's classifier) is kept so the checkpoint loads strictly and
-    can be inspected; transfer replaces it with a new head and never trains it.
-    """
-
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3):
-        super().__init__()
-        self.blocks_per_stage = blocks_per_stage
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        planes = 16
-        stages = []
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            layers = []
-            for i in range(blocks_per_stage):
-                layers.append(BasicBlock(planes, width, stride if i == 0 else 1))
-                planes = width
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(64, num_classes)
-        self.linear.requires_grad_(False)
-
-    @property
-    def hidden_size(self) -> int:
-        return 64
-
-    def stages(self) -> list[nn.Module]:
-        """The blocks bottom to top: stem, then every residual block (for partial freezing)."""
-        stem = nn.ModuleList([self.conv1, self.bn1])
-        return [stem, *self.layer1, *self.layer2, *self.layer3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+def _transformer_blocks(body: Any) -> list[nn.Module]:
+    # transformers 5 keeps ViT's blocks at ``layers``, DINOv2's (and older ViTs') at
+    # ``encoder.layer``.
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        layers = body.encoder.layer
+    return list(layers)
 
 
-def init_resnet_cifar(model: ResNetCifar) -> None:
-    """He (Kaiming-normal) initialisation of the convolutions, as the CIFAR ResNet recipe."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            nn.init.kaiming_normal_(module.weight)
+def _swin_blocks(body: Any) -> list[nn.Module]:
+    # Every block of every stage; a stage's patch merging (which follows its last block) is
+    # one unit with that block.
+    blocks: list[nn.Module] = []
+    for stage in body.encoder.layers:
+        layers = list(stage.blocks)
+        if _has_parameters(stage.downsample) and layers:
+            layers[-1] = nn.ModuleList([layers[-1], stage.downsample])
+        blocks += layers
+    return blocks
 
 
-def resnet_cifar_config(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
-    """``config.json`` of a CIFAR ResNet, inferred from a state dict's keys and shapes.
+def _pooled(body: Any, out: Any) -> torch.Tensor:
+    return out.pooler_output.flatten(1)
+
+
+def _cls(body: Any, out: Any) -> torch.Tensor:
+    return out.last_hidden_state[:, 0]
+
+
+def _cls_mean_patch(body: Any, out: Any) -> torch.Tensor:
+    tokens = out.last_hidden_state
+    first_patch = 1 + int(getattr(body.config, "num_register_tokens", 0) or 0)
+    return torch.cat([tokens[:, 0], tokens[:, first_patch:].mean(dim=1)], dim=1)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face vision architecture is pooled, split into blocks and adapted."""
+
+    pooling: str  # what the probe reads, in words (README, backbone.json)
+    pool: Callable[[Any, Any], torch.Tensor]  # (body, model output) → [B, width]
+    blocks: Callable[[Any], list[nn.Module]]
+    lora_targets: tuple[str, ...] = ()
+    batch_norm: bool = False  # AdaBN re-estimates its statistics on the target images
+    width_factor: int = 1  # feature width = factor × the config's width
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_CONVNEXT = Architecture(
+    "layer-normed global average pool",
+    _pooled,
+    _convnext_blocks,
+    # The pointwise (1×1) convolutions are nn.Linear layers and hold nearly all of a block's
+    # weights (the 7×7 depthwise convolution is tiny): the counterpart of a transformer's MLP.
+    lora_targets=("pwconv1", "pwconv2"),
+)
+_DINOV2 = Architecture(
+    "CLS ⊕ mean patch token (final layer norm)",
+    _cls_mean_patch,
+    _transformer_blocks,
+    lora_targets=("q_proj", "v_proj"),
+    width_factor=2,
+)
+# model_type → how it is read. LoRA targets are the attention query and value projections
+# (Hu et al. 2021) under the module names of the installed transformers (checked by the tests
+# on tiny models).
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet": Architecture("global average pool", _pooled, _resnet_blocks, batch_norm=True),
+    "convnext": _CONVNEXT,
+    "convnextv2": _CONVNEXT,
+    "vit": Architecture(
+        "CLS token (final layer norm)",
+        _cls,
+        _transformer_blocks,
+        lora_targets=("q_proj", "v_proj"),
+        load_kwargs={"add_pooling_layer": False},
+        # Inputs resized by backbone.image.size still fit its position embeddings.
+        forward_kwargs={"interpolate_pos_encoding": True},
+    ),
+    "dinov2": _DINOV2,
+    "dinov2_with_registers": _DINOV2,
+    "swin": Architecture(
+        "average pool of the layer-normed last stage",
+        _pooled,
+        _swin_blocks,
+        lora_targets=("q_proj", "v_proj"),
+    ),
+    "swinv2": Architecture(
+        "average pool of the layer-normed last stage",
+        _pooled,
+        _swin_blocks,
+        lora_targets=("query", "value"),
+    ),
+}
+
+
+def architecture_of(hf_config: dict[str, Any], source: str = "backbone") -> Architecture:
+    """How a vision model of this ``config.json`` is read.
 
     Raises:
-        BackboneError: the keys are not those of a CIFAR ResNet.
+        BackboneError: its model_type is not one the vision family knows.
     """
-    needed = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer3.0.conv1.weight")
-    missing = [k for k in needed if k not in state]
-    if missing:
+    model_type, _ = model_types(hf_config)
+    if model_type not in ARCHITECTURES:
         raise BackboneError(
-            f"{source}: not a CIFAR ResNet checkpoint (no {missing[0]} among its "
-            f"{len(state)} tensors); give a Hugging Face model folder or a resnet_cifar "
-            "state dict"
+            f"{source}: model_type '{model_type[:80] or 'none'}' is not a vision architecture "
+            f"transferkit knows ({', '.join(ARCHITECTURES)}); use one of those or unset "
+            "backbone.family to detect the right family"
         )
-    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layer1."))
-    classes = int(state["linear.weight"].shape[0]) if "linear.weight" in state else 10
-    return {
-        "model_type": RESNET_CIFAR,
-        "architectures": [f"ResNet{6 * blocks + 2}Cifar"],
-        "blocks_per_stage": blocks,
-        "num_classes": classes,
-        "in_channels": int(state["conv1.weight"].shape[1]),
-        "hidden_size": 64,
-        "num_hidden_layers": 3 * blocks,
-        "image_size": 32,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-    }
+    return ARCHITECTURES[model_type]
 
 
-# --- encoders ---------------------------------------------------------------------------------
+def feature_width(hf_config: dict[str, Any]) -> int:
+    """Width of the pooled features of a vision ``config.json`` (what ``backbone.json``
+    records): the last stage's width, or hidden_size — twice it for DINOv2's CLS ⊕ mean."""
+    arch = architecture_of(hf_config)
+    if hf_config.get("hidden_sizes"):
+        width = int(hf_config["hidden_sizes"][-1])
+    elif "embed_dim" in hf_config and "depths" in hf_config:  # Swin: doubles per stage
+        width = int(hf_config["embed_dim"]) * 2 ** (len(hf_config["depths"]) - 1)
+    else:
+        width = int(hf_config["hidden_size"])
+    return arch.width_factor * width
 
 
-class ImageEncoder(nn.Module):
-    """A vision body: normalised images [B, C, H, W] → feature vectors [B, hidden]."""
+class HFVisionEncoder(Encoder):
+    """A Hugging Face vision body: normalised images [B, C, H, W] → feature vectors, pooled
+    as its architecture's classification head reads them (see the module's docstring)."""
 
-    def __init__(self, body: nn.Module, kind: str, hidden_size: int) -> None:
+    def __init__(self, body: nn.Module, architecture: Architecture) -> None:
         super().__init__()
         self.body = body
-        self.kind = kind
-        self._hidden_size = hidden_size
+        self.architecture = architecture
+        config: Any = body.config
+        self._hidden_size = feature_width(config.to_dict())
 
     @property
     def hidden_size(self) -> int:
         return self._hidden_size
 
     def blocks(self) -> list[nn.Module]:
-        """Trainable units bottom to top (stem first), for partial fine-tuning."""
-        if isinstance(self.body, ResNetCifar):
-            return self.body.stages()
-        from transferkit.training.strategies import encoder_blocks
-
-        return list(encoder_blocks(self.body))
+        return self.architecture.blocks(self.body)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.kind == RESNET_CIFAR:
-            # NHWC: oneDNN's convolutions run ~25% faster on CPU than with NCHW.
-            return self.body(pixels.contiguous(memory_format=torch.channels_last)).float()
-        out = self.body(pixel_values=pixels)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is None:
-            pooled = out.last_hidden_state.mean(dim=1)
-        return pooled.flatten(1).float()
+        out = self.body(pixel_values=pixels, **self.architecture.forward_kwargs)
+        return self.architecture.pool(self.body, out).float()
 
 
-def read_vision_config(model_dir: Path) -> dict[str, Any]:
-    """The backbone folder's ``config.json``."""
-    return json.loads((model_dir / "config.json").read_text())
+def _edge(value: Any) -> int | None:
+    """The square side of a processor size: an int, or height / shortest_edge of a dict."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        for key in ("height", "shortest_edge", "longest_edge"):
+            if isinstance(value.get(key), int):
+                return int(value[key])
+    return None
 
 
-def is_vision_folder(model_dir: Path) -> bool:
-    """Whether a fetched model folder holds an image backbone."""
-    config = read_vision_config(model_dir)
-    if config.get("model_type") == RESNET_CIFAR:
-        return True
-    return (model_dir / "preprocessor_config.json").exists() and not any(
-        (model_dir / name).exists() for name in ("tokenizer.json", "vocab.txt", "vocab.json")
-    )
+def processor_size(processor: dict[str, Any]) -> int | None:
+    """The side of the images the processor hands the model: its centre crop when it crops
+    (BiT/DINOv2: resize to 256, crop 224), else its resize target (ViT: height; ConvNeXt and
+    ResNet: shortest_edge, cropped to it by crop_pct)."""
+    if processor.get("do_center_crop") and _edge(processor.get("crop_size")):
+        return _edge(processor["crop_size"])
+    if processor.get("do_resize", True) and _edge(processor.get("size")):
+        return _edge(processor["size"])
+    return None
 
 
-def declared_input(model_dir: Path) -> ImageInput:
-    """The input a vision backbone expects, from its config or image processor."""
-    config = read_vision_config(model_dir)
-    if config.get("model_type") == RESNET_CIFAR:
-        return ImageInput(
-            size=int(config["image_size"]),
-            channels=int(config["in_channels"]),
-            mean=list(config["image_mean"]),
-            std=list(config["image_std"]),
+class VisionFamily(Family):
+    """Hugging Face vision models: probe, partial, full, scratch; LoRA on the attention
+    projections (ViT, DINOv2, Swin) and ConvNeXt's pointwise layers; AdaBN for ResNet."""
+
+    name = "vision"
+    title = "Hugging Face vision model"
+    modalities = ("image",)
+    priority = 40
+
+    def detect(self, hf_config: dict[str, Any], files: set[str]) -> bool:
+        model_type, _ = model_types(hf_config)
+        return model_type in ARCHITECTURES
+
+    def capabilities(self, modality: str, hf_config: dict[str, Any]) -> Capabilities:
+        arch = architecture_of(hf_config)
+        return Capabilities(
+            lora_targets=arch.lora_targets,
+            # ResNet: convolutions only, no nn.Linear projection to adapt by default.
+            lora=bool(arch.lora_targets),
+            adaptation="adabn" if arch.batch_norm else None,
         )
-    processor: dict[str, Any] = {}
-    path = model_dir / "preprocessor_config.json"
-    if path.exists():
-        processor = json.loads(path.read_text())
-    size = processor.get("crop_size") or processor.get("size") or config.get("image_size") or 224
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge") or 224
-    channels = int(config.get("num_channels", 3))
-    mean = processor.get("image_mean") or [0.5] * channels
-    std = processor.get("image_std") or [0.5] * channels
-    return ImageInput(size=int(size), channels=channels, mean=list(mean), std=list(std))
 
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            ("ResNet", {"model_type": "resnet"}),
+            ("ConvNeXt", {"model_type": "convnext"}),
+            ("ViT, DINOv2, Swin", {"model_type": "vit"}),
+        ]
 
-def load_image_encoder(model_dir: Path, random_init: bool = False) -> ImageEncoder:
-    """The encoder of a fetched vision backbone (fp32 weights, eval mode).
+    def feature_size(self, hf_config: dict[str, Any], modality: str) -> int:
+        return feature_width(hf_config)
 
-    Args:
-        random_init: the same architecture with fresh weights (the scratch control); draws
-            from torch's global generator, so seed it first.
-    """
-    config = read_vision_config(model_dir)
-    if config.get("model_type") == RESNET_CIFAR:
-        from safetensors.torch import load_file
+    def image_input(self, model_dir: Path) -> ImageInput:
+        """Size, channels, mean and std from the folder's ``preprocessor_config.json``.
 
-        body = ResNetCifar(
-            int(config["blocks_per_stage"]),
-            int(config.get("num_classes", 10)),
-            int(config.get("in_channels", 3)),
-        )
-        if random_init:
-            init_resnet_cifar(body)
+        Raises:
+            BackboneError: no processor file, or one without a size or normalisation.
+        """
+        config = read_config(model_dir)
+        model_type = config.get("model_type", "?")
+        path = model_dir / "preprocessor_config.json"
+        if not path.exists():
+            raise BackboneError(
+                f"{model_dir}: no preprocessor_config.json, so the input size and "
+                f"normalisation of this {model_type} model are unknown; save its image "
+                "processor beside it (image_processor.save_pretrained)"
+            )
+        try:
+            processor = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            processor = None
+        if not isinstance(processor, dict):
+            raise BackboneError(
+                f"{path}: not a JSON object; save the image processor again "
+                "(image_processor.save_pretrained)"
+            )
+        size = processor_size(processor) or _edge(config.get("image_size"))
+        channels = int(config.get("num_channels", 3))
+        if processor.get("do_normalize", True):
+            mean, std = processor.get("image_mean"), processor.get("image_std")
         else:
-            body.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-        body = body.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        return ImageEncoder(body, RESNET_CIFAR, body.hidden_size).eval()
-    from transformers import AutoConfig, AutoModel
-
-    if random_init:
-        hf = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    else:
-        hf = AutoModel.from_pretrained(
-            model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+            mean, std = [0.0] * channels, [1.0] * channels
+        for key, value in (("size", size), ("image_mean", mean), ("image_std", std)):
+            if not value:
+                raise BackboneError(
+                    f"{path}: no {key}, so the input of this {model_type} model is unknown; "
+                    "save the model's own image processor beside it "
+                    "(image_processor.save_pretrained)"
+                )
+        return ImageInput(
+            size=int(size),  # type: ignore[arg-type]
+            channels=channels,
+            mean=[float(v) for v in mean],  # type: ignore[union-attr]
+            std=[float(v) for v in std],  # type: ignore[union-attr]
         )
-    hidden = getattr(hf.config, "hidden_size", None) or hf.config.hidden_sizes[-1]
-    return ImageEncoder(hf, "hf", int(hidden)).eval()
+
+    def load(
+        self, model_dir: Path, modality: str, settings: Settings, random_init: bool = False
+    ) -> tuple[Any, Encoder]:
+        from transformers import AutoConfig, AutoModel
+
+        arch = architecture_of(read_config(model_dir), str(model_dir))
+        if random_init:
+            hf = AutoModel.from_config(
+                AutoConfig.from_pretrained(model_dir, local_files_only=True),
+                dtype=torch.float32,
+                **arch.load_kwargs,
+            )
+        else:
+            hf = _from_pretrained(model_dir, arch)
+        return None, HFVisionEncoder(hf, arch).eval()
 
 
-# --- input adaptation -------------------------------------------------------------------------
+def _from_pretrained(model_dir: Path, arch: Architecture) -> Any:
+    """The fp32 model of a folder, every weight it needs present (an unused pooler or the
+    source task's head logged)."""
+    return checked_pretrained(model_dir, **arch.load_kwargs)
 
 
-def prepare(images: np.ndarray, spec: ImageInput) -> torch.Tensor:
-    """uint8 images [N, H, W, C] → normalised float tensor [N, spec.channels, size, size].
-
-    Grey images are repeated to 3 channels when the backbone takes 3 (and RGB averaged to
-    grey for a 1-channel backbone); resizing is bilinear with antialiasing.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] != spec.channels:
-        x = x.mean(dim=1, keepdim=True)
-        if spec.channels != 1:
-            x = x.expand(-1, spec.channels, -1, -1)
-    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
-        x = nn.functional.interpolate(
-            x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True
-        )
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-def image_batches(count: int, batch_size: int) -> Iterator[slice]:
-    """Consecutive slices of ``count`` rows."""
-    for start in range(0, count, batch_size):
-        yield slice(start, min(start + batch_size, count))
-
-
-@torch.inference_mode()
-def run_images(
-    module: nn.Module,
-    images: np.ndarray,
-    spec: ImageInput,
-    batch_size: int = 256,
-    precision: str = "fp32",
-    description: str = "encode",
-) -> np.ndarray:
-    """Apply ``module(pixels) → [batch, width]`` to uint8 images [N, H, W, C], in order;
-    with ``spec.flip_average``, the mean of the outputs of each image and its mirror."""
-    device = next(module.parameters()).device
-    module.eval()
-    chunks = list(image_batches(len(images), batch_size))
-    out: list[np.ndarray] = []
-    with autocast(precision, device):
-        for part in progress(chunks, len(chunks), description):
-            pixels = prepare(images[part], spec).to(device)
-            outputs = module(pixels).float()
-            if spec.flip_average:
-                outputs = (outputs + module(pixels.flip(-1)).float()) / 2
-            out.append(outputs.cpu().numpy())
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+register(VisionFamily())

@@ -96,15 +96,3 @@ def load_images(dataset_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise DataError(f"{dataset_dir}: a text dataset, not images; use a vision strategy path")
     return np.load(path), load_labels(dataset_dir, split)
-
-
-def load_inputs(dataset_dir: Path, split: str) -> tuple[list[str] | np.ndarray, np.ndarray]:
-    """Model inputs (texts, or uint8 images [N, H, W, C]) and label ids of one split."""
-    if dataset_modality(dataset_dir) == "image":
-        return load_images(dataset_dir, split)
-    return load_split(dataset_dir, split)
-
-
-def dataset_modality(dataset_dir: Path) -> str:
-    """'image' or 'text': what an ingest_data artifact holds."""
-    return "image" if (dataset_dir / "train_images.npy").exists() else "text"

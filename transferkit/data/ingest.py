@@ -152,14 +152,21 @@ def _local_tree(uri: str, names: list[str], config: PipelineConfig, scratch: Pat
     return root
 
 
-def _read(
-    uri: str, config: PipelineConfig, scratch: Path, split: str = "all"
+NOUNS = {"text": "texts", "image": "images"}
+
+
+def _read_pixels(
+    uri: str, config: PipelineConfig, scratch: Path, split: str
 ) -> Rows | dict[str, ImageRows]:
-    if config.data.modality == "image":
-        rows = _read_images(uri, config, scratch, split)
-        count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
-        log.info("read %s images from %s", f"{count:,}", uri)
-        return rows
+    rows = _read_images(uri, config, scratch, split)
+    count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
+    log.info("read %s images from %s", f"{count:,}", uri)
+    return rows
+
+
+def _read_texts(
+    uri: str, config: PipelineConfig, scratch: Path, split: str
+) -> Rows | dict[str, ImageRows]:
     fmt = detect_format(storage.parse(uri).name, config.data.format)
     path = storage.fetch_file(uri, scratch, config.storage)
     data = config.data
@@ -168,6 +175,16 @@ def _read(
     )
     log.info("read %s rows from %s", f"{len(frame):,}", uri)
     return frame
+
+
+# How each kind of data file (data.modality, from its format) is read.
+READERS = {"text": _read_texts, "image": _read_pixels}
+
+
+def _read(
+    uri: str, config: PipelineConfig, scratch: Path, split: str = "all"
+) -> Rows | dict[str, ImageRows]:
+    return READERS[config.data.modality](uri, config, scratch, split)
 
 
 def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -360,7 +377,7 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
         for name, rows in raw_splits.items()
     }
     keys = {name: _keys(rows) for name, rows in raw_splits.items()}
-    what = "images" if config.data.modality == "image" else "texts"
+    what = NOUNS[config.data.modality]
 
     train_keys = keys["train"]
     duplicated = train_keys.duplicated(keep=False).to_numpy()

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from transferkit import storage
-from transferkit.backbones.fetch import BackboneInfo, ImageInput
-from transferkit.backbones.vision import load_image_encoder, prepare
+from transferkit.backbones.base import folder_family
+from transferkit.backbones.fetch import BackboneInfo
+from transferkit.backbones.images import ImageInput, prepare
 from transferkit.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def recompute_batch_norm(
-    encoder: nn.Module, images: np.ndarray, spec: ImageInput, batch_size: int
+    encoder: nn.Module,
+    images: np.ndarray,
+    spec: ImageInput,
+    batch_size: int,
+    before: list[torch.Tensor] | None = None,
 ) -> int:
     """Replace every BatchNorm layer's running statistics by those of ``images``.
 
@@ -47,6 +52,8 @@ def recompute_batch_norm(
             "domain_adaptation (AdaBN) re-estimates BatchNorm statistics, but the backbone has "
             "no BatchNorm layers; use another strategy"
         )
+    if before is not None:  # the first layer's statistics as they were
+        before.append(torch.as_tensor(norms[0].running_mean).clone())
     device = next(encoder.parameters()).device
     encoder.eval()
     saved = [(m.momentum, m.training) for m in norms]
@@ -81,23 +88,22 @@ def adapt_batch_norm(
         What was done, for ``training.json``: layers, images, seconds and how far the first
         layer's statistics moved.
     """
-    from safetensors.torch import save_file
-
-    assert info.image is not None
+    spec = info.image
+    assert spec, "AdaBN adapts image backbones only (backbones.support refuses the rest)"
     started = time.perf_counter()
-    encoder = load_image_encoder(backbone_dir / "model").to(target)
+    family = folder_family(backbone_dir / "model", info.family)
+    _, encoder = family.load(backbone_dir / "model", info.modality, info)
+    encoder.to(target)
+    layers = recompute_batch_norm(encoder, images, spec, batch_size, before := list[torch.Tensor]())
     first = next(m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
-    before = torch.as_tensor(first.running_mean).clone()
-    layers = recompute_batch_norm(encoder, images, info.image, batch_size)
-    shift = float((torch.as_tensor(first.running_mean) - before).abs().mean())
+    shift = float((torch.as_tensor(first.running_mean) - before[0]).abs().mean())
     with storage.atomic_dir(output_dir) as tmp:
         model_dir = tmp / "model"
-        storage.link_or_copy_tree(backbone_dir / "model", model_dir)
-        weights = model_dir / "model.safetensors"
-        weights.unlink()  # a link to the original's file: never write through it
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.body.state_dict().items()}
-        save_file(state, str(weights), metadata={"format": "pt"})
-        hashes = {"model.safetensors": storage.sha256_file(weights)}
+        family.save(encoder.cpu(), None, backbone_dir / "model", model_dir)
+        hashes = {
+            p.relative_to(model_dir).as_posix(): storage.sha256_file(p)
+            for p in sorted(model_dir.rglob("*.safetensors"))
+        }
         adapted = info.model_copy(
             update={
                 "source": f"{info.source} (AdaBN on {len(images):,} target images)",

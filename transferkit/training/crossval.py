@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from transferkit import storage
-from transferkit.data import LabelMap, dataset_modality, load_label_map, load_labels
+from transferkit.data import LabelMap, load_label_map, load_labels
 from transferkit.errors import DataError
 
 POOLED = ("train", "validation")
@@ -111,9 +111,9 @@ def fold_datasets(
     parts = [load_labels(dataset_dir, split) for split in POOLED]
     labels = np.concatenate(parts)
     check_folds(labels, label_map, folds)
-    images = None
-    if dataset_modality(dataset_dir) == "image":
-        images = np.concatenate([np.load(dataset_dir / f"{s}_images.npy") for s in POOLED])
+    # Image datasets keep their pixels beside the table: sliced by fold like the rows.
+    arrays = [dataset_dir / f"{s}_images.npy" for s in POOLED]
+    images = np.concatenate([np.load(a) for a in arrays]) if arrays[0].exists() else None
     features = np.concatenate([np.load(features_dir / f"{split}.npy") for split in POOLED])
     fraction = len(parts[1]) / len(labels)  # the validation split's share
     assignment = assign_folds(labels, folds, seed)

@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
+from transferkit.backbones.modality import Inputs
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
 from transferkit.training.finetune import FinetuneHistory, Rank, finetune
-from transferkit.training.inputs import Inputs
 
 log = logging.getLogger(__name__)
 

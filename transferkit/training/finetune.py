@@ -5,7 +5,7 @@ gradient clipping, bf16 autocast where the hardware has it, validation every epo
 steps) with early stopping, and the best checkpoint restored at the end; optionally an
 exponential moving average of the weights is what gets validated, selected and kept. What a
 batch is — padded token ids of length-grouped texts, or adapted and augmented images — comes from an
-``Inputs`` object (``transferkit.training.inputs``). BatchNorm layers whose parameters are
+``Inputs`` object (``transferkit.backbones.modality``). BatchNorm layers whose parameters are
 frozen stay in eval mode, so a partially frozen CNN keeps its running statistics.
 """
 
@@ -23,12 +23,12 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from transferkit.backbones.modality import Inputs, length_grouped_batches
 from transferkit.backbones.text import autocast
 from transferkit.config import PipelineConfig, TrainingConfig
 from transferkit.errors import TrainingError
 from transferkit.metrics import metric_of_logits
 from transferkit.training.checkpoint import Checkpoints
-from transferkit.training.inputs import Inputs, length_grouped_batches
 
 __all__ = [
     "apply_gradients",
@@ -189,7 +189,7 @@ def finetune(
     """Fine-tune ``model`` in place; it holds the best validation checkpoint on return.
 
     ``groups`` are the optimiser's parameter groups (what trains, at which rate and weight
-    decay), as ``transferkit.training.strategies.parameter_groups`` builds them.
+    decay), as the strategies build them (``transferkit.training.groups``).
 
     Data-parallel (``rank.world`` > 1, ``forward`` the DistributedDataParallel wrapper of
     ``model``): every process walks the same global batches and computes the loss of its

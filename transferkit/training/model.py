@@ -1,4 +1,4 @@
-"""The trained classifier (text or image) and its on-disk format.
+"""The trained classifier (any family, any modality) and its on-disk format.
 
 Every strategy saves the same layout, so evaluation, registration and serving have one
 loader::
@@ -24,14 +24,9 @@ from pydantic import BaseModel
 from torch import nn
 
 from transferkit import storage
-from transferkit.backbones.fetch import ImageInput
-from transferkit.backbones.text import TextEncoder, load_text_encoder, run_batched
-from transferkit.backbones.vision import (
-    RESNET_CIFAR,
-    ImageEncoder,
-    load_image_encoder,
-    run_images,
-)
+from transferkit.backbones.base import Encoder, Family, folder_family
+from transferkit.backbones.images import ImageInput
+from transferkit.backbones.modality import Modality, card_modality
 from transferkit.errors import TransferkitError
 from transferkit.metrics import softmax
 
@@ -64,30 +59,30 @@ class ModelCard(BaseModel):
     data_fingerprint: str
     environment: dict[str, str] = {}
     image: ImageInput | None = None
+    # The backbone family and the modality; '' in cards written before families (read back
+    # by detection from the encoder folder and by whether ``image`` is set).
+    family: str = ""
+    modality: str = ""
+
+    def input_modality(self) -> Modality:
+        """The modality of the inputs this model classifies."""
+        return card_modality(self.modality, self.image)
 
 
-class ImageClassifier(nn.Module):
-    """Vision encoder followed by a linear head: normalised pixels → class logits."""
+class Classifier(nn.Module):
+    """A family's encoder followed by a linear head: model inputs → class logits.
 
-    def __init__(self, encoder: ImageEncoder, num_labels: int) -> None:
+    The inputs are what the encoder takes: (input_ids, attention_mask) for text, normalised
+    pixels for images.
+    """
+
+    def __init__(self, encoder: Encoder, num_labels: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.hidden_size, num_labels)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(pixels).float())
-
-
-class TextClassifier(nn.Module):
-    """Encoder (transformer + pooling) followed by a linear head: texts → class logits."""
-
-    def __init__(self, encoder: TextEncoder, num_labels: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.hidden_size, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(input_ids, attention_mask).float())
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(*inputs).float())
 
 
 def save_head(head: nn.Linear, path: Path) -> None:
@@ -108,26 +103,21 @@ def save_classifier(
     card: ModelCard,
     head: nn.Linear,
     report: dict[str, Any],
-    encoder: tuple[Any, TextEncoder | ImageEncoder] | None = None,
-    encoder_dir: Path | None = None,
+    encoder_dir: Path,
+    encoder: tuple[Any, Encoder] | None = None,
 ) -> None:
     """Write the model folder (atomically), with ``report`` as ``training.json``.
 
-    Give ``encoder`` (tokenizer or None, encoder) when its weights changed (fine-tuning);
-    ``encoder_dir`` (the backbone folder) is reused unchanged otherwise (linked, not copied),
-    and gives a fine-tuned CIFAR ResNet its config.
+    Give ``encoder`` (processor or None, encoder) when its weights changed (fine-tuning): its
+    family writes it (``Family.save``), reading config files from ``encoder_dir`` (the
+    backbone folder), which is reused unchanged otherwise (linked, not copied).
     """
     with storage.atomic_dir(output_dir) as tmp:
         target = tmp / "encoder"
-        if encoder is not None and isinstance(encoder[1], ImageEncoder):
-            assert encoder_dir is not None
-            save_image_encoder(encoder[1], encoder_dir, target)
-        elif encoder is not None:
-            tokenizer, module = encoder
-            module.body.save_pretrained(target)  # type: ignore[operator]
-            tokenizer.save_pretrained(target)
+        if encoder is not None:
+            processor, module = encoder
+            folder_family(encoder_dir, card.family).save(module, processor, encoder_dir, target)
         else:
-            assert encoder_dir is not None
             storage.link_or_copy_tree(encoder_dir, target)
         # Label names in the HF config let the folder stand on its own. Written by atomic
         # replace: config.json may be a hard link to the backbone's file.
@@ -154,34 +144,14 @@ def model_fingerprint(model_dir: Path) -> str:
     return storage.sha256_tree(model_dir, known={CARD: card_hash}, skip={RUN_RECORD})
 
 
-def save_image_encoder(encoder: ImageEncoder, source_dir: Path, target: Path) -> None:
-    """A trained vision encoder as a backbone folder: the source's config files, new weights."""
-    from safetensors.torch import save_file
-
-    if encoder.kind != RESNET_CIFAR:
-        encoder.body.save_pretrained(target)  # type: ignore[operator]
-        for name in ("preprocessor_config.json",):
-            if (source_dir / name).exists():
-                storage.link_or_copy(source_dir / name, target / name)
-        return
-    target.mkdir(parents=True)
-    for path in source_dir.iterdir():
-        if path.is_file() and not path.name.endswith(".safetensors"):
-            storage.link_or_copy(path, target / path.name)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.body.state_dict().items()}
-    # num_batches_tracked is an integer buffer: keep its dtype.
-    state.update(
-        {
-            k: v.detach().cpu().contiguous()
-            for k, v in encoder.body.state_dict().items()
-            if not v.is_floating_point()
-        }
-    )
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+def card_family(model_dir: Path, card: ModelCard) -> Family:
+    """The family of a model folder's encoder."""
+    return folder_family(model_dir / "encoder", card.family)
 
 
-def load_classifier(model_dir: Path) -> tuple[Any, TextClassifier | ImageClassifier, ModelCard]:
-    """Tokenizer (None for images), classifier (eval mode, CPU) and card of a model folder.
+def load_classifier(model_dir: Path) -> tuple[Any, Classifier, ModelCard]:
+    """Processor (tokenizer; None for images), classifier (eval mode, CPU) and card of a
+    model folder.
 
     Raises:
         TransferkitError: the folder is not a transferkit model of a known format.
@@ -197,38 +167,32 @@ def load_classifier(model_dir: Path) -> tuple[Any, TextClassifier | ImageClassif
             f"{model_dir}: model format {card.format}, this transferkit reads {MODEL_FORMAT}; "
             "upgrade transferkit"
         )
-    model: TextClassifier | ImageClassifier
-    tokenizer = None
-    if card.image is not None:
-        model = ImageClassifier(load_image_encoder(model_dir / "encoder"), len(card.labels))
-    else:
-        tokenizer, encoder = load_text_encoder(model_dir / "encoder", card.pooling, card.normalize)
-        model = TextClassifier(encoder, len(card.labels))
+    modality = card.input_modality()
+    processor, encoder = card_family(model_dir, card).load(
+        model_dir / "encoder", modality.name, card
+    )
+    model = Classifier(encoder, len(card.labels))
     model.head.load_state_dict(load_file(str(model_dir / "head.safetensors")))
-    return tokenizer, model.eval(), card
+    return processor, model.eval(), card
 
 
 def _run(
     module: nn.Module,
-    tokenizer: Any,
+    processor: Any,
     card: ModelCard,
-    inputs: list[str] | np.ndarray,
+    inputs: Any,
     batch_size: int,
     precision: str,
     description: str,
 ) -> np.ndarray:
-    """``module`` (the classifier or its encoder) applied to texts or uint8 images, in order."""
-    if card.image is not None:
-        return run_images(
-            module, as_image_batch(inputs), card.image, batch_size, precision, description
-        )
-    return run_batched(
-        module, tokenizer, list(inputs), card.max_length, batch_size, precision, description
+    """``module`` (the classifier or its encoder) applied to the card's inputs, in order."""
+    return card.input_modality().run(
+        module, processor, inputs, card, batch_size, precision, description
     )
 
 
 def predict_proba(
-    model: TextClassifier | ImageClassifier,
+    model: Classifier,
     tokenizer: Any,
     card: ModelCard,
     inputs: list[str] | np.ndarray,
@@ -243,7 +207,7 @@ def predict_proba(
 
 
 def embed(
-    model: TextClassifier | ImageClassifier,
+    model: Classifier,
     tokenizer: Any,
     card: ModelCard,
     inputs: list[str] | np.ndarray,
@@ -252,14 +216,3 @@ def embed(
 ) -> np.ndarray:
     """The classifier's encoder outputs [inputs, hidden] (the features its head reads)."""
     return _run(model.encoder, tokenizer, card, inputs, batch_size, precision, "embed")
-
-
-def as_image_batch(inputs: Any) -> np.ndarray:
-    """uint8 images [N, H, W, C] from an array [N, H, W] (grey) or [N, H, W, C].
-
-    Raises:
-        DataError: anything else, naming the shape and the expected one.
-    """
-    from transferkit.data.images import as_images
-
-    return as_images(np.asarray(inputs), "images")

@@ -62,7 +62,7 @@ def run_node(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transferkit.cli import configure_logging
+    from transferkit.logs import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m transferkit.training.node")
     parser.add_argument("--config-json", required=True)

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from transferkit.devices import device
+
 if TYPE_CHECKING:
     from transferkit.config import PipelineConfig
 
@@ -24,11 +26,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def device() -> torch.device:
-    """The training device: the first CUDA device when present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def environment(seed: int) -> dict[str, str]:

@@ -291,7 +291,7 @@ def run_train_job(
     Raises:
         TrainingError: the job failed; nothing is written to ``model_dir``.
     """
-    from transferkit.components.images import CPU_IMAGE, CUDA_IMAGE
+    from transferkit.containers import CPU_IMAGE, CUDA_IMAGE
 
     api = api or KubernetesTrainJobs()
     name = job_name(owner[0] if owner else None)

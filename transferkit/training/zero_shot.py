@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.backbones.text import TextEncoder, run_batched
+from transferkit.backbones.text import run_batched
 from transferkit.config import FewShotConfig, ZeroShotConfig
 from transferkit.errors import TrainingError
 
@@ -55,7 +55,7 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 def zero_shot_head(
     tokenizer: Any,
-    encoder: TextEncoder,
+    encoder: nn.Module,
     strategy: ZeroShotConfig,
     names: list[str],
     values: list[str],

@@ -1,0 +1,350 @@
+"""The two modalities a backbone embeds — texts and images — behind one interface.
+
+Every step that feeds data to an encoder (feature extraction, the training loop, validation,
+evaluation, serving) asks the ``Modality`` of its backbone: how to read a split of the dataset
+artifact, how to batch it for training, how to run a module over all of it in order, and how
+to read a served request. Text batches group texts of similar length (little padding); image
+batches are plain shuffles, adapted to the backbone's input (``ImageInput``) and augmented
+(random crop and flips) for training only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from transferkit.backbones.images import ImageInput, prepare, run_images
+from transferkit.backbones.text import encode_chunks, frozen_encoder, pad, run_batched, tokenize
+from transferkit.config import AugmentationConfig
+from transferkit.data import load_images, load_split
+
+
+class Inputs(Protocol):
+    """Model inputs of one split."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Index batches of one shuffled pass."""
+        ...
+
+    def tensors(self, index: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """The positional arguments of ``model(...)`` for the rows ``index`` (training form)."""
+        ...
+
+    def logits(self, model: nn.Module, batch_size: int, precision: str) -> np.ndarray:
+        """The model's outputs for every row, in order, in evaluation form."""
+        ...
+
+
+def length_grouped_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 64
+) -> list[np.ndarray]:
+    """Shuffled batches of similar length (the Hugging Face ``group_by_length`` scheme).
+
+    Indices are shuffled, cut into groups of ``group`` batches, sorted by length within each
+    group and batched; the batch order is shuffled again. Padding shrinks while every epoch
+    still sees a different order.
+    """
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * group
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)  # type: ignore[arg-type,unused-ignore]
+    return batches
+
+
+class TextInputs:
+    """Tokenised texts (truncated to ``max_length``), padded per batch."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.texts = texts
+        self.max_length = max_length
+        self.ids = tokenize(tokenizer, texts, max_length)
+        self.lengths = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        return length_grouped_batches(self.lengths, batch_size, rng)
+
+    def tensors(self, index: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        return pad([self.ids[i] for i in index], self.pad_id)
+
+    def logits(self, model: nn.Module, batch_size: int, precision: str) -> np.ndarray:
+        return run_batched(
+            model, self.tokenizer, self.texts, self.max_length, batch_size, precision, "validate"
+        )
+
+
+def augment(
+    pixels: torch.Tensor, settings: AugmentationConfig, rng: np.random.Generator
+) -> torch.Tensor:
+    """Random crop (zero padding, then a shifted window) and random flips, per image."""
+    count, _, height, width = pixels.shape
+    if settings.crop_padding:
+        p = settings.crop_padding
+        padded = nn.functional.pad(pixels, (p, p, p, p))
+        dy = rng.integers(0, 2 * p + 1, count)
+        dx = rng.integers(0, 2 * p + 1, count)
+        pixels = torch.stack(
+            [padded[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(count)]
+        )
+    if settings.horizontal_flip:
+        flip = torch.from_numpy(rng.random(count) < 0.5)
+        pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+    if settings.vertical_flip:
+        flip = torch.from_numpy(rng.random(count) < 0.5)
+        pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-2), pixels)
+    return pixels
+
+
+class ImageInputs:
+    """uint8 images [N, H, W, C], adapted to the backbone's input; augmented for training."""
+
+    def __init__(
+        self, images: np.ndarray, spec: ImageInput, augmentation: AugmentationConfig | None
+    ) -> None:
+        self.images = images
+        self.spec = spec
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        order = rng.permutation(len(self.images))
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def tensors(self, index: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        pixels = prepare(self.images[index], self.spec)
+        if self.augmentation is not None:
+            pixels = augment(pixels, self.augmentation, rng)
+        return (pixels,)
+
+    def logits(self, model: nn.Module, batch_size: int, precision: str) -> np.ndarray:
+        return run_images(model, self.images, self.spec, batch_size, precision, "validate")
+
+
+def texts_of(model_input: Any) -> list[str]:
+    """Texts from a DataFrame with a ``text`` column, a Series, a list or one string."""
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            column = model_input["text"]
+        elif model_input.shape[1] == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise ValueError(f"input has columns {list(model_input.columns)}; pass a 'text' column")
+        return [str(v) for v in column.tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.Series | list | tuple):
+        return [str(v) for v in model_input]
+    raise ValueError(f"cannot read texts from {type(model_input).__name__}; pass a DataFrame")
+
+
+class Settings(Protocol):
+    """The fetch record (BackboneInfo) or the model card: how inputs are prepared."""
+
+    max_length: int
+    image: ImageInput | None
+
+
+class Modality:
+    """One kind of input data."""
+
+    name: ClassVar[str]
+    noun: ClassVar[str]  # 'texts' / 'images', for messages
+
+    def load(self, dataset_dir: Path, split: str) -> tuple[Any, np.ndarray]:
+        """Inputs and integer labels of one split of an ingest_data artifact."""
+        raise NotImplementedError
+
+    def subset(self, inputs: Any, rows: np.ndarray) -> Any:
+        """The inputs of ``rows``."""
+        raise NotImplementedError
+
+    def inputs(
+        self,
+        processor: Any,
+        inputs: Any,
+        settings: Settings,
+        augmentation: AugmentationConfig | None = None,
+    ) -> Inputs:
+        """Inputs for the training loop (augmented when ``augmentation`` is given)."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        module: nn.Module,
+        processor: Any,
+        inputs: Any,
+        settings: Settings,
+        batch_size: int,
+        precision: str,
+        description: str,
+    ) -> np.ndarray:
+        """``module`` (an encoder or a classifier) applied to every input, in order."""
+        raise NotImplementedError
+
+    def stream(
+        self,
+        module: nn.Module,
+        processor: Any,
+        inputs: Any,
+        settings: Settings,
+        batch_size: int,
+        precision: str,
+        description: str,
+    ) -> Iterator[np.ndarray]:
+        """Like ``run``, a block of rows at a time (memory bounded for large text splits)."""
+        yield self.run(module, processor, inputs, settings, batch_size, precision, description)
+
+    def frozen(self, encoder: nn.Module, precision: str) -> tuple[nn.Module, str]:
+        """The fastest inference form of a frozen encoder, and the precision to run it at."""
+        return encoder, precision
+
+    def served(self, model_input: Any) -> Any:
+        """The inputs of a served request (a DataFrame, list, array …)."""
+        raise NotImplementedError
+
+    def example(self, dataset_dir: Path) -> Any:
+        """Two inputs as a served request gives them (the logged model's signature)."""
+        raise NotImplementedError
+
+    unlabelled_form: ClassVar[str]  # what an unlabelled file of this modality is
+
+    def read_unlabelled(self, path: Path, uri: str, text_column: str) -> Any:
+        """The inputs of an unlabelled file (drift checks, adaptation corpora), or None when
+        the file is of another modality's form."""
+        raise NotImplementedError
+
+
+class TextModality(Modality):
+    name = "text"
+    noun = "texts"
+    unlabelled_form = "texts (.txt or a table)"
+
+    def read_unlabelled(self, path: Path, uri: str, text_column: str) -> Any:
+        from transferkit.data.readers import read_unlabelled_texts
+
+        if path.suffix.lower() == ".npz":
+            return None
+        return read_unlabelled_texts(path, uri, text_column)
+
+    def load(self, dataset_dir: Path, split: str) -> tuple[Any, np.ndarray]:
+        return load_split(dataset_dir, split)
+
+    def subset(self, inputs: Any, rows: np.ndarray) -> Any:
+        return [inputs[i] for i in rows]
+
+    def inputs(
+        self,
+        processor: Any,
+        inputs: Any,
+        settings: Settings,
+        augmentation: AugmentationConfig | None = None,
+    ) -> Inputs:
+        return TextInputs(processor, list(inputs), settings.max_length)
+
+    def run(self, module, processor, inputs, settings, batch_size, precision, description):
+        return run_batched(
+            module, processor, list(inputs), settings.max_length, batch_size, precision, description
+        )
+
+    def stream(self, module, processor, inputs, settings, batch_size, precision, description):
+        return encode_chunks(
+            module, processor, list(inputs), settings.max_length, batch_size, precision, description
+        )
+
+    def frozen(self, encoder: nn.Module, precision: str) -> tuple[nn.Module, str]:
+        return frozen_encoder(encoder, precision)
+
+    def served(self, model_input: Any) -> Any:
+        return texts_of(model_input)
+
+    def example(self, dataset_dir: Path) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"text": ["An example input text.", "Another one."]})
+
+
+class ImageModality(Modality):
+    name = "image"
+    noun = "images"
+    unlabelled_form = "an .npz of images"
+
+    def read_unlabelled(self, path: Path, uri: str, text_column: str) -> Any:
+        from transferkit.data.images import read_unlabelled_npz
+
+        if path.suffix.lower() != ".npz":
+            return None
+        return read_unlabelled_npz(path, uri)
+
+    def load(self, dataset_dir: Path, split: str) -> tuple[Any, np.ndarray]:
+        return load_images(dataset_dir, split)
+
+    def subset(self, inputs: Any, rows: np.ndarray) -> Any:
+        return inputs[rows]
+
+    def inputs(
+        self,
+        processor: Any,
+        inputs: Any,
+        settings: Settings,
+        augmentation: AugmentationConfig | None = None,
+    ) -> Inputs:
+        assert settings.image is not None
+        return ImageInputs(inputs, settings.image, augmentation)
+
+    def run(self, module, processor, inputs, settings, batch_size, precision, description):
+        assert settings.image is not None
+        return run_images(
+            module, self.served(inputs), settings.image, batch_size, precision, description
+        )
+
+    def served(self, model_input: Any) -> Any:
+        from transferkit.data.images import as_images
+
+        return as_images(np.asarray(model_input), "images")
+
+    def example(self, dataset_dir: Path) -> Any:
+        return load_images(dataset_dir, "test")[0][:2]  # as stored: uint8 [N, H, W, C]
+
+
+MODALITIES: dict[str, Modality] = {m.name: m for m in (TextModality(), ImageModality())}
+
+
+def modality_of(name: str) -> Modality:
+    """The modality called ``name`` ('text' or 'image')."""
+    return MODALITIES[name]
+
+
+def dataset_modality(dataset_dir: Path) -> Modality:
+    """The modality of an ingest_data artifact (its stats.json says; older ones: its files)."""
+    import json
+
+    stats = dataset_dir / "stats.json"
+    if stats.exists():
+        name = json.loads(stats.read_text()).get("modality")
+        if name in MODALITIES:
+            return MODALITIES[name]
+    return MODALITIES["image" if (dataset_dir / "train_images.npy").exists() else "text"]
+
+
+def card_modality(name: str, image: ImageInput | None) -> Modality:
+    """A model card's modality; cards written before families name none, and only image
+    models had an ``image`` input spec."""
+    return MODALITIES[name or ("text" if image is None else "image")]

@@ -1,0 +1,118 @@
+"""What every strategy reads (``Context``) and what fitting one produces (``Fitted``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferkit.backbones import BackboneInfo
+from transferkit.backbones.base import Capabilities, Family, folder_family, read_config
+from transferkit.backbones.modality import Modality, modality_of
+from transferkit.config import LinearProbeConfig, PipelineConfig
+from transferkit.data import LabelMap, load_labels
+from transferkit.features import load_features
+from transferkit.training.distributed import Layout
+from transferkit.training.few_shot import sample_per_class
+from transferkit.training.probe import ProbeFit, fit_probe
+
+
+@dataclass
+class Fitted:
+    """What fitting one strategy produced, before it is saved."""
+
+    head: nn.Linear
+    validation_metric: float
+    trainable: int
+    details: dict[str, Any]
+    encoder: tuple[Any, Any] | None = None  # (processor, encoder) when the encoder changed
+    normalize: bool | None = None  # the head's input normalisation, when it differs
+    labelled: int | None = None  # labelled examples it read, when not the label budget's rows
+    context: Context | None = None  # the context the model ended on, when it changed it
+
+
+@dataclass
+class Context:
+    """Inputs every strategy reads."""
+
+    dataset_dir: Path
+    backbone_dir: Path
+    features_dir: Path
+    info: BackboneInfo
+    label_map: LabelMap
+    target: torch.device
+    precision: str
+    rows: np.ndarray | None
+    layout: Layout = field(default_factory=Layout)  # this node's place in a multi-node job
+    scratch: Path | None = None  # a working folder of this fit, removed after it
+
+    @property
+    def labels(self) -> list[str]:
+        return self.label_map.names
+
+    @property
+    def head_parameters(self) -> int:
+        return (self.info.hidden_size + 1) * len(self.label_map)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.backbone_dir / "model"
+
+    @property
+    def family(self) -> Family:
+        return folder_family(self.model_dir, self.info.family)
+
+    @property
+    def modality(self) -> Modality:
+        return modality_of(self.info.modality)
+
+    def capabilities(self) -> Capabilities:
+        """What the backbone's family can do with this data."""
+        return self.family.capabilities(self.info.modality, read_config(self.model_dir))
+
+    def train_split(self) -> tuple[Any, np.ndarray]:
+        """Training inputs and labels within the label budget."""
+        inputs, truth = self.modality.load(self.dataset_dir, "train")
+        if self.rows is None:
+            return inputs, truth
+        return self.modality.subset(inputs, self.rows), truth[self.rows]
+
+    def load_encoder(self, random_init: bool = False) -> tuple[Any, Any]:
+        """The backbone's processor and encoder (fp32, CPU) for this data."""
+        return self.family.load(self.model_dir, self.info.modality, self.info, random_init)
+
+
+def budget_rows(config: PipelineConfig, dataset_dir: Path, labels: list[str]) -> np.ndarray | None:
+    """Training rows within the label budget (``training.examples_per_class``); None: all.
+
+    Drawn with ``training.seed``, so the same config trains on the same rows, and a few_shot
+    branch with k equal to the budget uses exactly these rows.
+    """
+    k = config.training.examples_per_class
+    if k is None:
+        return None
+    truth = load_labels(dataset_dir, "train")
+    return sample_per_class(truth, k, config.training.seed, labels, strict=False)
+
+
+def fit_linear_probe(
+    config: PipelineConfig, probe: LinearProbeConfig, ctx: Context
+) -> tuple[nn.Linear, ProbeFit]:
+    """Fit the linear probe on the cached train features, selecting L2 on validation."""
+    train_y = load_labels(ctx.dataset_dir, "train")
+    features = load_features(ctx.features_dir, "train")
+    rows = ctx.rows
+    return fit_probe(
+        features if rows is None else features[rows],
+        train_y if rows is None else train_y[rows],
+        load_features(ctx.features_dir, "validation"),
+        load_labels(ctx.dataset_dir, "validation"),
+        ctx.labels,
+        probe.l2_grid,
+        probe.max_iter,
+        config.evaluation.primary_metric,
+    )
