@@ -10,9 +10,9 @@ an image–text space (a tiny CLIP pre-trained on captions), and shown not to be
 Each — pair is refused by ``transferkit validate``'s check in one line.
 
 Every ✓ pair also runs through ``transferkit run`` itself (the KFP local runner, a process
-per step) and is served from the registry: marked ``families`` (about half an hour here:
-``pytest -m families``, run by ``.ci/run``). One pair per family runs the six steps in one
-process in the default suite.
+per step) and is served from the registry. Both are marked ``families`` (``pytest -m
+families``; about half an hour here), kept out of the default run, which the families' own
+tests (``test_family_*.py``) and the refusals below keep within its time.
 """
 
 from __future__ import annotations
@@ -317,6 +317,7 @@ def _params(supported: bool, only: set[tuple[str, str, str]] | None = None) -> l
     return out
 
 
+@pytest.mark.families
 @pytest.mark.parametrize(("kind", "strategy"), _params(True, DEFAULT))
 def test_a_supported_pair_runs_the_six_steps_and_serves(
     kind: Kind, strategy: str, built: Callable, tmp_path: Path

@@ -223,7 +223,7 @@ def test_weights_that_do_not_fit_are_refused_not_left_random(
     folders: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # ViT's stored pooler is not built: one log line, no error.
-    with caplog.at_level("INFO", logger="transferkit.backbones.vision"):
+    with caplog.at_level("INFO", logger="transferkit.backbones.base"):
         FAMILY.load(folders["vit"], "image", Settings())
     assert "2 stored tensors not used for features (pooler.dense.bias" in caplog.text
     for name, change in (("missing", None), ("misshapen", torch.zeros(3, 3))):
