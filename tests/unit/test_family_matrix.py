@@ -11,12 +11,14 @@ Each — pair is refused by ``transferkit validate``'s check in one line.
 
 Every ✓ pair also runs through ``transferkit run`` itself (the KFP local runner, a process
 per step) and is served from the registry. Both are marked ``families`` (``pytest -m
-families``; about half an hour here), kept out of the default run, which the families' own
-tests (``test_family_*.py``) and the refusals below keep within its time.
+families -n 2 --dist loadgroup``, a row's pairs on one worker; .ci/run runs it), kept out of
+the default run, which the families' own tests (``test_family_*.py``) and the refusals below
+keep within its time.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,8 +314,13 @@ def _params(supported: bool, only: set[tuple[str, str, str]] | None = None) -> l
     for kind, strategy in pairs(supported):
         if only is not None and (kind.row, kind.modality, strategy) not in only:
             continue
-        name = f"{kind.row.strip('`')}-{kind.modality}-{strategy}"
-        out.append(pytest.param(kind, strategy, id=name))
+        # `vision` (ResNet) → vision-ResNet
+        row = re.sub(r"[^A-Za-z0-9]+", "-", kind.row).strip("-")
+        # A row's pairs share its built model and caches: under pytest-xdist (``-n 2
+        # --dist loadgroup``, as .ci/run runs them) they stay on one worker.
+        group = pytest.mark.xdist_group(f"{row}-{kind.modality}")
+        name = f"{row}-{kind.modality}-{strategy}"
+        out.append(pytest.param(kind, strategy, id=name, marks=group))
     return out
 
 
