@@ -369,7 +369,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if card.input_modality().noun != given:
             kind = card.input_modality().noun
             raise TransferkitError(f"{args.model_uri} classifies {kind}; pass {kind}")
-        frame = predictions_frame(predict_proba(model, tokenizer, card, inputs), card.labels)
+        frame = predictions_frame(
+            predict_proba(model, tokenizer, card, inputs), card.labels, card.decision
+        )
     else:
         import mlflow
 

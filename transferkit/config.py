@@ -688,6 +688,23 @@ class TrainingConfig(_Model):
         "backbone (Szegedy et al. 2016): the target puts this much probability mass uniformly "
         "over all labels. 0: none.",
     )
+    class_weights: Literal["none", "balanced"] | dict[str, Annotated[float, Field(gt=0)]] = Field(
+        "none",
+        description="Weight of each label in the training loss, against class imbalance: "
+        "'balanced' weighs a label by rows / (labels × its rows) in the training rows (the "
+        "label budget's, when one is set), as scikit-learn's class_weight='balanced'; a "
+        "mapping {label: weight} (display name or raw value; labels left out weigh 1) sets "
+        "them. Applies to every strategy that learns from labels (the probe's objective, "
+        "fine-tuning's cross-entropy, few_shot's head); 'none': every row weighs the same.",
+    )
+    decision_threshold: Literal["argmax", "tuned"] | Annotated[float, Field(gt=0, lt=1)] = Field(
+        "argmax",
+        description="How a binary model decides: 'argmax' predicts the more probable label; "
+        "'tuned' predicts the positive label (evaluation.positive_label) when its probability "
+        "reaches the threshold that maximises evaluation.primary_metric on the validation "
+        "split; a number fixes that threshold. Recorded with the model: evaluation, the "
+        "champion comparison and the served model all decide by it. Binary tasks only.",
+    )
     processes: int | None = Field(
         None,
         ge=1,
@@ -1306,6 +1323,31 @@ class PipelineConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _imbalance(self) -> PipelineConfig:
+        training = self.training
+        threshold = training.decision_threshold
+        if self.sweep is None and self.strategy.applies.labels == "none":
+            for key, unset in (("class_weights", "none"), ("decision_threshold", "argmax")):
+                if getattr(training, key) != unset:
+                    raise ValueError(
+                        f"training.{key}: '{self.strategy.name}' learns from no labels, so it "
+                        f"has no loss to weigh or threshold to tune; remove training.{key}"
+                    )
+        if threshold == "tuned" and self.evaluation.primary_metric == "roc_auc":
+            raise ValueError(
+                "training.decision_threshold: tuned maximises a metric of the decisions, and "
+                "roc_auc does not depend on the threshold; set evaluation.primary_metric "
+                "(accuracy, macro_f1 or balanced_accuracy) or drop the threshold"
+            )
+        names = self.data.label_names
+        if threshold != "argmax" and names is not None and len(names) > 2:
+            raise ValueError(
+                f"training.decision_threshold: a threshold decides between two labels, and "
+                f"data.label_names names {len(names)}; use argmax"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _few_shot_budget(self) -> PipelineConfig:
         # few_shot is a k-example method: its k is the label budget, made explicit here so
         # the stored config, MLflow params and training.json all say what it trained on.
@@ -1400,6 +1442,9 @@ class PipelineConfig(_Model):
     def branch(self, branch: SweepBranch, examples_per_class: int | None) -> PipelineConfig:
         """The single-strategy config one sweep branch trains with."""
         training = {**branch.training, "examples_per_class": examples_per_class}
+        if branch.strategy.applies.labels == "none":
+            # A branch that learns from no labels has no loss to weigh or threshold to tune.
+            training.update(class_weights="none", decision_threshold="argmax")
         return self.model_copy(update={"sweep": None}).with_strategy(branch.strategy, training)
 
     @property

@@ -124,6 +124,33 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+
+
+def prevalence(dataset: dict[str, Any]) -> list[str]:
+    """Report lines: every label's share of each split (ingest's class balance)."""
+    balance: dict[str, dict[str, int]] = dataset.get("class_balance") or {}
+    if not balance:
+        return []
+    # stats.json sorts its keys: put the splits back in the order the data flows.
+    splits = sorted(balance, key=lambda split: (SPLIT_ORDER.get(split, 3), split))
+    totals = {split: max(sum(balance[split].values()), 1) for split in splits}
+    lines = [
+        "",
+        "Label prevalence",
+        "",
+        "| label | " + " | ".join(splits) + " |",
+        "|---" + "|---:" * len(splits) + "|",
+    ]
+    for label in balance[splits[0]]:
+        cells = [
+            f"{balance[split].get(label, 0):,} ({balance[split].get(label, 0) / totals[split]:.1%})"
+            for split in splits
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(
     result: EvaluationResult,
     training: dict[str, Any],
@@ -162,6 +189,15 @@ def render_report(
             if s.sensitivity is not None
             else []
         ),
+        *(
+            [
+                f"Decision: {s.labels[decision['positive']]} when its probability reaches "
+                f"{decision['threshold']:.4f} (training.decision_threshold).",
+                "",
+            ]
+            if (decision := card.get("decision") or {}).get("threshold") is not None
+            else []
+        ),
         "| class | precision | recall | F1 | support |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -180,6 +216,7 @@ def render_report(
         f"| **{name}** | " + " | ".join(str(v) for v in row) + " |"
         for name, row in zip(s.labels, s.confusion_matrix, strict=True)
     ]
+    lines += prevalence(dataset)
     lines += [
         "",
         "| provenance | |",
@@ -234,7 +271,7 @@ def evaluate(
     inputs, truth = card.input_modality().load(dataset_dir, "test")
     precision = resolve_precision(config.evaluation.precision, target)
     proba = predict_proba(model, tokenizer, card, inputs, config.evaluation.batch_size, precision)
-    predicted = proba.argmax(axis=1)
+    predicted = card.decide(proba)
     positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
     scores = score(truth, predicted, card.labels, proba, positive)
     metric = config.evaluation.primary_metric

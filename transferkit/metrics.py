@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -174,6 +175,77 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+class Decision(BaseModel):
+    """How class probabilities become predicted labels: the most probable label, or, for a
+    binary task with a threshold (``training.decision_threshold``), the positive label when
+    its probability reaches the threshold. Recorded with the model (its card)."""
+
+    positive: int | None = None
+    threshold: float | None = None
+
+    def apply(self, proba: np.ndarray) -> np.ndarray:
+        """Predicted label ids [rows] of class probabilities [rows, labels]."""
+        proba = np.asarray(proba)
+        if self.threshold is None or self.positive is None:
+            return proba.argmax(axis=1)
+        chosen = proba[:, self.positive] >= self.threshold
+        return np.where(chosen, self.positive, 1 - self.positive).astype(np.int64)
+
+
+def tune_threshold(
+    truth: np.ndarray, proba: np.ndarray, positive: int, metric: str
+) -> tuple[float, float]:
+    """The threshold on the positive label's probability that maximises ``metric`` (accuracy,
+    macro_f1 or balanced_accuracy) of a binary task; ties go to the threshold nearest 0.5.
+
+    Every distinct cut is tried at once: rows sorted by probability, the positives and
+    negatives above each cut counted cumulatively.
+
+    Returns:
+        (threshold, the metric there). The threshold lies midway between the probabilities
+        it separates, so that rows at those probabilities keep their side.
+    """
+    truth = np.asarray(truth) == positive
+    p = np.asarray(proba, dtype=np.float64)[:, positive]
+    order = np.argsort(-p, kind="stable")
+    p_sorted, hits = p[order], truth[order]
+    # Cut after the last row of each group of equal probabilities: predicted positive = above.
+    ends = np.flatnonzero(np.r_[p_sorted[1:] != p_sorted[:-1], True])
+    tp = np.r_[0, np.cumsum(hits)[ends]].astype(float)
+    k = np.r_[0, ends + 1].astype(float)  # rows predicted positive at each cut
+    fp = k - tp
+    pos, n = float(truth.sum()), float(len(truth))
+    neg = n - pos
+    fn, tn = pos - tp, neg - fp
+    if metric == "accuracy":
+        values = (tp + tn) / max(n, 1.0)
+    elif metric == "balanced_accuracy":
+        recalls = [tp / pos] if pos else []
+        recalls += [tn / neg] if neg else []
+        values = np.mean(recalls, axis=0) if recalls else np.zeros_like(tp)
+    elif metric == "macro_f1":
+        f1_pos = np.divide(
+            2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0
+        )
+        f1_neg = np.divide(
+            2 * tn, 2 * tn + fn + fp, out=np.zeros_like(tn), where=2 * tn + fn + fp > 0
+        )
+        values = (f1_pos + f1_neg) / 2
+    else:
+        raise ValueError(
+            f"no threshold maximises {metric}; use accuracy, macro_f1 or balanced_accuracy"
+        )
+    # Thresholds: above the highest probability (nothing positive), then midway below each
+    # group down to the lowest probability itself (everything positive).
+    lower = np.r_[p_sorted[ends[:-1] + 1], p_sorted[-1]] if len(ends) else np.array([])
+    upper = p_sorted[ends]
+    cuts = np.r_[np.nextafter(p_sorted[0], np.inf), (upper + lower) / 2]
+    cuts[-1] = p_sorted[-1]
+    best = np.flatnonzero(values >= values.max() - 1e-12)
+    pick = best[np.argmin(np.abs(cuts[best] - 0.5))]
+    return float(cuts[pick]), float(values[pick])
+
+
 def metric_of_logits(
     truth: np.ndarray, logits: np.ndarray, labels: list[str], metric: str
 ) -> float:
@@ -215,15 +287,22 @@ def mcnemar_p(challenger_only: int, champion_only: int) -> float:
 
 def _metric_value(
     truth: np.ndarray,
-    outputs: np.ndarray,
+    predicted: np.ndarray,
+    proba: np.ndarray | None,
     labels: list[str],
     metric: str,
     positive: int | None,
 ) -> float:
-    """The metric of predicted ids [rows] or of class probabilities [rows, labels]."""
+    """The metric of predicted ids [rows], with class probabilities [rows, labels] if known."""
+    return score(truth, predicted, labels, proba, positive).metric(metric)
+
+
+def _split(outputs: np.ndarray, predicted: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    """(predicted ids, probabilities or None) of a model's outputs: ids [rows], or
+    probabilities [rows, labels] decided by ``predicted`` (else by argmax)."""
     if outputs.ndim == 2:
-        return score(truth, outputs.argmax(axis=1), labels, outputs, positive).metric(metric)
-    return score(truth, outputs, labels, positive=positive).metric(metric)
+        return (outputs.argmax(axis=1) if predicted is None else np.asarray(predicted)), outputs
+    return outputs, None
 
 
 def paired_comparison(
@@ -237,6 +316,8 @@ def paired_comparison(
     samples: int = 2000,
     seed: int = 0,
     positive: int | None = None,
+    challenger_predicted: np.ndarray | None = None,
+    champion_predicted: np.ndarray | None = None,
 ) -> PairedComparison:
     """Compare two classifiers' predictions on the same rows.
 
@@ -253,18 +334,20 @@ def paired_comparison(
         alpha: one-sided significance level.
         samples: bootstrap resamples.
         seed: bootstrap seed (the result is reproducible).
+        challenger_predicted, champion_predicted: each model's predicted ids when it decides
+            by a threshold (``Decision``), not by the most probable label.
     """
     from statistics import NormalDist
 
     truth = np.asarray(truth)
-    challenger, champion = np.asarray(challenger), np.asarray(champion)
-    right_new = (challenger.argmax(axis=1) if challenger.ndim == 2 else challenger) == truth
-    right_old = (champion.argmax(axis=1) if champion.ndim == 2 else champion) == truth
+    new_ids, new_proba = _split(np.asarray(challenger), challenger_predicted)
+    old_ids, old_proba = _split(np.asarray(champion), champion_predicted)
+    right_new, right_old = new_ids == truth, old_ids == truth
     only_new = int((right_new & ~right_old).sum())
     only_old = int((right_old & ~right_new).sum())
     rows = len(truth)
-    new_value = _metric_value(truth, challenger, labels, metric, positive)
-    old_value = _metric_value(truth, champion, labels, metric, positive)
+    new_value = _metric_value(truth, new_ids, new_proba, labels, metric, positive)
+    old_value = _metric_value(truth, old_ids, old_proba, labels, metric, positive)
     level = 1 - 2 * alpha
     if method == "mcnemar":
         diff = (only_new - only_old) / rows
@@ -277,8 +360,20 @@ def paired_comparison(
         for i in range(samples):
             index = rng.integers(0, rows, rows)
             gains[i] = _metric_value(
-                truth[index], challenger[index], labels, metric, positive
-            ) - _metric_value(truth[index], champion[index], labels, metric, positive)
+                truth[index],
+                new_ids[index],
+                None if new_proba is None else new_proba[index],
+                labels,
+                metric,
+                positive,
+            ) - _metric_value(
+                truth[index],
+                old_ids[index],
+                None if old_proba is None else old_proba[index],
+                labels,
+                metric,
+                positive,
+            )
         p_value = float((gains <= 0).mean())
         low, high = (float(q) for q in np.quantile(gains, [alpha, 1 - alpha]))
     return PairedComparison(

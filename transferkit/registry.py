@@ -468,11 +468,12 @@ def _champion_predictions(
     dataset_dir: Path,
     labels: list[str],
     scratch: Path,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Download the champion and predict this run's evaluation inputs, as evaluate does.
 
     Returns:
-        Class probabilities [rows, labels].
+        Class probabilities [rows, labels] and the label ids the champion decides on (by its
+        own decision rule).
     """
     from transferkit.backbones.text import resolve_precision
     from transferkit.training.model import predict_proba
@@ -492,9 +493,10 @@ def _champion_predictions(
     if card.input_modality().name != modality.name:
         raise _IncomparableError(f"champion v{champion.version} takes another kind of input")
     inputs, _ = modality.load(dataset_dir, "test")
-    return predict_proba(
+    proba = predict_proba(
         model.to(target), tokenizer, card, inputs, config.evaluation.batch_size, precision
     )
+    return proba, card.decide(proba)
 
 
 def compare_with_champion(
@@ -508,7 +510,9 @@ def compare_with_champion(
     truth = load_labels(dataset_dir, "test")
     predictions = pd.read_parquet(evaluation_dir / "predictions.parquet")
     with tempfile.TemporaryDirectory(prefix="transferkit-champion-") as scratch:
-        old = _champion_predictions(config, champion, dataset_dir, labels, Path(scratch))
+        old, old_predicted = _champion_predictions(
+            config, champion, dataset_dir, labels, Path(scratch)
+        )
     new = predictions[[f"p_{name}" for name in labels]].to_numpy()
     method = "mcnemar" if config.registry.gate == "none" else config.registry.gate
     return paired_comparison(
@@ -521,6 +525,8 @@ def compare_with_champion(
         config.registry.significance,
         config.registry.bootstrap_samples,
         seed=config.training.seed,
+        challenger_predicted=predictions["predicted"].to_numpy(),
+        champion_predicted=old_predicted,
     )
 
 
@@ -730,7 +736,9 @@ def _log_run(
             modality = card.input_modality()
             example = modality.example(paths["dataset"])
             output = predictions_frame(
-                predict_proba(model, tokenizer, card, modality.served(example)), card.labels
+                predict_proba(model, tokenizer, card, modality.served(example)),
+                card.labels,
+                card.decision,
             )
             info = mlflow.pyfunc.log_model(
                 name="model",

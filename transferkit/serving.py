@@ -15,9 +15,10 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
-def predictions_frame(proba: Any, labels: list[str]) -> pd.DataFrame:
-    """Probabilities [rows, labels] → label, score and p_<label> columns."""
-    best = proba.argmax(axis=1)
+def predictions_frame(proba: Any, labels: list[str], decision: Any = None) -> pd.DataFrame:
+    """Probabilities [rows, labels] → label, score and p_<label> columns; the label by the
+    model's ``Decision`` (its card's; unset: the most probable label)."""
+    best = proba.argmax(axis=1) if decision is None else decision.apply(proba)
     frame = pd.DataFrame(
         {
             "label": [labels[i] for i in best],
@@ -48,7 +49,7 @@ class ClassifierModel(PythonModel):
         batch_size = int((params or {}).get("batch_size", 64))
         inputs = self._card.input_modality().served(model_input)
         proba = predict_proba(self._model, self._tokenizer, self._card, inputs, batch_size)
-        return predictions_frame(proba, self._card.labels)
+        return predictions_frame(proba, self._card.labels, self._card.decision)
 
 
 # The name models logged before image support point at.

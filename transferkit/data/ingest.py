@@ -279,6 +279,13 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
     seen = set(classes)
     for name in ("validation", "test"):
         frame = _frame(splits[name])
+        if frame.empty and len(classes) > 0.5 * len(train) + 1:
+            raise DataError(
+                f"{sources['train']}: column '{config.data.label_column}' holds "
+                f"{len(classes):,} distinct values in {len(train):,} training rows (e.g. "
+                f"{str(classes[0])[:40]!r}) — an id or a text, not a class label, so no "
+                f"{name} split can hold every label; point data.label_column at the label"
+            )
         if frame.empty:
             raise DataError(
                 f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "

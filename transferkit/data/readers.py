@@ -281,6 +281,46 @@ def read_unlabelled_texts(path: Path, name: str, text_column: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+# Separators that exports put between the labels of a multi-label row.
+LABEL_DELIMITERS = (",", ";", "|")
+
+
+def _check_one_class_per_row(labels: pd.Series, name: str, column: str) -> None:
+    """Refuse label columns that are not one class per row, which would otherwise train a
+    wrong model without a word: several labels joined in one cell (``joy,surprise`` would
+    become a class of its own) or numeric scores (every distinct score a class). A column of
+    nearly unique values (an id) is told apart where the split needs every label twice
+    (ingest).
+
+    Raises:
+        DataError: one line naming the file, the column, an example and the fix.
+    """
+    values = labels.astype(str)
+    rows = len(values)
+    distinct = set(values.unique())
+    for delimiter in LABEL_DELIMITERS:
+        held = values[values.str.contains(delimiter, regex=False)]
+        if len(held) < max(2, 0.01 * rows):
+            continue
+        parts = {part.strip() for value in held.unique() for part in value.split(delimiter)}
+        if len(parts & distinct) >= 0.5 * len(parts):
+            raise DataError(
+                f"{name}: {len(held):,} of {rows:,} labels in column '{column}' join several "
+                f"labels with '{delimiter}' (e.g. {held.iloc[0]!r}) — a multi-label dataset; "
+                "transferkit trains one class per row (multi-label tasks are not supported "
+                "yet): keep one label per row"
+            )
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all() and (numbers % 1 != 0).any() and numbers.nunique() > 20:
+        example = values[numbers % 1 != 0].iloc[0]
+        raise DataError(
+            f"{name}: column '{column}' holds {numbers.nunique():,} distinct numbers with "
+            f"fractions (e.g. {example}) — a score to predict (regression), not classes; "
+            "transferkit trains classes (regression is not supported yet): bin the scores "
+            "into classes or point data.label_column at a class label"
+        )
+
+
 def read_table(
     path: Path,
     name: str,
@@ -325,6 +365,7 @@ def read_table(
                 f"'{label_column}'; label or remove the row"
             )
     table = pd.DataFrame({"text": texts, "label": labels})
+    _check_one_class_per_row(table["label"], name, label_column)
     if max_text_chars is not None:
         lengths = table["text"].str.len()
         too_long = lengths[lengths > max_text_chars]

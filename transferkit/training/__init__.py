@@ -28,7 +28,14 @@ from transferkit.metrics import score
 from transferkit.training.context import Context, Fitted, budget_rows
 from transferkit.training.crossval import fold_datasets
 from transferkit.training.distributed import Layout
-from transferkit.training.model import ModelCard, load_classifier, predict_proba, save_classifier
+from transferkit.training.imbalance import class_weights, decision
+from transferkit.training.model import (
+    Classifier,
+    ModelCard,
+    load_classifier,
+    predict_proba,
+    save_classifier,
+)
 from transferkit.training.runtime import configure_torch, device, environment, seed_everything
 from transferkit.training.strategies import fit_strategy
 
@@ -71,8 +78,64 @@ def _fit_configured(config: PipelineConfig, ctx: Context, scratch: Path) -> tupl
     """Fit ``config.strategy``; the context the model ended on (domain adaptation replaces
     the backbone)."""
     scratch.mkdir(parents=True, exist_ok=True)
-    fitted = fit_strategy(config, config.strategy, replace(ctx, scratch=scratch))
+    truth = load_labels(ctx.dataset_dir, "train")
+    weights = class_weights(
+        config.training.class_weights,
+        truth if ctx.rows is None else truth[ctx.rows],
+        ctx.label_map,
+    )
+    fitted = fit_strategy(
+        config, config.strategy, replace(ctx, scratch=scratch, class_weights=weights)
+    )
     return fitted, fitted.context or ctx
+
+
+def _save_decided(
+    config: PipelineConfig,
+    ctx: Context,
+    fitted: Fitted,
+    model_dir: Path,
+    record: dict[str, Any],
+    precision: str,
+) -> None:
+    """Save the fitted model with its decision rule (``training.decision_threshold``); a
+    tuned threshold is chosen on the validation split's probabilities, predicted by the
+    model as evaluate predicts it."""
+    card = _card(config, ctx, fitted)
+    setting = config.training.decision_threshold
+    metric = config.evaluation.primary_metric
+    validation = None
+    if setting == "tuned":
+        processor, encoder = fitted.encoder or ctx.load_encoder()
+        model = Classifier(encoder, len(ctx.labels))
+        model.head.load_state_dict(fitted.head.state_dict())
+        inputs, truth = ctx.modality.load(ctx.dataset_dir, "validation")
+        proba = predict_proba(
+            model.to(ctx.target).eval(),
+            processor,
+            card,
+            inputs,
+            config.evaluation.batch_size,
+            precision,
+        )
+        validation = (truth, proba)
+    rule, measured = decision(
+        setting, ctx.label_map, config.evaluation.positive_label, metric, validation
+    )
+    if validation is not None:
+        truth, proba = validation
+        at_argmax = score(truth, proba.argmax(axis=1), ctx.labels, proba).metric(metric)
+        measured[f"validation_{metric}_argmax"] = at_argmax
+    if rule.threshold is not None:
+        record.setdefault("details", {})["decision"] = {**rule.model_dump(), **measured}
+    save_classifier(
+        model_dir,
+        card.model_copy(update={"decision": rule if rule.threshold is not None else None}),
+        fitted.head,
+        record,
+        encoder=fitted.encoder,
+        encoder_dir=ctx.backbone_dir / "model",
+    )
 
 
 def _card(config: PipelineConfig, ctx: Context, fitted: Fitted) -> ModelCard:
@@ -104,7 +167,7 @@ def _cross_validate(config: PipelineConfig, ctx: Context, scratch: Path) -> Cros
     metric = config.evaluation.primary_metric
     started = time.perf_counter()
     scores: list[float] = []
-    truths, probabilities = [], []
+    truths, probabilities, decided = [], [], []
     precision = resolve_precision(config.evaluation.precision, ctx.target)
     positive = ctx.label_map.positive(config.evaluation.positive_label)
     for fold in fold_datasets(
@@ -120,23 +183,18 @@ def _cross_validate(config: PipelineConfig, ctx: Context, scratch: Path) -> Cros
         seed_everything(config.training.seed)
         fitted, fold_ctx = _fit_configured(config, fold_ctx, fold.dataset_dir.parent / "work")
         model_dir = fold.dataset_dir.parent / "model"
-        save_classifier(
-            model_dir,
-            _card(config, fold_ctx, fitted),
-            fitted.head,
-            {},
-            encoder=fitted.encoder,
-            encoder_dir=fold_ctx.backbone_dir / "model",
-        )
+        _save_decided(config, fold_ctx, fitted, model_dir, {}, precision)
         tokenizer, model, card = load_classifier(model_dir)
         inputs, truth = fold_ctx.modality.load(fold.dataset_dir, "test")
         proba = predict_proba(
             model.to(ctx.target), tokenizer, card, inputs, config.evaluation.batch_size, precision
         )
-        value = score(truth, proba.argmax(axis=1), ctx.labels, proba, positive).metric(metric)
+        predicted = card.decide(proba)
+        value = score(truth, predicted, ctx.labels, proba, positive).metric(metric)
         scores.append(value)
         truths.append(truth)
         probabilities.append(proba)
+        decided.append(predicted)
         log.info(
             "cross-validation fold %d/%d: %s %.4f on %d held-out rows (trained on %d, early "
             "stopping on %d; %.0f s)",
@@ -150,7 +208,7 @@ def _cross_validate(config: PipelineConfig, ctx: Context, scratch: Path) -> Cros
             time.perf_counter() - fold_started,
         )
     truth, proba = np.concatenate(truths), np.concatenate(probabilities)
-    pooled = score(truth, proba.argmax(axis=1), ctx.labels, proba, positive).metric(metric)
+    pooled = score(truth, np.concatenate(decided), ctx.labels, proba, positive).metric(metric)
     result = CrossValidation(
         folds=folds,
         metric=metric,
@@ -233,7 +291,6 @@ def train(
             seed_everything(config.training.seed)
         fitted, ctx = _fit_configured(config, ctx, Path(scratch) / "final")
         info = ctx.info
-        card = _card(config, ctx, fitted)
         if fitted.labelled is not None:
             labelled = fitted.labelled
         elif ctx.rows is not None:
@@ -254,14 +311,10 @@ def train(
             details=fitted.details,
             cross_validation=folds,
         )
-        save_classifier(
-            output_dir,
-            card,
-            fitted.head,
-            result.model_dump(),
-            encoder=fitted.encoder,
-            encoder_dir=ctx.backbone_dir / "model",
-        )
+        record = result.model_dump()
+        precision = resolve_precision(config.evaluation.precision, ctx.target)
+        _save_decided(config, ctx, fitted, output_dir, record, precision)
+        result = TrainResult.model_validate(record)
     log.info(
         "trained %s: validation %s %.4f (%s trainable parameters)",
         strategy.name,

@@ -49,6 +49,7 @@ class Context:
     rows: np.ndarray | None
     layout: Layout = field(default_factory=Layout)  # this node's place in a multi-node job
     scratch: Path | None = None  # a working folder of this fit, removed after it
+    class_weights: np.ndarray | None = None  # loss weight per label id; None: all the same
 
     @property
     def labels(self) -> list[str]:
@@ -115,4 +116,5 @@ def fit_linear_probe(
         probe.l2_grid,
         probe.max_iter,
         config.evaluation.primary_metric,
+        class_weights=ctx.class_weights,
     )

@@ -207,6 +207,7 @@ def finetune_parallel(
     precision: str,
     world: int,
     layout: Layout | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> FinetuneHistory:
     """``finetune`` in ``world`` data-parallel processes on this node (times ``layout.nodes``
     nodes); ``model`` holds the best checkpoint on return, on the device it came on.
@@ -233,6 +234,7 @@ def finetune_parallel(
         "validation_labels": validation_labels,
         "labels": labels,
         "precision": precision,
+        "class_weights": class_weights,
     }
     names = _group_names(model, groups)
     log.info(

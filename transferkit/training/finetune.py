@@ -185,6 +185,7 @@ def finetune(
     rank: Rank = Rank(),
     forward: nn.Module | None = None,
     checkpoints: Checkpoints | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> FinetuneHistory:
     """Fine-tune ``model`` in place; it holds the best validation checkpoint on return.
 
@@ -201,6 +202,9 @@ def finetune(
     ``checkpoints.every`` steps, and a saved state is resumed from: the same batches, the same
     augmentation draws, the same result as a run that was never interrupted.
 
+    ``class_weights`` (one per label) weigh each row's cross-entropy by its label; the loss
+    stays a mean over rows, so one process and several compute the same gradient.
+
     Raises:
         TrainingError: the loss became NaN or infinite.
     """
@@ -212,6 +216,11 @@ def finetune(
     # from its own stream, so that the batch order (from ``rng``) stays the same in all.
     augment_rng = rng if rank.world == 1 else np.random.default_rng([cfg.seed, rank.rank])
     targets = torch.as_tensor(train_labels, dtype=torch.long)
+    row_weights = (
+        None
+        if class_weights is None
+        else torch.as_tensor(class_weights, dtype=torch.float32)[targets]
+    )
     forward = forward or model
     if cfg.batch_size < rank.world:
         raise TrainingError(
@@ -300,12 +309,21 @@ def finetune(
             arguments = [tensor.to(device) for tensor in train.tensors(shard, augment_rng)]
             with autocast(precision, device):
                 logits = forward(*arguments)
-            loss = nn.functional.cross_entropy(
-                logits.float(),
-                targets[shard].to(device),
-                label_smoothing=cfg.label_smoothing,
-                reduction="mean" if rank.world == 1 else "sum",
-            )
+            if row_weights is None:
+                loss = nn.functional.cross_entropy(
+                    logits.float(),
+                    targets[shard].to(device),
+                    label_smoothing=cfg.label_smoothing,
+                    reduction="mean" if rank.world == 1 else "sum",
+                )
+            else:
+                per_row = nn.functional.cross_entropy(
+                    logits.float(),
+                    targets[shard].to(device),
+                    label_smoothing=cfg.label_smoothing,
+                    reduction="none",
+                ) * row_weights[shard].to(device)
+                loss = per_row.mean() if rank.world == 1 else per_row.sum()
             if rank.world > 1:
                 # Shard sum / global batch size × processes: DDP's gradient average is then
                 # exactly the gradient of the global batch's mean loss.

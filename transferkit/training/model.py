@@ -28,7 +28,7 @@ from transferkit.backbones.base import Encoder, Family, folder_family
 from transferkit.backbones.images import ImageInput
 from transferkit.backbones.modality import Modality, card_modality
 from transferkit.errors import TransferkitError
-from transferkit.metrics import softmax
+from transferkit.metrics import Decision, softmax
 
 MODEL_FORMAT = 1
 CARD = "transferkit.json"
@@ -63,6 +63,13 @@ class ModelCard(BaseModel):
     # by detection from the encoder folder and by whether ``image`` is set).
     family: str = ""
     modality: str = ""
+    # A binary model's threshold (training.decision_threshold); None: the most probable
+    # label. Left out of cards without one, so that their fingerprints stay as they were.
+    decision: Decision | None = None
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """Predicted label ids [rows] of class probabilities [rows, labels]."""
+        return (self.decision or Decision()).apply(proba)
 
     def input_modality(self) -> Modality:
         """The modality of the inputs this model classifies."""
@@ -126,7 +133,8 @@ def save_classifier(
         hf_config["label2id"] = {name: i for i, name in enumerate(card.labels)}
         storage.write_json(target / "config.json", hf_config)
         save_head(head, tmp / "head.safetensors")
-        storage.write_json(tmp / CARD, card.model_dump())
+        unset = {"decision"} if card.decision is None else None
+        storage.write_json(tmp / CARD, card.model_dump(exclude=unset))
         storage.write_json(tmp / RUN_RECORD, report)
 
 

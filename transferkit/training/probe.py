@@ -33,6 +33,7 @@ def _fit(
     num_labels: int,
     l2: float,
     max_iter: int,
+    weights: torch.Tensor | None = None,
 ) -> nn.Linear:
     head = nn.Linear(x.shape[1], num_labels, dtype=torch.float64)
     nn.init.zeros_(head.weight)
@@ -49,7 +50,11 @@ def _fit(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(head(x), y) + 0.5 * l2 * head.weight.pow(2).sum()
+        if weights is None:
+            fit = nn.functional.cross_entropy(head(x), y)
+        else:  # each row weighs its label's weight; the mean over rows, as unweighted
+            fit = (nn.functional.cross_entropy(head(x), y, reduction="none") * weights[y]).mean()
+        loss = fit + 0.5 * l2 * head.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -67,12 +72,14 @@ def fit_probe(
     max_iter: int,
     primary_metric: str,
     standardize: bool = True,
+    class_weights: np.ndarray | None = None,
 ) -> tuple[nn.Linear, ProbeFit]:
     """Fit one head per L2 penalty, keep the best on validation, fold the standardisation in.
 
     The objective is convex and starts from zero weights, so the fit is deterministic.
     ``standardize=False`` fits on the raw features (a handful of examples cannot estimate
-    per-dimension scales).
+    per-dimension scales). ``class_weights`` (one per label) weigh each row's loss by its
+    label (``training.class_weights``).
 
     Returns:
         A float32 ``nn.Linear`` for raw features, and the selection record.
@@ -84,11 +91,12 @@ def fit_probe(
     x = torch.from_numpy((train_x - mean) / std)
     y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     xv = torch.from_numpy((val_x - mean) / std)
+    weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=x.dtype)
     best: tuple[float, float, nn.Linear] | None = None
     grid: dict[str, float] = {}
     # Strongest penalty first: on ties the simpler model wins.
     for l2 in sorted(l2_grid, reverse=True):
-        head = _fit(x, y, len(labels), l2, max_iter)
+        head = _fit(x, y, len(labels), l2, max_iter, weights)
         with torch.no_grad():
             logits = head(xv).numpy()
         value = metric_of_logits(val_y, logits, labels, primary_metric)

@@ -63,7 +63,13 @@ def train_through(
     world = world_size(config, ctx.layout)
     if world > 1 or ctx.layout.nodes > 1:
         history = finetune_parallel(
-            model, *arguments, optimiser_groups, ctx.precision, world, ctx.layout
+            model,
+            *arguments,
+            optimiser_groups,
+            ctx.precision,
+            world,
+            ctx.layout,
+            class_weights=ctx.class_weights,
         )
     else:
         checkpoints = Checkpoints.for_training(
@@ -72,7 +78,12 @@ def train_through(
             ctx.info.fingerprint,
         )
         history = finetune(
-            model, *arguments, optimiser_groups, ctx.precision, checkpoints=checkpoints
+            model,
+            *arguments,
+            optimiser_groups,
+            ctx.precision,
+            checkpoints=checkpoints,
+            class_weights=ctx.class_weights,
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if after is not None:

@@ -57,6 +57,7 @@ def fit(config: PipelineConfig, strategy: FewShotConfig, ctx: Context) -> Fitted
         300,
         config.evaluation.primary_metric,
         standardize=False,
+        class_weights=ctx.class_weights,
     )
     log.info(
         "few-shot: %d examples + %d templated, %d pairs, loss %.3f → %.3f, validation %.4f",
