@@ -338,3 +338,27 @@ def test_an_id_column_as_label_is_named_when_the_split_cannot_hold_every_label(
     assert "holds 120 distinct values in 120 training rows" in message
     assert "an id or a text, not a class label" in message
     assert not (tmp_path / "dataset").exists()
+
+
+def test_the_fine_tuning_loss_weighs_rows_and_shards_add_up_to_the_global_mean() -> None:
+    """What fine-tuning minimises: unweighted, exactly torch's cross-entropy; weighted, each
+    row's loss × its label's weight, averaged over rows; and two processes' shard sums
+    divided by the batch size (finetune's data-parallel scaling) give the same loss."""
+    import torch
+
+    from transferkit.training.imbalance import weighted_cross_entropy
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 3), torch.tensor([0, 1, 2, 2, 1, 0, 2, 2])
+    plain = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+    assert torch.equal(weighted_cross_entropy(logits, targets, None, 0.1, "mean"), plain)
+    weights = torch.tensor([1.0, 2.0, 0.5])[targets]
+    per_row = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    weighted = weighted_cross_entropy(logits, targets, weights, 0.0, "mean")
+    assert weighted.item() == pytest.approx((per_row * weights).mean().item())
+    assert weighted.item() != pytest.approx(per_row.mean().item())
+    shards = [slice(0, None, 2), slice(1, None, 2)]
+    summed = sum(
+        weighted_cross_entropy(logits[s], targets[s], weights[s], 0.0, "sum") for s in shards
+    )
+    assert (summed / len(targets)).item() == pytest.approx(weighted.item())

@@ -29,6 +29,7 @@ from transferkit.config import PipelineConfig, TrainingConfig
 from transferkit.errors import TrainingError
 from transferkit.metrics import metric_of_logits
 from transferkit.training.checkpoint import Checkpoints
+from transferkit.training.imbalance import weighted_cross_entropy
 
 __all__ = [
     "apply_gradients",
@@ -216,11 +217,7 @@ def finetune(
     # from its own stream, so that the batch order (from ``rng``) stays the same in all.
     augment_rng = rng if rank.world == 1 else np.random.default_rng([cfg.seed, rank.rank])
     targets = torch.as_tensor(train_labels, dtype=torch.long)
-    row_weights = (
-        None
-        if class_weights is None
-        else torch.as_tensor(class_weights, dtype=torch.float32)[targets]
-    )
+    row_weights = None if class_weights is None else torch.as_tensor(class_weights)[targets]
     forward = forward or model
     if cfg.batch_size < rank.world:
         raise TrainingError(
@@ -309,21 +306,13 @@ def finetune(
             arguments = [tensor.to(device) for tensor in train.tensors(shard, augment_rng)]
             with autocast(precision, device):
                 logits = forward(*arguments)
-            if row_weights is None:
-                loss = nn.functional.cross_entropy(
-                    logits.float(),
-                    targets[shard].to(device),
-                    label_smoothing=cfg.label_smoothing,
-                    reduction="mean" if rank.world == 1 else "sum",
-                )
-            else:
-                per_row = nn.functional.cross_entropy(
-                    logits.float(),
-                    targets[shard].to(device),
-                    label_smoothing=cfg.label_smoothing,
-                    reduction="none",
-                ) * row_weights[shard].to(device)
-                loss = per_row.mean() if rank.world == 1 else per_row.sum()
+            loss = weighted_cross_entropy(
+                logits.float(),
+                targets[shard].to(device),
+                None if row_weights is None else row_weights[shard].to(device),
+                cfg.label_smoothing,
+                "mean" if rank.world == 1 else "sum",
+            )
             if rank.world > 1:
                 # Shard sum / global batch size × processes: DDP's gradient average is then
                 # exactly the gradient of the global batch's mean loss.

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 
 from transferkit.data import LabelMap
 from transferkit.errors import DataError
@@ -104,3 +105,22 @@ def decision(
         value,
     )
     return Decision(positive=positive, threshold=threshold), record
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    """Cross-entropy with each row weighed by its label (``row_weights``, None: unweighted),
+    reduced by 'mean' or 'sum' over rows, so that one process and several agree."""
+    if row_weights is None:
+        return torch.nn.functional.cross_entropy(
+            logits, targets, label_smoothing=label_smoothing, reduction=reduction
+        )
+    per_row = torch.nn.functional.cross_entropy(
+        logits, targets, label_smoothing=label_smoothing, reduction="none"
+    ) * row_weights.to(logits.dtype)
+    return per_row.mean() if reduction == "mean" else per_row.sum()
