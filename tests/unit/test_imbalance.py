@@ -362,3 +362,26 @@ def test_the_fine_tuning_loss_weighs_rows_and_shards_add_up_to_the_global_mean()
         weighted_cross_entropy(logits[s], targets[s], weights[s], 0.0, "sum") for s in shards
     )
     assert (summed / len(targets)).item() == pytest.approx(weighted.item())
+
+
+def test_a_sweeps_zero_shot_branch_trains_without_weights_or_threshold() -> None:
+    """The sweep keeps them for the branches that learn from labels and drops them for the
+    one that learns from none, rather than refusing the whole sweep."""
+    config = PipelineConfig.model_validate(
+        {
+            **_config(class_weights="balanced", decision_threshold="tuned"),
+            "sweep": {
+                "branches": [
+                    {"strategy": {"name": "linear_probe"}},
+                    {"strategy": {"name": "zero_shot"}},
+                ]
+            },
+        }
+    )
+    assert config.sweep is not None
+    probe, zero = (config.branch(b, None) for b in config.sweep.branches)
+    assert (probe.training.class_weights, probe.training.decision_threshold) == (
+        "balanced",
+        "tuned",
+    )
+    assert (zero.training.class_weights, zero.training.decision_threshold) == ("none", "argmax")
