@@ -285,18 +285,6 @@ def mcnemar_p(challenger_only: int, champion_only: int) -> float:
     return float(tail / 2**n)
 
 
-def _metric_value(
-    truth: np.ndarray,
-    predicted: np.ndarray,
-    proba: np.ndarray | None,
-    labels: list[str],
-    metric: str,
-    positive: int | None,
-) -> float:
-    """The metric of predicted ids [rows], with class probabilities [rows, labels] if known."""
-    return score(truth, predicted, labels, proba, positive).metric(metric)
-
-
 def _split(outputs: np.ndarray, predicted: np.ndarray | None) -> tuple[np.ndarray, Any]:
     """(predicted ids, probabilities or None) of a model's outputs: ids [rows], or
     probabilities [rows, labels] decided by ``predicted`` (else by argmax)."""
@@ -346,8 +334,14 @@ def paired_comparison(
     only_new = int((right_new & ~right_old).sum())
     only_old = int((right_old & ~right_new).sum())
     rows = len(truth)
-    new_value = _metric_value(truth, new_ids, new_proba, labels, metric, positive)
-    old_value = _metric_value(truth, old_ids, old_proba, labels, metric, positive)
+
+    def value(rows: Any, ids: np.ndarray, proba: np.ndarray | None) -> float:
+        """The metric on ``rows`` (an index, or every row)."""
+        chosen = None if proba is None else proba[rows]
+        return score(truth[rows], ids[rows], labels, chosen, positive).metric(metric)
+
+    every = slice(None)
+    new_value, old_value = value(every, new_ids, new_proba), value(every, old_ids, old_proba)
     level = 1 - 2 * alpha
     if method == "mcnemar":
         diff = (only_new - only_old) / rows
@@ -359,21 +353,7 @@ def paired_comparison(
         gains = np.empty(samples)
         for i in range(samples):
             index = rng.integers(0, rows, rows)
-            gains[i] = _metric_value(
-                truth[index],
-                new_ids[index],
-                None if new_proba is None else new_proba[index],
-                labels,
-                metric,
-                positive,
-            ) - _metric_value(
-                truth[index],
-                old_ids[index],
-                None if old_proba is None else old_proba[index],
-                labels,
-                metric,
-                positive,
-            )
+            gains[i] = value(index, new_ids, new_proba) - value(index, old_ids, old_proba)
         p_value = float((gains <= 0).mean())
         low, high = (float(q) for q in np.quantile(gains, [alpha, 1 - alpha]))
     return PairedComparison(

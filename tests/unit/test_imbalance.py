@@ -63,7 +63,7 @@ def test_a_threshold_needs_two_labels_and_a_metric_of_decisions() -> None:
     binary = LabelMap(values=["0", "1"], names=["benign", "malignant"])
     rule, record = decision(0.3, binary, "benign", "accuracy", None)
     assert (rule.positive, rule.threshold, record) == (0, 0.3, {})
-    assert decision("argmax", binary, None, "accuracy", None)[0] == Decision()
+    assert decision("argmax", binary, None, "accuracy", None)[0] is None
     with pytest.raises(ValueError, match="roc_auc"):
         tune_threshold(np.array([0, 1]), np.array([[0.6, 0.4], [0.3, 0.7]]), 1, "roc_auc")
 

@@ -78,12 +78,11 @@ def _fit_configured(config: PipelineConfig, ctx: Context, scratch: Path) -> tupl
     """Fit ``config.strategy``; the context the model ended on (domain adaptation replaces
     the backbone)."""
     scratch.mkdir(parents=True, exist_ok=True)
-    truth = load_labels(ctx.dataset_dir, "train")
-    weights = class_weights(
-        config.training.class_weights,
-        truth if ctx.rows is None else truth[ctx.rows],
-        ctx.label_map,
-    )
+    weights = None
+    if config.training.class_weights != "none":
+        truth = load_labels(ctx.dataset_dir, "train")
+        rows = truth if ctx.rows is None else truth[ctx.rows]
+        weights = class_weights(config.training.class_weights, rows, ctx.label_map)
     fitted = fit_strategy(
         config, config.strategy, replace(ctx, scratch=scratch, class_weights=weights)
     )
@@ -126,11 +125,11 @@ def _save_decided(
         truth, proba = validation
         at_argmax = score(truth, proba.argmax(axis=1), ctx.labels, proba).metric(metric)
         measured[f"validation_{metric}_argmax"] = at_argmax
-    if rule.threshold is not None:
+    if rule is not None:
         record.setdefault("details", {})["decision"] = {**rule.model_dump(), **measured}
     save_classifier(
         model_dir,
-        card.model_copy(update={"decision": rule if rule.threshold is not None else None}),
+        card.model_copy(update={"decision": rule}),
         fitted.head,
         record,
         encoder=fitted.encoder,

@@ -65,8 +65,9 @@ def decision(
     positive_label: str | None,
     metric: str,
     validation: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[Decision, dict[str, float]]:
-    """The model's decision rule, and what choosing it measured on validation.
+) -> tuple[Decision | None, dict[str, float]]:
+    """The model's decision rule (None: the most probable label), and what choosing it
+    measured on validation.
 
     Args:
         setting: ``training.decision_threshold``: 'argmax', 'tuned' or a threshold.
@@ -78,7 +79,7 @@ def decision(
         DataError: a threshold for a task that is not binary.
     """
     if setting == "argmax":
-        return Decision(), {}
+        return None, {}
     if len(label_map) != 2:
         raise DataError(
             f"training.decision_threshold: a threshold decides between two labels, and the "
