@@ -52,6 +52,7 @@ class FeaturesResult(BaseModel):
     cache_hit: bool
     seconds: float
     texts_per_second: float | None = None
+    runtime: str = "torch"  # what embedded them: 'torch', or 'openvino' (backbones/compiled.py)
 
 
 def feature_key(
@@ -62,6 +63,7 @@ def feature_key(
     max_length: int,
     precision: str,
     image: dict[str, Any] | None = None,
+    runtime: str = "torch",
 ) -> str:
     """Cache key of a feature set: everything that changes the numbers, nothing else."""
     fields: dict[str, Any] = {
@@ -75,6 +77,8 @@ def feature_key(
     }
     if image is not None:  # input adaptation of a vision backbone
         fields["image"] = image
+    if runtime != "torch":  # another runtime's numerics (torch's keys stay as they were)
+        fields["runtime"] = runtime
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -120,12 +124,16 @@ def _embedder(
     backbone_dir: Path,
     dataset_dir: Path,
     precision: str,
-) -> Callable[[str, Path], tuple[int, int]]:
-    """(split name, .npy path) → (rows, width) written, with the frozen encoder loaded once.
+    runtime: str,
+) -> tuple[Callable[[str, Path], tuple[int, int]], str]:
+    """(split name, .npy path) → (rows, width) written, with the frozen encoder loaded once,
+    and the runtime it really runs on (a failed compilation falls back to torch).
 
     Text splits are encoded and written a chunk at a time, so memory does not grow with the
     number of rows.
     """
+    from torch import nn
+
     from transferkit.backbones.base import folder_family
     from transferkit.backbones.modality import modality_of
     from transferkit.training.runtime import device
@@ -134,7 +142,8 @@ def _embedder(
     modality = modality_of(info.modality)
     family = folder_family(backbone_dir / "model", info.family)
     processor, encoder = family.load(backbone_dir / "model", info.modality, info)
-    module, precision = modality.frozen(encoder.to(device()), precision)
+    module, precision = modality.frozen(encoder.to(device()), precision, processor, runtime)
+    runtime = "torch" if isinstance(module, nn.Module) else runtime
 
     def embed(split: str, path: Path) -> tuple[int, int]:
         inputs, _ = modality.load(dataset_dir, split)
@@ -143,7 +152,7 @@ def _embedder(
         )
         return len(inputs), save_rows(path, len(inputs), blocks)
 
-    return embed
+    return embed, runtime
 
 
 def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
@@ -205,18 +214,23 @@ def extract_features(
 
     started = time.perf_counter()
     configure_torch(config)
+    from transferkit.backbones.modality import modality_of
+
     info = load_backbone_info(backbone_dir)
-    data_fingerprint = storage.read_json(dataset_dir / "stats.json")["fingerprint"]
+    stats = storage.read_json(dataset_dir / "stats.json")
     target = device()
     precision = resolve_precision(config.training.precision, target)
+    modality = modality_of(info.modality)
+    runtime = modality.runtime(target, precision, sum(stats.get("rows", {}).values()))
     key = feature_key(
-        data_fingerprint,
+        stats["fingerprint"],
         info.fingerprint,
         info.pooling,
         info.normalize,
         info.max_length,
         precision,
         info.image.model_dump() if info.image else None,
+        runtime,
     )
     cached = Path(config.feature_cache) / key
     base = {
@@ -239,7 +253,7 @@ def extract_features(
         log.info("features served from cache %s", key[:12])
         return result
 
-    embed = _embedder(config, info, backbone_dir, dataset_dir, precision)
+    embed, runtime = _embedder(config, info, backbone_dir, dataset_dir, precision, runtime)
     rows: dict[str, int] = {}
     dim = 0
     encode_seconds = 0.0
@@ -257,6 +271,7 @@ def extract_features(
             cache_hit=False,
             seconds=round(time.perf_counter() - started, 3),
             texts_per_second=round(total_texts / max(encode_seconds, 1e-9), 1),
+            runtime=runtime,
         )
         storage.write_json(tmp / "features.json", result.model_dump())
     # Populate the cache from the finished artifact; a crash here costs a cache miss, never
@@ -264,15 +279,14 @@ def extract_features(
     with storage.atomic_dir(cached) as entry:
         storage.link_or_copy_tree(output_dir, entry)
         storage.write_json(entry / CHECKSUMS, _checksums(entry))
-    from transferkit.backbones.modality import modality_of
-
-    what = modality_of(info.modality).noun
+    what = modality.noun
     log.info(
-        "embedded %s %s at %.0f %s/s (%s)",
+        "embedded %s %s at %.0f %s/s (%s, %s)",
         f"{total_texts:,}",
         what,
         result.texts_per_second or 0,
         what,
         precision,
+        runtime,
     )
     return result

@@ -174,8 +174,10 @@ class DecoderEncoder(TextEncoder, Encoder):
         extra: dict[str, torch.Tensor] = {}
         if _takes_positions(self.body):
             extra["position_ids"] = positions(attention_mask)
+        # No key-value cache: nothing is generated after this pass (and a cache's
+        # concatenations keep OpenVINO from compiling the encoder).
         hidden = self.body(
-            input_ids=input_ids, attention_mask=attention_mask, **extra
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
         ).last_hidden_state
         return pool(hidden, attention_mask, self.pooling, self.normalize)
 

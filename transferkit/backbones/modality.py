@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from transferkit.backbones.images import ImageInput, prepare, run_images
-from transferkit.backbones.text import encode_chunks, frozen_encoder, pad, run_batched, tokenize
+from transferkit.backbones.text import (
+    encode_chunks,
+    frozen_encoder,
+    pad,
+    run_batched,
+    runtime_for,
+    tokenize,
+)
 from transferkit.config import AugmentationConfig
 from transferkit.data import load_images, load_split
 
@@ -212,8 +219,15 @@ class Modality:
         """Like ``run``, a block of rows at a time (memory bounded for large text splits)."""
         yield self.run(module, processor, inputs, settings, batch_size, precision, description)
 
-    def frozen(self, encoder: nn.Module, precision: str) -> tuple[nn.Module, str]:
-        """The fastest inference form of a frozen encoder, and the precision to run it at."""
+    def runtime(self, device: torch.device, precision: str, inputs: int) -> str:
+        """The runtime ``frozen`` will compile an encoder of ``inputs`` inputs for."""
+        return "torch"
+
+    def frozen(
+        self, encoder: nn.Module, precision: str, processor: Any = None, runtime: str = "torch"
+    ) -> tuple[Any, str]:
+        """The fastest inference form of a frozen encoder (for ``stream``), and the precision
+        to run it at."""
         return encoder, precision
 
     def served(self, model_input: Any) -> Any:
@@ -269,8 +283,13 @@ class TextModality(Modality):
             module, processor, list(inputs), settings.max_length, batch_size, precision, description
         )
 
-    def frozen(self, encoder: nn.Module, precision: str) -> tuple[nn.Module, str]:
-        return frozen_encoder(encoder, precision)
+    def runtime(self, device: torch.device, precision: str, inputs: int) -> str:
+        return runtime_for(device, precision, inputs)
+
+    def frozen(
+        self, encoder: nn.Module, precision: str, processor: Any = None, runtime: str = "torch"
+    ) -> tuple[Any, str]:
+        return frozen_encoder(encoder, precision, processor, runtime)
 
     def served(self, model_input: Any) -> Any:
         return texts_of(model_input)
