@@ -88,6 +88,28 @@ def test_probe_selection_prefers_the_stronger_penalty_on_ties() -> None:
     assert (predicted == y).all()
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probe_reaches_scikit_learns_optimum(weighted: bool) -> None:
+    """The probe's written-out gradient and warm-started penalty path land on the minimum
+    scikit-learn's multinomial logistic regression finds for the same objective:
+    mean (row-weighted) cross-entropy + l2/2 |W|^2 is C = 1 / (l2 * rows) there."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 12))
+    y = (x @ rng.normal(size=(12, 3)) + rng.gumbel(size=(600, 3))).argmax(axis=1)
+    weights = np.array([1.0, 2.5, 0.5]) if weighted else None
+    l2 = 0.003
+    head, fit = fit_probe(x, y, x, y, ["a", "b", "c"], [0.3, l2], 500, "accuracy", False, weights)
+    # The weaker penalty fits the training rows better: selected, warm-started from 0.3's.
+    assert fit.l2 == l2
+    reference = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-12, max_iter=10_000)
+    reference.fit(x, y, sample_weight=None if weights is None else weights[y])
+    with torch.no_grad():
+        ours = head(torch.from_numpy(x).float()).softmax(dim=1).double().numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(x), atol=2e-4)
+
+
 def test_length_grouped_batches_cover_everything_once() -> None:
     lengths = np.random.default_rng(1).integers(1, 60, size=1000)
     batches = length_grouped_batches(lengths, 16, np.random.default_rng(0), group=4)

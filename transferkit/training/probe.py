@@ -34,10 +34,19 @@ def _fit(
     l2: float,
     max_iter: int,
     weights: torch.Tensor | None = None,
+    start: nn.Linear | None = None,
 ) -> nn.Linear:
+    """Minimise the (row-weighted) mean cross-entropy plus ``l2/2 * |W|^2`` with L-BFGS,
+    from ``start``'s weights (a warm start) or from zero.
+
+    The loss and its gradient are written out (softmax minus one-hot, then one product with
+    the features) rather than taken by autograd: one pass over the features per evaluation
+    instead of three.
+    """
     head = nn.Linear(x.shape[1], num_labels, dtype=torch.float64)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        head.weight.copy_(start.weight if start is not None else torch.zeros_like(head.weight))
+        head.bias.copy_(start.bias if start is not None else torch.zeros_like(head.bias))
     optimizer = torch.optim.LBFGS(
         head.parameters(),
         lr=1.0,
@@ -47,16 +56,19 @@ def _fit(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
+    rows = torch.ones(len(y), dtype=x.dtype) if weights is None else weights[y]
+    rows = rows / len(y)  # each row weighs its label's weight; the mean over rows
+    targets = nn.functional.one_hot(y, num_labels).to(x.dtype)
 
+    @torch.no_grad()
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        if weights is None:
-            fit = nn.functional.cross_entropy(head(x), y)
-        else:  # each row weighs its label's weight; the mean over rows, as unweighted
-            fit = (nn.functional.cross_entropy(head(x), y, reduction="none") * weights[y]).mean()
-        loss = fit + 0.5 * l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
+        logits = torch.addmm(head.bias, x, head.weight.t())
+        log_p = logits.log_softmax(dim=1)
+        fit = -(rows * (log_p * targets).sum(dim=1)).sum()
+        residual = (log_p.exp_() - targets).mul_(rows.unsqueeze(1))
+        head.weight.grad = residual.t() @ x + l2 * head.weight
+        head.bias.grad = residual.sum(dim=0)
+        return fit + 0.5 * l2 * head.weight.pow(2).sum()
 
     optimizer.step(closure)
     return head
@@ -94,9 +106,11 @@ def fit_probe(
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=x.dtype)
     best: tuple[float, float, nn.Linear] | None = None
     grid: dict[str, float] = {}
-    # Strongest penalty first: on ties the simpler model wins.
+    # Strongest penalty first: on ties the simpler model wins. Each fit starts from the
+    # previous penalty's solution, near its own (the objective is convex: the same minimum).
+    head: nn.Linear | None = None
     for l2 in sorted(l2_grid, reverse=True):
-        head = _fit(x, y, len(labels), l2, max_iter, weights)
+        head = _fit(x, y, len(labels), l2, max_iter, weights, start=head)
         with torch.no_grad():
             logits = head(xv).numpy()
         value = metric_of_logits(val_y, logits, labels, primary_metric)
