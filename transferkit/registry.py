@@ -283,6 +283,9 @@ def _client(config: PipelineConfig) -> Any:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from transferkit import sqlite_store
+
+    sqlite_store.prepare(config.tracking_uri)  # a new SQLite store without its migrations
     mlflow.set_tracking_uri(config.tracking_uri)
     mlflow.set_registry_uri(config.tracking_uri)
     return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
