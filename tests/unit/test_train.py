@@ -107,7 +107,7 @@ def test_probe_reaches_scikit_learns_optimum(weighted: bool) -> None:
     reference.fit(x, y, sample_weight=None if weights is None else weights[y])
     with torch.no_grad():
         ours = head(torch.from_numpy(x).float()).softmax(dim=1).double().numpy()
-    np.testing.assert_allclose(ours, reference.predict_proba(x), atol=2e-4)
+    np.testing.assert_allclose(ours, reference.predict_proba(x), atol=1e-3)
 
 
 def test_length_grouped_batches_cover_everything_once() -> None:

@@ -19,6 +19,16 @@ from transferkit.metrics import metric_of_logits
 log = logging.getLogger(__name__)
 
 
+# L-BFGS stops when the largest gradient entry or the change of the loss falls below these.
+# The features are held in DTYPE (the products with them run in it), the weights in float64:
+# on the quickstart's 60,614 SST-2 vectors the same penalty and accuracies as all-float64 at
+# 1e-7 / 1e-10, in half the time (bench/probe.py: Banking77-sized, the same test accuracy as
+# scikit-learn's default lbfgs). All-float32 weights stall under a huge penalty (l2 = 1e6).
+TOLERANCE_GRAD = 1e-5
+TOLERANCE_CHANGE = 1e-9
+DTYPE = np.float32
+
+
 class ProbeFit(BaseModel):
     """The chosen penalty and the validation metric of every penalty tried."""
 
@@ -51,22 +61,24 @@ def _fit(
         head.parameters(),
         lr=1.0,
         max_iter=max_iter,
-        tolerance_grad=1e-7,
-        tolerance_change=1e-10,
+        tolerance_grad=TOLERANCE_GRAD,
+        tolerance_change=TOLERANCE_CHANGE,
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-    rows = torch.ones(len(y), dtype=x.dtype) if weights is None else weights[y]
+    rows = torch.ones(len(y), dtype=torch.float64) if weights is None else weights[y].double()
     rows = rows / len(y)  # each row weighs its label's weight; the mean over rows
-    targets = nn.functional.one_hot(y, num_labels).to(x.dtype)
+    targets = nn.functional.one_hot(y, num_labels).double()
 
     @torch.no_grad()
     def closure() -> torch.Tensor:
-        logits = torch.addmm(head.bias, x, head.weight.t())
+        # The two products with the features in their dtype (float32: half the memory
+        # traffic); the weights, the optimiser's state and everything else in float64.
+        logits = (x @ head.weight.t().to(x.dtype)).double().add_(head.bias)
         log_p = logits.log_softmax(dim=1)
         fit = -(rows * (log_p * targets).sum(dim=1)).sum()
         residual = (log_p.exp_() - targets).mul_(rows.unsqueeze(1))
-        head.weight.grad = residual.t() @ x + l2 * head.weight
+        head.weight.grad = (residual.t().to(x.dtype) @ x).double() + l2 * head.weight
         head.bias.grad = residual.sum(dim=0)
         return fit + 0.5 * l2 * head.weight.pow(2).sum()
 
@@ -88,7 +100,8 @@ def fit_probe(
 ) -> tuple[nn.Linear, ProbeFit]:
     """Fit one head per L2 penalty, keep the best on validation, fold the standardisation in.
 
-    The objective is convex and starts from zero weights, so the fit is deterministic.
+    The objective is convex; the strongest penalty starts from zero weights and each next
+    one from the previous solution, so the fit is deterministic.
     ``standardize=False`` fits on the raw features (a handful of examples cannot estimate
     per-dimension scales). ``class_weights`` (one per label) weigh each row's loss by its
     label (``training.class_weights``).
@@ -100,9 +113,9 @@ def fit_probe(
     mean = train_x.mean(axis=0, dtype=np.float64) if standardize else np.zeros(dims)
     std = train_x.std(axis=0, dtype=np.float64) if standardize else np.ones(dims)
     std = np.where(std < 1e-8, 1.0, std)
-    x = torch.from_numpy((train_x - mean) / std)
+    x = torch.from_numpy(((train_x - mean) / std).astype(DTYPE))
     y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
-    xv = torch.from_numpy((val_x - mean) / std)
+    xv = torch.from_numpy(((val_x - mean) / std).astype(DTYPE))
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=x.dtype)
     best: tuple[float, float, nn.Linear] | None = None
     grid: dict[str, float] = {}
@@ -112,7 +125,7 @@ def fit_probe(
     for l2 in sorted(l2_grid, reverse=True):
         head = _fit(x, y, len(labels), l2, max_iter, weights, start=head)
         with torch.no_grad():
-            logits = head(xv).numpy()
+            logits = head(xv.double()).numpy()
         value = metric_of_logits(val_y, logits, labels, primary_metric)
         grid[f"{l2:g}"] = value
         log.info("probe l2=%g: validation %s %.4f", l2, primary_metric, value)
