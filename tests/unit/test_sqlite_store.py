@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,8 +19,19 @@ def rows(path: Path, query: str) -> list[tuple]:
         return db.execute(query).fetchall()
 
 
-def schema(path: Path) -> list[tuple]:
-    return rows(path, "SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+def schema(path: Path) -> dict[str, Any]:
+    """Every table's columns (name, type, not-null, default, key) and the index names.
+
+    Column order is left out: MLflow reaches the same schema by migrations whose ALTERs
+    append columns in an order that can differ from one build to another.
+    """
+    tables = [name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type='table'")]
+    columns = {
+        table: sorted(tuple(column[1:]) for column in rows(path, f'PRAGMA table_info("{table}")'))
+        for table in tables
+    }
+    indexes = sorted(rows(path, "SELECT name, tbl_name FROM sqlite_master WHERE type='index'"))
+    return {"columns": columns, "indexes": indexes}
 
 
 @pytest.fixture(scope="module")
