@@ -152,6 +152,39 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+# Repetitions of one side whose spread ((max - min) / median) is above this are flagged.
+UNSTABLE_SPREAD = 0.15
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """min / median / max of a side's repetitions, their spread and whether it is unstable."""
+    middle = median(values)
+    width = (max(values) - min(values)) / middle if middle else 0.0
+    return {
+        "min": significant(min(values)),
+        "median": significant(middle),
+        "max": significant(max(values)),
+        "spread": round(width, 3),
+        "unstable": width > UNSTABLE_SPREAD,
+    }
+
+
+def spread_line(name: str, values: list[float], unit: str) -> str:
+    """One printed side: min / median / max over the repetitions, flagged when unstable."""
+    stats = spread(values)
+    flag = f"  UNSTABLE: spread > {UNSTABLE_SPREAD:.0%}" if stats["unstable"] else ""
+    return (
+        f"  {name}: min {stats['min']:,.5g} | median {stats['median']:,.5g} | "
+        f"max {stats['max']:,.5g} {unit} over {len(values)} (spread {stats['spread']:.0%}){flag}"
+    )
+
+
+def rotated(names: list[str], repetition: int) -> list[str]:
+    """The order the sides run in at a repetition: each side leads in turn."""
+    shift = repetition % len(names)
+    return names[shift:] + names[:shift]
+
+
 def sst2_sentences(count: int | None = None, split: str = "train") -> tuple[list[str], np.ndarray]:
     """The first ``count`` SST-2 sentences of a split and their 0/1 labels, in file order."""
     import pandas as pd

@@ -95,6 +95,20 @@ def test_pipeline_smoke(tmp_path: Path, shared_data: Path) -> None:
     assert result["ratio_kfp_over_plain"] > 0
 
 
+def test_probe_smoke(tmp_path: Path) -> None:
+    out = bench("probe.py", "--smoke", "--out", str(tmp_path / "r.json"))
+    summary = report(tmp_path / "r.json")["summary"]
+    assert set(summary["seconds"]) == {"transferkit", "scikit-learn"}
+    for side in summary["seconds"].values():
+        assert 0 < side["min"] <= side["median"] <= side["max"]
+    # The same objective on the same rows: both choose a penalty and score alike.
+    accuracy = summary["test_accuracy"]
+    assert accuracy["transferkit"] > 0.5
+    assert abs(accuracy["transferkit"] - accuracy["scikit-learn"]) <= 0.05
+    assert "probe: transferkit" in out
+    assert "ratio" in out
+
+
 def test_scale_smoke(tmp_path: Path) -> None:
     bench("scale.py", "--smoke", "--out", str(tmp_path / "r.json"))
     result = report(tmp_path / "r.json")
