@@ -40,11 +40,6 @@ RUNTIMES = ("auto", "torch", "openvino")
 MIN_TEXTS = 16_384
 # The compiled encoder must agree with the torch module this closely on the check batch.
 MIN_COSINE = 0.999
-CHECK_TEXTS = [
-    "A check.",
-    "A somewhat longer text to check the compiled encoder with, padded.",
-    "x",
-]
 
 Batch = tuple[np.ndarray, torch.Tensor, torch.Tensor]
 
