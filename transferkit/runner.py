@@ -323,7 +323,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     check_local(config)  # refuse a family/strategy mismatch before any step starts
     from kfp import local
 
-    from transferkit.pipelines import strategy_sweep, transfer_learning
+    import transferkit.pipelines as pipelines
 
     if config.training.nodes > 1:
         raise ConfigError(
@@ -333,7 +333,8 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         )
 
     sweep = config.sweep is not None
-    pipeline = strategy_sweep if sweep else transfer_learning
+    # Only the DAG this run needs is built (the package builds each when first asked for).
+    pipeline = pipelines.strategy_sweep if sweep else pipelines.transfer_learning
     steps = SWEEP_STEPS if sweep else STEPS
     started = time.perf_counter()
     work_dir = Path(config.runtime.work_dir)

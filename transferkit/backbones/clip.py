@@ -275,10 +275,12 @@ class DualEncoderFamily(Family):
 
     def detect(self, hf_config: dict[str, Any], files: set[str]) -> bool:
         model_type, _ = model_types(hf_config)
+        # The cheap tests first: asking transformers which types it knows imports it (~1 s).
         return (
-            model_type in known_model_types()
+            model_type in LAYOUTS
             and "text_config" in hf_config
             and "vision_config" in hf_config
+            and model_type in known_model_types()
         )
 
     def capabilities(self, modality: str, hf_config: dict[str, Any]) -> Capabilities:

@@ -16,11 +16,10 @@ from typing import Any
 
 from kfp import dsl
 from transferkit.components import compare_strategies, plan_sweep
+from transferkit.pipelines import SWEEP_PIPELINE_NAME
 from transferkit.pipelines.wiring import Cluster, prepare, register, step, train_and_evaluate
 
 from transferkit.config import PipelineConfig
-
-SWEEP_PIPELINE_NAME = "transferkit-strategy-sweep"
 
 
 def build(config: PipelineConfig | None = None) -> Any:

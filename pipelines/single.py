@@ -12,11 +12,10 @@ and compiles to the IR YAML a cluster runs (``transferkit compile``).
 from typing import Any
 
 from kfp import dsl
+from transferkit.pipelines import PIPELINE_NAME
 from transferkit.pipelines.wiring import Cluster, prepare, register, train_and_evaluate
 
 from transferkit.config import PipelineConfig
-
-PIPELINE_NAME = "transferkit-transfer-learning"
 
 
 def build(config: PipelineConfig | None = None) -> Any:
