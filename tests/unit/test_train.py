@@ -110,6 +110,39 @@ def test_probe_reaches_scikit_learns_optimum(weighted: bool) -> None:
     np.testing.assert_allclose(ours, reference.predict_proba(x), atol=1e-3)
 
 
+def test_probe_standardises_by_blocks_and_in_place_only_when_allowed() -> None:
+    """Moments and standardisation by blocks (several blocks, a short last one, constant
+    columns) match numpy's whole-matrix float64 result; ``overwrite`` fits the same head
+    and is the only way the caller's matrices change."""
+    from transferkit.training import probe
+
+    rng = np.random.default_rng(5)
+    rows = 2 * probe.BLOCK_ROWS + 37
+    x = rng.normal(3.0, 2.0, size=(rows, 6)).astype(np.float32)
+    x[:, 4] = 7.0  # constant: its deviation is 0, its scale falls back to 1
+    y = (x[:, 0] + x[:, 1] > 6).astype(np.int64)
+    mean, std = probe._moments(x)
+    np.testing.assert_allclose(mean, x.mean(axis=0, dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=0, dtype=np.float64), rtol=1e-9, atol=1e-12)
+    std = np.where(std < 1e-8, 1.0, std)
+    expected = ((x - mean) / std).astype(np.float32)
+    np.testing.assert_array_equal(probe._standardized(x, mean, std), expected)
+    kept, val = x.copy(), x[:300].copy()
+    head, fit = fit_probe(x, y, val, y[:300], ["a", "b"], [1e-2], 200, "accuracy")
+    np.testing.assert_array_equal(x, kept)  # untouched without overwrite
+    again, fit_again = fit_probe(
+        x, y, val, y[:300], ["a", "b"], [1e-2], 200, "accuracy", overwrite=True
+    )
+    np.testing.assert_array_equal(x, expected)  # standardised in place
+    assert fit_again == fit
+    torch.testing.assert_close(again.weight, head.weight)
+    torch.testing.assert_close(again.bias, head.bias)
+    # A matrix that cannot take the result in place is copied whatever the caller allows.
+    frozen = kept.astype(np.float64)
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(probe._standardized(frozen, mean, std, in_place=True), expected)
+
+
 def test_length_grouped_batches_cover_everything_once() -> None:
     lengths = np.random.default_rng(1).integers(1, 60, size=1000)
     batches = length_grouped_batches(lengths, 16, np.random.default_rng(0), group=4)

@@ -117,4 +117,5 @@ def fit_linear_probe(
         probe.max_iter,
         config.evaluation.primary_metric,
         class_weights=ctx.class_weights,
+        overwrite=True,  # both matrices were loaded for this fit alone
     )

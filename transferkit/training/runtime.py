@@ -30,14 +30,16 @@ def seed_everything(seed: int) -> None:
 
 def environment(seed: int) -> dict[str, str]:
     """Seed, determinism settings, library versions and hardware recorded with every model."""
-    import transformers
+    from importlib.metadata import version
 
     from transferkit import __version__
 
     return {
         "transferkit": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        # The installed version, read without importing transformers (about 1 s): a linear
+        # probe's training step never needs the library itself.
+        "transformers": version("transformers"),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "device": str(device()),
