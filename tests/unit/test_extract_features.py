@@ -268,3 +268,58 @@ def test_half_precision_checkpoints_load_as_fp32(tmp_path: Path, tiny_backbone: 
     save_file({k: v.half() for k, v in weights.items()}, str(folder / "model.safetensors"))
     _, encoder = load_text_encoder(folder, "mean", False)
     assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+
+
+def _family_tokenizer(kind: str, tmp_path: Path, minilm_dir: Path) -> object:
+    from transformers import AutoTokenizer
+
+    from tests.families import tiny_clip, tiny_decoder
+
+    if kind in ("clip", "siglip"):
+        return tiny_clip.tokenizer(kind)
+    folder = minilm_dir
+    if kind == "gpt2":
+        folder = tiny_decoder.save_tiny_gpt2(tmp_path / kind)
+    elif kind == "llama":
+        folder = tiny_decoder.save_tiny_llama(tmp_path / kind)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if kind == "left":  # a tokenizer that keeps the end of long texts
+        tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["minilm", "left", "gpt2", "llama", "clip", "siglip"])
+def test_tokenize_gives_transformers_ids_for_every_family(
+    kind: str, tmp_path: Path, minilm_dir: Path, sentences: list[str]
+) -> None:
+    """The Rust fast path gives the ids transformers' own call gives, at every length cut,
+    for every family's tokenizer (special tokens, truncation side, empty and odd texts), and
+    leaves the tokenizer's own settings as they were."""
+    tokenizer = _family_tokenizer(kind, tmp_path, minilm_dir)
+    texts = [*sentences[:60], "", " ", "word " * 300, "héllo wörld 🙂 [SEP] <s> <eos> a photo"]
+    backend = tokenizer.backend_tokenizer
+    for max_length in (4, 16, 128):
+        before = (backend.truncation, backend.padding)
+        ours = text.tokenize(tokenizer, texts, max_length)
+        assert (backend.truncation, backend.padding) == before  # set on a copy only
+        expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert ours == expected, max_length
+        assert max(map(len, ours)) <= max_length
+
+
+def test_tokenize_without_a_rust_backend_asks_transformers() -> None:
+    class Slow:
+        is_fast = False
+
+        def __call__(self, texts: list[str], truncation: bool, max_length: int) -> dict:
+            assert truncation
+            return {"input_ids": [[len(t)][:max_length] for t in texts]}
+
+    assert text.tokenize(Slow(), ["ab", "abc"], 8) == [[2], [3]]
+
+
+def test_pad_fills_rows_in_order_and_masks_the_padding() -> None:
+    ids, mask = pad([[5, 6, 7], [8], [9, 10], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
