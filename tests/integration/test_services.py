@@ -213,6 +213,7 @@ def test_server_lost_mid_registration_then_back_the_retry_reuses_the_one_version
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_pipeline_with_the_tracking_server_down_fails_cleanly_and_reruns_to_one_version(
     tmp_path: Path,
     s3_env: S3Server,
@@ -236,6 +237,7 @@ def test_pipeline_with_the_tracking_server_down_fails_cleanly_and_reruns_to_one_
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_s3_lost_while_ingesting_is_retried_inside_the_step_and_the_run_recovers(
     tmp_path: Path,
     s3_env: S3Server,
@@ -421,6 +423,7 @@ def test_a_registration_stopped_with_sigterm_releases_everything_and_the_next_go
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_registration_killed_with_sigkill_is_broken_within_the_lease_and_said_so(
     tmp_path: Path, s3_env: S3Server, mlflow_server: MlflowServer, evaluated: tuple
 ) -> None:
@@ -504,6 +507,7 @@ def register_in_a_process(job: tuple[dict, list[str], str, str]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_concurrent_promotions_leave_exactly_one_champion_and_it_is_the_best(
     tmp_path: Path, mlflow_server: MlflowServer, evaluated: tuple
 ) -> None:

@@ -99,6 +99,7 @@ def versions(tracking_uri: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_new_data_retrains_once_and_an_unchanged_state_runs_nothing(
     tmp_path: Path,
     s3_env: S3Server,
