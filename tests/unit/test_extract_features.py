@@ -305,6 +305,10 @@ def test_tokenize_gives_transformers_ids_for_every_family(
         expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         assert ours == expected, max_length
         assert max(map(len, ours)) <= max_length
+    # A tokenizer whose truncation side changes after a first call is set up anew.
+    tokenizer.truncation_side = "right" if tokenizer.truncation_side == "left" else "left"
+    expected = tokenizer(texts, truncation=True, max_length=4)["input_ids"]
+    assert text.tokenize(tokenizer, texts, 4) == expected
 
 
 def test_tokenize_without_a_rust_backend_asks_transformers() -> None:

@@ -8,6 +8,7 @@ weights so that the saved head applies directly to raw pooled vectors.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -92,19 +93,24 @@ def _fit(
 BLOCK_ROWS = 2048
 
 
+def _centred_blocks(x: np.ndarray, mean: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``x - mean`` in float64, ``BLOCK_ROWS`` rows at a time, each block's first row with it;
+    every block is the same reused buffer, overwritten by the next."""
+    buffer = np.empty((min(BLOCK_ROWS, len(x)), x.shape[1]))
+    for start in range(0, len(x), BLOCK_ROWS):
+        block = x[start : start + BLOCK_ROWS]
+        yield start, np.subtract(block, mean, out=buffer[: len(block)])
+
+
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and (population) standard deviations in float64, two passes by blocks
-    through one reused float64 buffer."""
+    """Column means and (population) standard deviations in float64, two passes by blocks."""
     rows = max(len(x), 1)
     total = np.zeros(x.shape[1])
     for start in range(0, len(x), BLOCK_ROWS):
         total += x[start : start + BLOCK_ROWS].sum(axis=0, dtype=np.float64)
     mean = total / rows
     squares = np.zeros(x.shape[1])
-    buffer = np.empty((min(BLOCK_ROWS, len(x)), x.shape[1]))
-    for start in range(0, len(x), BLOCK_ROWS):
-        block = x[start : start + BLOCK_ROWS]
-        centred = np.subtract(block, mean, out=buffer[: len(block)])
+    for _, centred in _centred_blocks(x, mean):
         squares += np.einsum("ij,ij->j", centred, centred)
     return mean, np.sqrt(squares / rows)
 
@@ -112,16 +118,13 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _standardized(
     x: np.ndarray, mean: np.ndarray, std: np.ndarray, in_place: bool = False
 ) -> np.ndarray:
-    """``(x - mean) / std`` computed in float64 and stored in DTYPE, a block of rows at a time
-    through one reused float64 buffer; ``in_place``: into ``x`` itself when it is a writeable
-    DTYPE array (no second matrix: fresh memory is slow on some VMs, about 1 s for 100 MB)."""
+    """``(x - mean) / std`` computed in float64 and stored in DTYPE, by blocks; ``in_place``:
+    into ``x`` itself when it is a writeable DTYPE array (no second matrix: fresh memory is
+    slow on some VMs, about 1 s for 100 MB)."""
     usable = in_place and x.dtype == DTYPE and x.flags.writeable and x.flags.c_contiguous
     out = x if usable else np.empty(x.shape, dtype=DTYPE)
-    buffer = np.empty((min(BLOCK_ROWS, len(x)), x.shape[1]))
-    for start in range(0, len(x), BLOCK_ROWS):
-        block = x[start : start + BLOCK_ROWS]
-        scratch = np.subtract(block, mean, out=buffer[: len(block)])
-        out[start : start + len(block)] = np.divide(scratch, std, out=scratch)
+    for start, centred in _centred_blocks(x, mean):
+        out[start : start + len(centred)] = np.divide(centred, std, out=centred)
     return out
 
 
