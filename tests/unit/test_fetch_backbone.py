@@ -233,3 +233,33 @@ def test_links_inside_the_folder_are_copied_as_files(tmp_path: Path, minilm_dir:
     copied = tmp_path / "backbone" / "model" / "vocab.txt"
     assert not copied.is_symlink()
     assert copied.read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
+
+
+def test_model_types_checked_without_transformers_are_known_to_it() -> None:
+    """Fetch skips importing transformers for these types: each must really be one it knows
+    (a name here that it does not would let a broken folder through to extraction)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from transferkit.backbones.fetch import ESTABLISHED_MODEL_TYPES
+
+    assert sorted(ESTABLISHED_MODEL_TYPES - set(CONFIG_MAPPING_NAMES)) == []
+
+
+def test_fetching_a_bert_folder_does_not_import_transformers(tmp_path: Path) -> None:
+    """The fetch step of the quickstart loads no model: transformers (2 s) stays unimported."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.conftest import make_config\n"
+        "from transferkit.backbones import fetch_backbone\n"
+        f"config = make_config(Path({str(tmp_path)!r}), {DATA!r})\n"
+        f"fetch_backbone(config, Path({str(tmp_path / 'out')!r}))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -96,6 +96,17 @@ def _select(names: list[str], config: PipelineConfig, uri: str) -> tuple[list[st
     return keep, not safe
 
 
+# model_types every transformers release this project accepts (>= 4.46) knows: a folder of one
+# of these is checked without importing transformers (2 s of a fetch step that needs no model).
+ESTABLISHED_MODEL_TYPES = frozenset(
+    {
+        "albert", "bert", "camembert", "clip", "convnext", "deberta", "deberta-v2", "dinov2",
+        "distilbert", "electra", "gpt2", "gpt_neox", "llama", "mistral", "mpnet", "phi3",
+        "qwen2", "resnet", "roberta", "siglip", "swin", "vit", "xlm-roberta",
+    }
+)  # fmt: skip
+
+
 def _read_json_files(model_dir: Path, uri: str) -> dict[str, Any]:
     """Parse every JSON file of a fetched model folder (transformers reads them later, at
     extraction, with raw errors) and check that its ``model_type`` is one transformers knows.
@@ -107,9 +118,6 @@ def _read_json_files(model_dir: Path, uri: str) -> dict[str, Any]:
         BackboneError: a file that is not UTF-8 JSON (its name and the position), a
             config.json that is not an object, a missing or unknown model_type.
     """
-    from transformers import __version__ as transformers_version
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     from transferkit.backbones.resnet_cifar import RESNET_CIFAR
 
     parsed: dict[str, Any] = {}
@@ -142,6 +150,11 @@ def _read_json_files(model_dir: Path, uri: str) -> dict[str, Any]:
             'architecture; add it (e.g. "model_type": "bert") or save the model with '
             "save_pretrained"
         )
+    if model_type in ESTABLISHED_MODEL_TYPES:
+        return hf_config
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     if model_type not in CONFIG_MAPPING_NAMES:
         close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
