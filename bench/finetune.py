@@ -176,7 +176,7 @@ def run_ours(config: PipelineConfig, prepared: Prepared, folder: Path) -> Run:
         side="transferkit",
         examples_per_second=float(details["examples_per_second"]),
         train_wall_seconds=round(seconds, 2),
-        dev_accuracy=float(scored.scores.accuracy),
+        dev_accuracy=float(scored.scores.metric("accuracy")),
         rows=trained.labelled_examples,
         steps=int(details["steps"]),
         precision=trained.precision,

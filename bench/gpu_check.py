@@ -242,7 +242,7 @@ def main() -> int:
             "best_step": trained.details["best_step"],
             "best_validation_accuracy": round(trained.validation_metric, 4),
             "validations": trained.details["validations"],
-            "dev_accuracy": round(scored.scores.accuracy, 4),
+            "dev_accuracy": round(scored.scores.metric("accuracy"), 4),
             "precision": trained.precision,
         }
         report["runs"].append(run)

@@ -42,6 +42,7 @@ def evaluate(
     from transferkit import config as cfg
     from transferkit.evaluation import evaluate as score
     from transferkit.logs import configure_logging
+    from transferkit.metrics import Scores
 
     configure_logging()
     result = score(
@@ -52,9 +53,10 @@ def evaluate(
     )
     for name, value in result.kfp_metrics().items():
         metrics.log_metric(name, value)
-    classification_metrics.log_confusion_matrix(
-        result.scores.labels, result.scores.confusion_matrix
-    )
+    if isinstance(result.scores, Scores):  # label sets have no confusion matrix
+        classification_metrics.log_confusion_matrix(
+            result.scores.labels, result.scores.confusion_matrix
+        )
     if result.roc is not None:
         classification_metrics.log_roc_curve(
             result.roc["fpr"], result.roc["tpr"], result.roc["threshold"]

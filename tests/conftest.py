@@ -35,6 +35,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def read_goemotions(shared_data: Path, name: str, rows: int | None = None) -> pd.DataFrame:
+    """A GoEmotions file as documented (tab, no quoting, no header: text, comma-joined label
+    ids, comment id), every cell a string."""
+    return pd.read_csv(
+        shared_data / "goemotions" / name,
+        sep="\t",
+        header=None,
+        names=["text", "labels", "id"],
+        quoting=3,
+        dtype=str,
+        keep_default_na=False,
+        nrows=rows,
+    )
+
+
 @pytest.fixture(scope="session")
 def sst2_frames(shared_data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """SST-2 train and GLUE dev, read as the files are documented (tab, no quoting)."""

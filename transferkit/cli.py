@@ -107,8 +107,39 @@ def _sweep_table(sweep: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _set_lines(scores: dict[str, Any]) -> list[str]:
+    """The evaluation lines of a multi-label model: its headline metrics, then per label."""
+    lines = [
+        f"  {label:<16}{scores[key]:.4f}"
+        for key, label in (
+            ("macro_f1", "macro-F1"),
+            ("micro_f1", "micro-F1"),
+            ("samples_f1", "samples-F1"),
+            ("subset_accuracy", "subset acc."),
+            ("hamming_loss", "Hamming loss"),
+            ("mean_average_precision", "mean AP"),
+            ("roc_auc", "ROC-AUC"),
+        )
+    ]
+    lines[0] += f"   ({scores['rows']:,} rows)"
+    lines += ["", f"  {'label':<16}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}"]
+    for name, c in scores["per_label"].items():
+        lines.append(
+            f"  {name:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}"
+            f"{c['f1']:>10.4f}{c['support']:>10}"
+        )
+    return lines
+
+
 def _summary_table(summary: Any) -> str:
     scores = summary.scores
+    if "per_label" in scores:
+        lines = [
+            "",
+            "Evaluation" + (" (selected branch)" if summary.sweep else ""),
+            *_set_lines(scores),
+        ]
+        return _summary_tail(summary, lines)
     # A run ranked by ROC-AUC (the images' default) shows the ranking and clinical metrics.
     ranked = summary.primary_metric == "roc_auc"
     w = 13 if ranked else 11  # room for 'sensitivity'
@@ -143,6 +174,11 @@ def _summary_table(summary: Any) -> str:
             f"  {name:<16}{cls['precision']:>10.4f}{cls['recall']:>10.4f}"
             f"{cls['f1']:>10.4f}{cls['support']:>10}"
         )
+    return _summary_tail(summary, lines)
+
+
+def _summary_tail(summary: Any, lines: list[str]) -> str:
+    """``lines`` followed by the step times and where the model went."""
     lines += ["", "Steps"]
     for step, seconds in summary.step_seconds.items():
         shown = "cached" if step in summary.cached_steps else f"{seconds:7.1f} s"
@@ -406,9 +442,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
     if args.json:
         records = frame.assign(text=texts).to_dict(orient="records")
-        print(json.dumps(records, indent=2))
+        print(json.dumps(records, indent=2, default=list))  # label lists may be arrays
         return 0
     width = min(max(len(t) for t in texts), 60)
+    if "labels" in frame:  # a multi-label model: each text's labels with their probabilities
+        for row, text in enumerate(texts):
+            shown = text if len(text) <= width else text[: width - 1] + "…"
+            chosen = [f"{n} {frame[f'p_{n}'].iloc[row]:.3f}" for n in frame["labels"].iloc[row]]
+            print(f"{shown:<{width}}  {', '.join(chosen) or '(no label)'}")
+        return 0
     for text, label, score in zip(texts, frame["label"], frame["score"], strict=True):
         shown = text if len(text) <= width else text[: width - 1] + "…"
         print(f"{shown:<{width}}  {label:<12} {score:.3f}")

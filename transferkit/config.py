@@ -102,6 +102,12 @@ class DataConfig(_Model):
         "path and label; paths relative to the CSV).",
     )
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    columns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None,
+        min_length=1,
+        description="Column names of CSV/TSV files that have no header row, in file order (e.g. "
+        "GoEmotions: [text, labels, id]); unset: the first row names the columns.",
+    )
     image_column: str = Field(
         "path",
         min_length=1,
@@ -127,6 +133,13 @@ class DataConfig(_Model):
         description="Display names for raw label values, e.g. {0: negative, 1: positive}; "
         "predictions return these names.",
     )
+    label_delimiter: str = Field(
+        ",",
+        min_length=1,
+        max_length=8,
+        description="task: multi_label only: what joins a row's labels in one text cell "
+        "('joy,surprise'). A list cell (JSONL, Parquet) is read as the labels themselves.",
+    )
     max_rows: int | None = Field(
         None,
         gt=0,
@@ -143,6 +156,14 @@ class DataConfig(_Model):
         "backbone.max_length tokens anyway.",
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions, seed.")
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct_columns(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            repeated = sorted({c for c in value if value.count(c) > 1})
+            raise ValueError(f"data.columns names {', '.join(repeated)} twice; name each once")
+        return value
 
     @field_validator("label_names", mode="before")
     @classmethod
@@ -311,6 +332,7 @@ class Applies:
     """
 
     needs: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ("classification",)  # the values of 'task' it trains for
     multinode: bool = False  # one data-parallel loop: what a multi-node TrainJob runs
     labels: Literal["all", "k", "none"] = "all"  # the labels it reads: a budget, k, or none
     rung: int | None = None  # its place on auto's ladder (cheapest first); None: not a rung
@@ -319,7 +341,7 @@ class Applies:
 class LinearProbeConfig(_Model):
     """Freeze the backbone; fit a logistic-regression head on its features."""
 
-    applies: ClassVar[Applies] = Applies(rung=0)
+    applies: ClassVar[Applies] = Applies(rung=0, tasks=("classification", "multi_label"))
     name: Literal["linear_probe"] = "linear_probe"
     l2_grid: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
@@ -697,6 +719,13 @@ class TrainingConfig(_Model):
         "them. Applies to every strategy that learns from labels (the probe's objective, "
         "fine-tuning's cross-entropy, few_shot's head); 'none': every row weighs the same.",
     )
+    label_thresholds: Literal["per_label", "global"] | Annotated[float, Field(gt=0, lt=1)] = Field(
+        "per_label",
+        description="task: multi_label only: where a label's probability becomes a "
+        "decision. 'per_label' chooses each label's threshold for its F1 on the validation "
+        "split, 'global' one threshold for every label for evaluation.primary_metric; a "
+        "number fixes one. Recorded with the model, like decision_threshold.",
+    )
     decision_threshold: Literal["argmax", "tuned"] | Annotated[float, Field(gt=0, lt=1)] = Field(
         "argmax",
         description="How a binary model decides: 'argmax' predicts the more probable label; "
@@ -788,11 +817,24 @@ class TrainingConfig(_Model):
 class EvaluationConfig(_Model):
     """How the trained model is judged on the evaluation split."""
 
-    primary_metric: Literal["auto", "accuracy", "macro_f1", "roc_auc", "balanced_accuracy"] = Field(
+    primary_metric: Literal[
+        "auto",
+        "accuracy",
+        "macro_f1",
+        "roc_auc",
+        "balanced_accuracy",
+        "micro_f1",
+        "samples_f1",
+        "subset_accuracy",
+        "mean_average_precision",
+    ] = Field(
         "auto",
         description="Metric that selects checkpoints and decides promotion. 'auto': roc_auc "
         "for image data (threshold-free, robust to the class imbalance of medical sets; "
-        "one-vs-rest macro average beyond two labels), accuracy for text.",
+        "one-vs-rest macro average beyond two labels), accuracy for text, macro_f1 for "
+        "task: multi_label. micro_f1, samples_f1, subset_accuracy and "
+        "mean_average_precision judge label sets (task: multi_label), accuracy and "
+        "balanced_accuracy single labels.",
     )
     positive_label: str | None = Field(
         None,
@@ -1259,6 +1301,8 @@ def _strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
 
 
 DEFAULT_METRIC = {"text": "accuracy", "image": "roc_auc"}  # evaluation.primary_metric: auto
+# Metrics of label sets only (task: multi_label); it also takes macro_f1 and roc_auc.
+SET_METRICS = frozenset({"micro_f1", "samples_f1", "subset_accuracy", "mean_average_precision"})
 
 
 class PipelineConfig(_Model):
@@ -1268,6 +1312,11 @@ class PipelineConfig(_Model):
     (``transferkit.backbones.support``): at validate for a local folder, else at fetch.
     """
 
+    task: Literal["classification", "multi_label"] = Field(
+        "classification",
+        description="What a row's label is: one class ('classification'), or a set of "
+        "labels, possibly empty ('multi_label': each label predicted on its own).",
+    )
     data: DataConfig = Field(description="The labelled target dataset.")
     backbone: BackboneConfig = Field(
         default_factory=BackboneConfig, description="The pre-trained source model."
@@ -1309,9 +1358,24 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> PipelineConfig:
-        if self.evaluation.primary_metric == "auto":
-            # MedMNIST's convention for images; GLUE's for text.
-            self.evaluation.primary_metric = DEFAULT_METRIC[self.data.modality]  # type: ignore[assignment]
+        metric: str = self.evaluation.primary_metric
+        if metric == "auto":
+            # MedMNIST's convention for images; GLUE's for text; GoEmotions' for label sets.
+            multi = self.task == "multi_label"
+            metric = "macro_f1" if multi else DEFAULT_METRIC[self.data.modality]
+            self.evaluation.primary_metric = metric  # type: ignore[assignment]
+        if self.task == "multi_label":
+            return self._multi_label_settings(metric)
+        if metric in SET_METRICS:
+            raise ValueError(
+                f"evaluation.primary_metric: {metric} judges label sets (task: multi_label); "
+                "use accuracy, macro_f1, balanced_accuracy or roc_auc"
+            )
+        if self.training.label_thresholds != "per_label":  # set: a dumped config holds the default
+            raise ValueError(
+                "training.label_thresholds decides label sets (task: multi_label); a "
+                "classification model's rule is training.decision_threshold"
+            )
         if self.evaluation.primary_metric == "roc_auc" and self.registry.gate == "mcnemar":
             # McNemar counts rows right and wrong: it says nothing about a ranking metric.
             if "gate" in self.registry.model_fields_set:
@@ -1320,6 +1384,60 @@ class PipelineConfig(_Model):
                     "evaluation.primary_metric: accuracy)"
                 )
             self.registry.gate = "bootstrap"
+        return self
+
+    def _multi_label_settings(self, metric: str) -> PipelineConfig:
+        """What changes for task: multi_label: its metrics, its thresholds, its gate."""
+        if metric in ("accuracy", "balanced_accuracy"):
+            raise ValueError(
+                f"evaluation.primary_metric: {metric} judges one label per row; for label sets "
+                "use macro_f1, micro_f1, samples_f1, subset_accuracy, mean_average_precision "
+                "or roc_auc"
+            )
+        training = self.training
+        for key, unset in (("class_weights", "none"), ("decision_threshold", "argmax")):
+            if getattr(training, key) != unset:
+                raise ValueError(
+                    f"training.{key} applies to task: classification; a multi-label model "
+                    "decides each label by training.label_thresholds"
+                )
+        for key, what in (
+            ("examples_per_class", "a label budget counts examples of each label"),
+            ("cross_validation_folds", "folds are stratified on one label per row"),
+        ):
+            if getattr(training, key) is not None:
+                raise ValueError(
+                    f"training.{key}: {what}, which task: multi_label does not support yet; "
+                    "unset it"
+                )
+        for key in ("sweep", "backbone_selection"):
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"{key} does not support task: multi_label yet; train one strategy "
+                    "(strategy: linear_probe)"
+                )
+        if self.registry.gate == "mcnemar":
+            # McNemar counts rows right and wrong; a label set is seldom all right.
+            if "gate" in self.registry.model_fields_set:
+                raise ValueError(
+                    "registry.gate: mcnemar tests one decision per row; use bootstrap for "
+                    "task: multi_label"
+                )
+            self.registry.gate = "bootstrap"
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_strategies(self) -> PipelineConfig:
+        chosen = (
+            [b.strategy for b in self.sweep.branches] if self.sweep is not None else [self.strategy]
+        )
+        for strategy in chosen:
+            if self.task not in strategy.applies.tasks:
+                able = [n for n, m in STRATEGIES.items() if self.task in m.applies.tasks]  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"strategy '{strategy.name}' does not train task '{self.task}'; use "
+                    f"{' or '.join(able) or 'task: classification'}"
+                )
         return self
 
     @model_validator(mode="after")

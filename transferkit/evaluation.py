@@ -4,7 +4,9 @@ Output folder (a KFP artifact)::
 
     evaluation.json        headline metrics, per-class scores, confusion matrix
     predictions.parquet    label, predicted, probability per class, for every evaluation row
+                           (label sets: lists of label ids in label and predicted)
     confusion_matrix.png   the confusion matrix, counts and row-normalised shading
+    label_scores.png       label sets instead: each label's F1, precision and recall
     roc_curve.png          binary tasks: the ROC curve of the positive label
     report.md              a Markdown report (also logged to MLflow and shown by KFP)
 """
@@ -24,6 +26,7 @@ from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.data import load_label_map
 from transferkit.metrics import Scores, roc_points, score
+from transferkit.multilabel import MultiLabelScores, score_sets
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class EvaluationResult(BaseModel):
 
     primary_metric: str
     primary_value: float
-    scores: Scores
+    scores: Scores | MultiLabelScores
     strategy: str
     seconds: float
     roc: dict[str, list[float]] | None = None  # binary tasks: fpr, tpr, threshold
@@ -42,6 +45,8 @@ class EvaluationResult(BaseModel):
     def kfp_metrics(self) -> dict[str, float]:
         """Flat scalar metrics for KFP's Metrics artifact."""
         s = self.scores
+        if isinstance(s, MultiLabelScores):
+            return set_metrics(s)
         flat = {
             "accuracy": s.accuracy,
             "macro_f1": s.macro_f1,
@@ -58,7 +63,7 @@ class EvaluationResult(BaseModel):
                 if value is not None
             }
         )
-        for name, cls in self.scores.per_class.items():
+        for name, cls in s.per_class.items():
             flat.update(
                 {
                     f"precision_{name}": cls.precision,
@@ -67,6 +72,42 @@ class EvaluationResult(BaseModel):
                 }
             )
         return flat
+
+
+def set_metrics(s: MultiLabelScores) -> dict[str, float]:
+    """Flat scalar metrics of label sets: the headline ones, then F1 and ROC-AUC per label."""
+    keys = ("macro_f1", "micro_f1", "samples_f1", "subset_accuracy", "hamming_loss")
+    flat = {key: float(getattr(s, key)) for key in keys}
+    flat.update(mean_average_precision=s.mean_average_precision, roc_auc=s.roc_auc)
+    for name, label in s.per_label.items():
+        flat.update({f"f1_{name}": label.f1, f"roc_auc_{name}": label.roc_auc})
+    return flat
+
+
+def plot_label_scores(scores: MultiLabelScores, path: Path, title: str) -> None:
+    """Label sets' counterpart of the confusion matrix: F1, precision and recall per label,
+    labels sorted by F1, with each label's support."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(scores.per_label.items(), key=lambda item: item[1].f1)
+    height = max(3.0, 0.28 * len(items) + 1.2)
+    fig, ax = plt.subplots(figsize=(6.4, height), dpi=120)
+    rows = np.arange(len(items))
+    for offset, key, color in ((-0.25, "precision", "0.75"), (0.0, "recall", "0.55")):
+        ax.barh(rows + offset, [getattr(c, key) for _, c in items], 0.25, color=color, label=key)
+    ax.barh(rows + 0.25, [c.f1 for _, c in items], 0.25, color="tab:blue", label="F1")
+    ax.set_yticks(rows, [f"{name} ({c.support})" for name, c in items], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score at the label's threshold (support in brackets)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with storage.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot_confusion(scores: Scores, path: Path, title: str) -> None:
@@ -151,6 +192,72 @@ def prevalence(dataset: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _provenance(
+    result: EvaluationResult,
+    training: dict[str, Any],
+    dataset: dict[str, Any],
+    card: dict[str, Any],
+) -> list[str]:
+    """Report lines: label prevalence, provenance, and the overlap warning."""
+    lines = prevalence(dataset)
+    lines += [
+        "",
+        "| provenance | |",
+        "|---|---|",
+        f"| backbone | {card.get('backbone_source')} "
+        f"(`{card.get('backbone_fingerprint', '')[:12]}`) |",
+        f"| data | `{dataset.get('fingerprint', '')[:12]}`, rows {dataset.get('rows')} |",
+        f"| trainable parameters | {training.get('trainable_parameters', 0):,} of "
+        f"{training.get('total_parameters', 0):,} |",
+        f"| precision | training {training.get('precision')}, evaluation {result.precision} |",
+        f"| training seconds | {training.get('seconds')} |",
+    ]
+    from transferkit.backbones.modality import modality_of
+
+    overlap = dataset.get("overlap", {}).get("test", 0)
+    if overlap:
+        what = modality_of(dataset.get("modality") or "text").noun
+        lines += [
+            "",
+            f"> {overlap} evaluation {what} also occur in the training data; the "
+            "evaluation may be optimistic.",
+        ]
+    return lines
+
+
+def _set_report(
+    result: EvaluationResult,
+    s: MultiLabelScores,
+    training: dict[str, Any],
+    dataset: dict[str, Any],
+    card: dict[str, Any],
+) -> str:
+    """The report of a multi-label model: headline metrics, thresholds, per-label table."""
+    thresholds = (card.get("decision") or {}).get("thresholds") or []
+    lines = [
+        f"# Evaluation — {result.strategy}",
+        "",
+        f"**{result.primary_metric}: {result.primary_value:.4f}** on {s.rows:,} evaluation rows "
+        f"(macro-F1 {s.macro_f1:.4f}, micro-F1 {s.micro_f1:.4f}, samples-F1 "
+        f"{s.samples_f1:.4f}, subset accuracy {s.subset_accuracy:.4f}, Hamming loss "
+        f"{s.hamming_loss:.4f}, mean average precision {s.mean_average_precision:.4f}, "
+        f"ROC-AUC {s.roc_auc:.4f}); validation "
+        f"{training.get('primary_metric', result.primary_metric)} during training: "
+        f"{training.get('validation_metric', float('nan')):.4f}.",
+        "",
+        "| label | threshold | precision | recall | F1 | ROC-AUC | AP | support |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, (name, c) in enumerate(s.per_label.items()):
+        cut = f"{thresholds[i]:.3f}" if i < len(thresholds) else "—"
+        lines.append(
+            f"| {name} | {cut} | {c.precision:.4f} | {c.recall:.4f} | {c.f1:.4f} | "
+            f"{c.roc_auc:.4f} | {c.average_precision:.4f} | {c.support} |"
+        )
+    lines += _provenance(result, training, dataset, card)
+    return "\n".join(lines) + "\n"
+
+
 def render_report(
     result: EvaluationResult,
     training: dict[str, Any],
@@ -159,6 +266,8 @@ def render_report(
 ) -> str:
     """Markdown report of one evaluation: headline, per-class table, confusion, provenance."""
     s = result.scores
+    if isinstance(s, MultiLabelScores):
+        return _set_report(result, s, training, dataset, card)
     lines = [
         f"# Evaluation — {result.strategy}",
         "",
@@ -216,30 +325,15 @@ def render_report(
         f"| **{name}** | " + " | ".join(str(v) for v in row) + " |"
         for name, row in zip(s.labels, s.confusion_matrix, strict=True)
     ]
-    lines += prevalence(dataset)
-    lines += [
-        "",
-        "| provenance | |",
-        "|---|---|",
-        f"| backbone | {card.get('backbone_source')} "
-        f"(`{card.get('backbone_fingerprint', '')[:12]}`) |",
-        f"| data | `{dataset.get('fingerprint', '')[:12]}`, rows {dataset.get('rows')} |",
-        f"| trainable parameters | {training.get('trainable_parameters', 0):,} of "
-        f"{training.get('total_parameters', 0):,} |",
-        f"| precision | training {training.get('precision')}, evaluation {result.precision} |",
-        f"| training seconds | {training.get('seconds')} |",
-    ]
-    from transferkit.backbones.modality import modality_of
-
-    overlap = dataset.get("overlap", {}).get("test", 0)
-    if overlap:
-        what = modality_of(dataset.get("modality") or "text").noun
-        lines += [
-            "",
-            f"> {overlap} evaluation {what} also occur in the training data; the "
-            "evaluation may be optimistic.",
-        ]
+    lines += _provenance(result, training, dataset, card)
     return "\n".join(lines) + "\n"
+
+
+def _rows(labels: np.ndarray) -> Any:
+    """Labels as a predictions column: the ids, or for label sets each row's list of ids."""
+    if labels.ndim == 2:
+        return [np.flatnonzero(row).tolist() for row in labels]
+    return labels
 
 
 def evaluate(
@@ -272,11 +366,15 @@ def evaluate(
     precision = resolve_precision(config.evaluation.precision, target)
     proba = predict_proba(model, tokenizer, card, inputs, config.evaluation.batch_size, precision)
     predicted = card.decide(proba)
-    positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
-    scores = score(truth, predicted, card.labels, proba, positive)
     metric = config.evaluation.primary_metric
+    scores: Scores | MultiLabelScores
+    if card.multi_label:
+        scores = score_sets(truth, predicted, proba, card.labels)
+    else:
+        positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
+        scores = score(truth, predicted, card.labels, proba, positive)
     roc = None
-    if len(card.labels) == 2:
+    if isinstance(scores, Scores) and len(card.labels) == 2:
         index = card.labels.index(scores.positive_label or card.labels[1])
         fpr, tpr, threshold = roc_points(truth == index, proba[:, index])
         roc = {
@@ -298,16 +396,16 @@ def evaluate(
     dataset = storage.read_json(dataset_dir / "stats.json")
     with storage.atomic_dir(output_dir) as tmp:
         storage.write_json(tmp / "evaluation.json", result.model_dump())
-        frame = pd.DataFrame({"label": truth, "predicted": predicted})
+        frame = pd.DataFrame({"label": _rows(truth), "predicted": _rows(predicted)})
         for i, name in enumerate(card.labels):
             frame[f"p_{name}"] = proba[:, i]
         frame.to_parquet(tmp / "predictions.parquet", index=False)
-        plot_confusion(
-            scores,
-            tmp / "confusion_matrix.png",
-            f"{card.strategy}: {metric} {result.primary_value:.3f}",
-        )
-        if roc is not None:
+        title = f"{card.strategy}: {metric} {result.primary_value:.3f}"
+        if isinstance(scores, MultiLabelScores):
+            plot_label_scores(scores, tmp / "label_scores.png", title)
+        else:
+            plot_confusion(scores, tmp / "confusion_matrix.png", title)
+        if roc is not None and isinstance(scores, Scores):
             plot_roc(
                 np.asarray(roc["fpr"]),
                 np.asarray(roc["tpr"]),

@@ -8,6 +8,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from transferkit.multilabel import set_metric
+from transferkit.ranks import roc_auc
+
 
 class ClassScores(BaseModel):
     """Per-class precision, recall, F1 and support."""
@@ -48,32 +51,6 @@ class Scores(BaseModel):
         if value is None:
             raise ValueError(f"{name} needs class probabilities; pass proba to score()")
         return float(value)
-
-
-def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (the Mann–Whitney U statistic, ties counted half).
-
-    Args:
-        positive: boolean truth, True for the positive class.
-        scores: higher means more likely positive.
-
-    Returns:
-        The AUC; 0.5 when only one class is present (no ranking to judge).
-    """
-    positive = np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return 0.5
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = np.asarray(scores)[order]
-    # Average ranks over ties.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,14 +155,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Decision(BaseModel):
     """How class probabilities become predicted labels: the most probable label, or, for a
     binary task with a threshold (``training.decision_threshold``), the positive label when
-    its probability reaches the threshold. Recorded with the model (its card)."""
+    its probability reaches the threshold; for label sets, every label whose probability
+    reaches its own threshold. Recorded with the model (its card)."""
 
     positive: int | None = None
     threshold: float | None = None
+    # task: multi_label: one threshold per label (training.label_thresholds); a label is in
+    # the predicted set when its probability reaches its threshold.
+    thresholds: list[float] | None = None
 
     def apply(self, proba: np.ndarray) -> np.ndarray:
-        """Predicted label ids [rows] of class probabilities [rows, labels]."""
+        """Predicted label ids [rows] of class probabilities [rows, labels]; for a
+        multi-label model (``thresholds``) the predicted sets, boolean [rows, labels]."""
         proba = np.asarray(proba)
+        if self.thresholds is not None:
+            return proba >= np.asarray(self.thresholds, dtype=proba.dtype)
         if self.threshold is None or self.positive is None:
             return proba.argmax(axis=1)
         chosen = proba[:, self.positive] >= self.threshold
@@ -312,7 +296,8 @@ def paired_comparison(
     """Compare two classifiers' predictions on the same rows.
 
     Args:
-        truth: true label ids.
+        truth: true label ids, or label sets [rows, labels] (boolean; both models' decided
+            sets are then given as ``*_predicted``, their probabilities as the models').
         challenger: the new model's predicted ids [rows], or its class probabilities
             [rows, labels] (needed for roc_auc).
         champion: the current champion's, in the same form, on the same rows.
@@ -330,9 +315,18 @@ def paired_comparison(
     from statistics import NormalDist
 
     truth = np.asarray(truth)
-    new_ids, new_proba = _split(np.asarray(challenger), challenger_predicted)
-    old_ids, old_proba = _split(np.asarray(champion), champion_predicted)
-    right_new, right_old = new_ids == truth, old_ids == truth
+    sets = truth.ndim == 2  # label sets (task: multi_label): decisions given, probabilities
+    if sets:
+        assert challenger_predicted is not None
+        assert champion_predicted is not None
+        new_ids, new_proba = np.asarray(challenger_predicted), np.asarray(challenger)
+        old_ids, old_proba = np.asarray(champion_predicted), np.asarray(champion)
+        right_new = (new_ids == truth).all(axis=1)  # the whole set right
+        right_old = (old_ids == truth).all(axis=1)
+    else:
+        new_ids, new_proba = _split(np.asarray(challenger), challenger_predicted)
+        old_ids, old_proba = _split(np.asarray(champion), champion_predicted)
+        right_new, right_old = new_ids == truth, old_ids == truth
     only_new = int((right_new & ~right_old).sum())
     only_old = int((right_old & ~right_new).sum())
     rows = len(truth)
@@ -340,6 +334,9 @@ def paired_comparison(
     def value(rows: Any, ids: np.ndarray, proba: np.ndarray | None) -> float:
         """The metric on ``rows`` (an index, or every row)."""
         chosen = None if proba is None else proba[rows]
+        if sets:
+            assert chosen is not None
+            return set_metric(truth[rows], ids[rows], chosen, metric)
         return score(truth[rows], ids[rows], labels, chosen, positive).metric(metric)
 
     every = slice(None)

@@ -38,7 +38,9 @@ from transferkit.backbones.modality import dataset_modality
 from transferkit.config import PipelineConfig, flatten
 from transferkit.data import load_labels
 from transferkit.errors import RegistryError
+from transferkit.evaluation import set_metrics
 from transferkit.metrics import PairedComparison, paired_comparison
+from transferkit.multilabel import MultiLabelScores
 from transferkit.termination import sigterm_raises
 
 log = logging.getLogger(__name__)
@@ -517,6 +519,14 @@ def compare_with_champion(
             config, champion, dataset_dir, labels, Path(scratch)
         )
     new = predictions[[f"p_{name}" for name in labels]].to_numpy()
+    new_predicted = predictions["predicted"].to_numpy()
+    if truth.ndim == 2:  # label sets: each row's predicted ids back into a boolean matrix
+        if old_predicted.ndim != 2:
+            raise _IncomparableError(f"champion v{champion.version} predicts one label per row")
+        sets = np.zeros(truth.shape, dtype=bool)
+        for row, ids in enumerate(new_predicted):
+            sets[row, np.asarray(ids, dtype=np.int64)] = True
+        new_predicted = sets
     method = "mcnemar" if config.registry.gate == "none" else config.registry.gate
     return paired_comparison(
         truth,
@@ -528,7 +538,7 @@ def compare_with_champion(
         config.registry.significance,
         config.registry.bootstrap_samples,
         seed=config.training.seed,
-        challenger_predicted=predictions["predicted"].to_numpy(),
+        challenger_predicted=new_predicted,
         champion_predicted=old_predicted,
     )
 
@@ -560,6 +570,9 @@ def decide(
 
 def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
     scores = evaluation["scores"]
+    if "per_label" in scores:  # label sets
+        metrics = {f"test_{k}": v for k, v in set_metrics(MultiLabelScores(**scores)).items()}
+        return _run_metrics(metrics, training)
     metrics = {
         f"test_{name}": scores[name]
         for name in (
@@ -576,6 +589,15 @@ def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, 
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
         metrics[f"test_f1_{safe}"] = cls["f1"]
         metrics[f"test_recall_{safe}"] = cls["recall"]
+    return _run_metrics(metrics, training)
+
+
+def _run_metrics(metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
+    """``metrics`` with the training run's figures added, as MLflow metrics."""
+    metrics = {
+        "".join(ch if ch.isalnum() or ch in "-_./ " else "_" for ch in k): v
+        for k, v in metrics.items()
+    }
     metrics["validation_" + training["primary_metric"]] = training["validation_metric"]
     metrics["train_seconds"] = training["seconds"]
     metrics["trainable_parameters"] = float(training["trainable_parameters"])
@@ -716,9 +738,10 @@ def _log_run(
             params = {k: v[:MAX_PARAM] for k, v in flatten(config).items()}
             mlflow.log_params(params)
             mlflow.log_metrics(metrics)
+            sets = (paths["evaluation"] / "label_scores.png").exists()  # a multi-label model's
             for name in (
                 "report.md",
-                "confusion_matrix.png",
+                "label_scores.png" if sets else "confusion_matrix.png",
                 "roc_curve.png",
                 "evaluation.json",
                 "predictions.parquet",

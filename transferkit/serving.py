@@ -3,7 +3,9 @@
 ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(pd.DataFrame({"text": [...]}))``
 returns one row per text: ``label`` (the display name), ``score`` (its probability) and one
 ``p_<label>`` probability column per class. An image model takes a uint8 array of images
-[N, H, W, C] (or [N, H, W] greyscale) instead and returns the same columns.
+[N, H, W, C] (or [N, H, W] greyscale) instead and returns the same columns. A multi-label
+model (``task: multi_label``) returns ``labels``, each row's list of labels (possibly empty),
+and the same ``p_<label>`` columns, each label's own probability.
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
 def predictions_frame(proba: Any, labels: list[str], decision: Any = None) -> pd.DataFrame:
     """Probabilities [rows, labels] → label, score and p_<label> columns; the label by the
-    model's ``Decision`` (its card's; unset: the most probable label)."""
+    model's ``Decision`` (its card's; unset: the most probable label). A multi-label model's
+    (thresholds per label) gives a ``labels`` column instead: each row's list of labels."""
+    if decision is not None and decision.thresholds is not None:
+        chosen = decision.apply(proba)
+        frame = pd.DataFrame({"labels": [[labels[j] for j in np.flatnonzero(r)] for r in chosen]})
+        for i, name in enumerate(labels):
+            frame[f"p_{name}"] = proba[:, i].astype(float)
+        return frame
     best = proba.argmax(axis=1) if decision is None else decision.apply(proba)
     frame = pd.DataFrame(
         {

@@ -82,6 +82,7 @@ def test_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == {
+        "task",
         "data",
         "backbone",
         "backbone_selection",

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from tests.conftest import image_config
+from tests.conftest import image_config, read_goemotions
 from transferkit.config import PipelineConfig
 from transferkit.data import LabelMap
 from transferkit.data.readers import read_table
@@ -281,15 +281,7 @@ def test_goemotions_is_refused_as_multi_label_not_trained_as_one_class_per_set(
     shared_data: Path, tmp_path: Path
 ) -> None:
     """The real GoEmotions training file (no header: text, label ids, comment id)."""
-    raw = pd.read_csv(
-        shared_data / "goemotions" / "train.tsv",
-        sep="\t",
-        header=None,
-        names=["text", "labels", "id"],
-        quoting=3,
-        dtype=str,
-        keep_default_na=False,
-    )
+    raw = read_goemotions(shared_data, "train.tsv")
     path = tmp_path / "goemotions.tsv"
     raw.to_csv(path, sep="\t", index=False, quoting=3, escapechar="\\")
     with pytest.raises(DataError) as caught:

@@ -5,6 +5,7 @@ from transferkit.data.dataset import (
     LabelMap,
     load_images,
     load_label_map,
+    load_label_sets,
     load_labels,
     load_split,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "ingest_data",
     "load_images",
     "load_label_map",
+    "load_label_sets",
     "load_labels",
     "load_split",
 ]

@@ -75,15 +75,40 @@ def load_label_map(dataset_dir: Path) -> LabelMap:
 
 
 def load_split(dataset_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
-    """Texts and integer label ids of one split of a dataset artifact."""
+    """Texts and integer label ids of one split of a dataset artifact (label sets: a boolean
+    matrix [rows, labels])."""
     frame = pd.read_parquet(dataset_dir / f"{split}.parquet")
-    return frame["text"].tolist(), frame["label"].to_numpy(dtype=np.int64)
+    return frame["text"].tolist(), _labels(frame["label"], dataset_dir)
 
 
 def load_labels(dataset_dir: Path, split: str) -> np.ndarray:
-    """Integer label ids of one split (text or images)."""
+    """Integer label ids of one split (text or images); label sets as a boolean matrix."""
     frame = pd.read_parquet(dataset_dir / f"{split}.parquet", columns=["label"])
-    return frame["label"].to_numpy(dtype=np.int64)
+    return _labels(frame["label"], dataset_dir)
+
+
+def _labels(column: pd.Series, dataset_dir: Path) -> np.ndarray:
+    """A split's labels: int64 ids [rows], or for label sets (task: multi_label) a boolean
+    matrix [rows, labels] (row i, column j: row i carries label j)."""
+    if column.dtype != object:
+        return column.to_numpy(dtype=np.int64)
+    sets = np.zeros((len(column), len(load_label_map(dataset_dir))), dtype=bool)
+    for row, ids in enumerate(column.tolist()):
+        sets[row, np.asarray(ids, dtype=np.int64)] = True
+    return sets
+
+
+def load_label_sets(dataset_dir: Path, split: str) -> np.ndarray:
+    """The label sets of one split of a ``task: multi_label`` dataset as a boolean matrix
+    [rows, labels] (row i, column j: row i carries label j).
+
+    Raises:
+        DataError: the dataset has one label per row.
+    """
+    sets = load_labels(dataset_dir, split)
+    if sets.ndim != 2:
+        raise DataError(f"{dataset_dir}: one label per row, not label sets (task: classification)")
+    return sets
 
 
 def load_images(dataset_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

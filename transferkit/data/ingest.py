@@ -54,6 +54,7 @@ class IngestResult(BaseModel):
     """What ingest_data wrote, for KFP metadata and the run summary."""
 
     modality: str = "text"
+    task: str = "classification"  # multi_label: each row holds a set of labels (list of ids)
     image: ImageStats | None = None
     fingerprint: str
     rows: dict[str, int]
@@ -171,7 +172,14 @@ def _read_texts(
     path = storage.fetch_file(uri, scratch, config.storage)
     data = config.data
     frame = read_table(
-        path, uri, fmt, data.text_column, data.label_column, max_text_chars=data.max_text_chars
+        path,
+        uri,
+        fmt,
+        data.text_column,
+        data.label_column,
+        max_text_chars=data.max_text_chars,
+        label_delimiter=data.label_delimiter if config.task == "multi_label" else None,
+        columns=data.columns,
     )
     log.info("read %s rows from %s", f"{len(frame):,}", uri)
     return frame
@@ -197,15 +205,36 @@ def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return mask
 
 
+def _strata(labels: pd.Series) -> np.ndarray:
+    """What a stratified split keeps in proportion: the label of each row, or for label sets
+    (multi_label) the rarest label of each set ('' for an empty set): every label keeps about
+    its share in each split, where stratifying on whole sets would leave rare combinations
+    out of the smaller splits altogether."""
+    values = labels.to_numpy()
+    if not len(values) or not isinstance(values[0], tuple):
+        return values
+    counts = pd.Series([label for labels in values for label in labels]).value_counts()
+    rank = {label: i for i, label in enumerate(reversed(counts.index.tolist()))}  # rarest first
+    return np.array([min(s, key=rank.__getitem__) if s else "" for s in values], dtype=object)
+
+
+def _label_values(labels: pd.Series) -> set[str]:
+    """The distinct labels of a column (the members of its sets, for multi_label)."""
+    values = labels.to_numpy()
+    if len(values) and isinstance(values[0], tuple):
+        return {label for labels in values for label in labels}
+    return set(values.tolist())
+
+
 def _carve(rows: Rows, fraction: float, rng: np.random.Generator) -> tuple[Rows, Rows]:
-    mask = _stratified_take(_frame(rows)["label"].to_numpy(), fraction, rng)
+    mask = _stratified_take(_strata(_frame(rows)["label"]), fraction, rng)
     return _subset(rows, ~mask), _subset(rows, mask)
 
 
 def _cap(rows: Rows, max_rows: int | None, rng: np.random.Generator) -> Rows:
     if not max_rows or len(rows) <= max_rows:
         return rows
-    keep = _stratified_take(_frame(rows)["label"].to_numpy(), max_rows / len(rows), rng)
+    keep = _stratified_take(_strata(_frame(rows)["label"]), max_rows / len(rows), rng)
     log.info("sampled %s of %s rows (data.max_rows)", f"{keep.sum():,}", f"{len(rows):,}")
     return _subset(rows, keep)
 
@@ -270,8 +299,22 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
     train = _frame(splits["train"])
     if train.empty:
         raise DataError(f"{sources['train']}: training split is empty; provide more rows")
-    classes = train["label"].unique()
-    if len(classes) < 2:
+    if config.task == "multi_label":
+        if not isinstance(train["label"].iloc[0], tuple):
+            raise DataError(
+                f"{sources['train']}: task: multi_label reads label sets from a table's label "
+                "column, and this data has one label per row (an image set); use task: "
+                "classification"
+            )
+        classes = np.array(sorted(_label_values(train["label"])), dtype=object)
+        if not len(classes):
+            raise DataError(
+                f"{sources['train']}: no training row has a label; label some rows in column "
+                f"'{config.data.label_column}'"
+            )
+    else:
+        classes = train["label"].unique()
+    if len(classes) < 2 and config.task != "multi_label":
         raise DataError(
             f"{sources['train']}: training split has a single class ('{classes[0]}'); at least "
             f"two labels are needed — check data.label_column ('{config.data.label_column}')"
@@ -291,9 +334,10 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
                 f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "
                 f"data.split.{name}"
             )
-        unseen = sorted(set(frame["label"].unique()) - seen)
+        unseen = sorted(_label_values(frame["label"]) - seen)
         if unseen:
-            count = int(frame["label"].isin(unseen).sum())
+            strays = set(unseen)
+            count = int(sum(bool(strays.intersection(_members(v))) for v in frame["label"]))
             shown = ", ".join(repr(v) for v in unseen[:5])
             raise DataError(
                 f"{sources[name]}: {name} split has labels never seen in training: {shown} "
@@ -313,6 +357,11 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
                     f"{sources[name]}: {name} images are {w}×{h}×{c} but training images are "
                     f"{tw}×{th}×{tc}; set data.image_size / data.image_mode to make them agree"
                 )
+
+
+def _members(label: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The labels of one row's cell: the set itself, or its one label."""
+    return label if isinstance(label, tuple) else (label,)
 
 
 def _keys(rows: Rows) -> pd.Series:
@@ -349,6 +398,25 @@ def _image_stats(images: np.ndarray) -> ImageStats:
     )
 
 
+def _encoded(frame: pd.DataFrame, label_map: LabelMap) -> pd.DataFrame:
+    """The frame with its labels as ids: an int32 per row, or for label sets a sorted list
+    of ids per row (stored as a Parquet list column)."""
+    labels = frame["label"]
+    if len(labels) and isinstance(labels.iloc[0], tuple):
+        index = {value: i for i, value in enumerate(label_map.values)}
+        ids = [sorted(index[v] for v in members) for members in labels.tolist()]
+        return frame.assign(label=pd.Series(ids, index=frame.index, dtype=object))
+    return frame.assign(label=label_map.encode(labels).astype("int32"))
+
+
+def _label_counts(frame: pd.DataFrame, label_map: LabelMap) -> np.ndarray:
+    """Rows carrying each label (a row of a set counts once for each of its labels)."""
+    labels = frame["label"].to_numpy()
+    if len(labels) and isinstance(labels[0], list):
+        labels = np.fromiter((i for ids in labels for i in ids), dtype=np.int64)
+    return np.bincount(labels.astype(np.int64), minlength=len(label_map))
+
+
 def data_stamp(config: PipelineConfig) -> str:
     """Content stamp of every data source (S3: ETags and sizes of the objects under each URI;
     local: sha256), in config order: changes whenever data behind the URIs changes."""
@@ -377,18 +445,15 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
         raw_splits, sources = _split(config, Path(scratch))
     _check(raw_splits, sources, config)
     label_map = LabelMap.from_values(
-        _frame(raw_splits["train"])["label"].unique(), config.data.label_names
+        _label_values(_frame(raw_splits["train"])["label"]), config.data.label_names
     )
-    frames = {
-        name: _frame(rows).assign(label=label_map.encode(_frame(rows)["label"]).astype("int32"))
-        for name, rows in raw_splits.items()
-    }
+    frames = {name: _encoded(_frame(rows), label_map) for name, rows in raw_splits.items()}
     keys = {name: _keys(rows) for name, rows in raw_splits.items()}
     what = NOUNS[config.data.modality]
 
     train_keys = keys["train"]
     duplicated = train_keys.duplicated(keep=False).to_numpy()
-    train_labels = frames["train"]["label"].to_numpy()
+    train_labels = _frame(raw_splits["train"])["label"].to_numpy()
     conflicting = int(
         pd.DataFrame({"key": train_keys[duplicated], "label": train_labels[duplicated]})
         .groupby("key")["label"]
@@ -411,14 +476,14 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
     train_rows = raw_splits["train"]
     result = IngestResult(
         modality=config.data.modality,
+        task=config.task,
         image=_image_stats(train_rows.images) if isinstance(train_rows, ImageRows) else None,
         fingerprint=fingerprint,
         rows={name: len(frame) for name, frame in frames.items()},
         labels=label_map.names,
         class_balance={
             name: {
-                label_map.names[i]: int(c)
-                for i, c in enumerate(np.bincount(frame["label"], minlength=len(label_map)))
+                label_map.names[i]: int(c) for i, c in enumerate(_label_counts(frame, label_map))
             }
             for name, frame in frames.items()
         },

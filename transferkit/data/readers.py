@@ -55,12 +55,18 @@ def _decode(raw: bytes, name: str) -> str:
         ) from None
 
 
-def _read_delimited(raw: bytes, name: str, sep: str) -> pd.DataFrame:
+def _read_delimited(
+    raw: bytes, name: str, sep: str, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """A CSV/TSV as strings; ``columns`` names the columns of a file without a header row."""
     text = _decode(raw, name)
     try:
         return pd.read_csv(
             io.StringIO(text),
             sep=sep,
+            header=None if columns else "infer",
+            names=columns,
+            index_col=False,  # a row with more fields than names is an error, not an index
             dtype=str,
             keep_default_na=False,
             na_filter=False,
@@ -221,7 +227,7 @@ def _cell(value: Any) -> str | None:
     return text or None
 
 
-def _frame(path: Path, name: str, fmt: str) -> pd.DataFrame:
+def _frame(path: Path, name: str, fmt: str, columns: list[str] | None = None) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataError(f"{name}: the file is empty; point the config at a file with rows")
     if fmt == "parquet":
@@ -231,19 +237,20 @@ def _frame(path: Path, name: str, fmt: str) -> pd.DataFrame:
         frame = (
             _read_jsonl(raw, name)
             if fmt == "jsonl"
-            else _read_delimited(raw, name, "\t" if fmt == "tsv" else ",")
+            else _read_delimited(raw, name, "\t" if fmt == "tsv" else ",", columns)
         )
     if frame.empty:
         raise DataError(f"{name}: no data rows; the file has a header only")
     return frame
 
 
-def _position(frame: pd.DataFrame, fmt: str) -> Callable[[int], str]:
+def _position(frame: pd.DataFrame, fmt: str, header: bool = True) -> Callable[[int], str]:
     """How the row at ``index`` is named in errors, 1-based as a person counts: 'line N' of a
-    delimited file (after its header) or of a JSONL file (blank lines counted), 'row N' of
-    Parquet."""
+    delimited file (after its header, if it has one) or of a JSONL file (blank lines
+    counted), 'row N' of Parquet."""
     if fmt in ("csv", "tsv"):
-        return lambda index: f"line {index + 2}"
+        first = 2 if header else 1
+        return lambda index: f"line {index + first}"
     if fmt == "jsonl":  # _read_jsonl indexes the records by their line
         lines = frame.index
         return lambda index: f"line {lines[index]}"
@@ -306,9 +313,9 @@ def _check_one_class_per_row(labels: pd.Series, name: str, column: str) -> None:
         if len(parts & distinct) >= 0.5 * len(parts):
             raise DataError(
                 f"{name}: {len(held):,} of {rows:,} labels in column '{column}' join several "
-                f"labels with '{delimiter}' (e.g. {held.iloc[0]!r}) — a multi-label dataset; "
-                "transferkit trains one class per row (multi-label tasks are not supported "
-                "yet): keep one label per row"
+                f"labels with '{delimiter}' (e.g. {held.iloc[0]!r}) — a multi-label dataset, "
+                f"which task: classification would train as one class per set; set task: "
+                f"multi_label (data.label_delimiter: '{delimiter}')"
             )
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all() and (numbers % 1 != 0).any() and numbers.nunique() > 20:
@@ -321,6 +328,39 @@ def _check_one_class_per_row(labels: pd.Series, name: str, column: str) -> None:
         )
 
 
+def _label_set(
+    value: Any, delimiter: str, name: str, column: str, where: str
+) -> tuple[str, ...] | None:
+    """One multi-label cell as its sorted, distinct labels; None for a missing cell.
+
+    A list cell (JSONL, Parquet) holds the labels themselves, an empty list none of them; a
+    string cell is split at ``delimiter``; a number is one label.
+
+    Raises:
+        DataError: the cell, or one of its items, is not a label (a mapping, a nested list).
+    """
+    kind = _kind(value)
+    if kind == "list":
+        items = list(value)
+    elif kind in ("string", "number", "bool"):
+        text = _cell(value)
+        if text is None or text in MISSING_LABELS:
+            return None
+        items = text.split(delimiter)
+    elif kind == "missing":
+        return None
+    else:
+        items = [value]
+    odd = next((item for item in items if _kind(item) not in ("string", "number", "bool")), None)
+    if odd is not None:
+        raise DataError(
+            f"{name} {where}: column '{column}' holds {_ODD.get(_kind(odd), 'a ' + _kind(odd))} "
+            f"({_shown(odd)}) as a label; a multi-label cell is a list of labels or labels "
+            f"joined by data.label_delimiter ('{delimiter}')"
+        )
+    return tuple(sorted({text for text in map(_cell, items) if text is not None}))
+
+
 def read_table(
     path: Path,
     name: str,
@@ -328,8 +368,10 @@ def read_table(
     text_column: str,
     label_column: str,
     max_text_chars: int | None = None,
+    label_delimiter: str | None = None,
+    columns: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Read a labelled table into ``text``/``label`` string columns.
+    """Read a labelled table into a ``text`` string column and a ``label`` column.
 
     Args:
         path: local file.
@@ -338,34 +380,51 @@ def read_table(
         text_column: column with the input text.
         label_column: column with the label.
         max_text_chars: longest text accepted (``data.max_text_chars``); None: no limit.
+        label_delimiter: None for one label per row (strings); for ``task: multi_label`` what
+            joins a row's labels in one string cell: the ``label`` column then holds tuples
+            of sorted distinct labels (lists in JSONL/Parquet are read as they are).
+        columns: the column names of a CSV/TSV without a header row (``data.columns``).
 
     Raises:
         DataError: unreadable file, missing column, empty text or label, or a text longer
             than ``max_text_chars`` (with the row).
     """
-    frame = _frame(path, name, fmt)
+    frame = _frame(path, name, fmt, columns)
     for column, key in ((text_column, "text_column"), (label_column, "label_column")):
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns[:12]))
             raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
-    at = _position(frame, fmt)
+    at = _position(frame, fmt, header=not columns)
     _check_text_cells(frame, text_column, name, at)
-    _check_label_cells(frame, label_column, name, at)
     texts = [_cell(v) for v in frame[text_column].tolist()]
-    labels = [_cell(v) for v in frame[label_column].tolist()]
-    labels = [None if label in MISSING_LABELS else label for label in labels]
+    labels: list[Any]
+    if label_delimiter is None:
+        _check_label_cells(frame, label_column, name, at)
+        labels = [_cell(v) for v in frame[label_column].tolist()]
+        labels = [None if label in MISSING_LABELS else label for label in labels]
+    else:
+        labels = [
+            _label_set(v, label_delimiter, name, label_column, at(i))
+            for i, v in enumerate(frame[label_column].tolist())
+        ]
     for index, (text, label) in enumerate(zip(texts, labels, strict=True)):
         if text is None:
             raise DataError(
                 f"{name} {at(index)}: empty text in column '{text_column}'; fill or remove the row"
             )
         if label is None:
+            empty_set = (
+                ""
+                if label_delimiter is None
+                else " (a row with no labels is an empty list in JSONL or Parquet)"
+            )
             raise DataError(
                 f"{name} {at(index)}: empty or NaN label in column "
-                f"'{label_column}'; label or remove the row"
+                f"'{label_column}'; label or remove the row{empty_set}"
             )
     table = pd.DataFrame({"text": texts, "label": labels})
-    _check_one_class_per_row(table["label"], name, label_column)
+    if label_delimiter is None:
+        _check_one_class_per_row(table["label"], name, label_column)
     if max_text_chars is not None:
         lengths = table["text"].str.len()
         too_long = lengths[lengths > max_text_chars]

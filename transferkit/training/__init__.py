@@ -24,11 +24,11 @@ from transferkit.backbones import load_backbone_info
 from transferkit.backbones.text import resolve_precision
 from transferkit.config import PipelineConfig
 from transferkit.data import load_label_map, load_labels
-from transferkit.metrics import score
+from transferkit.metrics import Decision, score
 from transferkit.training.context import Context, Fitted, budget_rows
 from transferkit.training.crossval import fold_datasets
 from transferkit.training.distributed import Layout
-from transferkit.training.imbalance import class_weights, decision
+from transferkit.training.imbalance import class_weights, decision, label_thresholds
 from transferkit.training.model import (
     Classifier,
     ModelCard,
@@ -97,34 +97,29 @@ def _save_decided(
     record: dict[str, Any],
     precision: str,
 ) -> None:
-    """Save the fitted model with its decision rule (``training.decision_threshold``); a
-    tuned threshold is chosen on the validation split's probabilities, predicted by the
-    model as evaluate predicts it."""
+    """Save the fitted model with its decision rule (``training.decision_threshold``, or a
+    multi-label model's ``training.label_thresholds``); a tuned threshold is chosen on the
+    validation split's probabilities, predicted by the model as evaluate predicts it."""
     card = _card(config, ctx, fitted)
-    setting = config.training.decision_threshold
     metric = config.evaluation.primary_metric
-    validation = None
-    if setting == "tuned":
-        processor, encoder = fitted.encoder or ctx.load_encoder()
-        model = Classifier(encoder, len(ctx.labels))
-        model.head.load_state_dict(fitted.head.state_dict())
-        inputs, truth = ctx.modality.load(ctx.dataset_dir, "validation")
-        proba = predict_proba(
-            model.to(ctx.target).eval(),
-            processor,
-            card,
-            inputs,
-            config.evaluation.batch_size,
-            precision,
+    rule: Decision | None
+    if card.multi_label:  # a threshold per label (training.label_thresholds)
+        setting: Any = config.training.label_thresholds
+        tuned = isinstance(setting, str)
+        sets = _validation_proba(ctx, fitted, card, precision, config) if tuned else None
+        rule, measured = label_thresholds(setting, ctx.labels, metric, sets)
+    else:
+        setting = config.training.decision_threshold
+        validation = None
+        if setting == "tuned":
+            validation = _validation_proba(ctx, fitted, card, precision, config)
+        rule, measured = decision(
+            setting, ctx.label_map, config.evaluation.positive_label, metric, validation
         )
-        validation = (truth, proba)
-    rule, measured = decision(
-        setting, ctx.label_map, config.evaluation.positive_label, metric, validation
-    )
-    if validation is not None:
-        truth, proba = validation
-        at_argmax = score(truth, proba.argmax(axis=1), ctx.labels, proba).metric(metric)
-        measured[f"validation_{metric}_argmax"] = at_argmax
+        if validation is not None:
+            truth, proba = validation
+            at_argmax = score(truth, proba.argmax(axis=1), ctx.labels, proba).metric(metric)
+            measured[f"validation_{metric}_argmax"] = at_argmax
     if rule is not None:
         record.setdefault("details", {})["decision"] = {**rule.model_dump(), **measured}
     save_classifier(
@@ -135,6 +130,26 @@ def _save_decided(
         encoder=fitted.encoder,
         encoder_dir=ctx.backbone_dir / "model",
     )
+
+
+def _validation_proba(
+    ctx: Context, fitted: Fitted, card: ModelCard, precision: str, config: PipelineConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validation labels and the fitted model's probabilities for them, predicted as
+    evaluate predicts (the whole model, the evaluation's precision)."""
+    processor, encoder = fitted.encoder or ctx.load_encoder()
+    model = Classifier(encoder, len(ctx.labels))
+    model.head.load_state_dict(fitted.head.state_dict())
+    inputs, truth = ctx.modality.load(ctx.dataset_dir, "validation")
+    proba = predict_proba(
+        model.to(ctx.target).eval(),
+        processor,
+        card,
+        inputs,
+        config.evaluation.batch_size,
+        precision,
+    )
+    return truth, proba
 
 
 def _card(config: PipelineConfig, ctx: Context, fitted: Fitted) -> ModelCard:
@@ -155,6 +170,7 @@ def _card(config: PipelineConfig, ctx: Context, fitted: Fitted) -> ModelCard:
         image=info.image,
         family=ctx.family.name,
         modality=info.modality,
+        multi_label=config.task == "multi_label",
     )
 
 

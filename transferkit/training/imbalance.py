@@ -12,6 +12,7 @@ import torch
 from transferkit.data import LabelMap
 from transferkit.errors import DataError
 from transferkit.metrics import Decision, tune_threshold
+from transferkit.multilabel import score_sets, tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +126,41 @@ def weighted_cross_entropy(
         logits, targets, label_smoothing=label_smoothing, reduction="none"
     ) * row_weights.to(logits.dtype)
     return per_row.mean() if reduction == "mean" else per_row.sum()
+
+
+def label_thresholds(
+    setting: str | float,
+    labels: list[str],
+    metric: str,
+    validation: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[Decision, dict[str, float]]:
+    """A multi-label model's thresholds (``training.label_thresholds``), and what choosing
+    them measured on validation.
+
+    Args:
+        setting: 'per_label', 'global' or one threshold for every label.
+        labels: label names.
+        metric: the primary metric ('global' maximises it; 'per_label' each label's F1).
+        validation: (label sets [rows, labels], probabilities) of the validation split, for
+            the tuned settings.
+    """
+    if not isinstance(setting, str):
+        return Decision(thresholds=[float(setting)] * len(labels)), {}
+    assert validation is not None
+    truth, proba = validation
+    cuts = tune_thresholds(truth, proba, setting, metric)  # type: ignore[arg-type]
+    tuned = score_sets(truth, proba >= cuts, proba, labels).metric(metric)
+    at_half = score_sets(truth, proba >= 0.5, proba, labels).metric(metric)
+    log.info(
+        "label thresholds (%s, %.3f-%.3f): validation %s %.4f (%.4f at 0.5)",
+        setting,
+        float(cuts.min()),
+        float(cuts.max()),
+        metric,
+        tuned,
+        at_half,
+    )
+    return Decision(thresholds=[float(c) for c in cuts]), {
+        f"validation_{metric}": tuned,
+        f"validation_{metric}_at_0.5": at_half,
+    }

@@ -29,6 +29,7 @@ from transferkit.backbones.images import ImageInput
 from transferkit.backbones.modality import Modality, card_modality
 from transferkit.errors import TransferkitError
 from transferkit.metrics import Decision, softmax
+from transferkit.multilabel import sigmoid
 
 MODEL_FORMAT = 1
 CARD = "transferkit.json"
@@ -66,10 +67,19 @@ class ModelCard(BaseModel):
     # A binary model's threshold (training.decision_threshold); None: the most probable
     # label. Left out of cards without one, so that their fingerprints stay as they were.
     decision: Decision | None = None
+    # task: multi_label: a sigmoid per label (independent probabilities) and a set per row.
+    # Left out of single-label cards, like ``decision``.
+    multi_label: bool = False
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
-        """Predicted label ids [rows] of class probabilities [rows, labels]."""
+        """Predicted label ids [rows] of class probabilities [rows, labels] (label sets:
+        boolean [rows, labels])."""
         return (self.decision or Decision()).apply(proba)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The head's logits as probabilities: softmax over labels, or a sigmoid per label
+        for a multi-label model."""
+        return sigmoid(logits) if self.multi_label else softmax(logits)
 
     def input_modality(self) -> Modality:
         """The modality of the inputs this model classifies."""
@@ -90,6 +100,19 @@ class Classifier(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(*inputs).float())
+
+
+def card_json(card: ModelCard) -> dict[str, Any]:
+    """The card as stored: fields added for newer tasks left out at their defaults, so that
+    single-label models keep the cards (and fingerprints) they had."""
+    unset: dict[str, Any] = {}
+    if card.decision is None:
+        unset["decision"] = True
+    elif card.decision.thresholds is None:
+        unset["decision"] = {"thresholds"}
+    if not card.multi_label:
+        unset["multi_label"] = True
+    return card.model_dump(exclude=unset)
 
 
 def save_head(head: nn.Linear, path: Path) -> None:
@@ -133,8 +156,7 @@ def save_classifier(
         hf_config["label2id"] = {name: i for i, name in enumerate(card.labels)}
         storage.write_json(target / "config.json", hf_config)
         save_head(head, tmp / "head.safetensors")
-        unset = {"decision"} if card.decision is None else None
-        storage.write_json(tmp / CARD, card.model_dump(exclude=unset))
+        storage.write_json(tmp / CARD, card_json(card))
         storage.write_json(tmp / RUN_RECORD, report)
 
 
@@ -211,7 +233,9 @@ def predict_proba(
 
     ``inputs`` are texts for a text model, uint8 images [N, H, W, C] for an image model.
     """
-    return softmax(_run(model, tokenizer, card, inputs, batch_size, precision, "predict"))
+    return card.probabilities(
+        _run(model, tokenizer, card, inputs, batch_size, precision, "predict")
+    )
 
 
 def embed(

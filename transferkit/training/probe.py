@@ -1,4 +1,5 @@
-"""Linear probe: multinomial logistic regression on frozen features.
+"""Linear probe: multinomial logistic regression on frozen features (one logistic regression
+per label for label sets).
 
 Features are standardised with training statistics, the L2 penalty is chosen on the
 validation split from a small grid, and the standardisation is folded into the head's
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from transferkit.metrics import metric_of_logits
+from transferkit.multilabel import metric_of_set_logits
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ def _fit(
     start: nn.Linear | None = None,
 ) -> nn.Linear:
     """Minimise the (row-weighted) mean cross-entropy plus ``l2/2 * |W|^2`` with L-BFGS,
-    from ``start``'s weights (a warm start) or from zero.
+    from ``start``'s weights (a warm start) or from zero. ``y``: label ids [rows], or label
+    sets [rows, labels] (0/1), for which the loss is one binary log-loss per label.
 
     The loss and its gradient are written out (softmax minus one-hot, then one product with
     the features) rather than taken by autograd: one pass over the features per evaluation
@@ -67,18 +70,31 @@ def _fit(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-    rows = torch.ones(len(y), dtype=torch.float64) if weights is None else weights[y].double()
+    sets = y.dim() == 2  # label sets (multi_label): a sigmoid and a log-loss per label
+    if sets:
+        rows = torch.ones(len(y), dtype=torch.float64)
+        targets = y.double()
+    else:
+        rows = torch.ones(len(y), dtype=torch.float64) if weights is None else weights[y].double()
+        targets = nn.functional.one_hot(y, num_labels).double()
     rows = rows / len(y)  # each row weighs its label's weight; the mean over rows
-    targets = nn.functional.one_hot(y, num_labels).double()
 
     @torch.no_grad()
     def closure() -> torch.Tensor:
         # The two products with the features in their dtype (float32: half the memory
         # traffic); the weights, the optimiser's state and everything else in float64.
         logits = (x @ head.weight.t().to(x.dtype)).double().add_(head.bias)
-        log_p = logits.log_softmax(dim=1)
-        fit = -(rows * (log_p * targets).sum(dim=1)).sum()
-        residual = (log_p.exp_() - targets).mul_(rows.unsqueeze(1))
+        if sets:
+            # -[t log s(z) + (1 - t) log s(-z)], whose gradient in z is s(z) - t.
+            log_loss = -(targets * nn.functional.logsigmoid(logits)).add_(
+                (1 - targets) * nn.functional.logsigmoid(-logits)
+            )
+            fit = (rows * log_loss.sum(dim=1)).sum()
+            residual = (logits.sigmoid_() - targets).mul_(rows.unsqueeze(1))
+        else:
+            log_p = logits.log_softmax(dim=1)
+            fit = -(rows * (log_p * targets).sum(dim=1)).sum()
+            residual = (log_p.exp_() - targets).mul_(rows.unsqueeze(1))
         head.weight.grad = (residual.t().to(x.dtype) @ x).double() + l2 * head.weight
         head.bias.grad = residual.sum(dim=0)
         return fit + 0.5 * l2 * head.weight.pow(2).sum()
@@ -157,7 +173,8 @@ def fit_probe(
     mean, std = _moments(train_x) if standardize else (np.zeros(dims), np.ones(dims))
     std = np.where(std < 1e-8, 1.0, std)
     x = torch.from_numpy(_standardized(train_x, mean, std, overwrite))
-    y = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    sets = np.ndim(train_y) == 2  # label sets (task: multi_label)
+    y = torch.from_numpy(np.asarray(train_y, dtype=np.float32 if sets else np.int64))
     xv = torch.from_numpy(_standardized(val_x, mean, std, overwrite))
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=x.dtype)
     best: tuple[float, float, nn.Linear] | None = None
@@ -169,7 +186,9 @@ def fit_probe(
         head = _fit(x, y, len(labels), l2, max_iter, weights, start=head)
         with torch.no_grad():
             logits = head(xv.double()).numpy()
-        value = metric_of_logits(val_y, logits, labels, primary_metric)
+        value = (metric_of_set_logits if sets else metric_of_logits)(
+            val_y, logits, labels, primary_metric
+        )
         grid[f"{l2:g}"] = value
         log.info("probe l2=%g: validation %s %.4f", l2, primary_metric, value)
         if best is None or value > best[1]:
