@@ -640,12 +640,6 @@ _MOVED: dict[tuple[type[BaseModel] | None, str], tuple[str, str]] = {
 }
 # few_shot's k when training.examples_per_class is unset (SetFit's usual 16 per label).
 FEW_SHOT_K = 16
-# Strategies that apply to image data (the rest need a tokenizer or a text encoder).
-IMAGE_STRATEGIES = frozenset(
-    {"linear_probe", "partial_finetune", "full_finetune", "scratch", "domain_adaptation", "auto"}
-)
-# Strategies whose training is one data-parallel loop (what a multi-node TrainJob runs).
-MULTINODE_STRATEGIES = frozenset({"full_finetune", "partial_finetune", "lora", "scratch"})
 StrategyConfig = Annotated[
     LinearProbeConfig
     | FullFinetuneConfig
