@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import read_goemotions
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN_ROWS, TEST_ROWS = 8000, 600
+TRAIN_ROWS, TEST_ROWS = 4000, 600  # every label of the test rows occurs in these (5 or more times)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -72,7 +72,7 @@ def test_label_sets_are_scored_as_sets(run: dict) -> None:
     scores = run["scores"]
     assert scores["rows"] == TEST_ROWS
     assert sorted(scores["per_label"]) == sorted(run["names"])
-    # A frozen MiniLM probe on 8,000 comments: well above chance on the labels it can learn
+    # A frozen MiniLM probe on 4,000 comments: well above chance on the labels it can learn
     # (gratitude is the easiest), far from perfect on the set as a whole.
     assert 0.2 < scores["macro_f1"] < scores["micro_f1"] < 0.9
     assert scores["per_label"]["gratitude"]["f1"] > 0.7
