@@ -174,11 +174,8 @@ def tune_thresholds(
         return np.array([_best_cut(truth[:, j], proba[:, j]) for j in range(labels)])
     if metric not in THRESHOLDED:
         return np.full(labels, 0.5)
-    names = [str(j) for j in range(labels)]
     grid = np.linspace(0.05, 0.95, 19)
-    values = [
-        score_sets(truth, proba >= cut, proba, names).metric(metric) for cut in grid
-    ]  # coarse: 19 cuts × one pass each
+    values = [set_metric(truth, proba >= cut, proba, metric) for cut in grid]  # coarse: 19 cuts
     best = np.flatnonzero(np.asarray(values) >= max(values) - 1e-12)
     return np.full(labels, float(grid[best[np.argmin(np.abs(grid[best] - 0.5))]]))
 
@@ -188,10 +185,11 @@ def metric_of_set_logits(
 ) -> float:
     """One headline metric of multi-label logits, each label decided at its F1-best
     threshold on these same rows (selection during training: which penalty or checkpoint
-    is best once its thresholds are tuned, as they will be)."""
+    is best once its thresholds are tuned, as they will be). ``labels`` is unused: the
+    signature is ``metric_of_logits``'s, so the probe calls either."""
     proba = sigmoid(logits)
     cuts = tune_thresholds(truth, proba, "per_label", metric)
-    return score_sets(truth, proba >= cuts, proba, labels).metric(metric)
+    return set_metric(truth, proba >= cuts, proba, metric)
 
 
 def set_metric(truth: np.ndarray, predicted: np.ndarray, proba: np.ndarray, metric: str) -> float:

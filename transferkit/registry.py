@@ -37,6 +37,7 @@ from transferkit import storage
 from transferkit.backbones.modality import dataset_modality
 from transferkit.config import PipelineConfig, flatten
 from transferkit.data import load_labels
+from transferkit.data.dataset import label_sets
 from transferkit.errors import RegistryError
 from transferkit.evaluation import set_metrics
 from transferkit.metrics import PairedComparison, paired_comparison
@@ -523,10 +524,7 @@ def compare_with_champion(
     if truth.ndim == 2:  # label sets: each row's predicted ids back into a boolean matrix
         if old_predicted.ndim != 2:
             raise _IncomparableError(f"champion v{champion.version} predicts one label per row")
-        sets = np.zeros(truth.shape, dtype=bool)
-        for row, ids in enumerate(new_predicted):
-            sets[row, np.asarray(ids, dtype=np.int64)] = True
-        new_predicted = sets
+        new_predicted = label_sets(new_predicted, truth.shape[1])
     method = "mcnemar" if config.registry.gate == "none" else config.registry.gate
     return paired_comparison(
         truth,

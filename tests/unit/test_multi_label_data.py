@@ -189,3 +189,10 @@ def test_an_unlabelled_training_split_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no training row has a label"):
         ingest_data(_config(tmp_path, source), tmp_path / "dataset")
     assert not (tmp_path / "dataset").exists()
+
+
+def test_id_lists_become_a_boolean_matrix() -> None:
+    from transferkit.data.dataset import label_sets
+
+    sets = label_sets([[0, 2], [], np.array([1])], 3)
+    assert sets.tolist() == [[True, False, True], [False, False, False], [False, True, False]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,9 +93,15 @@ def _labels(column: pd.Series, dataset_dir: Path) -> np.ndarray:
     matrix [rows, labels] (row i, column j: row i carries label j)."""
     if column.dtype != object:
         return column.to_numpy(dtype=np.int64)
-    sets = np.zeros((len(column), len(load_label_map(dataset_dir))), dtype=bool)
-    for row, ids in enumerate(column.tolist()):
-        sets[row, np.asarray(ids, dtype=np.int64)] = True
+    return label_sets(column.tolist(), len(load_label_map(dataset_dir)))
+
+
+def label_sets(ids: Iterable[Any], labels: int) -> np.ndarray:
+    """Each row's list of label ids as a boolean matrix [rows, labels]."""
+    rows = list(ids)
+    sets = np.zeros((len(rows), labels), dtype=bool)
+    for row, chosen in enumerate(rows):
+        sets[row, np.asarray(chosen, dtype=np.int64)] = True
     return sets
 
 

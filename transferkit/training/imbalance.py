@@ -12,7 +12,7 @@ import torch
 from transferkit.data import LabelMap
 from transferkit.errors import DataError
 from transferkit.metrics import Decision, tune_threshold
-from transferkit.multilabel import score_sets, tune_thresholds
+from transferkit.multilabel import set_metric, tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def label_thresholds(
     assert validation is not None
     truth, proba = validation
     cuts = tune_thresholds(truth, proba, setting, metric)  # type: ignore[arg-type]
-    tuned = score_sets(truth, proba >= cuts, proba, labels).metric(metric)
-    at_half = score_sets(truth, proba >= 0.5, proba, labels).metric(metric)
+    tuned = set_metric(truth, proba >= cuts, proba, metric)
+    at_half = set_metric(truth, proba >= 0.5, proba, metric)
     log.info(
         "label thresholds (%s, %.3f-%.3f): validation %s %.4f (%.4f at 0.5)",
         setting,
