@@ -133,6 +133,15 @@ def _set_lines(scores: dict[str, Any]) -> list[str]:
 
 def _summary_table(summary: Any) -> str:
     scores = summary.scores
+    if "spearman" in scores:  # scores (regression)
+        shown = (("rmse", "RMSE"), ("mae", "MAE"), ("r2", "R²"), ("pearson", "Pearson"))
+        lines = [
+            "",
+            "Evaluation",
+            *(f"  {label:<12}{scores[key]:.4f}" for key, label in shown),
+            f"  {'Spearman':<12}{scores['spearman']:.4f}   ({scores['rows']:,} rows)",
+        ]
+        return _summary_tail(summary, lines)
     if "per_label" in scores:
         lines = [
             "",
@@ -396,6 +405,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts = [os.fsencode(name).decode("utf-8", "replace") for name in images[1]]
     else:
         _check_utf8(texts)
+    pairs: list[str] | None = args.pair
+    if pairs is not None:
+        if images is not None or len(pairs) != len(texts):
+            raise TransferkitError(
+                f"--pair gives the second text of each input: {len(texts)} inputs and "
+                f"{len(pairs)} --pair; pass one --pair per text"
+            )
+        _check_utf8(pairs)
+        inputs = pd.DataFrame({"text": texts, "text_pair": pairs})
     if Path(args.model_uri).is_dir():
         from transferkit.serving import predictions_frame
         from transferkit.training.model import load_classifier, predict_proba
@@ -405,9 +423,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if card.input_modality().noun != given:
             kind = card.input_modality().noun
             raise TransferkitError(f"{args.model_uri} classifies {kind}; pass {kind}")
-        frame = predictions_frame(
-            predict_proba(model, tokenizer, card, inputs), card.labels, card.decision
-        )
+        try:
+            outputs = predict_proba(model, tokenizer, card, inputs)
+        except ValueError as exc:  # pairs given to a single-text model, or the reverse
+            raise TransferkitError(f"{args.model_uri}: {exc}") from None
+        frame = predictions_frame(outputs, card.labels, card.decision, card.regression)
     else:
         import mlflow
 
@@ -439,7 +459,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     f"cannot load {args.model_uri} from {tracking}: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:160]}; check the URI and --tracking-uri"
                 ) from None
-            frame = model.predict(pd.DataFrame({"text": texts}) if images is None else inputs)
+            given = pd.DataFrame({"text": texts}) if pairs is None else inputs
+            frame = model.predict(given if images is None else inputs)
+    if pairs is not None:  # each row shows its two texts
+        texts = [f"{a} | {b}" for a, b in zip(texts, pairs, strict=True)]
     if args.json:
         records = frame.assign(text=texts).to_dict(orient="records")
         print(json.dumps(records, indent=2, default=list))  # label lists may be arrays
@@ -450,6 +473,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             shown = text if len(text) <= width else text[: width - 1] + "…"
             chosen = [f"{n} {frame[f'p_{n}'].iloc[row]:.3f}" for n in frame["labels"].iloc[row]]
             print(f"{shown:<{width}}  {', '.join(chosen) or '(no label)'}")
+        return 0
+    if "label" not in frame:  # a regression model: each input's predicted score
+        for text, score in zip(texts, frame["score"], strict=True):
+            shown = text if len(text) <= width else text[: width - 1] + "…"
+            print(f"{shown:<{width}}  {score:.4f}")
         return 0
     for text, label, score in zip(texts, frame["label"], frame["score"], strict=True):
         shown = text if len(text) <= width else text[: width - 1] + "…"
@@ -554,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./transferkit-runs/mlflow.db)",
+    )
+    predict.add_argument(
+        "--pair",
+        action="append",
+        metavar="TEXT",
+        help="the second text of a pair, for a model of text pairs (data.text_pair_column): "
+        "once per INPUT, in the same order",
     )
     predict.add_argument("--json", action="store_true", help="print JSON records")
     predict.set_defaults(func=cmd_predict)

@@ -102,6 +102,14 @@ class DataConfig(_Model):
         "path and label; paths relative to the CSV).",
     )
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    text_pair_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding the second text of a pair (sentence similarity, "
+        "paraphrase, entailment), with any task; unset: one text per row. The linear probe "
+        "reads each pair as [u, v, |u - v|, u * v] of the two texts' unit-length embeddings; "
+        "the served model takes columns text and text_pair.",
+    )
     columns: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None,
         min_length=1,
@@ -333,6 +341,7 @@ class Applies:
 
     needs: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ("classification",)  # the values of 'task' it trains for
+    pairs: bool = False  # trains on text pairs (data.text_pair_column)
     multinode: bool = False  # one data-parallel loop: what a multi-node TrainJob runs
     labels: Literal["all", "k", "none"] = "all"  # the labels it reads: a budget, k, or none
     rung: int | None = None  # its place on auto's ladder (cheapest first); None: not a rung
@@ -341,12 +350,21 @@ class Applies:
 class LinearProbeConfig(_Model):
     """Freeze the backbone; fit a logistic-regression head on its features."""
 
-    applies: ClassVar[Applies] = Applies(rung=0, tasks=("classification", "multi_label"))
+    applies: ClassVar[Applies] = Applies(
+        rung=0, tasks=("classification", "multi_label", "regression"), pairs=True
+    )
     name: Literal["linear_probe"] = "linear_probe"
     l2_grid: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
         min_length=1,
         description="L2 penalties tried; the one with the best validation metric is kept.",
+    )
+    ridge_alphas: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0],
+        min_length=1,
+        description="task: regression: the ridge penalties tried (on the sum of squared "
+        "errors of standardised features, as scikit-learn's Ridge); the one with the best "
+        "validation metric is kept.",
     )
     max_iter: int = Field(300, ge=10, le=10000, description="L-BFGS iterations per fit.")
 
@@ -478,7 +496,9 @@ class FewShotConfig(_Prompted):
 class ZeroShotConfig(_Prompted):
     """No training: classify by cosine similarity to embedded label descriptions."""
 
-    applies: ClassVar[Applies] = Applies(needs=("zero_shot",), labels="none")
+    applies: ClassVar[Applies] = Applies(
+        needs=("zero_shot",), labels="none", tasks=("classification", "regression"), pairs=True
+    )
     name: Literal["zero_shot"] = "zero_shot"
     templates: list[str] = Field(
         default_factory=lambda: ["{}"],
@@ -821,14 +841,21 @@ class EvaluationConfig(_Model):
         "samples_f1",
         "subset_accuracy",
         "mean_average_precision",
+        "rmse",
+        "mae",
+        "r2",
+        "pearson",
+        "spearman",
     ] = Field(
         "auto",
         description="Metric that selects checkpoints and decides promotion. 'auto': roc_auc "
         "for image data (threshold-free, robust to the class imbalance of medical sets; "
         "one-vs-rest macro average beyond two labels), accuracy for text, macro_f1 for "
-        "task: multi_label. micro_f1, samples_f1, subset_accuracy and "
-        "mean_average_precision judge label sets (task: multi_label), accuracy and "
-        "balanced_accuracy single labels.",
+        "task: multi_label, spearman for task: regression on text pairs (the STS convention) "
+        "and rmse for other regression. rmse, mae, r2, pearson and spearman judge scores "
+        "(task: regression; rmse and mae lower is better). micro_f1, samples_f1, "
+        "subset_accuracy and mean_average_precision judge label sets (task: "
+        "multi_label), accuracy and balanced_accuracy single labels.",
     )
     positive_label: str | None = Field(
         None,
@@ -1297,6 +1324,8 @@ def _strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
 DEFAULT_METRIC = {"text": "accuracy", "image": "roc_auc"}  # evaluation.primary_metric: auto
 # Metrics of label sets only (task: multi_label); it also takes macro_f1 and roc_auc.
 SET_METRICS = frozenset({"micro_f1", "samples_f1", "subset_accuracy", "mean_average_precision"})
+# Metrics of scores (task: regression), and only those judge it.
+SCORE_METRICS = frozenset({"rmse", "mae", "r2", "pearson", "spearman"})
 
 
 class PipelineConfig(_Model):
@@ -1306,10 +1335,11 @@ class PipelineConfig(_Model):
     (``transferkit.backbones.support``): at validate for a local folder, else at fetch.
     """
 
-    task: Literal["classification", "multi_label"] = Field(
+    task: Literal["classification", "multi_label", "regression"] = Field(
         "classification",
-        description="What a row's label is: one class ('classification'), or a set of "
-        "labels, possibly empty ('multi_label': each label predicted on its own).",
+        description="What a row's label is: one class ('classification'), a set of "
+        "labels, possibly empty ('multi_label': each label predicted on its own), or a "
+        "number ('regression': a score such as a 0-5 similarity).",
     )
     data: DataConfig = Field(description="The labelled target dataset.")
     backbone: BackboneConfig = Field(
@@ -1355,9 +1385,20 @@ class PipelineConfig(_Model):
         metric: str = self.evaluation.primary_metric
         if metric == "auto":
             # MedMNIST's convention for images; GLUE's for text; GoEmotions' for label sets.
-            multi = self.task == "multi_label"
-            metric = "macro_f1" if multi else DEFAULT_METRIC[self.data.modality]
+            if self.task == "regression":
+                metric = "spearman" if self.data.text_pair_column else "rmse"
+            elif self.task == "multi_label":
+                metric = "macro_f1"
+            else:
+                metric = DEFAULT_METRIC[self.data.modality]
             self.evaluation.primary_metric = metric  # type: ignore[assignment]
+        if self.task == "regression":
+            return self._regression_settings(metric)
+        if metric in SCORE_METRICS:
+            raise ValueError(
+                f"evaluation.primary_metric: {metric} judges scores (task: regression); "
+                "for classes use accuracy, macro_f1, balanced_accuracy or roc_auc"
+            )
         if self.task == "multi_label":
             return self._multi_label_settings(metric)
         if metric in SET_METRICS:
@@ -1380,6 +1421,65 @@ class PipelineConfig(_Model):
             self.registry.gate = "bootstrap"
         return self
 
+    def _regression_settings(self, metric: str) -> PipelineConfig:
+        """What changes for task: regression: its metrics, no class settings, its gate."""
+        if metric not in SCORE_METRICS:
+            raise ValueError(
+                f"evaluation.primary_metric: {metric} judges classes; for scores (task: "
+                f"regression) use {', '.join(sorted(SCORE_METRICS))}"
+            )
+        self._refuse_class_settings("task: regression predicts a number per row")
+        for key, owner in (("positive_label", "evaluation"), ("label_names", "data")):
+            if getattr(getattr(self, owner), key) is not None:
+                raise ValueError(
+                    f"{owner}.{key} names classes; task: regression predicts a number, remove it"
+                )
+        self._bootstrap_gate()
+        return self
+
+    def _bootstrap_gate(self) -> None:
+        """Promotion by the paired bootstrap: McNemar counts rows right and wrong, and a
+        score is never exactly right, a label set seldom all right."""
+        if self.registry.gate == "mcnemar":
+            if "gate" in self.registry.model_fields_set:
+                raise ValueError(
+                    "registry.gate: mcnemar tests one decision per row; use bootstrap for "
+                    f"task: {self.task}"
+                )
+            self.registry.gate = "bootstrap"
+
+    def _refuse_class_settings(self, why: str) -> None:
+        """Refuse the settings of class labels (weights, thresholds, budgets, folds)."""
+        training = self.training
+        for key, unset in (
+            ("class_weights", "none"),
+            ("decision_threshold", "argmax"),
+            ("label_thresholds", "per_label"),
+        ):
+            if getattr(training, key) != unset:
+                raise ValueError(f"training.{key} decides between labels, and {why}; remove it")
+        self._refuse_unsupported()
+
+    def _refuse_unsupported(self) -> None:
+        """Refuse what this task does not support yet: label budgets, folds, sweeps and
+        backbone selection."""
+        training = self.training
+        for key, what in (
+            ("examples_per_class", "a label budget counts examples of each label"),
+            ("cross_validation_folds", "folds are stratified on one label per row"),
+        ):
+            if getattr(training, key) is not None:
+                raise ValueError(
+                    f"training.{key}: {what}, which task: {self.task} does not support yet; "
+                    "unset it"
+                )
+        for key in ("sweep", "backbone_selection"):
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"{key} does not support task: {self.task} yet; train one strategy "
+                    "(strategy: linear_probe)"
+                )
+
     def _multi_label_settings(self, metric: str) -> PipelineConfig:
         """What changes for task: multi_label: its metrics, its thresholds, its gate."""
         if metric in ("accuracy", "balanced_accuracy"):
@@ -1395,29 +1495,8 @@ class PipelineConfig(_Model):
                     f"training.{key} applies to task: classification; a multi-label model "
                     "decides each label by training.label_thresholds"
                 )
-        for key, what in (
-            ("examples_per_class", "a label budget counts examples of each label"),
-            ("cross_validation_folds", "folds are stratified on one label per row"),
-        ):
-            if getattr(training, key) is not None:
-                raise ValueError(
-                    f"training.{key}: {what}, which task: multi_label does not support yet; "
-                    "unset it"
-                )
-        for key in ("sweep", "backbone_selection"):
-            if getattr(self, key) is not None:
-                raise ValueError(
-                    f"{key} does not support task: multi_label yet; train one strategy "
-                    "(strategy: linear_probe)"
-                )
-        if self.registry.gate == "mcnemar":
-            # McNemar counts rows right and wrong; a label set is seldom all right.
-            if "gate" in self.registry.model_fields_set:
-                raise ValueError(
-                    "registry.gate: mcnemar tests one decision per row; use bootstrap for "
-                    "task: multi_label"
-                )
-            self.registry.gate = "bootstrap"
+        self._refuse_unsupported()
+        self._bootstrap_gate()
         return self
 
     @model_validator(mode="after")
@@ -1432,6 +1511,30 @@ class PipelineConfig(_Model):
                     f"strategy '{strategy.name}' does not train task '{self.task}'; use "
                     f"{' or '.join(able) or 'task: classification'}"
                 )
+            if self.data.text_pair_column and not strategy.applies.pairs:
+                able = [n for n, m in STRATEGIES.items() if m.applies.pairs]  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"strategy '{strategy.name}' does not train on text pairs "
+                    f"(data.text_pair_column); use {' or '.join(able)}"
+                )
+            if strategy.name == "zero_shot" and (self.task == "regression") != bool(
+                self.data.text_pair_column
+            ):
+                raise ValueError(
+                    "strategy 'zero_shot' scores text pairs by the cosine of their embeddings "
+                    "(task: regression with data.text_pair_column) or classifies single inputs "
+                    "by label descriptions; for this data use linear_probe"
+                )
+        if self.data.text_pair_column and self.trigger.drift is not None:
+            raise ValueError(
+                "trigger.drift compares recent single texts with the training texts; it does "
+                "not read text pairs (data.text_pair_column) yet: remove trigger.drift"
+            )
+        if self.data.text_pair_column == self.data.text_column:
+            raise ValueError(
+                f"data.text_pair_column names the text column '{self.data.text_column}'; name "
+                "the column of the second text"
+            )
         return self
 
     @model_validator(mode="after")

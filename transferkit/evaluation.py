@@ -7,6 +7,7 @@ Output folder (a KFP artifact)::
                            (label sets: lists of label ids in label and predicted)
     confusion_matrix.png   the confusion matrix, counts and row-normalised shading
     label_scores.png       label sets instead: each label's F1, precision and recall
+    scores.png             scores (task: regression) instead: predicted against true
     roc_curve.png          binary tasks: the ROC curve of the positive label
     report.md              a Markdown report (also logged to MLflow and shown by KFP)
 """
@@ -27,6 +28,8 @@ from transferkit.config import PipelineConfig
 from transferkit.data import load_label_map
 from transferkit.metrics import Scores, roc_points, score
 from transferkit.multilabel import MultiLabelScores, score_sets
+from transferkit.regression import METRICS as SCORE_METRICS
+from transferkit.regression import RegressionScores, score_regression
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class EvaluationResult(BaseModel):
 
     primary_metric: str
     primary_value: float
-    scores: Scores | MultiLabelScores
+    scores: Scores | MultiLabelScores | RegressionScores
     strategy: str
     seconds: float
     roc: dict[str, list[float]] | None = None  # binary tasks: fpr, tpr, threshold
@@ -47,6 +50,8 @@ class EvaluationResult(BaseModel):
         s = self.scores
         if isinstance(s, MultiLabelScores):
             return set_metrics(s)
+        if isinstance(s, RegressionScores):
+            return score_metrics(s)
         flat = {
             "accuracy": s.accuracy,
             "macro_f1": s.macro_f1,
@@ -82,6 +87,33 @@ def set_metrics(s: MultiLabelScores) -> dict[str, float]:
     for name, label in s.per_label.items():
         flat.update({f"f1_{name}": label.f1, f"roc_auc_{name}": label.roc_auc})
     return flat
+
+
+def score_metrics(s: RegressionScores) -> dict[str, float]:
+    """Flat scalar metrics of scores (task: regression)."""
+    return {name: float(s.metric(name)) for name in SCORE_METRICS}
+
+
+def plot_scores(truth: np.ndarray, predicted: np.ndarray, path: Path, title: str) -> None:
+    """Regression's counterpart of the confusion matrix: each evaluation row's predicted
+    score against its true one, with the diagonal of perfect predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.4, 4.4), dpi=120)
+    ax.scatter(truth, predicted, s=6, alpha=0.35, color="tab:blue", linewidths=0)
+    low = float(min(truth.min(), predicted.min()))
+    high = float(max(truth.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("true score")
+    ax.set_ylabel("predicted score")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with storage.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot_label_scores(scores: MultiLabelScores, path: Path, title: str) -> None:
@@ -258,6 +290,40 @@ def _set_report(
     return "\n".join(lines) + "\n"
 
 
+def _score_report(
+    result: EvaluationResult,
+    s: RegressionScores,
+    training: dict[str, Any],
+    dataset: dict[str, Any],
+    card: dict[str, Any],
+) -> str:
+    """The report of a regression model: its metrics, the targets of every split."""
+    lines = [
+        f"# Evaluation — {result.strategy}",
+        "",
+        f"**{result.primary_metric}: {result.primary_value:.4f}** on {s.rows:,} evaluation rows "
+        f"(RMSE {s.rmse:.4f}, MAE {s.mae:.4f}, R² {s.r2:.4f}, Pearson {s.pearson:.4f}, "
+        f"Spearman {s.spearman:.4f}); validation "
+        f"{training.get('primary_metric', result.primary_metric)} during training: "
+        f"{training.get('validation_metric', float('nan')):.4f}.",
+    ]
+    targets: dict[str, dict[str, float]] = dataset.get("targets") or {}
+    if targets:
+        splits = sorted(targets, key=lambda split: (SPLIT_ORDER.get(split, 3), split))
+        lines += [
+            "",
+            "| targets | rows | min | max | mean | std |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {split} | {int(t['rows']):,} | {t['min']:.4g} | {t['max']:.4g} | "
+            f"{t['mean']:.4f} | {t['std']:.4f} |"
+            for split, t in ((split, targets[split]) for split in splits)
+        ]
+    lines += _provenance(result, training, dataset, card)
+    return "\n".join(lines) + "\n"
+
+
 def render_report(
     result: EvaluationResult,
     training: dict[str, Any],
@@ -268,6 +334,8 @@ def render_report(
     s = result.scores
     if isinstance(s, MultiLabelScores):
         return _set_report(result, s, training, dataset, card)
+    if isinstance(s, RegressionScores):
+        return _score_report(result, s, training, dataset, card)
     lines = [
         f"# Evaluation — {result.strategy}",
         "",
@@ -367,8 +435,10 @@ def evaluate(
     proba = predict_proba(model, tokenizer, card, inputs, config.evaluation.batch_size, precision)
     predicted = card.decide(proba)
     metric = config.evaluation.primary_metric
-    scores: Scores | MultiLabelScores
-    if card.multi_label:
+    scores: Scores | MultiLabelScores | RegressionScores
+    if card.regression:
+        scores = score_regression(truth, predicted)
+    elif card.multi_label:
         scores = score_sets(truth, predicted, proba, card.labels)
     else:
         positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
@@ -397,12 +467,14 @@ def evaluate(
     with storage.atomic_dir(output_dir) as tmp:
         storage.write_json(tmp / "evaluation.json", result.model_dump())
         frame = pd.DataFrame({"label": _rows(truth), "predicted": _rows(predicted)})
-        for i, name in enumerate(card.labels):
+        for i, name in enumerate([] if card.regression else card.labels):
             frame[f"p_{name}"] = proba[:, i]
         frame.to_parquet(tmp / "predictions.parquet", index=False)
         title = f"{card.strategy}: {metric} {result.primary_value:.3f}"
         if isinstance(scores, MultiLabelScores):
             plot_label_scores(scores, tmp / "label_scores.png", title)
+        elif isinstance(scores, RegressionScores):
+            plot_scores(truth, predicted, tmp / "scores.png", title)
         else:
             plot_confusion(scores, tmp / "confusion_matrix.png", title)
         if roc is not None and isinstance(scores, Scores):
@@ -414,11 +486,20 @@ def evaluate(
                 f"(positive: {scores.positive_label})",
             )
         (tmp / "report.md").write_text(render_report(result, training, dataset, card.model_dump()))
-    log.info(
-        "evaluation: %s %.4f, macro-F1 %.4f on %d rows",
-        metric,
-        result.primary_value,
-        scores.macro_f1,
-        scores.rows,
-    )
+    if isinstance(scores, RegressionScores):
+        log.info(
+            "evaluation: %s %.4f, RMSE %.4f on %d rows",
+            metric,
+            result.primary_value,
+            scores.rmse,
+            scores.rows,
+        )
+    else:
+        log.info(
+            "evaluation: %s %.4f, macro-F1 %.4f on %d rows",
+            metric,
+            result.primary_value,
+            scores.macro_f1,
+            scores.rows,
+        )
     return result

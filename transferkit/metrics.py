@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from transferkit.multilabel import set_metric
 from transferkit.ranks import roc_auc
+from transferkit.regression import LOWER_IS_BETTER, score_regression
 
 
 class ClassScores(BaseModel):
@@ -316,7 +317,14 @@ def paired_comparison(
 
     truth = np.asarray(truth)
     sets = truth.ndim == 2  # label sets (task: multi_label): decisions given, probabilities
-    if sets:
+    scores = truth.dtype.kind == "f"  # scores (task: regression): the outputs [rows, 1]
+    # The gain is signed so that positive is better (an error that falls is a gain).
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    if scores:
+        new_ids, new_proba = np.asarray(challenger, dtype=np.float64)[:, 0], None
+        old_ids, old_proba = np.asarray(champion, dtype=np.float64)[:, 0], None
+        right_new = right_old = np.zeros(len(truth), dtype=bool)  # no row is right or wrong
+    elif sets:
         assert challenger_predicted is not None
         assert champion_predicted is not None
         new_ids, new_proba = np.asarray(challenger_predicted), np.asarray(challenger)
@@ -334,6 +342,8 @@ def paired_comparison(
     def value(rows: Any, ids: np.ndarray, proba: np.ndarray | None) -> float:
         """The metric on ``rows`` (an index, or every row)."""
         chosen = None if proba is None else proba[rows]
+        if scores:
+            return score_regression(truth[rows], ids[rows]).metric(metric)
         if sets:
             assert chosen is not None
             return set_metric(truth[rows], ids[rows], chosen, metric)
@@ -352,7 +362,7 @@ def paired_comparison(
         gains = np.empty(samples)
         for i in range(samples):
             index = rng.integers(0, rows, rows)
-            gains[i] = value(index, new_ids, new_proba) - value(index, old_ids, old_proba)
+            gains[i] = sign * (value(index, new_ids, new_proba) - value(index, old_ids, old_proba))
         p_value = float((gains <= 0).mean())
         low, high = (float(q) for q in np.quantile(gains, [alpha, 1 - alpha]))
     return PairedComparison(
@@ -361,7 +371,7 @@ def paired_comparison(
         rows=rows,
         challenger=new_value,
         champion=old_value,
-        gain=new_value - old_value,
+        gain=sign * (new_value - old_value),
         p_value=p_value,
         ci_low=low,
         ci_high=high,

@@ -5,6 +5,34 @@ from __future__ import annotations
 import numpy as np
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` in ascending order, tied values sharing their mean rank
+    (``scipy.stats.rankdata``'s "average" method).
+
+    Args:
+        values: one value per row (1-D).
+
+    Returns:
+        float64 ranks, one per row, in the rows' order.
+
+    Raises:
+        ValueError: ``values`` is not one-dimensional.
+    """
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(
+            f"average_ranks got an array of shape {values.shape}; pass one value per row (1-D)"
+        )
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values), dtype=np.float64)
+    # A run of ties at sorted positions start..end-1 holds ranks start+1..end: their mean.
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    return ranks
+
+
 def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (the Mann–Whitney U statistic, ties counted half).
 
@@ -20,14 +48,7 @@ def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return 0.5
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = np.asarray(scores)[order]
-    # Average ranks over ties.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2
+    ranks = average_ranks(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

@@ -37,11 +37,12 @@ from transferkit import storage
 from transferkit.backbones.modality import dataset_modality
 from transferkit.config import PipelineConfig, flatten
 from transferkit.data import load_labels
-from transferkit.data.dataset import label_sets
+from transferkit.data.dataset import SCORE, label_sets
 from transferkit.errors import RegistryError
 from transferkit.evaluation import set_metrics
 from transferkit.metrics import PairedComparison, paired_comparison
 from transferkit.multilabel import MultiLabelScores
+from transferkit.regression import METRICS as SCORE_METRICS
 from transferkit.termination import sigterm_raises
 
 log = logging.getLogger(__name__)
@@ -489,6 +490,9 @@ def _champion_predictions(
         tokenizer, model, card = load_version(config.registry.model_name, champion, scratch)
     except ValueError as exc:
         raise _IncomparableError(str(exc)) from None
+    if card.regression != (labels == [SCORE]):
+        kind = "scores" if card.regression else "labels"
+        raise _IncomparableError(f"champion v{champion.version} predicts {kind}, this model not")
     if card.labels != labels:
         raise _IncomparableError(
             f"champion v{champion.version} predicts {card.labels}, this model {labels}"
@@ -519,8 +523,11 @@ def compare_with_champion(
         old, old_predicted = _champion_predictions(
             config, champion, dataset_dir, labels, Path(scratch)
         )
-    new = predictions[[f"p_{name}" for name in labels]].to_numpy()
     new_predicted = predictions["predicted"].to_numpy()
+    if truth.dtype.kind == "f":  # scores (regression): the predictions are the outputs
+        new = new_predicted[:, None]
+    else:
+        new = predictions[[f"p_{name}" for name in labels]].to_numpy()
     if truth.ndim == 2:  # label sets: each row's predicted ids back into a boolean matrix
         if old_predicted.ndim != 2:
             raise _IncomparableError(f"champion v{champion.version} predicts one label per row")
@@ -568,6 +575,9 @@ def decide(
 
 def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
     scores = evaluation["scores"]
+    if "spearman" in scores:  # scores (regression)
+        metrics = {f"test_{name}": scores[name] for name in SCORE_METRICS}
+        return _run_metrics(metrics, training)
     if "per_label" in scores:  # label sets
         metrics = {f"test_{k}": v for k, v in set_metrics(MultiLabelScores(**scores)).items()}
         return _run_metrics(metrics, training)
@@ -736,10 +746,13 @@ def _log_run(
             params = {k: v[:MAX_PARAM] for k, v in flatten(config).items()}
             mlflow.log_params(params)
             mlflow.log_metrics(metrics)
-            sets = (paths["evaluation"] / "label_scores.png").exists()  # a multi-label model's
+            # The task's plot: label sets', scores' (regression) or the confusion matrix.
+            plots = ("label_scores.png", "scores.png")
+            found = (p for p in plots if (paths["evaluation"] / p).exists())
+            plot = next(found, "confusion_matrix.png")
             for name in (
                 "report.md",
-                "label_scores.png" if sets else "confusion_matrix.png",
+                plot,
                 "roc_curve.png",
                 "evaluation.json",
                 "predictions.parquet",
@@ -763,6 +776,7 @@ def _log_run(
                 predict_proba(model, tokenizer, card, modality.served(example)),
                 card.labels,
                 card.decision,
+                card.regression,
             )
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -935,7 +949,11 @@ def _promotion(
     else:
         try:
             comparison = compare_with_champion(
-                config, champion, dataset_dir, evaluation_dir, evaluation["scores"]["labels"]
+                config,
+                champion,
+                dataset_dir,
+                evaluation_dir,
+                evaluation["scores"].get("labels", [SCORE]),  # a regression's one output
             )
             promote, reason = decide(comparison, str(champion.version), config)
         except _IncomparableError as exc:

@@ -18,10 +18,15 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
-def predictions_frame(proba: Any, labels: list[str], decision: Any = None) -> pd.DataFrame:
+def predictions_frame(
+    proba: Any, labels: list[str], decision: Any = None, regression: bool = False
+) -> pd.DataFrame:
     """Probabilities [rows, labels] → label, score and p_<label> columns; the label by the
     model's ``Decision`` (its card's; unset: the most probable label). A multi-label model's
-    (thresholds per label) gives a ``labels`` column instead: each row's list of labels."""
+    (thresholds per label) gives a ``labels`` column instead: each row's list of labels. A
+    regression model's outputs [rows, 1] give one column, ``score``, the predicted number."""
+    if regression:
+        return pd.DataFrame({"score": np.asarray(proba)[:, 0].astype(float)})
     if decision is not None and decision.thresholds is not None:
         chosen = decision.apply(proba)
         frame = pd.DataFrame({"labels": [[labels[j] for j in np.flatnonzero(r)] for r in chosen]})
@@ -59,7 +64,8 @@ class ClassifierModel(PythonModel):
         batch_size = int((params or {}).get("batch_size", 64))
         inputs = self._card.input_modality().served(model_input)
         proba = predict_proba(self._model, self._tokenizer, self._card, inputs, batch_size)
-        return predictions_frame(proba, self._card.labels, self._card.decision)
+        card = self._card
+        return predictions_frame(proba, card.labels, card.decision, card.regression)
 
 
 # The name models logged before image support point at.

@@ -109,6 +109,20 @@ def test_probe_smoke(tmp_path: Path) -> None:
     assert "ratio" in out
 
 
+def test_stsb_smoke(tmp_path: Path) -> None:
+    out = bench("stsb.py", "--smoke", "--out", str(tmp_path / "r.json"))
+    result = report(tmp_path / "r.json")
+    assert result["pairs"] == {"train": 200, "validation": 100, "test": 100}
+    ours, theirs = result["results"]["transferkit"], result["results"]["sentence-transformers"]
+    # The same encoder on the same pairs: the same cosines, so the same zero-shot ranking;
+    # the same ridge grid on the same features: close test figures.
+    assert abs(ours["zero_shot_spearman"] - theirs["zero_shot_spearman"]) < 0.005
+    assert ours["zero_shot_spearman"] > 0.5
+    assert abs(ours["ridge_spearman"] - theirs["ridge_spearman"]) < 0.05
+    assert "embed both texts: transferkit" in out
+    assert "ratio" in out
+
+
 def test_scale_smoke(tmp_path: Path) -> None:
     bench("scale.py", "--smoke", "--out", str(tmp_path / "r.json"))
     result = report(tmp_path / "r.json")

@@ -20,7 +20,7 @@ from tests.conftest import read_goemotions
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_ROWS, TEST_ROWS = 4000, 600  # every label of the test rows occurs in these (5 or more times)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.tasks, pytest.mark.timeout(1800)]
 
 
 def _goemotions(shared_data: Path, name: str, rows: int) -> pd.DataFrame:

@@ -24,12 +24,14 @@ from transferkit.backbones.text import (
     encode_chunks,
     frozen_encoder,
     pad,
+    pair_features,
     run_batched,
     runtime_for,
     tokenize,
 )
 from transferkit.config import AugmentationConfig
-from transferkit.data import load_images, load_split
+from transferkit.data import TextPairs, load_images
+from transferkit.data.dataset import load_text_inputs
 
 
 class Inputs(Protocol):
@@ -145,8 +147,18 @@ class ImageInputs:
         return run_images(model, self.images, self.spec, batch_size, precision, "validate")
 
 
-def texts_of(model_input: Any) -> list[str]:
-    """Texts from a DataFrame with a ``text`` column, a Series, a list or one string."""
+def texts_of(model_input: Any) -> list[str] | TextPairs:
+    """Texts from a DataFrame with a ``text`` column (and ``text_pair``: text pairs), a
+    Series, a list or one string."""
+    if isinstance(model_input, pd.DataFrame) and "text_pair" in model_input.columns:
+        if "text" not in model_input.columns:
+            raise ValueError("input has a 'text_pair' column and no 'text'; pass both texts")
+        return TextPairs(
+            [str(v) for v in model_input["text"].tolist()],
+            [str(v) for v in model_input["text_pair"].tolist()],
+        )
+    if isinstance(model_input, TextPairs):
+        return model_input
     if isinstance(model_input, pd.DataFrame):
         if "text" in model_input.columns:
             column = model_input["text"]
@@ -234,6 +246,16 @@ class Modality:
         """The inputs of a served request (a DataFrame, list, array …)."""
         raise NotImplementedError
 
+    def paired(self, inputs: Any, pair: bool) -> Any:
+        """``inputs`` for a model that reads pairs (``pair``) or single inputs.
+
+        Raises:
+            ValueError: single inputs for a pair model, or pairs for a single-input model.
+        """
+        if pair:
+            raise ValueError(f"a model of {self.noun} reads no pairs")
+        return inputs
+
     def example(self, dataset_dir: Path) -> Any:
         """Two inputs as a served request gives them (the logged model's signature)."""
         raise NotImplementedError
@@ -259,9 +281,11 @@ class TextModality(Modality):
         return read_unlabelled_texts(path, uri, text_column)
 
     def load(self, dataset_dir: Path, split: str) -> tuple[Any, np.ndarray]:
-        return load_split(dataset_dir, split)
+        return load_text_inputs(dataset_dir, split)
 
     def subset(self, inputs: Any, rows: np.ndarray) -> Any:
+        if isinstance(inputs, TextPairs):
+            return inputs.take(rows)
         return [inputs[i] for i in rows]
 
     def inputs(
@@ -271,14 +295,30 @@ class TextModality(Modality):
         settings: Settings,
         augmentation: AugmentationConfig | None = None,
     ) -> Inputs:
+        if isinstance(inputs, TextPairs):  # refused at validate: no tuning strategy takes pairs
+            raise ValueError("text pairs train the linear probe only, not through the encoder")
         return TextInputs(processor, list(inputs), settings.max_length)
 
     def run(self, module, processor, inputs, settings, batch_size, precision, description):
+        """Text pairs (``TextPairs``, with an encoder as ``module``) give pair_features."""
+        if isinstance(inputs, TextPairs):
+            first, second = (
+                self.run(module, processor, texts, settings, batch_size, precision, description)
+                for texts in (inputs.first, inputs.second)
+            )
+            return pair_features(first, second)
         return run_batched(
             module, processor, list(inputs), settings.max_length, batch_size, precision, description
         )
 
     def stream(self, module, processor, inputs, settings, batch_size, precision, description):
+        if isinstance(inputs, TextPairs):  # both texts chunk by chunk, in step
+            length = settings.max_length
+            firsts, seconds = (
+                encode_chunks(module, processor, texts, length, batch_size, precision, description)
+                for texts in (inputs.first, inputs.second)
+            )
+            return (pair_features(u, v) for u, v in zip(firsts, seconds, strict=True))
         return encode_chunks(
             module, processor, list(inputs), settings.max_length, batch_size, precision, description
         )
@@ -294,10 +334,22 @@ class TextModality(Modality):
     def served(self, model_input: Any) -> Any:
         return texts_of(model_input)
 
-    def example(self, dataset_dir: Path) -> Any:
-        import pandas as pd
+    def paired(self, inputs: Any, pair: bool) -> Any:
+        if isinstance(inputs, pd.DataFrame):  # a served request's columns
+            inputs = texts_of(inputs)
+        if isinstance(inputs, TextPairs) != pair:
+            raise ValueError(
+                "this model reads text pairs; pass columns text and text_pair"
+                if pair
+                else "this model reads one text per row; pass a 'text' column, no text_pair"
+            )
+        return inputs
 
-        return pd.DataFrame({"text": ["An example input text.", "Another one."]})
+    def example(self, dataset_dir: Path) -> Any:
+        frame = pd.DataFrame({"text": ["An example input text.", "Another one."]})
+        if isinstance(load_text_inputs(dataset_dir, "test")[0], TextPairs):
+            frame["text_pair"] = ["A second text.", "Its partner."]
+        return frame
 
 
 class ImageModality(Modality):

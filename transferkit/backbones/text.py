@@ -267,6 +267,16 @@ def _apply(
         yield index, module(input_ids.to(device), mask.to(device)).float().cpu().numpy()
 
 
+def pair_features(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The features of text pairs from their two embeddings [rows, width] each: [u, v,
+    |u - v|, u * v] of the unit-length u and v (Sentence-BERT's classification input,
+    Reimers & Gurevych 2019), float32 [rows, 4 × width]. Unit length makes the last block
+    sum to the cosine of the two texts (the zero-shot similarity)."""
+    u = first / np.maximum(np.linalg.norm(first, axis=1, keepdims=True), 1e-12)
+    v = second / np.maximum(np.linalg.norm(second, axis=1, keepdims=True), 1e-12)
+    return np.concatenate([u, v, np.abs(u - v), u * v], axis=1).astype(np.float32)
+
+
 def run_batched(
     module: nn.Module,
     tokenizer: Any,

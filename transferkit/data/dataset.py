@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,24 @@ from pydantic import BaseModel
 from transferkit.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+# The one output of a regression model (task: regression), where a classifier names labels.
+SCORE = "score"
+
+
+@dataclass(frozen=True)
+class TextPairs:
+    """The inputs of a text-pair dataset (data.text_pair_column): two texts per row."""
+
+    first: list[str]
+    second: list[str]
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def take(self, rows: Iterable[int]) -> TextPairs:
+        """The pairs of ``rows``, in that order."""
+        index = list(rows)
+        return TextPairs([self.first[i] for i in index], [self.second[i] for i in index])
 
 
 class LabelMap(BaseModel):
@@ -77,9 +96,24 @@ def load_label_map(dataset_dir: Path) -> LabelMap:
 
 def load_split(dataset_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     """Texts and integer label ids of one split of a dataset artifact (label sets: a boolean
-    matrix [rows, labels])."""
+    matrix [rows, labels]; scores: float64 [rows]).
+
+    Raises:
+        DataError: the rows are text pairs (read them with ``load_text_inputs``).
+    """
+    texts, labels = load_text_inputs(dataset_dir, split)
+    if isinstance(texts, TextPairs):
+        raise DataError(f"{dataset_dir}: rows of text pairs; read them with load_text_inputs")
+    return texts, labels
+
+
+def load_text_inputs(dataset_dir: Path, split: str) -> tuple[list[str] | TextPairs, np.ndarray]:
+    """The texts of one split (a pair dataset's: ``TextPairs``) and their labels."""
     frame = pd.read_parquet(dataset_dir / f"{split}.parquet")
-    return frame["text"].tolist(), _labels(frame["label"], dataset_dir)
+    labels = _labels(frame["label"], dataset_dir)
+    if "text_pair" in frame.columns:
+        return TextPairs(frame["text"].tolist(), frame["text_pair"].tolist()), labels
+    return frame["text"].tolist(), labels
 
 
 def load_labels(dataset_dir: Path, split: str) -> np.ndarray:
@@ -90,7 +124,10 @@ def load_labels(dataset_dir: Path, split: str) -> np.ndarray:
 
 def _labels(column: pd.Series, dataset_dir: Path) -> np.ndarray:
     """A split's labels: int64 ids [rows], or for label sets (task: multi_label) a boolean
-    matrix [rows, labels] (row i, column j: row i carries label j)."""
+    matrix [rows, labels] (row i, column j: row i carries label j), or for scores (task:
+    regression) float64 [rows]."""
+    if column.dtype.kind == "f":
+        return column.to_numpy(dtype=np.float64)
     if column.dtype != object:
         return column.to_numpy(dtype=np.int64)
     return label_sets(column.tolist(), len(load_label_map(dataset_dir)))

@@ -2,7 +2,9 @@
 
 Output folder (the KFP ``Dataset`` artifact)::
 
-    train.parquet  validation.parquet  test.parquet   text: columns text (string), label (int32)
+    train.parquet  validation.parquet  test.parquet   text: columns text (string), label (int32;
+                                                       label sets: lists of ids; scores: float64),
+                                                       text pairs: text_pair (string) too
                                                        images: columns label (int32), source
     train_images.npy  validation_images.npy  …         images only: uint8 [N, H, W, C]
     label_map.json                                     ids → raw values and display names
@@ -26,7 +28,7 @@ from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.config import PipelineConfig
-from transferkit.data.dataset import SPLITS, LabelMap
+from transferkit.data.dataset import SCORE, SPLITS, LabelMap
 from transferkit.data.images import (
     ImageRows,
     csv_entries,
@@ -55,6 +57,10 @@ class IngestResult(BaseModel):
 
     modality: str = "text"
     task: str = "classification"  # multi_label: each row holds a set of labels (list of ids)
+    pairs: bool = False  # each row holds two texts (data.text_pair_column)
+    # task: regression: each split's targets (rows, min, max, mean, std), where a
+    # classification dataset has its class balance.
+    targets: dict[str, dict[str, float]] | None = None
     image: ImageStats | None = None
     fingerprint: str
     rows: dict[str, int]
@@ -159,6 +165,8 @@ NOUNS = {"text": "texts", "image": "images"}
 def _read_pixels(
     uri: str, config: PipelineConfig, scratch: Path, split: str
 ) -> Rows | dict[str, ImageRows]:
+    if config.data.text_pair_column:
+        raise DataError(f"{uri}: images, not texts; data.text_pair_column pairs texts, remove it")
     rows = _read_images(uri, config, scratch, split)
     count = sum(map(len, rows.values())) if isinstance(rows, dict) else len(rows)
     log.info("read %s images from %s", f"{count:,}", uri)
@@ -180,6 +188,8 @@ def _read_texts(
         max_text_chars=data.max_text_chars,
         label_delimiter=data.label_delimiter if config.task == "multi_label" else None,
         columns=data.columns,
+        pair_column=data.text_pair_column,
+        numeric_labels=config.task == "regression",
     )
     log.info("read %s rows from %s", f"{len(frame):,}", uri)
     return frame
@@ -211,11 +221,28 @@ def _strata(labels: pd.Series) -> np.ndarray:
     its share in each split, where stratifying on whole sets would leave rare combinations
     out of the smaller splits altogether."""
     values = labels.to_numpy()
+    if values.dtype.kind == "f":  # scores (regression): their quantile bin
+        return _bins(values)
     if not len(values) or not isinstance(values[0], tuple):
         return values
     counts = pd.Series([label for labels in values for label in labels]).value_counts()
     rank = {label: i for i, label in enumerate(reversed(counts.index.tolist()))}  # rarest first
     return np.array([min(s, key=rank.__getitem__) if s else "" for s in values], dtype=object)
+
+
+# Rows per quantile bin of the targets when a regression split is stratified, and most bins.
+ROWS_PER_BIN = 20
+MAX_BINS = 10
+
+
+def _bins(scores: np.ndarray) -> np.ndarray:
+    """Each score's quantile bin (up to MAX_BINS bins of about ROWS_PER_BIN rows or more):
+    a split stratified on them keeps the targets' distribution in every split."""
+    bins = min(MAX_BINS, len(scores) // ROWS_PER_BIN)
+    if bins < 2:
+        return np.zeros(len(scores), dtype=np.int64)
+    edges = np.unique(np.quantile(scores, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.searchsorted(edges, scores, side="right")
 
 
 def _label_values(labels: pd.Series) -> set[str]:
@@ -299,6 +326,9 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
     train = _frame(splits["train"])
     if train.empty:
         raise DataError(f"{sources['train']}: training split is empty; provide more rows")
+    if config.task == "regression":
+        _check_scores(splits, sources, config)
+        return
     if config.task == "multi_label":
         if not isinstance(train["label"].iloc[0], tuple):
             raise DataError(
@@ -359,6 +389,40 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
                 )
 
 
+def _check_scores(splits: dict[str, Rows], sources: dict[str, str], config: PipelineConfig) -> None:
+    """Regression targets: numbers (read as such), no empty split, not all one value."""
+    train = _frame(splits["train"])
+    if train["label"].dtype.kind != "f":
+        raise DataError(
+            f"{sources['train']}: task: regression reads a number per row from a table's "
+            "label column, and this data has classes (an image set); use task: classification"
+        )
+    if train["label"].nunique() < 2:
+        raise DataError(
+            f"{sources['train']}: every training target in column "
+            f"'{config.data.label_column}' is {train['label'].iloc[0]:g}; a regression needs "
+            "targets that vary — check data.label_column"
+        )
+    for name in ("validation", "test"):
+        if _frame(splits[name]).empty:
+            raise DataError(
+                f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "
+                f"data.split.{name}"
+            )
+
+
+def _targets(frame: pd.DataFrame) -> dict[str, float]:
+    """Rows and summary of one split's targets."""
+    values = frame["label"].to_numpy(dtype=np.float64)
+    return {
+        "rows": float(len(values)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "mean": round(float(values.mean()), 6),
+        "std": round(float(values.std()), 6),
+    }
+
+
 def _members(label: str | tuple[str, ...]) -> tuple[str, ...]:
     """The labels of one row's cell: the set itself, or its one label."""
     return label if isinstance(label, tuple) else (label,)
@@ -370,6 +434,8 @@ def _keys(rows: Rows) -> pd.Series:
         return pd.Series(
             [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in rows.images]
         )
+    if "text_pair" in rows.columns:  # a pair is its two texts, in order
+        return rows["text"] + "\t" + rows["text_pair"]
     return rows["text"]
 
 
@@ -402,6 +468,8 @@ def _encoded(frame: pd.DataFrame, label_map: LabelMap) -> pd.DataFrame:
     """The frame with its labels as ids: an int32 per row, or for label sets a sorted list
     of ids per row (stored as a Parquet list column)."""
     labels = frame["label"]
+    if labels.dtype.kind == "f":  # scores (regression) are stored as they are
+        return frame
     if len(labels) and isinstance(labels.iloc[0], tuple):
         index = {value: i for i, value in enumerate(label_map.values)}
         ids = [sorted(index[v] for v in members) for members in labels.tolist()]
@@ -444,9 +512,13 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
     with tempfile.TemporaryDirectory(prefix="transferkit-ingest-") as scratch:
         raw_splits, sources = _split(config, Path(scratch))
     _check(raw_splits, sources, config)
-    label_map = LabelMap.from_values(
-        _label_values(_frame(raw_splits["train"])["label"]), config.data.label_names
-    )
+    regression = config.task == "regression"
+    if regression:  # one output, the score
+        label_map = LabelMap(values=[SCORE], names=[SCORE])
+    else:
+        label_map = LabelMap.from_values(
+            _label_values(_frame(raw_splits["train"])["label"]), config.data.label_names
+        )
     frames = {name: _encoded(_frame(rows), label_map) for name, rows in raw_splits.items()}
     keys = {name: _keys(rows) for name, rows in raw_splits.items()}
     what = NOUNS[config.data.modality]
@@ -477,11 +549,15 @@ def ingest_data(config: PipelineConfig, output_dir: Path) -> IngestResult:
     result = IngestResult(
         modality=config.data.modality,
         task=config.task,
+        pairs=config.data.text_pair_column is not None,
+        targets={name: _targets(frame) for name, frame in frames.items()} if regression else None,
         image=_image_stats(train_rows.images) if isinstance(train_rows, ImageRows) else None,
         fingerprint=fingerprint,
         rows={name: len(frame) for name, frame in frames.items()},
         labels=label_map.names,
-        class_balance={
+        class_balance={}
+        if regression
+        else {
             name: {
                 label_map.names[i]: int(c) for i, c in enumerate(_label_counts(frame, label_map))
             }

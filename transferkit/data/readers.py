@@ -1,8 +1,10 @@
 """Readers for labelled text tables: csv, tsv, jsonl and parquet.
 
-Each reader returns a DataFrame with two string columns, ``text`` and ``label``, in file
-order, and raises a one-line DataError naming the file, the row and the fix for anything it
-cannot read: empty files, non-UTF-8 bytes, malformed rows, missing columns, empty values.
+Each reader returns a DataFrame with a string column ``text`` (and ``text_pair`` for sentence
+pairs) and a ``label`` column (strings; label sets for multi-label; float64 scores for
+regression), in file order, and raises a one-line DataError naming the file, the row and the
+fix for anything it cannot read: empty files, non-UTF-8 bytes, malformed rows, missing
+columns, empty values.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import csv
 import decimal
 import io
 import json
+import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from transferkit.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FORMATS = {
     ".csv": "csv",
@@ -55,18 +61,79 @@ def _decode(raw: bytes, name: str) -> str:
         ) from None
 
 
+def _check_field_counts(text: str, name: str, sep: str, columns: list[str]) -> None:
+    """Refuse a row of a headerless CSV/TSV with fewer fields than ``columns`` names.
+
+    The parser pads such a row with empty cells, which cannot be told from empty fields
+    afterwards, so the fields are counted here with the same delimiter and quoting. Lines the
+    parser skips (empty, or spaces only) are skipped. Rows with more fields are counted and
+    logged: their extra trailing fields are ignored.
+
+    Raises:
+        DataError: one line naming the file, the line, the fields found and the fix.
+    """
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))  # a long text is max_text_chars' business
+    try:
+        reader = csv.reader(
+            io.StringIO(text, newline=""),
+            delimiter=sep,
+            quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+            strict=False,
+        )
+        longer, first, end = 0, 0, 0  # rows with extra fields, the first one's line
+        for fields in reader:
+            line, end = end + 1, reader.line_num  # where the row starts (a field may hold \n)
+            if not fields or (len(fields) == 1 and not fields[0].strip(" \t")):
+                continue
+            if len(fields) < len(columns):
+                raise DataError(
+                    f"{name} line {line}: {len(fields)} field{'s' if len(fields) != 1 else ''} "
+                    f"where data.columns names {len(columns)} ({', '.join(columns)}); complete "
+                    "or remove the row, or name only the leading columns in data.columns"
+                )
+            if len(fields) > len(columns):
+                longer += 1
+                first = first or line
+    except csv.Error as exc:  # the parser read it; do not invent another error
+        log.debug("%s: fields not counted (%s)", name, exc)
+        return
+    finally:
+        csv.field_size_limit(limit)
+    if longer:
+        log.info(
+            "%s: fields beyond the %d that data.columns names are ignored in %s (the first "
+            "at line %d)",
+            name,
+            len(columns),
+            f"{longer:,} row" + ("s" if longer != 1 else ""),
+            first,
+        )
+
+
 def _read_delimited(
     raw: bytes, name: str, sep: str, columns: list[str] | None = None
 ) -> pd.DataFrame:
-    """A CSV/TSV as strings; ``columns`` names the columns of a file without a header row."""
+    """A CSV/TSV as strings; ``columns`` names the columns of a file without a header row.
+
+    A headerless row may carry extra trailing fields beyond ``columns`` (STS Benchmark's
+    source notes): they are ignored. A row with fewer fields than ``columns`` is refused. A
+    file with a header row must have as many fields in every row as in its header.
+
+    Raises:
+        DataError: empty or malformed file, or a headerless row with too few fields.
+    """
     text = _decode(raw, name)
     try:
-        return pd.read_csv(
+        frame = pd.read_csv(
             io.StringIO(text),
             sep=sep,
             header=None if columns else "infer",
             names=columns,
-            index_col=False,  # a row with more fields than names is an error, not an index
+            # Headerless: fields beyond the named columns are dropped. With a header, a row
+            # with more fields than names is an error, not an index.
+            usecols=range(len(columns)) if columns else None,
+            index_col=False,
             dtype=str,
             keep_default_na=False,
             na_filter=False,
@@ -81,6 +148,9 @@ def _read_delimited(
         raise DataError(
             f"{name}: malformed {'TSV' if sep == chr(9) else 'CSV'}: {detail}"
         ) from None
+    if columns:
+        _check_field_counts(text, name, sep, columns)
+    return frame
 
 
 def _read_jsonl(raw: bytes, name: str) -> pd.DataFrame:
@@ -323,8 +393,8 @@ def _check_one_class_per_row(labels: pd.Series, name: str, column: str) -> None:
         raise DataError(
             f"{name}: column '{column}' holds {numbers.nunique():,} distinct numbers with "
             f"fractions (e.g. {example}) — a score to predict (regression), not classes; "
-            "transferkit trains classes (regression is not supported yet): bin the scores "
-            "into classes or point data.label_column at a class label"
+            "set task: regression to predict the score, or bin the scores into classes or "
+            "point data.label_column at a class label"
         )
 
 
@@ -361,6 +431,59 @@ def _label_set(
     return tuple(sorted({text for text in map(_cell, items) if text is not None}))
 
 
+# A score as text: decimal digits with an optional sign, point and exponent ("3.8", "-2",
+# "1e-2"); not "inf", "nan", "1_000", "0x1F", "3,8" or digits of other scripts.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def _score(value: Any, name: str, column: str, where: str) -> float | None:
+    """One regression target as a float; None for a missing cell (None, NaN, empty, 'NA').
+
+    Raises:
+        DataError: the cell is a boolean, a list, a mapping, bytes, text that is not a
+            number, or not finite — one line naming the file, the row, the column, the value
+            and the fix.
+    """
+    kind = _kind(value)
+    if kind == "missing":
+        return None
+    fix = "write one number per row (e.g. 3.8) or remove the row"
+    if kind == "string":
+        text = value.strip()
+        if not text or text in MISSING_LABELS:
+            return None
+        if not _NUMBER.fullmatch(text):
+            raise DataError(
+                f"{name} {where}: column '{column}' holds {_shown(value)}, not a number; "
+                f"task: regression reads a score per row — {fix}, with '.' as the decimal "
+                "point (a column of classes wants task: classification)"
+            )
+        number = float(text)
+    elif kind == "number":
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            number = math.inf
+    elif kind == "bool":
+        raise DataError(
+            f"{name} {where}: column '{column}' holds the boolean {_shown(value)}, not a "
+            f"score; task: regression reads a number per row — {fix} (true/false is a class: "
+            "task: classification)"
+        )
+    else:
+        raise DataError(
+            f"{name} {where}: column '{column}' holds {_ODD.get(kind, 'a ' + kind)} "
+            f"({_shown(value)}), not a score; task: regression reads a number per row — {fix}, "
+            "or point data.label_column at the score"
+        )
+    if not math.isfinite(number):
+        raise DataError(
+            f"{name} {where}: column '{column}' holds {_shown(value)}, which is not a finite "
+            f"number; a score must be finite — {fix}"
+        )
+    return number
+
+
 def read_table(
     path: Path,
     name: str,
@@ -370,8 +493,10 @@ def read_table(
     max_text_chars: int | None = None,
     label_delimiter: str | None = None,
     columns: list[str] | None = None,
+    pair_column: str | None = None,
+    numeric_labels: bool = False,
 ) -> pd.DataFrame:
-    """Read a labelled table into a ``text`` string column and a ``label`` column.
+    """Read a labelled table into ``text`` (and ``text_pair``) string columns and a ``label``.
 
     Args:
         path: local file.
@@ -383,22 +508,48 @@ def read_table(
         label_delimiter: None for one label per row (strings); for ``task: multi_label`` what
             joins a row's labels in one string cell: the ``label`` column then holds tuples
             of sorted distinct labels (lists in JSONL/Parquet are read as they are).
-        columns: the column names of a CSV/TSV without a header row (``data.columns``).
+        columns: the column names of a CSV/TSV without a header row (``data.columns``); a
+            row's fields beyond them are ignored, a row with fewer fields is refused.
+        pair_column: column with the second text of a pair (``data.text_pair_column``),
+            returned as ``text_pair`` and checked like the text; None: one text per row.
+        numeric_labels: ``task: regression``: the label column holds a number per row (ints,
+            floats or numeric strings), returned as float64.
+
+    Returns:
+        The rows in file order: columns ``text``, ``text_pair`` (with ``pair_column``) and
+        ``label``.
 
     Raises:
-        DataError: unreadable file, missing column, empty text or label, or a text longer
-            than ``max_text_chars`` (with the row).
+        DataError: unreadable file, missing column, empty text or label, a label that is not
+            a finite number (``numeric_labels``), or a text longer than ``max_text_chars``
+            (with the row).
+        ValueError: ``numeric_labels`` together with ``label_delimiter``.
     """
+    if numeric_labels and label_delimiter is not None:
+        raise ValueError("read_table: numeric_labels (regression) takes no label_delimiter")
     frame = _frame(path, name, fmt, columns)
-    for column, key in ((text_column, "text_column"), (label_column, "label_column")):
+    wanted = [(text_column, "text_column"), (label_column, "label_column")]
+    if pair_column is not None:
+        wanted.insert(1, (pair_column, "text_pair_column"))
+    for column, key in wanted:
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns[:12]))
             raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
     at = _position(frame, fmt, header=not columns)
-    _check_text_cells(frame, text_column, name, at)
-    texts = [_cell(v) for v in frame[text_column].tolist()]
+    text_columns = {"text": text_column}
+    if pair_column is not None:
+        text_columns["text_pair"] = pair_column
+    for column in text_columns.values():
+        _check_text_cells(frame, column, name, at)
+    texts = {
+        key: [_cell(v) for v in frame[column].tolist()] for key, column in text_columns.items()
+    }
     labels: list[Any]
-    if label_delimiter is None:
+    if numeric_labels:
+        labels = [
+            _score(v, name, label_column, at(i)) for i, v in enumerate(frame[label_column].tolist())
+        ]
+    elif label_delimiter is None:
         _check_label_cells(frame, label_column, name, at)
         labels = [_cell(v) for v in frame[label_column].tolist()]
         labels = [None if label in MISSING_LABELS else label for label in labels]
@@ -407,11 +558,12 @@ def read_table(
             _label_set(v, label_delimiter, name, label_column, at(i))
             for i, v in enumerate(frame[label_column].tolist())
         ]
-    for index, (text, label) in enumerate(zip(texts, labels, strict=True)):
-        if text is None:
-            raise DataError(
-                f"{name} {at(index)}: empty text in column '{text_column}'; fill or remove the row"
-            )
+    for index, label in enumerate(labels):
+        for key, column in text_columns.items():
+            if texts[key][index] is None:
+                raise DataError(
+                    f"{name} {at(index)}: empty text in column '{column}'; fill or remove the row"
+                )
         if label is None:
             empty_set = (
                 ""
@@ -422,17 +574,23 @@ def read_table(
                 f"{name} {at(index)}: empty or NaN label in column "
                 f"'{label_column}'; label or remove the row{empty_set}"
             )
-    table = pd.DataFrame({"text": texts, "label": labels})
-    if label_delimiter is None:
+    table = pd.DataFrame(
+        {
+            **texts,
+            "label": np.asarray(labels, dtype=np.float64) if numeric_labels else labels,
+        }
+    )
+    if label_delimiter is None and not numeric_labels:
         _check_one_class_per_row(table["label"], name, label_column)
     if max_text_chars is not None:
-        lengths = table["text"].str.len()
-        too_long = lengths[lengths > max_text_chars]
-        if not too_long.empty:
-            index, length = int(too_long.index[0]), int(too_long.iloc[0])
-            raise DataError(
-                f"{name} {at(index)}: a text of {length:,} characters in column "
-                f"'{text_column}', above data.max_text_chars ({max_text_chars:,}); clean the "
-                "data or raise data.max_text_chars"
-            )
+        for key, column in text_columns.items():
+            lengths = table[key].str.len()
+            too_long = lengths[lengths > max_text_chars]
+            if not too_long.empty:
+                index, length = int(too_long.index[0]), int(too_long.iloc[0])
+                raise DataError(
+                    f"{name} {at(index)}: a text of {length:,} characters in column "
+                    f"'{column}', above data.max_text_chars ({max_text_chars:,}); clean the "
+                    "data or raise data.max_text_chars"
+                )
     return table

@@ -103,7 +103,9 @@ def _save_decided(
     card = _card(config, ctx, fitted)
     metric = config.evaluation.primary_metric
     rule: Decision | None
-    if card.multi_label:  # a threshold per label (training.label_thresholds)
+    if card.regression:  # a score decides nothing
+        rule = None
+    elif card.multi_label:  # a threshold per label (training.label_thresholds)
         setting: Any = config.training.label_thresholds
         tuned = isinstance(setting, str)
         sets = _validation_proba(ctx, fitted, card, precision, config) if tuned else None
@@ -138,7 +140,7 @@ def _validation_proba(
     """Validation labels and the fitted model's probabilities for them, predicted as
     evaluate predicts (the whole model, the evaluation's precision)."""
     processor, encoder = fitted.encoder or ctx.load_encoder()
-    model = Classifier(encoder, len(ctx.labels))
+    model = Classifier(encoder, len(ctx.labels), card.head_inputs(encoder.hidden_size))
     model.head.load_state_dict(fitted.head.state_dict())
     inputs, truth = ctx.modality.load(ctx.dataset_dir, "validation")
     proba = predict_proba(
@@ -166,11 +168,13 @@ def _card(config: PipelineConfig, ctx: Context, fitted: Fitted) -> ModelCard:
         backbone_fingerprint=info.fingerprint,
         data_fingerprint=storage.read_json(ctx.dataset_dir / "stats.json")["fingerprint"],
         environment=environment(config.training.seed),
-        task=f"{info.modality}-classification",
+        task=f"{info.modality}-{'regression' if config.task == 'regression' else 'classification'}",
         image=info.image,
         family=ctx.family.name,
         modality=info.modality,
         multi_label=config.task == "multi_label",
+        regression=config.task == "regression",
+        pair=config.data.text_pair_column is not None,
     )
 
 

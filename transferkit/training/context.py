@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferkit import storage
 from transferkit.backbones import BackboneInfo
 from transferkit.backbones.base import Capabilities, Family, folder_family, read_config
 from transferkit.backbones.modality import Modality, modality_of
@@ -56,8 +57,14 @@ class Context:
         return self.label_map.names
 
     @property
+    def pairs(self) -> bool:
+        """Whether each row holds two texts (data.text_pair_column)."""
+        return bool(storage.read_json(self.dataset_dir / "stats.json").get("pairs"))
+
+    @property
     def head_parameters(self) -> int:
-        return (self.info.hidden_size + 1) * len(self.label_map)
+        width = self.info.hidden_size * (4 if self.pairs else 1)  # a pair's four blocks
+        return (width + 1) * len(self.label_map)
 
     @property
     def model_dir(self) -> Path:

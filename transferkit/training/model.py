@@ -5,7 +5,8 @@ loader::
 
     encoder/           the backbone folder: config.json (with id2label), model.safetensors,
                        tokenizer files (text) or the CIFAR ResNet / HF vision config (images)
-    head.safetensors   linear head: weight [labels, hidden], bias [labels]
+    head.safetensors   linear head: weight [labels, hidden], bias [labels] (text pairs:
+                       [labels, 4 × hidden], over the pair's features; regression: one row)
     transferkit.json   task, labels, strategy, provenance; text: pooling, normalisation, max
                        length; images: the input adaptation (size, channels, mean, std)
     training.json      the run's record: seconds, metrics, history (not part of the model)
@@ -70,16 +71,29 @@ class ModelCard(BaseModel):
     # task: multi_label: a sigmoid per label (independent probabilities) and a set per row.
     # Left out of single-label cards, like ``decision``.
     multi_label: bool = False
+    # task: regression: the head's one output is the predicted score (``labels``: ['score']).
+    regression: bool = False
+    # data.text_pair_column: the model reads two texts per row; its head reads their
+    # pair_features ([u, v, |u - v|, u * v] of the frozen encoder's embeddings).
+    pair: bool = False
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
         """Predicted label ids [rows] of class probabilities [rows, labels] (label sets:
-        boolean [rows, labels])."""
+        boolean [rows, labels]; a regression model: its scores [rows])."""
+        if self.regression:
+            return np.asarray(proba[:, 0], dtype=np.float64)
         return (self.decision or Decision()).apply(proba)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The head's logits as probabilities: softmax over labels, or a sigmoid per label
-        for a multi-label model."""
+        for a multi-label model; a regression model's outputs are its scores, as they are."""
+        if self.regression:
+            return np.asarray(logits, dtype=np.float64)
         return sigmoid(logits) if self.multi_label else softmax(logits)
+
+    def head_inputs(self, hidden_size: int) -> int:
+        """The width of the features the head reads: the encoder's, or a pair's four."""
+        return 4 * hidden_size if self.pair else hidden_size
 
     def input_modality(self) -> Modality:
         """The modality of the inputs this model classifies."""
@@ -93,10 +107,10 @@ class Classifier(nn.Module):
     pixels for images.
     """
 
-    def __init__(self, encoder: Encoder, num_labels: int) -> None:
+    def __init__(self, encoder: Encoder, num_labels: int, inputs: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.hidden_size, num_labels)
+        self.head = nn.Linear(inputs or encoder.hidden_size, num_labels)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(*inputs).float())
@@ -110,8 +124,9 @@ def card_json(card: ModelCard) -> dict[str, Any]:
         unset["decision"] = True
     elif card.decision.thresholds is None:
         unset["decision"] = {"thresholds"}
-    if not card.multi_label:
-        unset["multi_label"] = True
+    for flag in ("multi_label", "regression", "pair"):
+        if not getattr(card, flag):
+            unset[flag] = True
     return card.model_dump(exclude=unset)
 
 
@@ -201,7 +216,7 @@ def load_classifier(model_dir: Path) -> tuple[Any, Classifier, ModelCard]:
     processor, encoder = card_family(model_dir, card).load(
         model_dir / "encoder", modality.name, card
     )
-    model = Classifier(encoder, len(card.labels))
+    model = Classifier(encoder, len(card.labels), card.head_inputs(encoder.hidden_size))
     model.head.load_state_dict(load_file(str(model_dir / "head.safetensors")))
     return processor, model.eval(), card
 
@@ -216,9 +231,28 @@ def _run(
     description: str,
 ) -> np.ndarray:
     """``module`` (the classifier or its encoder) applied to the card's inputs, in order."""
-    return card.input_modality().run(
-        module, processor, inputs, card, batch_size, precision, description
-    )
+    modality = card.input_modality()
+    inputs = modality.paired(inputs, card.pair)
+    return modality.run(module, processor, inputs, card, batch_size, precision, description)
+
+
+def _outputs(
+    model: Classifier,
+    processor: Any,
+    card: ModelCard,
+    inputs: Any,
+    batch_size: int,
+    precision: str,
+) -> np.ndarray:
+    """The classifier's head outputs for the card's inputs, in order; a pair model's are its
+    encoder's pair features of both texts through its head."""
+    if not card.pair:
+        return _run(model, processor, card, inputs, batch_size, precision, "predict")
+    features = _run(model.encoder, processor, card, inputs, batch_size, precision, "predict")
+    head = model.head
+    with torch.no_grad():
+        x = torch.from_numpy(features).to(head.weight.device, head.weight.dtype)
+        return head(x).float().cpu().numpy()
 
 
 def predict_proba(
@@ -233,9 +267,7 @@ def predict_proba(
 
     ``inputs`` are texts for a text model, uint8 images [N, H, W, C] for an image model.
     """
-    return card.probabilities(
-        _run(model, tokenizer, card, inputs, batch_size, precision, "predict")
-    )
+    return card.probabilities(_outputs(model, tokenizer, card, inputs, batch_size, precision))
 
 
 def embed(
@@ -246,5 +278,6 @@ def embed(
     batch_size: int = 128,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """The classifier's encoder outputs [inputs, hidden] (the features its head reads)."""
+    """The classifier's encoder outputs [inputs, hidden] (the features its head reads; text
+    pairs: their pair_features [inputs, 4 × hidden])."""
     return _run(model.encoder, tokenizer, card, inputs, batch_size, precision, "embed")

@@ -1,15 +1,23 @@
 """zero_shot: no training — a cosine head whose rows are the embedded label descriptions
 (prompt templates × label texts, averaged), in the space of the data's features: the encoder
-itself for text, a dual encoder's text tower for images (the CLIP recipe)."""
+itself for text, a dual encoder's text tower for images (the CLIP recipe). Text pairs with a
+score (task: regression): the cosine of the two texts' embeddings, mapped linearly from
+[0, 1] onto the training targets' range; the head reads the pair's features, whose last
+block of unit-vector products sums to that cosine."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+import torch
+from torch import nn
+
 from transferkit.config import PipelineConfig, ZeroShotConfig
 from transferkit.data import load_labels
 from transferkit.features import load_features
 from transferkit.metrics import metric_of_logits
+from transferkit.regression import score_regression
 from transferkit.training.context import Context, Fitted
 from transferkit.training.runtime import device
 from transferkit.training.strategies import register
@@ -18,8 +26,37 @@ from transferkit.training.zero_shot import label_prompts, prototype_similarities
 log = logging.getLogger(__name__)
 
 
+def _cosine_head(hidden: int, low: float, high: float) -> nn.Linear:
+    """A head on pair features [u, v, |u - v|, u * v] (unit u, v) whose output is
+    ``low + (high - low) * cos(u, v)``: weight (high - low) on every product, 0 elsewhere."""
+    head = nn.Linear(4 * hidden, 1)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 3 * hidden :] = high - low
+        head.bias.fill_(low)
+    return head
+
+
+def _fit_pairs(config: PipelineConfig, ctx: Context) -> Fitted:
+    """Zero-shot scores of text pairs: the cosine of their embeddings (no training)."""
+    targets = load_labels(ctx.dataset_dir, "train")
+    low, high = float(targets.min()), float(targets.max())
+    head = _cosine_head(ctx.info.hidden_size, low, high)
+    features = load_features(ctx.features_dir, "validation")
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(features)).numpy()[:, 0].astype(np.float64)
+    metric = config.evaluation.primary_metric
+    value = score_regression(load_labels(ctx.dataset_dir, "validation"), predicted).metric(metric)
+    log.info("zero-shot cosine similarity of the pairs: validation %s %.4f", metric, value)
+    # Only the range of the training targets was read (to put the cosine on their scale).
+    details = {"score": f"{low:g} + ({high:g} - {low:g}) × cosine", "low": low, "high": high}
+    return Fitted(head, value, 0, details, labelled=0)
+
+
 @register("zero_shot")
 def fit(config: PipelineConfig, strategy: ZeroShotConfig, ctx: Context) -> Fitted:
+    if config.task == "regression":  # text pairs (validated with the config)
+        return _fit_pairs(config, ctx)
     label_map = ctx.label_map
     tokenizer, encoder = ctx.family.prompt_encoder(ctx.model_dir, ctx.info.modality, ctx.info)
     # Prototypes are weights: embed the few prompts in full precision whatever the setting.
