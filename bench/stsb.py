@@ -34,12 +34,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
+from transferkit.config import LinearProbeConfig
+
 STSB = Path(
     os.environ.get("TRANSFERKIT_BENCH_STSB", common.ROOT.parent / "shared" / "data" / "stsb")
 )
 COLUMNS = ["genre", "file", "year", "id", "score", "sentence1", "sentence2"]
 FILES = {"train": "sts-train.csv", "validation": "sts-dev.csv", "test": "sts-test.csv"}
-ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]
+ALPHAS = LinearProbeConfig().ridge_alphas  # the grid a run's linear_probe tries
 BATCH = 128
 
 

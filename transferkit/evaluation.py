@@ -486,20 +486,16 @@ def evaluate(
                 f"(positive: {scores.positive_label})",
             )
         (tmp / "report.md").write_text(render_report(result, training, dataset, card.model_dump()))
-    if isinstance(scores, RegressionScores):
-        log.info(
-            "evaluation: %s %.4f, RMSE %.4f on %d rows",
-            metric,
-            result.primary_value,
-            scores.rmse,
-            scores.rows,
-        )
-    else:
-        log.info(
-            "evaluation: %s %.4f, macro-F1 %.4f on %d rows",
-            metric,
-            result.primary_value,
-            scores.macro_f1,
-            scores.rows,
-        )
+    second = (
+        ("RMSE", scores.rmse)
+        if isinstance(scores, RegressionScores)
+        else ("macro-F1", scores.macro_f1)
+    )
+    log.info(
+        "evaluation: %s %.4f, %s %.4f on %d rows",
+        metric,
+        result.primary_value,
+        *second,
+        scores.rows,
+    )
     return result

@@ -39,10 +39,10 @@ from transferkit.config import PipelineConfig, flatten
 from transferkit.data import load_labels
 from transferkit.data.dataset import SCORE, label_sets
 from transferkit.errors import RegistryError
-from transferkit.evaluation import set_metrics
+from transferkit.evaluation import score_metrics, set_metrics
 from transferkit.metrics import PairedComparison, paired_comparison
 from transferkit.multilabel import MultiLabelScores
-from transferkit.regression import METRICS as SCORE_METRICS
+from transferkit.regression import RegressionScores
 from transferkit.termination import sigterm_raises
 
 log = logging.getLogger(__name__)
@@ -576,7 +576,7 @@ def decide(
 def _metrics(evaluation: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
     scores = evaluation["scores"]
     if "spearman" in scores:  # scores (regression)
-        metrics = {f"test_{name}": scores[name] for name in SCORE_METRICS}
+        metrics = {f"test_{k}": v for k, v in score_metrics(RegressionScores(**scores)).items()}
         return _run_metrics(metrics, training)
     if "per_label" in scores:  # label sets
         metrics = {f"test_{k}": v for k, v in set_metrics(MultiLabelScores(**scores)).items()}

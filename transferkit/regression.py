@@ -1,7 +1,7 @@
 """Regression metrics: a float score per row (``task: regression``, e.g. STS-B similarity 0–5).
 
 Pure numpy: the metrics of a prediction against the truth, and the orientation that lets a
-selection loop compare any of them with "higher is better".
+selection loop compare any of them with "higher is better" (``RegressionScores.oriented``).
 """
 
 from __future__ import annotations
@@ -73,17 +73,13 @@ def _vector(values: np.ndarray, what: str) -> np.ndarray:
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson's r; 0.0 when either side is constant (no linear relation to measure)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
     dx = x - x.mean()
     dy = y - y.mean()
     # Scale-free: dividing by the largest deviation keeps the squares from overflowing.
-    sx, sy = np.abs(dx).max(), np.abs(dy).max()
-    if np.ptp(x) == 0 or np.ptp(y) == 0 or sx == 0 or sy == 0:
-        return 0.0
-    dx, dy = dx / sx, dy / sy
-    denominator = np.sqrt((dx @ dx) * (dy @ dy))
-    if denominator == 0:
-        return 0.0
-    return float(np.clip((dx @ dy) / denominator, -1.0, 1.0))
+    dx, dy = dx / np.abs(dx).max(), dy / np.abs(dy).max()
+    return float(np.clip((dx @ dy) / np.sqrt((dx @ dx) * (dy @ dy)), -1.0, 1.0))
 
 
 def score_regression(truth: np.ndarray, predicted: np.ndarray) -> RegressionScores:
@@ -129,21 +125,3 @@ def score_regression(truth: np.ndarray, predicted: np.ndarray) -> RegressionScor
         spearman=_pearson(average_ranks(y), average_ranks(p)),
         rows=len(y),
     )
-
-
-def oriented_metric(name: str, truth: np.ndarray, predicted: np.ndarray) -> float:
-    """One metric of ``predicted`` against ``truth``, higher always better (rmse and mae
-    negated): what a selection loop compares.
-
-    Args:
-        name: one of ``METRICS``.
-        truth: the true score of each row.
-        predicted: the predicted score of each row.
-
-    Returns:
-        The oriented value.
-
-    Raises:
-        ValueError: an unknown metric name, or inputs that ``score_regression`` refuses.
-    """
-    return score_regression(truth, predicted).oriented(check_metric(name))

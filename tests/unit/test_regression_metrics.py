@@ -11,15 +11,17 @@ import pytest
 import torch
 from scipy import stats
 
+from transferkit.config import LinearProbeConfig
 from transferkit.ranks import average_ranks, roc_auc
 from transferkit.regression import (
     LOWER_IS_BETTER,
     METRICS,
     RegressionScores,
-    oriented_metric,
     score_regression,
 )
-from transferkit.training.ridge import DEFAULT_ALPHAS, RidgeFit, fit_ridge
+from transferkit.training.ridge import RidgeFit, fit_ridge
+
+DEFAULT_ALPHAS = LinearProbeConfig().ridge_alphas  # strategy.ridge_alphas' default
 
 # --- average ranks ------------------------------------------------------------------------
 
@@ -112,7 +114,8 @@ def test_orientation_makes_higher_better() -> None:
     truth = np.array([1.0, 2.0, 3.0, 4.0])
     good, bad = np.array([1.1, 2.0, 3.0, 4.0]), np.array([2.0, 1.0, 4.0, 3.0])
     for name in METRICS:
-        assert oriented_metric(name, truth, good) > oriented_metric(name, truth, bad), name
+        better = score_regression(truth, good).oriented(name)
+        assert better > score_regression(truth, bad).oriented(name), name
     s = score_regression(truth, bad)
     assert s.oriented("rmse") == -s.rmse == -1.0
     assert s.oriented("mae") == -s.mae
@@ -128,7 +131,7 @@ def test_unknown_metric_is_refused_naming_the_valid_ones() -> None:
             call()
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="'macro_f1'"):
-        oriented_metric("macro_f1", np.ones(2), np.ones(2))
+        score_regression(np.ones(2), np.ones(2)).oriented("macro_f1")
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from transferkit.backbones.text import (
 )
 from transferkit.config import AugmentationConfig
 from transferkit.data import TextPairs, load_images
-from transferkit.data.dataset import load_text_inputs
+from transferkit.data.dataset import has_pairs, load_text_inputs
 
 
 class Inputs(Protocol):
@@ -347,7 +347,7 @@ class TextModality(Modality):
 
     def example(self, dataset_dir: Path) -> Any:
         frame = pd.DataFrame({"text": ["An example input text.", "Another one."]})
-        if isinstance(load_text_inputs(dataset_dir, "test")[0], TextPairs):
+        if has_pairs(dataset_dir):
             frame["text_pair"] = ["A second text.", "Its partner."]
         return frame
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,13 @@ class LabelMap(BaseModel):
 def load_label_map(dataset_dir: Path) -> LabelMap:
     """The label map of a dataset artifact."""
     return LabelMap.model_validate_json((dataset_dir / "label_map.json").read_text())
+
+
+def has_pairs(dataset_dir: Path) -> bool:
+    """Whether a dataset artifact's rows hold two texts (data.text_pair_column), as its
+    stats.json records."""
+    stats = dataset_dir / "stats.json"
+    return stats.exists() and bool(json.loads(stats.read_text()).get("pairs"))
 
 
 def load_split(dataset_dir: Path, split: str) -> tuple[list[str], np.ndarray]:

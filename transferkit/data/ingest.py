@@ -360,10 +360,7 @@ def _check(splits: dict[str, Rows], sources: dict[str, str], config: PipelineCon
                 f"{name} split can hold every label; point data.label_column at the label"
             )
         if frame.empty:
-            raise DataError(
-                f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "
-                f"data.split.{name}"
-            )
+            raise _empty(sources, name)
         unseen = sorted(_label_values(frame["label"]) - seen)
         if unseen:
             strays = set(unseen)
@@ -405,10 +402,14 @@ def _check_scores(splits: dict[str, Rows], sources: dict[str, str], config: Pipe
         )
     for name in ("validation", "test"):
         if _frame(splits[name]).empty:
-            raise DataError(
-                f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise "
-                f"data.split.{name}"
-            )
+            raise _empty(sources, name)
+
+
+def _empty(sources: dict[str, str], name: str) -> DataError:
+    """The error of an empty validation or test split."""
+    return DataError(
+        f"{sources[name]}: {name} split is empty; give data.{name}_uri or raise data.split.{name}"
+    )
 
 
 def _targets(frame: pd.DataFrame) -> dict[str, float]:

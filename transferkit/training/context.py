@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit import storage
 from transferkit.backbones import BackboneInfo
 from transferkit.backbones.base import Capabilities, Family, folder_family, read_config
 from transferkit.backbones.modality import Modality, modality_of
 from transferkit.config import LinearProbeConfig, PipelineConfig
 from transferkit.data import LabelMap, load_labels
+from transferkit.data.dataset import has_pairs
 from transferkit.features import load_features
 from transferkit.training.distributed import Layout
 from transferkit.training.few_shot import sample_per_class
@@ -59,7 +59,7 @@ class Context:
     @property
     def pairs(self) -> bool:
         """Whether each row holds two texts (data.text_pair_column)."""
-        return bool(storage.read_json(self.dataset_dir / "stats.json").get("pairs"))
+        return has_pairs(self.dataset_dir)
 
     @property
     def head_parameters(self) -> int:

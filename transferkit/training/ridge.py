@@ -23,10 +23,6 @@ from transferkit.training.probe import BLOCK_ROWS, _moments, _standardized
 
 log = logging.getLogger(__name__)
 
-# Penalties on the sum of squared errors (scikit-learn Ridge's convention), so the right one
-# grows with the rows: 384–4096-dim sentence features on 1k–70k rows land inside this grid.
-DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-
 
 class RidgeFit(BaseModel):
     """The chosen penalty, its validation metric (as computed, not oriented) and the
@@ -120,7 +116,8 @@ def fit_ridge(
         train_y: training targets [rows].
         val_x: validation features [rows, dims].
         val_y: validation targets [rows].
-        alphas: the penalties to try (``DEFAULT_ALPHAS`` is a wide grid); each ``>= 0``.
+        alphas: the penalties to try (``strategy.ridge_alphas``: its default is a grid wide
+            enough for 384–4096-dim sentence features on 1k–70k rows); each ``>= 0``.
         primary_metric: one of ``transferkit.regression.METRICS``, compared with higher
             better (rmse and mae negated); on ties the larger penalty wins.
         overwrite: the caller has no further use for ``train_x`` and ``val_x``, which may
@@ -136,7 +133,7 @@ def fit_ridge(
     check_metric(primary_metric)
     grid_alphas = np.array(sorted({float(a) for a in alphas}, reverse=True))
     if len(grid_alphas) == 0:
-        raise ValueError("alphas is empty; pass at least one penalty, e.g. DEFAULT_ALPHAS")
+        raise ValueError("alphas is empty; pass at least one penalty (strategy.ridge_alphas)")
     if not np.all(np.isfinite(grid_alphas)) or grid_alphas.min() < 0:
         raise ValueError(
             f"alphas {list(alphas)} holds a negative or non-finite penalty; pass values >= 0"
