@@ -329,6 +329,10 @@ class BackboneSelectionConfig(_Model):
     )
 
 
+# The values of 'task' (PipelineConfig.task).
+ALL_TASKS = ("classification", "multi_label", "regression")
+
+
 @dataclass(frozen=True)
 class Applies:
     """Where a strategy applies, declared by its config class (``applies``).
@@ -350,9 +354,7 @@ class Applies:
 class LinearProbeConfig(_Model):
     """Freeze the backbone; fit a logistic-regression head on its features."""
 
-    applies: ClassVar[Applies] = Applies(
-        rung=0, tasks=("classification", "multi_label", "regression"), pairs=True
-    )
+    applies: ClassVar[Applies] = Applies(rung=0, tasks=ALL_TASKS, pairs=True)
     name: Literal["linear_probe"] = "linear_probe"
     l2_grid: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
@@ -376,10 +378,18 @@ class _TunedHead(_Model):
         "probe",
         description="'probe' starts the head from a linear probe on the frozen features "
         "(LP-FT, Kumar et al. 2022), which keeps early updates from distorting the features; "
-        "'random' starts from a fresh head.",
+        "'random' starts from a fresh head. A cross-encoder of text pairs (pair_encoder: "
+        "cross) has no frozen features to probe: unset, its head starts random.",
     )
     head_lr_multiplier: float = Field(
         10.0, gt=0, le=1000, description="Head learning rate = training.learning_rate × this."
+    )
+    pair_encoder: Literal["cross", "bi"] = Field(
+        "cross",
+        description="Text pairs (data.text_pair_column) only: 'cross' reads both texts at once "
+        "through the encoder (a cross-encoder, the more accurate); 'bi' encodes each text on "
+        "its own and the head reads [u, v, |u - v|, u * v] of their unit embeddings (a "
+        "bi-encoder: each text's embedding can be computed once and searched).",
     )
 
 
@@ -399,14 +409,18 @@ class _LayerwiseHead(_TunedHead):
 class FullFinetuneConfig(_LayerwiseHead):
     """Train the backbone and the head together."""
 
-    applies: ClassVar[Applies] = Applies(needs=("finetune",), multinode=True, rung=3)
+    applies: ClassVar[Applies] = Applies(
+        needs=("finetune",), multinode=True, rung=3, tasks=ALL_TASKS, pairs=True
+    )
     name: Literal["full_finetune"] = "full_finetune"
 
 
 class PartialFinetuneConfig(_LayerwiseHead):
     """Freeze the embeddings and the lower encoder layers; train the top layers and the head."""
 
-    applies: ClassVar[Applies] = Applies(needs=("finetune", "blocks"), multinode=True, rung=1)
+    applies: ClassVar[Applies] = Applies(
+        needs=("finetune", "blocks"), multinode=True, rung=1, tasks=ALL_TASKS, pairs=True
+    )
     name: Literal["partial_finetune"] = "partial_finetune"
     train_top_layers: int = Field(
         2,
@@ -420,7 +434,9 @@ class PartialFinetuneConfig(_LayerwiseHead):
 class LoraConfig(_TunedHead):
     """Low-rank adapters (PEFT LoRA) in the backbone plus the head; merged before saving."""
 
-    applies: ClassVar[Applies] = Applies(needs=("finetune", "lora"), multinode=True, rung=2)
+    applies: ClassVar[Applies] = Applies(
+        needs=("finetune", "lora"), multinode=True, rung=2, tasks=ALL_TASKS, pairs=True
+    )
     name: Literal["lora"] = "lora"
     rank: int = Field(8, ge=1, le=1024, description="Rank r of each adapter.")
     alpha: int = Field(16, ge=1, description="Scaling numerator: updates are × alpha / r.")
@@ -438,7 +454,9 @@ class LoraConfig(_TunedHead):
 class ScratchConfig(_Model):
     """The control: the backbone's architecture, randomly initialised, trained on the data."""
 
-    applies: ClassVar[Applies] = Applies(needs=("finetune",), multinode=True)
+    applies: ClassVar[Applies] = Applies(
+        needs=("finetune",), multinode=True, tasks=ALL_TASKS, pairs=True
+    )
     name: Literal["scratch"] = "scratch"
 
 
@@ -1517,6 +1535,19 @@ class PipelineConfig(_Model):
                     f"strategy '{strategy.name}' does not train on text pairs "
                     f"(data.text_pair_column); use {' or '.join(able)}"
                 )
+            if (
+                self.data.text_pair_column
+                and isinstance(strategy, _TunedHead)
+                and strategy.pair_encoder == "cross"
+                and strategy.head_init == "probe"
+            ):
+                if "head_init" in strategy.model_fields_set:
+                    raise ValueError(
+                        f"{strategy.name}.head_init: probe fits the head on frozen pair "
+                        "features, which a cross-encoder (pair_encoder: cross) does not read; "
+                        "use head_init: random, or pair_encoder: bi"
+                    )
+                strategy.head_init = "random"
             if strategy.name == "zero_shot" and (self.task == "regression") != bool(
                 self.data.text_pair_column
             ):

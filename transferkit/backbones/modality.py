@@ -21,6 +21,7 @@ from torch import nn
 
 from transferkit.backbones.images import ImageInput, prepare, run_images
 from transferkit.backbones.text import (
+    Texts,
     encode_chunks,
     frozen_encoder,
     pad,
@@ -73,9 +74,9 @@ def length_grouped_batches(
 
 
 class TextInputs:
-    """Tokenised texts (truncated to ``max_length``), padded per batch."""
+    """Tokenised texts or text pairs (truncated to ``max_length``), padded per batch."""
 
-    def __init__(self, tokenizer: Any, texts: list[str], max_length: int) -> None:
+    def __init__(self, tokenizer: Any, texts: Texts, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.texts = texts
         self.max_length = max_length
@@ -96,6 +97,39 @@ class TextInputs:
         return run_batched(
             model, self.tokenizer, self.texts, self.max_length, batch_size, precision, "validate"
         )
+
+
+class PairInputs:
+    """Text pairs for a bi-encoder: each text tokenised on its own; a batch is both texts'
+    padded ids (``BiEncoderClassifier``'s four arguments)."""
+
+    def __init__(self, tokenizer: Any, pairs: TextPairs, max_length: int) -> None:
+        self.first = TextInputs(tokenizer, pairs.first, max_length)
+        self.second = TextInputs(tokenizer, pairs.second, max_length)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        lengths = np.maximum(self.first.lengths, self.second.lengths)
+        return length_grouped_batches(lengths, batch_size, rng)
+
+    def tensors(self, index: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        return (*self.first.tensors(index, rng), *self.second.tensors(index, rng))
+
+    def logits(self, model: nn.Module, batch_size: int, precision: str) -> np.ndarray:
+        encoder, head = model.encoder, model.head
+        assert isinstance(encoder, nn.Module)
+        assert isinstance(head, nn.Linear)
+        u, v = (
+            run_batched(
+                encoder, x.tokenizer, x.texts, x.max_length, batch_size, precision, "validate"
+            )
+            for x in (self.first, self.second)
+        )
+        with torch.no_grad():
+            features = torch.from_numpy(pair_features(u, v)).to(head.weight.device)
+            return head(features).float().cpu().numpy()
 
 
 def augment(
@@ -201,8 +235,10 @@ class Modality:
         inputs: Any,
         settings: Settings,
         augmentation: AugmentationConfig | None = None,
+        separate: bool = False,
     ) -> Inputs:
-        """Inputs for the training loop (augmented when ``augmentation`` is given)."""
+        """Inputs for the training loop (augmented when ``augmentation`` is given); pairs
+        read together (a cross-encoder's) or each on its own (``separate``: a bi-encoder's)."""
         raise NotImplementedError
 
     def run(
@@ -294,13 +330,23 @@ class TextModality(Modality):
         inputs: Any,
         settings: Settings,
         augmentation: AugmentationConfig | None = None,
+        separate: bool = False,
     ) -> Inputs:
-        if isinstance(inputs, TextPairs):  # refused at validate: no tuning strategy takes pairs
-            raise ValueError("text pairs train the linear probe only, not through the encoder")
+        if isinstance(inputs, TextPairs) and separate:  # a bi-encoder
+            return PairInputs(processor, inputs, settings.max_length)
+        if isinstance(inputs, TextPairs):  # a cross-encoder: both texts through it at once
+            return TextInputs(processor, inputs.joined(), settings.max_length)
         return TextInputs(processor, list(inputs), settings.max_length)
 
     def run(self, module, processor, inputs, settings, batch_size, precision, description):
-        """Text pairs (``TextPairs``, with an encoder as ``module``) give pair_features."""
+        """Text pairs (``TextPairs``) go through a cross-encoder's ``module`` tokenised
+        together when ``settings`` (its card) says so, or give the pair_features of an
+        encoder's two embeddings."""
+        if isinstance(inputs, TextPairs) and getattr(settings, "cross_encoder", False):
+            texts: Any = inputs.joined()
+            return run_batched(
+                module, processor, texts, settings.max_length, batch_size, precision, description
+            )
         if isinstance(inputs, TextPairs):
             first, second = (
                 self.run(module, processor, texts, settings, batch_size, precision, description)
@@ -376,6 +422,7 @@ class ImageModality(Modality):
         inputs: Any,
         settings: Settings,
         augmentation: AugmentationConfig | None = None,
+        separate: bool = False,
     ) -> Inputs:
         assert settings.image is not None
         return ImageInputs(inputs, settings.image, augmentation)

@@ -30,6 +30,10 @@ __all__ = ["autocast", "bf16_supported", "resolve_precision"]  # re-exported: ol
 log = logging.getLogger(__name__)
 
 
+# Texts, or pairs of texts that a cross-encoder reads together.
+Texts = list[str] | list[tuple[str, str]]
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     """Token states [B, T, H] → one float32 vector per text [B, H]."""
     hidden = hidden.float()
@@ -117,8 +121,10 @@ def runtime_for(device: torch.device, precision: str, texts: int) -> str:
     return "openvino" if wanted(device, precision, texts) else "torch"
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, without padding.
+def tokenize(tokenizer: Any, texts: Texts, max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, without padding; a pair of texts
+    (a cross-encoder's input) is tokenised as one sequence, with the tokenizer's separators
+    and the longer text truncated first.
 
     A fast (Rust) tokenizer is asked directly, through a copy set up as transformers sets up
     its own for ``tokenizer(texts, truncation=True, max_length=...)``: the same ids without
@@ -194,7 +200,7 @@ CHUNK_TEXTS = 32_768
 def encode_chunks(
     module: nn.Module | CompiledEncoder,
     tokenizer: Any,
-    texts: list[str],
+    texts: Texts,
     max_length: int,
     batch_size: int = 128,
     precision: str = "fp32",
@@ -272,15 +278,21 @@ def pair_features(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     |u - v|, u * v] of the unit-length u and v (Sentence-BERT's classification input,
     Reimers & Gurevych 2019), float32 [rows, 4 × width]. Unit length makes the last block
     sum to the cosine of the two texts (the zero-shot similarity)."""
-    u = first / np.maximum(np.linalg.norm(first, axis=1, keepdims=True), 1e-12)
-    v = second / np.maximum(np.linalg.norm(second, axis=1, keepdims=True), 1e-12)
-    return np.concatenate([u, v, np.abs(u - v), u * v], axis=1).astype(np.float32)
+    features = pair_tensor(torch.from_numpy(first).float(), torch.from_numpy(second).float())
+    return features.numpy()
+
+
+def pair_tensor(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``pair_features`` of two embedding tensors, differentiable (a bi-encoder's training)."""
+    u = first / first.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    v = second / second.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.cat([u, v, (u - v).abs(), u * v], dim=1)
 
 
 def run_batched(
     module: nn.Module,
     tokenizer: Any,
-    texts: list[str],
+    texts: Texts,
     max_length: int,
     batch_size: int = 128,
     precision: str = "fp32",

@@ -35,6 +35,10 @@ class TextPairs:
         index = list(rows)
         return TextPairs([self.first[i] for i in index], [self.second[i] for i in index])
 
+    def joined(self) -> list[tuple[str, str]]:
+        """Each row's two texts as one input of a cross-encoder (tokenised together)."""
+        return list(zip(self.first, self.second, strict=True))
+
 
 class LabelMap(BaseModel):
     """Label ids ↔ raw values in the data ↔ display names returned by predictions."""

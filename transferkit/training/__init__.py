@@ -175,6 +175,7 @@ def _card(config: PipelineConfig, ctx: Context, fitted: Fitted) -> ModelCard:
         multi_label=config.task == "multi_label",
         regression=config.task == "regression",
         pair=config.data.text_pair_column is not None,
+        cross_encoder=fitted.cross_encoder,
     )
 
 

@@ -20,6 +20,7 @@ from transferkit.features import load_features
 from transferkit.training.distributed import Layout
 from transferkit.training.few_shot import sample_per_class
 from transferkit.training.probe import ProbeFit, fit_probe
+from transferkit.training.ridge import RidgeFit, fit_ridge
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Fitted:
     normalize: bool | None = None  # the head's input normalisation, when it differs
     labelled: int | None = None  # labelled examples it read, when not the label budget's rows
     context: Context | None = None  # the context the model ended on, when it changed it
+    cross_encoder: bool = False  # text pairs tokenised together through the trained encoder
 
 
 @dataclass
@@ -109,11 +111,22 @@ def budget_rows(config: PipelineConfig, dataset_dir: Path, labels: list[str]) ->
 
 def fit_linear_probe(
     config: PipelineConfig, probe: LinearProbeConfig, ctx: Context
-) -> tuple[nn.Linear, ProbeFit]:
-    """Fit the linear probe on the cached train features, selecting L2 on validation."""
+) -> tuple[nn.Linear, ProbeFit | RidgeFit]:
+    """Fit the linear probe on the cached train features, selecting L2 on validation (task:
+    regression: the ridge, selecting its penalty)."""
     train_y = load_labels(ctx.dataset_dir, "train")
     features = load_features(ctx.features_dir, "train")
     rows = ctx.rows
+    if config.task == "regression":  # no label budget: refused at validate
+        return fit_ridge(
+            features,
+            train_y,
+            load_features(ctx.features_dir, "validation"),
+            load_labels(ctx.dataset_dir, "validation"),
+            probe.ridge_alphas,
+            config.evaluation.primary_metric,
+            overwrite=True,  # both matrices were loaded for this fit alone
+        )
     return fit_probe(
         features if rows is None else features[rows],
         train_y if rows is None else train_y[rows],

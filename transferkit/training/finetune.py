@@ -27,9 +27,8 @@ from transferkit.backbones.modality import Inputs, length_grouped_batches
 from transferkit.backbones.text import autocast
 from transferkit.config import PipelineConfig, TrainingConfig
 from transferkit.errors import TrainingError
-from transferkit.metrics import metric_of_logits
 from transferkit.training.checkpoint import Checkpoints
-from transferkit.training.imbalance import weighted_cross_entropy
+from transferkit.training.objective import Objective
 
 __all__ = [
     "apply_gradients",
@@ -203,6 +202,7 @@ def finetune(
     ``checkpoints.every`` steps, and a saved state is resumed from: the same batches, the same
     augmentation draws, the same result as a run that was never interrupted.
 
+    The loss and the selection metric are the task's (``transferkit.training.objective``).
     ``class_weights`` (one per label) weigh each row's cross-entropy by its label; the loss
     stays a mean over rows, so one process and several compute the same gradient.
 
@@ -216,8 +216,10 @@ def finetune(
     # Augmentation draws per example: with several processes each draws for its own shard
     # from its own stream, so that the batch order (from ``rng``) stays the same in all.
     augment_rng = rng if rank.world == 1 else np.random.default_rng([cfg.seed, rank.rank])
-    targets = torch.as_tensor(train_labels, dtype=torch.long)
-    row_weights = None if class_weights is None else torch.as_tensor(class_weights)[targets]
+    objective = Objective(config, train_labels, labels, class_weights)
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        objective.start(head)
     forward = forward or model
     if cfg.batch_size < rank.world:
         raise TrainingError(
@@ -247,7 +249,7 @@ def finetune(
             logits = validation.logits(model, config.evaluation.batch_size, precision)
             if live is not None:
                 model.load_state_dict(live)
-            value = metric_of_logits(validation_labels, logits, labels, metric)
+            value = objective.measure(validation_labels, logits)
         value = _shared(value, rank)
         validate_seconds += time.perf_counter() - t0
         return value
@@ -306,13 +308,7 @@ def finetune(
             arguments = [tensor.to(device) for tensor in train.tensors(shard, augment_rng)]
             with autocast(precision, device):
                 logits = forward(*arguments)
-            loss = weighted_cross_entropy(
-                logits.float(),
-                targets[shard].to(device),
-                None if row_weights is None else row_weights[shard].to(device),
-                cfg.label_smoothing,
-                "mean" if rank.world == 1 else "sum",
-            )
+            loss = objective.loss(logits, shard, "mean" if rank.world == 1 else "sum")
             if rank.world > 1:
                 # Shard sum / global batch size × processes: DDP's gradient average is then
                 # exactly the gradient of the global batch's mean loss.
@@ -345,7 +341,7 @@ def finetune(
                 keep_frozen_norms_in_eval(model)
                 validations.append({"step": float(step), metric: value})
                 log.info("step %d: validation %s %.4f", step, metric, value)
-                if value > best_value:
+                if objective.better(value, best_value):
                     best_value, best_step, stale = value, step, 0
                     best_state = selected_state()
                 else:
@@ -381,6 +377,8 @@ def finetune(
         checkpoints.clear()
     if rank.main:
         model.load_state_dict(best_state)
+        if isinstance(head, nn.Linear):
+            objective.finish(head)
     model.eval()
     return FinetuneHistory(
         steps=step,

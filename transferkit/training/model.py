@@ -28,6 +28,7 @@ from transferkit import storage
 from transferkit.backbones.base import Encoder, Family, folder_family
 from transferkit.backbones.images import ImageInput
 from transferkit.backbones.modality import Modality, card_modality
+from transferkit.backbones.text import pair_tensor
 from transferkit.errors import TransferkitError
 from transferkit.metrics import Decision, softmax
 from transferkit.multilabel import sigmoid
@@ -74,8 +75,11 @@ class ModelCard(BaseModel):
     # task: regression: the head's one output is the predicted score (``labels``: ['score']).
     regression: bool = False
     # data.text_pair_column: the model reads two texts per row; its head reads their
-    # pair_features ([u, v, |u - v|, u * v] of the frozen encoder's embeddings).
+    # pair_features ([u, v, |u - v|, u * v] of the frozen encoder's embeddings), or, for a
+    # cross-encoder (an encoder fine-tuned on the pairs), the encoder's output of both texts
+    # tokenised together.
     pair: bool = False
+    cross_encoder: bool = False
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
         """Predicted label ids [rows] of class probabilities [rows, labels] (label sets:
@@ -93,7 +97,7 @@ class ModelCard(BaseModel):
 
     def head_inputs(self, hidden_size: int) -> int:
         """The width of the features the head reads: the encoder's, or a pair's four."""
-        return 4 * hidden_size if self.pair else hidden_size
+        return 4 * hidden_size if self.pair and not self.cross_encoder else hidden_size
 
     def input_modality(self) -> Modality:
         """The modality of the inputs this model classifies."""
@@ -116,6 +120,20 @@ class Classifier(nn.Module):
         return self.head(self.encoder(*inputs).float())
 
 
+class BiEncoderClassifier(Classifier):
+    """A bi-encoder of text pairs in training: each text through the encoder on its own,
+    the head over their ``pair_features`` ([u, v, |u - v|, u * v]). Saved and served as a
+    ``Classifier`` whose card has ``pair`` (``_outputs``)."""
+
+    def __init__(self, encoder: Encoder, num_labels: int) -> None:
+        super().__init__(encoder, num_labels, 4 * encoder.hidden_size)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        ids, mask, pair_ids, pair_mask = inputs
+        u, v = self.encoder(ids, mask).float(), self.encoder(pair_ids, pair_mask).float()
+        return self.head(pair_tensor(u, v))
+
+
 def card_json(card: ModelCard) -> dict[str, Any]:
     """The card as stored: fields added for newer tasks left out at their defaults, so that
     single-label models keep the cards (and fingerprints) they had."""
@@ -124,7 +142,7 @@ def card_json(card: ModelCard) -> dict[str, Any]:
         unset["decision"] = True
     elif card.decision.thresholds is None:
         unset["decision"] = {"thresholds"}
-    for flag in ("multi_label", "regression", "pair"):
+    for flag in ("multi_label", "regression", "pair", "cross_encoder"):
         if not getattr(card, flag):
             unset[flag] = True
     return card.model_dump(exclude=unset)
@@ -245,8 +263,9 @@ def _outputs(
     precision: str,
 ) -> np.ndarray:
     """The classifier's head outputs for the card's inputs, in order; a pair model's are its
-    encoder's pair features of both texts through its head."""
-    if not card.pair:
+    encoder's pair features of both texts through its head (a cross-encoder's: the whole
+    model on both texts at once)."""
+    if not card.pair or card.cross_encoder:
         return _run(model, processor, card, inputs, batch_size, precision, "predict")
     features = _run(model.encoder, processor, card, inputs, batch_size, precision, "predict")
     head = model.head

@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from transferkit import storage
 from transferkit.config import LinearProbeConfig, PipelineConfig
 from transferkit.training.checkpoint import Checkpoints
@@ -15,7 +17,7 @@ from transferkit.training.context import Context, Fitted, fit_linear_probe
 from transferkit.training.distributed import finetune_parallel, world_size
 from transferkit.training.finetune import finetune
 from transferkit.training.groups import head_group
-from transferkit.training.model import Classifier
+from transferkit.training.model import BiEncoderClassifier, Classifier
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,21 @@ def tunable_model(
     """The classifier a training strategy starts from: pre-trained (or random) plus a head,
     the head from a linear probe when ``strategy.head_init`` is 'probe' (LP-FT)."""
     processor, encoder = ctx.load_encoder(random_init)
-    model = Classifier(encoder, len(ctx.labels)).to(ctx.target)
+    build = BiEncoderClassifier if bi_encoder(strategy, ctx) else Classifier
+    model = build(encoder, len(ctx.labels)).to(ctx.target)
+    if config.task == "regression":  # a fresh head starts at the mean score, not near 0
+        with torch.no_grad():
+            model.head.bias.fill_(float(ctx.train_split()[1].mean()))
     if getattr(strategy, "head_init", "random") == "probe":
         head, fit = fit_linear_probe(config, LinearProbeConfig(), ctx)
         model.head.load_state_dict({k: v.to(ctx.target) for k, v in head.state_dict().items()})
         log.info("head initialised from a linear probe (validation %.4f)", fit.validation_metric)
     return model, processor
+
+
+def bi_encoder(strategy: Any, ctx: Context) -> bool:
+    """Whether the strategy trains text pairs as a bi-encoder (each text on its own)."""
+    return ctx.pairs and getattr(strategy, "pair_encoder", "cross") == "bi"
 
 
 def train_through(
@@ -49,13 +60,16 @@ def train_through(
     model, processor = tunable_model(config, strategy, ctx, random_init)
     inputs, truth = ctx.train_split()
     modality = ctx.modality
-    train_inputs = modality.inputs(processor, inputs, ctx.info, config.training.augmentation)
+    separate = bi_encoder(strategy, ctx)
+    train_inputs = modality.inputs(
+        processor, inputs, ctx.info, config.training.augmentation, separate
+    )
     val_inputs, val_truth = modality.load(ctx.dataset_dir, "validation")
     arguments = (
         config,
         train_inputs,
         truth,
-        modality.inputs(processor, val_inputs, ctx.info),
+        modality.inputs(processor, val_inputs, ctx.info, separate=separate),
         val_truth,
         ctx.labels,
     )
@@ -94,4 +108,5 @@ def train_through(
         trainable,
         history.model_dump(),
         (processor, model.encoder),
+        cross_encoder=ctx.pairs and not separate,
     )
