@@ -3,13 +3,14 @@ each still runs transferkit's real code path and its named peer on real SST-2 ro
 real MiniLM, and writes its report. The figures of a smoke run mean nothing; what is asserted
 is that both sides ran on the same rows and that the report says so.
 
-Not in the default run (about 3 minutes; the peers need the `bench` extra): `pytest -m bench`,
+Not in the default run (about 6 minutes; the peers need the `bench` extra): `pytest -m bench`,
 which .ci/run runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,6 +122,25 @@ def test_stsb_smoke(tmp_path: Path) -> None:
     assert abs(ours["ridge_spearman"] - theirs["ridge_spearman"]) < 0.05
     assert "embed both texts: transferkit" in out
     assert "ratio" in out
+
+
+def test_stsb_finetune_smoke(tmp_path: Path) -> None:
+    out = bench("stsb_finetune.py", "--smoke", "--out", str(tmp_path / "r.json"))
+    result = report(tmp_path / "r.json")
+    pairs = {"train": 200, "validation": 100, "test": 100}
+    assert result["pairs"] == {"source": pairs, "ingested": pairs}
+    assert result["recipe"]["epochs"] == 1
+    assert set(result["results"]) == {"cross", "bi"}
+    for variant in result["results"].values():
+        # Both sides ran and were scored; which wins, and how fast, a smoke run cannot say.
+        for side in (variant["transferkit"], variant["sentence-transformers"]):
+            assert side["train_seconds"] > 0
+            assert math.isfinite(side["test_spearman"])
+            assert -1 <= side["test_spearman"] <= 1
+        assert variant["ratio_train_seconds"] > 0
+    for what in ("cross-encoder", "bi-encoder"):
+        assert f"{what}, train: transferkit" in out
+        assert f"{what}, test Spearman x 100: transferkit" in out
 
 
 def test_scale_smoke(tmp_path: Path) -> None:
