@@ -364,7 +364,7 @@ def test_label_sets_fine_tune_with_thresholds_chosen_on_validation(
 
     uris = {}
     for split, name, rows in (
-        ("train", "train", 2000),
+        ("train", "train", 3000),
         ("validation", "dev", 600),
         ("test", "test", 600),
     ):
@@ -384,7 +384,7 @@ def test_label_sets_fine_tune_with_thresholds_chosen_on_validation(
         },
         task="multi_label",
         strategy={"name": "full_finetune"},  # from the probe's head (LP-FT)
-        training={"epochs": 1, "learning_rate": 1e-4, "batch_size": 32},
+        training={"epochs": 2, "learning_rate": 1e-4, "batch_size": 32},
     )
     result = _steps(config, tmp_path)
     values = [v["macro_f1"] for v in result.details["validations"]]
