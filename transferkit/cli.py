@@ -133,29 +133,28 @@ def _set_lines(scores: dict[str, Any]) -> list[str]:
 
 def _summary_table(summary: Any) -> str:
     scores = summary.scores
+    swept = _sweep_table(summary.sweep) if summary.sweep else []
+    heading = "Evaluation" + (" (selected branch)" if summary.sweep else "")
     if "spearman" in scores:  # scores (regression)
         shown = (("rmse", "RMSE"), ("mae", "MAE"), ("r2", "R²"), ("pearson", "Pearson"))
         lines = [
+            *swept,
             "",
-            "Evaluation",
+            heading,
             *(f"  {label:<12}{scores[key]:.4f}" for key, label in shown),
             f"  {'Spearman':<12}{scores['spearman']:.4f}   ({scores['rows']:,} rows)",
         ]
         return _summary_tail(summary, lines)
     if "per_label" in scores:
-        lines = [
-            "",
-            "Evaluation" + (" (selected branch)" if summary.sweep else ""),
-            *_set_lines(scores),
-        ]
+        lines = [*swept, "", heading, *_set_lines(scores)]
         return _summary_tail(summary, lines)
     # A run ranked by ROC-AUC (the images' default) shows the ranking and clinical metrics.
     ranked = summary.primary_metric == "roc_auc"
     w = 13 if ranked else 11  # room for 'sensitivity'
-    lines = _sweep_table(summary.sweep) if summary.sweep else []
-    lines += [
+    lines = [
+        *swept,
         "",
-        "Evaluation" + (" (selected branch)" if summary.sweep else ""),
+        heading,
         *(
             f"  {label:<{w}}{scores[key]:.4f}"
             for key, label in (

@@ -325,7 +325,9 @@ class BackboneSelectionConfig(_Model):
         ge=2,
         le=100_000,
         description="Training examples per label embedded by each candidate for LogME (seeded "
-        "by data.split.seed); more is steadier and slower.",
+        "by data.split.seed); more is steadier and slower. task: multi_label: rows drawn "
+        "rarest label first until each label is carried by this many; task: regression: this "
+        "many from each decile of the target.",
     )
 
 
@@ -603,7 +605,7 @@ def _ladder() -> tuple[str, ...]:
 class AutoStrategyConfig(_Model):
     """Escalate from cheap to expensive strategies while validation keeps improving."""
 
-    applies: ClassVar[Applies] = Applies()
+    applies: ClassVar[Applies] = Applies(tasks=ALL_TASKS, pairs=True)
     name: Literal["auto"] = "auto"
     ladder: list[Literal["linear_probe", "partial_finetune", "lora", "full_finetune"]] = Field(
         default_factory=lambda: list(_ladder()),  # type: ignore[arg-type]
@@ -1346,6 +1348,23 @@ SET_METRICS = frozenset({"micro_f1", "samples_f1", "subset_accuracy", "mean_aver
 SCORE_METRICS = frozenset({"rmse", "mae", "r2", "pearson", "spearman"})
 
 
+def _cross_head(strategy: _Model) -> None:
+    """Resolve the unset head_init of a cross-encoder of text pairs to 'random' (it has no
+    frozen pair features to probe), or refuse an explicit 'probe'."""
+    if (
+        isinstance(strategy, _TunedHead)
+        and strategy.pair_encoder == "cross"
+        and strategy.head_init == "probe"
+    ):
+        if "head_init" in strategy.model_fields_set:
+            raise ValueError(
+                f"{strategy.name}.head_init: probe fits the head on frozen pair "  # type: ignore[attr-defined]
+                "features, which a cross-encoder (pair_encoder: cross) does not read; "
+                "use head_init: random, or pair_encoder: bi"
+            )
+        strategy.head_init = "random"
+
+
 class PipelineConfig(_Model):
     """One transferkit run.
 
@@ -1479,8 +1498,8 @@ class PipelineConfig(_Model):
         self._refuse_unsupported()
 
     def _refuse_unsupported(self) -> None:
-        """Refuse what this task does not support yet: label budgets, folds, sweeps and
-        backbone selection."""
+        """Refuse what this task does not support yet: label budgets (a sweep's too) and
+        folds."""
         training = self.training
         for key, what in (
             ("examples_per_class", "a label budget counts examples of each label"),
@@ -1491,12 +1510,11 @@ class PipelineConfig(_Model):
                     f"training.{key}: {what}, which task: {self.task} does not support yet; "
                     "unset it"
                 )
-        for key in ("sweep", "backbone_selection"):
-            if getattr(self, key) is not None:
-                raise ValueError(
-                    f"{key} does not support task: {self.task} yet; train one strategy "
-                    "(strategy: linear_probe)"
-                )
+        if self.sweep is not None and self.sweep.examples_per_class != ["all"]:
+            raise ValueError(
+                "sweep.examples_per_class: a label budget counts examples of each label, "
+                f"which task: {self.task} does not support yet; use [all]"
+            )
 
     def _multi_label_settings(self, metric: str) -> PipelineConfig:
         """What changes for task: multi_label: its metrics, its thresholds, its gate."""
@@ -1535,19 +1553,12 @@ class PipelineConfig(_Model):
                     f"strategy '{strategy.name}' does not train on text pairs "
                     f"(data.text_pair_column); use {' or '.join(able)}"
                 )
-            if (
-                self.data.text_pair_column
-                and isinstance(strategy, _TunedHead)
-                and strategy.pair_encoder == "cross"
-                and strategy.head_init == "probe"
-            ):
-                if "head_init" in strategy.model_fields_set:
-                    raise ValueError(
-                        f"{strategy.name}.head_init: probe fits the head on frozen pair "
-                        "features, which a cross-encoder (pair_encoder: cross) does not read; "
-                        "use head_init: random, or pair_encoder: bi"
-                    )
-                strategy.head_init = "random"
+            if self.data.text_pair_column:
+                tuned: list[_Model] = [strategy]
+                if strategy.name == "auto":  # and every rung of its ladder
+                    tuned += [strategy.rung(name) for name in strategy.ladder]
+                for each in tuned:
+                    _cross_head(each)
             if strategy.name == "zero_shot" and (self.task == "regression") != bool(
                 self.data.text_pair_column
             ):

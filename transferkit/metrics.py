@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from transferkit.multilabel import set_metric
 from transferkit.ranks import roc_auc
-from transferkit.regression import LOWER_IS_BETTER, score_regression
+from transferkit.regression import orientation, score_regression
 
 
 class ClassScores(BaseModel):
@@ -319,7 +319,7 @@ def paired_comparison(
     sets = truth.ndim == 2  # label sets (task: multi_label): decisions given, probabilities
     scores = truth.dtype.kind == "f"  # scores (task: regression): the outputs [rows, 1]
     # The gain is signed so that positive is better (an error that falls is a gain).
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = orientation(metric)
     if scores:
         new_ids, new_proba = np.asarray(challenger, dtype=np.float64)[:, 0], None
         old_ids, old_proba = np.asarray(champion, dtype=np.float64)[:, 0], None

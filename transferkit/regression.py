@@ -15,6 +15,12 @@ METRICS = ("rmse", "mae", "r2", "pearson", "spearman")
 LOWER_IS_BETTER = frozenset({"rmse", "mae"})
 
 
+def orientation(metric: str) -> float:
+    """1.0 when a higher ``metric`` is better, -1.0 for an error (rmse, mae): multiplying a
+    difference of two values by it gives a gain, positive when the second one is worse."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
 def check_metric(name: str) -> str:
     """``name`` itself when it names a regression metric.
 
@@ -51,8 +57,7 @@ class RegressionScores(BaseModel):
         Raises:
             ValueError: ``name`` is not one of ``METRICS``.
         """
-        value = self.metric(name)
-        return -value if name in LOWER_IS_BETTER else value
+        return orientation(name) * self.metric(name)
 
 
 def _vector(values: np.ndarray, what: str) -> np.ndarray:

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
+from transferkit.regression import orientation
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,12 @@ def _results(
     return rows
 
 
-def _guard(rows: list[BranchResult], margin: float) -> None:
+def _guard(rows: list[BranchResult], margin: float, sign: float) -> None:
     """Mark transfer branches that do not beat scratch at the same budget by the margin.
+
+    ``delta_vs_scratch`` is the gain over scratch, positive when the branch is better
+    (``sign``: ``transferkit.regression.orientation`` of the metric, so that an error that
+    falls is a gain).
 
     zero_shot uses no labels; it is held to the scratch branch with the fewest labels (a
     zero-shot model that loses to a few labelled examples trained from scratch is not worth
@@ -195,13 +200,14 @@ def _guard(rows: list[BranchResult], margin: float) -> None:
         control = fewest if row.strategy == "zero_shot" else scratch.get(row.examples_per_class)
         if control is None:
             continue
-        row.delta_vs_scratch = row.test - control.test
+        row.delta_vs_scratch = sign * (row.test - control.test)
         row.negative_transfer = row.delta_vs_scratch <= margin
 
 
-def _select(rows: list[BranchResult], margin: float) -> tuple[BranchResult, str]:
+def _select(rows: list[BranchResult], margin: float, sign: float) -> tuple[BranchResult, str]:
     """The cheapest branch (trainable parameters, then labels) within the margin of the best,
-    by the cross-validated mean when every branch has one, else by the validation metric.
+    by the cross-validated mean when every branch has one, else by the validation metric
+    (``sign``: 1 when higher is better, -1 for an error such as rmse).
 
     Raises:
         TrainingError: some branches were cross-validated and some not (artifacts of two
@@ -218,9 +224,12 @@ def _select(rows: list[BranchResult], margin: float) -> tuple[BranchResult, str]
     def value(row: BranchResult) -> float:
         return row.cross_validation if row.cross_validation is not None else row.validation
 
-    best = max(rows, key=value)
-    near = [r for r in rows if value(r) >= value(best) - margin]
-    chosen = min(near, key=lambda r: (r.trainable_parameters, r.labelled_examples, -value(r)))
+    def gain(row: BranchResult) -> float:  # higher is better, whatever the metric
+        return sign * value(row)
+
+    best = max(rows, key=gain)
+    near = [r for r in rows if gain(r) >= gain(best) - margin]
+    chosen = min(near, key=lambda r: (r.trainable_parameters, r.labelled_examples, -gain(r)))
     chosen.selected = True
     if chosen is best:
         reason = f"{chosen.name} has the best {by} metric ({value(best):.4f})"
@@ -308,7 +317,16 @@ def _plots(result: SweepResult, out: Path) -> None:
     plt.close(fig)
 
 
+def _second(result: SweepResult) -> tuple[str, str]:
+    """The score shown beside the primary metric: macro-F1 for labels; for scores (task:
+    regression) RMSE, or Spearman when RMSE is the primary metric."""
+    if all("rmse" not in r.scores for r in result.branches):
+        return "macro_f1", "macro-F1"
+    return ("spearman", "Spearman") if result.primary_metric == "rmse" else ("rmse", "RMSE")
+
+
 def _table(result: SweepResult) -> list[list[str]]:
+    second, shown = _second(result)
     rows = [
         [
             "branch",
@@ -319,7 +337,7 @@ def _table(result: SweepResult) -> list[list[str]]:
             f"validation {result.primary_metric}",
             f"cross-validated {result.primary_metric}",
             f"evaluation {result.primary_metric}",
-            "macro-F1",
+            shown,
             "vs scratch",
             "verdict",
         ]
@@ -342,7 +360,7 @@ def _table(result: SweepResult) -> list[list[str]]:
                 if r.cross_validation is None
                 else f"{r.cross_validation:.4f} ± {r.cross_validation_std or 0:.4f}",
                 f"{r.test:.4f}",
-                f"{r.scores['macro_f1']:.4f}",
+                f"{r.scores[second]:.4f}",
                 "—" if r.delta_vs_scratch is None else f"{r.delta_vs_scratch:+.4f}",
                 ", ".join(verdict),
             ]
@@ -423,8 +441,9 @@ def compare(
     assert config.sweep is not None
     branches = plan(config)
     rows = _results(config, branches, model_dirs, evaluation_dirs)
-    _guard(rows, config.sweep.margin)
-    chosen, reason = _select(rows, config.sweep.margin)
+    sign = orientation(config.evaluation.primary_metric)
+    _guard(rows, config.sweep.margin, sign)
+    chosen, reason = _select(rows, config.sweep.margin, sign)
     result = SweepResult(
         primary_metric=config.evaluation.primary_metric,
         margin=config.sweep.margin,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_config, stsb_subset
 from transferkit.config import load_config
 from transferkit.errors import ConfigError
 from transferkit.training import train
@@ -55,6 +56,48 @@ def test_auto_escalates_past_a_weak_rung(probe_run: tuple, tmp_path: Path) -> No
     assert result.details["selected"] != "linear_probe"
     best = max(rung["validation_accuracy"] for rung in ladder)
     assert result.validation_metric >= best - 0.01
+
+
+def test_auto_on_scores_climbs_and_selects_by_the_error_falling(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """task: regression judged by RMSE (lower is better) on real STS-B pairs: a rung gains
+    when its error falls, and the rung kept is the one with the lowest error (margin 0)."""
+    from transferkit.backbones import fetch_backbone
+    from transferkit.data import ingest_data
+    from transferkit.features import extract_features
+
+    data = stsb_subset(tmp_path, shared_data, {"train": 240, "validation": 120, "test": 40})
+    config = make_config(
+        tmp_path,
+        data,
+        task="regression",
+        evaluation={"primary_metric": "rmse"},
+        strategy={
+            "name": "auto",
+            "ladder": ["linear_probe", "partial_finetune"],
+            "margin": 0.0,
+            "partial_finetune": {"train_top_layers": 1},
+        },
+        training={"max_steps": 15, "batch_size": 16, "learning_rate": 1e-4},
+    )
+    ingest_data(config, tmp_path / "dataset")
+    fetch_backbone(config, tmp_path / "backbone")
+    extract_features(config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "features")
+    result = train(
+        config, tmp_path / "dataset", tmp_path / "backbone", tmp_path / "features", tmp_path / "m"
+    )
+    errors = {rung["strategy"]: rung["validation_rmse"] for rung in result.details["ladder"]}
+    assert list(errors) == ["linear_probe", "partial_finetune"]
+    assert errors["linear_probe"] != errors["partial_finetune"]
+    lowest = min(errors, key=errors.__getitem__)
+    assert result.details["selected"] == lowest
+    assert result.validation_metric == errors[lowest]
+    # The second rung reached the top when its error fell, else it stopped the climb.
+    fell = errors["partial_finetune"] < errors["linear_probe"]
+    assert ("stopped escalating" in result.details["stopped"]) is not fell
+    _, _, card = load_classifier(tmp_path / "m")
+    assert (card.strategy, card.regression) == ("auto", True)
 
 
 @pytest.mark.parametrize(

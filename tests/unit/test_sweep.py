@@ -147,6 +147,7 @@ def fake_branch(
     test: float,
     trainable: int,
     cross_validated: float | None = None,
+    scores: dict[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """A branch's train and evaluate outputs as the steps write them (JSON parts only)."""
     model, evaluation = root / name / "model", root / name / "evaluation"
@@ -167,8 +168,9 @@ def fake_branch(
         },
     )
     (model / "weights.bin").write_bytes(name.encode())
-    scores = {"accuracy": test, "macro_f1": test - 0.01, "rows": 100}
-    storage.write_json(evaluation / "evaluation.json", {"scores": scores})
+    if scores is None:
+        scores = {"accuracy": test, "macro_f1": test - 0.01}
+    storage.write_json(evaluation / "evaluation.json", {"scores": {**scores, "rows": 100}})
     return model, evaluation
 
 
@@ -290,3 +292,82 @@ def test_compare_refuses_artifacts_that_do_not_match_the_plan(tmp_path: Path) ->
         compare(config, [probe[0]], [probe[1]], tmp_path / "m", tmp_path / "e")
     assert not (tmp_path / "m").exists()
     assert not (tmp_path / "e").exists()
+
+
+def test_a_sweep_of_scores_selects_and_guards_by_the_error_falling(tmp_path: Path) -> None:
+    # task: regression judged by RMSE, lower is better: the fine-tune's error is the lowest
+    # on validation, the probe's is 0.2 above it (outside the margin), and on the evaluation
+    # split the probe's error is above scratch's (negative transfer) and the fine-tune's 0.08
+    # below it (a gain).
+    config = make_config(
+        tmp_path,
+        {**DATA, "text_pair_column": "sentence2"},
+        task="regression",
+        evaluation={"primary_metric": "rmse"},
+        sweep={
+            "branches": [
+                {"strategy": {"name": s}} for s in ("linear_probe", "full_finetune", "scratch")
+            ],
+            "margin": 0.01,
+        },
+    )
+    outcomes = {"linear_probe": (0.80, 0.82), "full_finetune": (0.60, 0.62), "scratch": (1.0, 0.70)}
+    sizes = {"linear_probe": 1537, "full_finetune": 22_000_000, "scratch": 22_000_000}
+    dirs = [
+        fake_branch(
+            tmp_path / "branches",
+            name,
+            name,
+            *outcomes[name],
+            sizes[name],
+            scores={"rmse": outcomes[name][1], "spearman": 0.5},
+        )
+        for name in outcomes
+    ]
+    result, selected = compare(
+        config, [m for m, _ in dirs], [e for _, e in dirs], tmp_path / "m", tmp_path / "e"
+    )
+    assert result.selected == "full_finetune@all"
+    assert result.reason == "full_finetune@all has the best validation metric (0.6000)"
+    assert PipelineConfig.model_validate(selected).task == "regression"
+    rows = {r.name: r for r in result.branches}
+    assert rows["full_finetune@all"].delta_vs_scratch == pytest.approx(0.08)
+    assert rows["full_finetune@all"].negative_transfer is False
+    assert rows["linear_probe@all"].delta_vs_scratch == pytest.approx(-0.12)
+    assert result.negative_transfer == ["linear_probe@all"]
+    report = (tmp_path / "e" / "sweep" / "report.md").read_text()
+    assert "| evaluation rmse | Spearman |" in report  # RMSE judges; Spearman beside it
+    # Within the margin the cheaper branch wins, in the error's direction too.
+    outcomes["linear_probe"] = (0.605, 0.82)
+    for name, (validation, _) in outcomes.items():
+        path = tmp_path / "branches" / name / "model" / "training.json"
+        storage.write_json(path, {**storage.read_json(path), "validation_metric": validation})
+    result, _ = compare(
+        config, [m for m, _ in dirs], [e for _, e in dirs], tmp_path / "m2", tmp_path / "e2"
+    )
+    assert result.selected == "linear_probe@all"
+    assert "cheapest within 0.01 of the best, full_finetune@all (0.6000" in result.reason
+
+
+@pytest.mark.parametrize("task", ["regression", "multi_label"])
+def test_sweeps_and_auto_take_every_task_but_label_budgets_stay_classification(
+    tmp_path: Path, task: str
+) -> None:
+    data = {**DATA, "text_pair_column": "sentence2"} if task == "regression" else DATA
+    branches = [{"strategy": {"name": "linear_probe"}}, {"strategy": {"name": "scratch"}}]
+    config = make_config(tmp_path, data, task=task, sweep={"branches": branches})
+    planned = [PipelineConfig.model_validate(b.config) for b in plan(config)]
+    assert [(c.task, c.strategy.name) for c in planned] == [
+        (task, "linear_probe"),
+        (task, "scratch"),
+    ]
+    auto = make_config(tmp_path, data, task=task, strategy={"name": "auto"})
+    assert auto.strategy.name == "auto"
+    with pytest.raises(ValueError, match=f"which task: {task} does not support yet; use \\[all\\]"):
+        make_config(
+            tmp_path, data, task=task, sweep={"branches": branches, "examples_per_class": [8]}
+        )
+    with pytest.raises(ValueError, match="strategy 'few_shot' does not train task"):
+        make_config(
+            tmp_path, data, task=task, sweep={"branches": [{"strategy": {"name": "few_shot"}}]}
+        )

@@ -18,7 +18,7 @@ from torch import nn
 from transferkit.config import PipelineConfig
 from transferkit.metrics import metric_of_logits
 from transferkit.multilabel import metric_of_set_logits
-from transferkit.regression import LOWER_IS_BETTER, score_regression
+from transferkit.regression import orientation, score_regression
 from transferkit.training.imbalance import weighted_cross_entropy
 
 
@@ -92,9 +92,7 @@ class Objective:
 
     def better(self, value: float, best: float) -> bool:
         """Whether a checkpoint measuring ``value`` beats one measuring ``best``."""
-        if self.task == "regression" and self.metric in LOWER_IS_BETTER:
-            return value < best
-        return value > best
+        return orientation(self.metric) * (value - best) > 0
 
     def finish(self, head: nn.Linear) -> None:
         """Fold the target scale back into a regression head: it then outputs scores."""

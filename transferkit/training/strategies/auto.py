@@ -9,6 +9,7 @@ import time
 
 from transferkit.backbones.support import rungs
 from transferkit.config import AutoStrategyConfig, PipelineConfig
+from transferkit.regression import orientation
 from transferkit.training.context import Context, Fitted
 from transferkit.training.runtime import seed_everything
 from transferkit.training.strategies import fit_strategy, register
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 @register("auto")
 def fit(config: PipelineConfig, strategy: AutoStrategyConfig, ctx: Context) -> Fitted:
     metric = config.evaluation.primary_metric
+    sign = orientation(metric)  # gains are positive when better, errors (rmse) included
     fitted: list[tuple[str, Fitted, float]] = []
     best: Fitted | None = None
     stopped = "reached the top of the ladder"
@@ -28,7 +30,7 @@ def fit(config: PipelineConfig, strategy: AutoStrategyConfig, ctx: Context) -> F
         started = time.perf_counter()
         result = fit_strategy(rung, rung.strategy, ctx)
         fitted.append((name, result, round(time.perf_counter() - started, 1)))
-        gain = None if best is None else result.validation_metric - best.validation_metric
+        gain = None if best is None else sign * (result.validation_metric - best.validation_metric)
         log.info(
             "auto: %s validation %s %.4f%s",
             name,
@@ -36,14 +38,14 @@ def fit(config: PipelineConfig, strategy: AutoStrategyConfig, ctx: Context) -> F
             result.validation_metric,
             "" if gain is None else f" (gain {gain:+.4f} over the best so far)",
         )
-        if best is None or result.validation_metric > best.validation_metric:
+        if best is None or (gain is not None and gain > 0):
             best = result
         if gain is not None and gain <= strategy.margin:
             stopped = f"{name} gained {gain:+.4f} ≤ margin {strategy.margin:g}: stopped escalating"
             break
     assert best is not None
-    floor = best.validation_metric - strategy.margin
-    selected, chosen, _ = next(item for item in fitted if item[1].validation_metric >= floor)
+    floor = sign * best.validation_metric - strategy.margin
+    selected, chosen, _ = next(item for item in fitted if sign * item[1].validation_metric >= floor)
     log.info("auto: selected %s (%s)", selected, stopped)
     chosen.details = {
         "selected": selected,
