@@ -2,10 +2,11 @@
 
 LogME (You et al., "LogME: Practical Assessment of Pre-trained Models for Transfer
 Learning", ICML 2021) is the log marginal evidence of a Bayesian linear model from the
-features to one-hot labels, maximised over its prior and noise precisions and averaged over
-labels and rows. Higher means the labels are easier to explain linearly from the features,
-which correlates with accuracy after fine-tuning. It costs one SVD of the feature matrix, so
-a few thousand rows rank a backbone in seconds.
+features to one-hot labels (label sets: each label's 0/1 column; scores: the standardised
+score, as the paper treats regression), maximised over its prior and noise precisions and
+averaged over labels and rows. Higher means the labels are easier to explain linearly from
+the features, which correlates with accuracy after fine-tuning. It costs one SVD of the
+feature matrix, so a few thousand rows rank a backbone in seconds.
 """
 
 from __future__ import annotations
@@ -67,27 +68,56 @@ def _class_evidence(
     return evidence / rows
 
 
-def logme(features: np.ndarray, labels: np.ndarray) -> float:
-    """LogME of ``features`` (N × D) for integer ``labels`` (N,): mean evidence per label.
+def _targets(labels: np.ndarray) -> np.ndarray:
+    """The columns LogME explains [rows, columns]: one-hot class ids, the label-set columns
+    that have both carriers and non-carriers in the sample, or the standardised score.
 
     Raises:
-        TrainingError: fewer than two labels or fewer rows than labels.
+        TrainingError: the sample holds nothing to explain (one label, no label present and
+            absent, constant scores) or fewer rows than columns.
+    """
+    fix = "raise backbone_selection.examples_per_class"
+    if labels.ndim == 2:
+        carried = labels.sum(axis=0)
+        keep = (carried > 0) & (carried < len(labels))
+        if not keep.any():
+            raise TrainingError(
+                f"LogME needs a label that some sampled rows carry and some do not (got "
+                f"{len(labels)} rows); {fix}"
+            )
+        return labels[:, keep].astype(np.float64)
+    if labels.dtype.kind == "f":
+        if len(labels) < 3 or np.ptp(labels) == 0:
+            raise TrainingError(
+                f"LogME needs at least three rows of different scores (got {len(labels)} "
+                f"rows, {len(np.unique(labels))} distinct); {fix}"
+            )
+        return ((labels - labels.mean()) / labels.std())[:, None]
+    classes = np.unique(labels)
+    if len(classes) < 2 or len(labels) <= len(classes):
+        raise TrainingError(
+            f"LogME needs rows of at least two labels (got {len(labels)} rows, {len(classes)} "
+            f"labels); {fix}"
+        )
+    return (labels[:, None] == classes[None, :]).astype(np.float64)
+
+
+def logme(features: np.ndarray, labels: np.ndarray) -> float:
+    """LogME of ``features`` (N × D) for a task's labels: integer class ids (N,), a boolean
+    label-set matrix (N × L) or float scores (N,); the mean evidence per explained column
+    (one per class, per label, or the score).
+
+    Raises:
+        TrainingError: nothing to explain in ``labels`` (see ``_targets``).
     """
     x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels)
-    classes = np.unique(y)
-    if len(classes) < 2 or len(y) <= len(classes):
-        raise TrainingError(
-            f"LogME needs rows of at least two labels (got {len(y)} rows, {len(classes)} "
-            "labels); raise backbone_selection.rows_per_class"
-        )
+    targets = _targets(np.asarray(labels))
     rows, dims = x.shape
     u, singular, _ = np.linalg.svd(x, full_matrices=False)
     keep = singular > 1e-10 * max(float(singular.max()), 1e-30)
     u, sigma = u[:, keep], singular[keep] ** 2
     evidences = []
-    for label in classes:
-        column = (y == label).astype(np.float64)
+    for column in targets.T:
         projected = u.T @ column
         residual = max(float(column @ column - projected @ projected), 0.0)
         evidences.append(_class_evidence(sigma, projected, residual, rows, dims))
@@ -124,7 +154,9 @@ def rank_backbones(
     """Fetch every candidate of ``config.backbone_selection``, score it, keep the best.
 
     Each candidate embeds the same seeded sample of training rows (``examples_per_class`` per
-    label) with its frozen encoder; LogME scores the embeddings against the labels. The winner
+    label; ``transferkit.data.sampling.sample_rows`` for label sets and scores) with its
+    frozen encoder (text pairs: their pair features, what the probe reads); LogME scores the
+    embeddings against the labels. The winner
     becomes ``output_dir`` (a fetch_backbone artifact) with ``ranking.json`` beside its
     ``backbone.json``.
 
@@ -138,7 +170,7 @@ def rank_backbones(
     from transferkit.backbones.base import folder_family
     from transferkit.backbones.modality import modality_of
     from transferkit.data import load_label_map
-    from transferkit.data.sampling import sample_per_class
+    from transferkit.data.sampling import sample_rows
     from transferkit.devices import device, resolve_precision
 
     selection = config.backbone_selection
@@ -146,9 +178,7 @@ def rank_backbones(
     modality = modality_of(config.data.modality)
     inputs, truth = modality.load(dataset_dir, "train")
     labels = load_label_map(dataset_dir).names
-    rows = sample_per_class(
-        truth, selection.examples_per_class, config.data.split.seed, labels, strict=False
-    )
+    rows = sample_rows(truth, selection.examples_per_class, config.data.split.seed, labels)
     sample, sample_labels = modality.subset(inputs, rows), truth[rows]
     target = device()
     precision = resolve_precision(config.training.precision, target)

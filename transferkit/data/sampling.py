@@ -1,4 +1,4 @@
-"""Reproducible label-stratified samples of rows."""
+"""Reproducible label-stratified samples of rows, for every task's labels."""
 
 from __future__ import annotations
 
@@ -33,3 +33,37 @@ def sample_per_class(
             )
         chosen.append(np.sort(rng.choice(pool, size=k, replace=False)))
     return np.concatenate(chosen)
+
+
+# Quantile bins of a score that a sample of scores is stratified on (deciles).
+SCORE_BINS = 10
+
+
+def sample_rows(truth: np.ndarray, k: int, seed: int, names: list[str]) -> np.ndarray:
+    """Indices of up to k examples of every label, drawn with ``seed``, for any task.
+
+    Class ids [rows]: k of every class (all of a rarer one). Label sets [rows, labels]
+    (boolean): rows drawn for the rarest label first, then the next, until every label is
+    carried by k drawn rows (a row counts for each label it carries; a rarer label gives all
+    its rows). Scores [rows] (float): k from each decile of the target.
+    """
+    truth = np.asarray(truth)
+    if truth.ndim == 2:
+        return _sample_sets(truth, k, seed)
+    if truth.dtype.kind == "f":
+        edges = np.unique(np.quantile(truth, np.linspace(0, 1, SCORE_BINS + 1)[1:-1]))
+        bins = np.searchsorted(edges, truth, side="right")
+        return sample_per_class(bins, k, seed, [str(b) for b in range(len(edges) + 1)], False)
+    return sample_per_class(truth, k, seed, names, strict=False)
+
+
+def _sample_sets(sets: np.ndarray, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(sets), dtype=bool)
+    for label in np.argsort(sets.sum(axis=0), kind="stable"):
+        missing = k - int(sets[chosen, label].sum())
+        if missing <= 0:
+            continue
+        pool = np.flatnonzero(sets[:, label] & ~chosen)
+        chosen[pool if len(pool) <= missing else rng.choice(pool, missing, replace=False)] = True
+    return np.flatnonzero(chosen)
