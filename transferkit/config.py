@@ -487,7 +487,9 @@ class FewShotConfig(_Prompted):
     k is the run's label budget, training.examples_per_class (FEW_SHOT_K when unset).
     """
 
-    applies: ClassVar[Applies] = Applies(needs=("contrastive",), labels="k")
+    applies: ClassVar[Applies] = Applies(
+        needs=("contrastive",), labels="k", tasks=("classification", "multi_label")
+    )
     name: Literal["few_shot"] = "few_shot"
     templates: list[str] = Field(
         default_factory=list,
@@ -517,7 +519,7 @@ class ZeroShotConfig(_Prompted):
     """No training: classify by cosine similarity to embedded label descriptions."""
 
     applies: ClassVar[Applies] = Applies(
-        needs=("zero_shot",), labels="none", tasks=("classification", "regression"), pairs=True
+        needs=("zero_shot",), labels="none", tasks=ALL_TASKS, pairs=True
     )
     name: Literal["zero_shot"] = "zero_shot"
     templates: list[str] = Field(
@@ -814,7 +816,8 @@ class TrainingConfig(_Model):
         ge=3,
         le=20,
         description="Also score the strategy by stratified k-fold cross-validation over the "
-        "training and validation splits pooled (the evaluation split is never touched): each "
+        "training and validation splits pooled (stratified on the label; a label set's rarest "
+        "label; a score's quantile bin; the evaluation split is never touched): each "
         "fold trains on the other folds, holding back the validation split's share of them for "
         "early stopping, and is scored on its own rows. The mean and spread go to "
         "training.json and MLflow; in a sweep the mean selects the branch instead of the "
@@ -826,8 +829,10 @@ class TrainingConfig(_Model):
         ge=1,
         description="Label budget: train on at most this many examples of every label, drawn "
         "from the training split with training.seed (the validation and evaluation splits are "
-        "unchanged); few_shot's k, which needs that many of every label. Unset: every "
-        "training row (few_shot: 16).",
+        "unchanged); few_shot's k, which needs that many of every label. task: multi_label: "
+        "rows drawn rarest label first until each label is carried by this many (all rows of "
+        "a rarer one); task: regression: this many from each decile of the target. Unset: "
+        "every training row (few_shot: 16).",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="'auto' uses bf16 autocast where the CPU/GPU supports it, else fp32."
@@ -1486,7 +1491,7 @@ class PipelineConfig(_Model):
             self.registry.gate = "bootstrap"
 
     def _refuse_class_settings(self, why: str) -> None:
-        """Refuse the settings of class labels (weights, thresholds, budgets, folds)."""
+        """Refuse the settings of class labels (weights, thresholds)."""
         training = self.training
         for key, unset in (
             ("class_weights", "none"),
@@ -1495,26 +1500,6 @@ class PipelineConfig(_Model):
         ):
             if getattr(training, key) != unset:
                 raise ValueError(f"training.{key} decides between labels, and {why}; remove it")
-        self._refuse_unsupported()
-
-    def _refuse_unsupported(self) -> None:
-        """Refuse what this task does not support yet: label budgets (a sweep's too) and
-        folds."""
-        training = self.training
-        for key, what in (
-            ("examples_per_class", "a label budget counts examples of each label"),
-            ("cross_validation_folds", "folds are stratified on one label per row"),
-        ):
-            if getattr(training, key) is not None:
-                raise ValueError(
-                    f"training.{key}: {what}, which task: {self.task} does not support yet; "
-                    "unset it"
-                )
-        if self.sweep is not None and self.sweep.examples_per_class != ["all"]:
-            raise ValueError(
-                "sweep.examples_per_class: a label budget counts examples of each label, "
-                f"which task: {self.task} does not support yet; use [all]"
-            )
 
     def _multi_label_settings(self, metric: str) -> PipelineConfig:
         """What changes for task: multi_label: its metrics, its thresholds, its gate."""
@@ -1531,7 +1516,6 @@ class PipelineConfig(_Model):
                     f"training.{key} applies to task: classification; a multi-label model "
                     "decides each label by training.label_thresholds"
                 )
-        self._refuse_unsupported()
         self._bootstrap_gate()
         return self
 
@@ -1565,7 +1549,8 @@ class PipelineConfig(_Model):
                 raise ValueError(
                     "strategy 'zero_shot' scores text pairs by the cosine of their embeddings "
                     "(task: regression with data.text_pair_column) or classifies single inputs "
-                    "by label descriptions; for this data use linear_probe"
+                    "(or tags them, task: multi_label) by label descriptions; for this data use "
+                    "linear_probe"
                 )
         if self.data.text_pair_column and self.trigger.drift is not None:
             raise ValueError(

@@ -26,10 +26,10 @@ from pydantic import BaseModel
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.data import load_label_map
-from transferkit.metrics import Scores, roc_points, score
-from transferkit.multilabel import MultiLabelScores, score_sets
+from transferkit.metrics import Scores, roc_points, score_task
+from transferkit.multilabel import MultiLabelScores
 from transferkit.regression import METRICS as SCORE_METRICS
-from transferkit.regression import RegressionScores, score_regression
+from transferkit.regression import RegressionScores
 
 log = logging.getLogger(__name__)
 
@@ -435,14 +435,10 @@ def evaluate(
     proba = predict_proba(model, tokenizer, card, inputs, config.evaluation.batch_size, precision)
     predicted = card.decide(proba)
     metric = config.evaluation.primary_metric
-    scores: Scores | MultiLabelScores | RegressionScores
-    if card.regression:
-        scores = score_regression(truth, predicted)
-    elif card.multi_label:
-        scores = score_sets(truth, predicted, proba, card.labels)
-    else:
+    positive = None
+    if not (card.regression or card.multi_label):
         positive = load_label_map(dataset_dir).positive(config.evaluation.positive_label)
-        scores = score(truth, predicted, card.labels, proba, positive)
+    scores = score_task(truth, predicted, proba, card.labels, positive)
     roc = None
     if isinstance(scores, Scores) and len(card.labels) == 2:
         index = card.labels.index(scores.positive_label or card.labels[1])

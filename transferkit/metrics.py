@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from transferkit.multilabel import set_metric
+from transferkit.multilabel import MultiLabelScores, score_sets, set_metric
 from transferkit.ranks import roc_auc
-from transferkit.regression import orientation, score_regression
+from transferkit.regression import RegressionScores, orientation, score_regression
 
 
 class ClassScores(BaseModel):
@@ -82,6 +82,23 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.nda
     matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
     np.add.at(matrix, (y_true, y_pred), 1)
     return matrix
+
+
+def score_task(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    proba: np.ndarray,
+    labels: list[str],
+    positive: int | None = None,
+) -> Scores | MultiLabelScores | RegressionScores:
+    """Scores of a model's decisions on one split, for its task as its truth says: label
+    sets (a 2-D boolean truth), scores (a float truth, ``predicted`` the predicted scores) or
+    class ids."""
+    if np.ndim(truth) == 2:
+        return score_sets(truth, predicted, proba, labels)
+    if np.asarray(truth).dtype.kind == "f":
+        return score_regression(truth, predicted)
+    return score(truth, predicted, labels, proba, positive)
 
 
 def score(

@@ -148,10 +148,24 @@ def test_the_real_goemotions_dev_file_reads_as_it_is_with_named_columns(
 
 
 def test_task_and_strategy_must_agree(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="strategy 'zero_shot' does not train task 'multi_label'"):
+    with pytest.raises(
+        ValueError, match="strategy 'domain_adaptation' does not train task 'multi_label'"
+    ):
         make_config(
             tmp_path,
             {"uri": "a.tsv"},
+            task="multi_label",
+            strategy={"name": "domain_adaptation", "unlabelled_uri": "u.txt"},
+        )
+    for name in ("zero_shot", "few_shot"):  # tagging by descriptions; SetFit one-vs-rest
+        strategy = make_config(
+            tmp_path, {"uri": "a.tsv"}, task="multi_label", strategy={"name": name}
+        )
+        assert strategy.task == "multi_label"
+    with pytest.raises(ValueError, match="strategy 'zero_shot' scores text pairs"):
+        make_config(
+            tmp_path,
+            {"uri": "a.tsv", "text_pair_column": "b"},
             task="multi_label",
             strategy={"name": "zero_shot"},
         )

@@ -248,7 +248,6 @@ def test_constant_targets_are_refused(tmp_path: Path) -> None:
         ({"evaluation": {"primary_metric": "accuracy"}}, "judges classes"),
         ({"training": {"class_weights": "balanced"}}, "decides between labels"),
         ({"training": {"decision_threshold": "tuned"}}, "decides between labels"),
-        ({"training": {"examples_per_class": 8}}, "does not support yet"),
         ({"registry": {"gate": "mcnemar"}}, "use bootstrap"),
         ({"evaluation": {"positive_label": "1"}}, "names classes"),
         ({"data_extra": {"label_names": {"0": "low"}}}, "names classes"),

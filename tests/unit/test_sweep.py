@@ -350,9 +350,7 @@ def test_a_sweep_of_scores_selects_and_guards_by_the_error_falling(tmp_path: Pat
 
 
 @pytest.mark.parametrize("task", ["regression", "multi_label"])
-def test_sweeps_and_auto_take_every_task_but_label_budgets_stay_classification(
-    tmp_path: Path, task: str
-) -> None:
+def test_sweeps_auto_label_budgets_and_folds_take_every_task(tmp_path: Path, task: str) -> None:
     data = {**DATA, "text_pair_column": "sentence2"} if task == "regression" else DATA
     branches = [{"strategy": {"name": "linear_probe"}}, {"strategy": {"name": "scratch"}}]
     config = make_config(tmp_path, data, task=task, sweep={"branches": branches})
@@ -363,11 +361,28 @@ def test_sweeps_and_auto_take_every_task_but_label_budgets_stay_classification(
     ]
     auto = make_config(tmp_path, data, task=task, strategy={"name": "auto"})
     assert auto.strategy.name == "auto"
-    with pytest.raises(ValueError, match=f"which task: {task} does not support yet; use \\[all\\]"):
-        make_config(
-            tmp_path, data, task=task, sweep={"branches": branches, "examples_per_class": [8]}
-        )
-    with pytest.raises(ValueError, match="strategy 'few_shot' does not train task"):
-        make_config(
-            tmp_path, data, task=task, sweep={"branches": [{"strategy": {"name": "few_shot"}}]}
-        )
+    budgets = make_config(
+        tmp_path, data, task=task, sweep={"branches": branches, "examples_per_class": [8, "all"]}
+    )
+    planned = [PipelineConfig.model_validate(b.config) for b in plan(budgets)]
+    assert [(c.strategy.name, c.training.examples_per_class) for c in planned] == [
+        ("linear_probe", 8),
+        ("scratch", 8),
+        ("linear_probe", None),
+        ("scratch", None),
+    ]
+    folds = make_config(
+        tmp_path,
+        data,
+        task=task,
+        sweep={"branches": branches},
+        training={"cross_validation_folds": 3},
+    )
+    assert folds.training.cross_validation_folds == 3
+    few_shot = {"branches": [{"strategy": {"name": "few_shot"}}], "examples_per_class": [8]}
+    if task == "regression":  # SetFit's pairs and head need labels
+        with pytest.raises(ValueError, match="strategy 'few_shot' does not train task"):
+            make_config(tmp_path, data, task=task, sweep=few_shot)
+    else:
+        sweep = make_config(tmp_path, data, task=task, sweep=few_shot)
+        assert [b.name for b in plan(sweep)] == ["few_shot@8"]

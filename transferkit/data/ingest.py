@@ -37,6 +37,7 @@ from transferkit.data.images import (
     read_npz,
 )
 from transferkit.data.readers import detect_format, read_table
+from transferkit.data.sampling import quantile_bins
 from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -222,27 +223,12 @@ def _strata(labels: pd.Series) -> np.ndarray:
     out of the smaller splits altogether."""
     values = labels.to_numpy()
     if values.dtype.kind == "f":  # scores (regression): their quantile bin
-        return _bins(values)
+        return quantile_bins(values)
     if not len(values) or not isinstance(values[0], tuple):
         return values
     counts = pd.Series([label for labels in values for label in labels]).value_counts()
     rank = {label: i for i, label in enumerate(reversed(counts.index.tolist()))}  # rarest first
     return np.array([min(s, key=rank.__getitem__) if s else "" for s in values], dtype=object)
-
-
-# Rows per quantile bin of the targets when a regression split is stratified, and most bins.
-ROWS_PER_BIN = 20
-MAX_BINS = 10
-
-
-def _bins(scores: np.ndarray) -> np.ndarray:
-    """Each score's quantile bin (up to MAX_BINS bins of about ROWS_PER_BIN rows or more):
-    a split stratified on them keeps the targets' distribution in every split."""
-    bins = min(MAX_BINS, len(scores) // ROWS_PER_BIN)
-    if bins < 2:
-        return np.zeros(len(scores), dtype=np.int64)
-    edges = np.unique(np.quantile(scores, np.linspace(0, 1, bins + 1)[1:-1]))
-    return np.searchsorted(edges, scores, side="right")
 
 
 def _label_values(labels: pd.Series) -> set[str]:

@@ -35,6 +35,35 @@ def sample_per_class(
     return np.concatenate(chosen)
 
 
+# Rows per quantile bin of the targets when a regression split is stratified, and most bins.
+ROWS_PER_BIN = 20
+MAX_BINS = 10
+
+
+def quantile_bins(scores: np.ndarray) -> np.ndarray:
+    """Each score's quantile bin (up to MAX_BINS bins of about ROWS_PER_BIN rows or more):
+    a split stratified on them keeps the targets' distribution in every split."""
+    bins = min(MAX_BINS, len(scores) // ROWS_PER_BIN)
+    if bins < 2:
+        return np.zeros(len(scores), dtype=np.int64)
+    edges = np.unique(np.quantile(scores, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.searchsorted(edges, scores, side="right")
+
+
+def strata(truth: np.ndarray) -> np.ndarray:
+    """What a stratified division of rows keeps in proportion, one value per row: its class
+    id; for label sets [rows, labels] the id of its rarest label (-1 for an empty set), so
+    every label keeps about its share in each part; for scores their quantile bin."""
+    truth = np.asarray(truth)
+    if truth.ndim == 2:
+        counts = truth.sum(axis=0)
+        rarest = np.where(truth, counts, np.iinfo(np.int64).max).argmin(axis=1)
+        return np.where(truth.any(axis=1), rarest, -1)
+    if truth.dtype.kind == "f":
+        return quantile_bins(truth)
+    return truth
+
+
 # Quantile bins of a score that a sample of scores is stratified on (deciles).
 SCORE_BINS = 10
 

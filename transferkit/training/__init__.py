@@ -24,7 +24,7 @@ from transferkit.backbones import load_backbone_info
 from transferkit.backbones.text import resolve_precision
 from transferkit.config import PipelineConfig
 from transferkit.data import load_label_map, load_labels
-from transferkit.metrics import Decision, score
+from transferkit.metrics import Decision, score, score_task
 from transferkit.training.context import Context, Fitted, budget_rows
 from transferkit.training.crossval import fold_datasets
 from transferkit.training.distributed import Layout
@@ -189,7 +189,9 @@ def _cross_validate(config: PipelineConfig, ctx: Context, scratch: Path) -> Cros
     scores: list[float] = []
     truths, probabilities, decided = [], [], []
     precision = resolve_precision(config.evaluation.precision, ctx.target)
-    positive = ctx.label_map.positive(config.evaluation.positive_label)
+    positive = None
+    if config.task == "classification":
+        positive = ctx.label_map.positive(config.evaluation.positive_label)
     for fold in fold_datasets(
         ctx.dataset_dir, ctx.features_dir, folds, config.training.seed, scratch
     ):
@@ -210,7 +212,7 @@ def _cross_validate(config: PipelineConfig, ctx: Context, scratch: Path) -> Cros
             model.to(ctx.target), tokenizer, card, inputs, config.evaluation.batch_size, precision
         )
         predicted = card.decide(proba)
-        value = score(truth, predicted, ctx.labels, proba, positive).metric(metric)
+        value = score_task(truth, predicted, proba, ctx.labels, positive).metric(metric)
         scores.append(value)
         truths.append(truth)
         probabilities.append(proba)
@@ -228,7 +230,7 @@ def _cross_validate(config: PipelineConfig, ctx: Context, scratch: Path) -> Cros
             time.perf_counter() - fold_started,
         )
     truth, proba = np.concatenate(truths), np.concatenate(probabilities)
-    pooled = score(truth, np.concatenate(decided), ctx.labels, proba, positive).metric(metric)
+    pooled = score_task(truth, np.concatenate(decided), proba, ctx.labels, positive).metric(metric)
     result = CrossValidation(
         folds=folds,
         metric=metric,

@@ -16,9 +16,9 @@ from transferkit.backbones.modality import Modality, modality_of
 from transferkit.config import LinearProbeConfig, PipelineConfig
 from transferkit.data import LabelMap, load_labels
 from transferkit.data.dataset import has_pairs
+from transferkit.data.sampling import sample_rows
 from transferkit.features import load_features
 from transferkit.training.distributed import Layout
-from transferkit.training.few_shot import sample_per_class
 from transferkit.training.probe import ProbeFit, fit_probe
 from transferkit.training.ridge import RidgeFit, fit_ridge
 
@@ -99,14 +99,14 @@ class Context:
 def budget_rows(config: PipelineConfig, dataset_dir: Path, labels: list[str]) -> np.ndarray | None:
     """Training rows within the label budget (``training.examples_per_class``); None: all.
 
-    Drawn with ``training.seed``, so the same config trains on the same rows, and a few_shot
-    branch with k equal to the budget uses exactly these rows.
+    Drawn with ``training.seed`` by ``sample_rows`` (k per class; label sets until each label
+    has k carriers; scores k per decile), so the same config trains on the same rows, and a
+    few_shot branch with k equal to the budget uses exactly these rows.
     """
     k = config.training.examples_per_class
     if k is None:
         return None
-    truth = load_labels(dataset_dir, "train")
-    return sample_per_class(truth, k, config.training.seed, labels, strict=False)
+    return sample_rows(load_labels(dataset_dir, "train"), k, config.training.seed, labels)
 
 
 def fit_linear_probe(
@@ -117,10 +117,10 @@ def fit_linear_probe(
     train_y = load_labels(ctx.dataset_dir, "train")
     features = load_features(ctx.features_dir, "train")
     rows = ctx.rows
-    if config.task == "regression":  # no label budget: refused at validate
+    if config.task == "regression":
         return fit_ridge(
-            features,
-            train_y,
+            features if rows is None else features[rows],
+            train_y if rows is None else train_y[rows],
             load_features(ctx.features_dir, "validation"),
             load_labels(ctx.dataset_dir, "validation"),
             probe.ridge_alphas,

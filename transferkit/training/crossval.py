@@ -27,6 +27,7 @@ import pandas as pd
 
 from transferkit import storage
 from transferkit.data import LabelMap, load_label_map, load_labels
+from transferkit.data.sampling import strata
 from transferkit.errors import DataError
 
 POOLED = ("train", "validation")
@@ -45,8 +46,10 @@ class Fold:
 
 
 def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number of every row: each label's rows shuffled with ``seed`` and dealt in turn,
-    continuing the deal across labels so fold sizes differ by at most one."""
+    """Fold number of every row: each stratum's rows (``strata``: a label, a set's rarest
+    label, a score's quantile bin) shuffled with ``seed`` and dealt in turn, continuing the
+    deal across strata so fold sizes differ by at most one."""
+    labels = strata(labels)
     rng = np.random.default_rng(seed)
     assignment = np.empty(len(labels), dtype=np.int64)
     dealt = 0
@@ -59,8 +62,9 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def stopping_share(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A stratified ``fraction`` of ``rows`` (at least one row of every label with two or
+    """A stratified ``fraction`` of ``rows`` (at least one row of every stratum with two or
     more), for early stopping."""
+    labels = strata(labels)
     rng = np.random.default_rng(seed)
     chosen = []
     for label in np.unique(labels[rows]):
@@ -71,12 +75,25 @@ def stopping_share(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: 
 
 
 def check_folds(labels: np.ndarray, label_map: LabelMap, folds: int) -> None:
-    """Every label needs a row in every fold.
+    """Every label needs a row in every fold (label sets: a carrier; scores: ``folds`` rows
+    twice over, so each fold trains, stops early and is scored).
 
     Raises:
         DataError: a label has fewer pooled rows than folds, naming it and the fix.
     """
-    counts = np.bincount(labels, minlength=len(label_map))
+    if np.ndim(labels) == 1 and labels.dtype.kind == "f":
+        if len(labels) < 2 * folds:
+            raise DataError(
+                f"training.cross_validation_folds: {folds} folds need {2 * folds} scored rows "
+                f"in the training and validation splits, there are {len(labels)}; lower the "
+                "folds or unset them"
+            )
+        return
+    counts = (
+        labels.sum(axis=0)
+        if np.ndim(labels) == 2
+        else np.bincount(labels, minlength=len(label_map))
+    )
     short = [(label_map.names[i], int(n)) for i, n in enumerate(counts) if n < folds]
     if short:
         name, n = short[0]

@@ -38,7 +38,14 @@ def make_pairs(
 ) -> list[tuple[int, int, float]]:
     """SetFit pairs over positions 0..n-1: per round, each example with one positive and one
     negative partner (a positive needs another example of its label, a negative another label).
+
+    Label sets (boolean [n, labels]), as SetFit's multi-label pairs: per round, each example
+    with a positive partner for each of its labels (another example carrying it) and one
+    negative partner sharing none of its labels; an example with no label has no positive,
+    and its negative carries a label.
     """
+    if np.ndim(labels) == 2:
+        return _set_pairs(np.asarray(labels, dtype=bool), iterations, rng)
     pairs: list[tuple[int, int, float]] = []
     positions = np.arange(len(labels))
     for _ in range(iterations):
@@ -49,6 +56,27 @@ def make_pairs(
                 pairs.append((i, int(rng.choice(same)), 1.0))
             if len(other):
                 pairs.append((i, int(rng.choice(other)), 0.0))
+    order = rng.permutation(len(pairs))
+    return [pairs[j] for j in order]
+
+
+def _set_pairs(
+    sets: np.ndarray, iterations: int, rng: np.random.Generator
+) -> list[tuple[int, int, float]]:
+    pairs: list[tuple[int, int, float]] = []
+    positions = np.arange(len(sets))
+    overlap = sets.astype(np.int32) @ sets.T.astype(np.int32)  # labels shared by two rows
+    tagged = np.any(sets, axis=1, keepdims=False).astype(bool)
+    for _ in range(iterations):
+        for i in positions:
+            for label in np.flatnonzero(sets[i]):
+                same = positions[sets[:, label] & (positions != i)]
+                if len(same):
+                    pairs.append((int(i), int(rng.choice(same)), 1.0))
+            # Two untagged examples are not told apart: neither says what the other is not.
+            other = positions[(overlap[i] == 0) & (positions != i) & (tagged | tagged[i])]
+            if len(other):
+                pairs.append((int(i), int(rng.choice(other)), 0.0))
     order = rng.permutation(len(pairs))
     return [pairs[j] for j in order]
 

@@ -1,5 +1,7 @@
 """few_shot: SetFit on k examples per label — contrastive tuning of the encoder on pairs of
-them, then a logistic-regression head on the tuned embeddings (``training.few_shot``)."""
+them, then a logistic-regression head on the tuned embeddings (``training.few_shot``).
+Label sets (task: multi_label): rows drawn until every label is carried by k of them, SetFit's
+multi-label pairs, and one logistic regression per label (one-vs-rest)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import logging
 import numpy as np
 
 from transferkit.config import FEW_SHOT_K, FewShotConfig, PipelineConfig
+from transferkit.data.sampling import sample_rows
+from transferkit.errors import TrainingError
 from transferkit.training.context import Context, Fitted
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.probe import fit_probe
@@ -16,6 +20,23 @@ from transferkit.training.strategies import register
 from transferkit.training.zero_shot import label_prompts
 
 log = logging.getLogger(__name__)
+
+
+def _carried(chosen: np.ndarray, truth: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    """``chosen`` rows, once every label is carried by k of them.
+
+    Raises:
+        TrainingError: a label is carried by fewer than k training rows.
+    """
+    carriers = truth[chosen].sum(axis=0)
+    short = [(labels[j], int(n)) for j, n in enumerate(carriers) if n < k]
+    if short:
+        named = ", ".join(f"'{name}' has {n}" for name, n in short[:5])
+        raise TrainingError(
+            f"few_shot needs {k} training examples of every label; {named}"
+            f"{' …' if len(short) > 5 else ''} — lower training.examples_per_class"
+        )
+    return chosen
 
 
 @register("few_shot")
@@ -27,13 +48,25 @@ def fit(config: PipelineConfig, strategy: FewShotConfig, ctx: Context) -> Fitted
     # k is the label budget: ``rows`` holds up to k of every label, drawn with the same seed,
     # so this takes all of them, and refuses a label that has fewer than k.
     k = config.training.examples_per_class or FEW_SHOT_K
-    chosen = pool[sample_per_class(truth[pool], k, config.training.seed, labels)]
+    sets = truth.ndim == 2
+    if sets:  # the budget's rows (drawn by sample_rows), once each label has k carriers
+        drawn = (
+            pool if ctx.rows is not None else sample_rows(truth, k, config.training.seed, labels)
+        )
+        chosen = _carried(drawn, truth, k, labels)
+    else:
+        chosen = pool[sample_per_class(truth[pool], k, config.training.seed, labels)]
     shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
     if strategy.templates:
         prompts = label_prompts(strategy, labels, ctx.label_map.values)
         for label, templated in enumerate(prompts):
             shots += templated
-            shot_labels = np.concatenate([shot_labels, np.full(len(templated), label)])
+            if sets:  # each templated example carries its one label
+                one = np.zeros((len(templated), len(labels)), dtype=bool)
+                one[:, label] = True
+                shot_labels = np.concatenate([shot_labels, one])
+            else:
+                shot_labels = np.concatenate([shot_labels, np.full(len(templated), label)])
     tokenizer, encoder = ctx.load_encoder()
     encoder.to(device())
     pairs = make_pairs(

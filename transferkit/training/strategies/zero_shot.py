@@ -3,7 +3,10 @@
 itself for text, a dual encoder's text tower for images (the CLIP recipe). Text pairs with a
 score (task: regression): the cosine of the two texts' embeddings, mapped linearly from
 [0, 1] onto the training targets' range; the head reads the pair's features, whose last
-block of unit-vector products sums to that cosine."""
+block of unit-vector products sums to that cosine. Label sets (task: multi_label): each
+label's logit is the scaled cosine less its mean over the training inputs (read without their
+labels), so a label's probability passes 0.5 where an input is closer to it than the usual
+input is; the decision thresholds are then chosen on validation like any model's."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from transferkit.config import PipelineConfig, ZeroShotConfig
 from transferkit.data import load_labels
 from transferkit.features import load_features
 from transferkit.metrics import metric_of_logits
+from transferkit.multilabel import metric_of_set_logits
 from transferkit.regression import score_regression
 from transferkit.training.context import Context, Fitted
 from transferkit.training.runtime import device
@@ -73,7 +77,18 @@ def fit(config: PipelineConfig, strategy: ZeroShotConfig, ctx: Context) -> Fitte
     )
     val_y = load_labels(ctx.dataset_dir, "validation")
     similarities = prototype_similarities(load_features(ctx.features_dir, "validation"), prototypes)
-    value = metric_of_logits(val_y, similarities, label_map.names, config.evaluation.primary_metric)
+    metric = config.evaluation.primary_metric
+    details: dict[str, object] = {}
+    if config.task == "multi_label":
+        usual = _mean_similarity(load_features(ctx.features_dir, "train"), prototypes)
+        with torch.no_grad():
+            head.bias.copy_(torch.from_numpy(-strategy.scale * usual))
+        details["mean_train_similarity"] = dict(zip(label_map.names, usual.tolist(), strict=True))
+        value = metric_of_set_logits(
+            val_y, strategy.scale * (similarities - usual), label_map.names, metric
+        )
+    else:
+        value = metric_of_logits(val_y, similarities, label_map.names, metric)
     prompts = dict(
         zip(
             label_map.names, label_prompts(strategy, label_map.names, label_map.values), strict=True
@@ -82,8 +97,17 @@ def fit(config: PipelineConfig, strategy: ZeroShotConfig, ctx: Context) -> Fitte
     log.info(
         "zero-shot prototypes from %d prompts: validation %s %.4f",
         sum(map(len, prompts.values())),
-        config.evaluation.primary_metric,
+        metric,
         value,
     )
     # Cosine similarity: the head expects unit vectors. No labelled example was read.
-    return Fitted(head, value, 0, {"prompts": prompts}, normalize=True, labelled=0)
+    return Fitted(head, value, 0, {"prompts": prompts, **details}, normalize=True, labelled=0)
+
+
+def _mean_similarity(features: np.ndarray, prototypes: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Each label's mean cosine similarity over the rows of ``features`` [labels] (in blocks:
+    a training split's unit copy would double its memory)."""
+    total = np.zeros(len(prototypes))
+    for start in range(0, len(features), block):
+        total += prototype_similarities(features[start : start + block], prototypes).sum(axis=0)
+    return (total / max(len(features), 1)).astype(np.float32)
