@@ -1282,6 +1282,12 @@ class DriftConfig(_Model):
         "array). Path, file:// or s3://."
     )
     text_column: str = Field("text", min_length=1, description="Text column of a table.")
+    text_pair_column: str | None = Field(
+        None,
+        min_length=1,
+        description="A model of text pairs (data.text_pair_column): the table's column of "
+        "each pair's second text; unset: the name data.text_pair_column gives.",
+    )
     threshold: float = Field(
         0.05,
         gt=0,
@@ -1552,10 +1558,13 @@ class PipelineConfig(_Model):
                     "(or tags them, task: multi_label) by label descriptions; for this data use "
                     "linear_probe"
                 )
-        if self.data.text_pair_column and self.trigger.drift is not None:
+        drift = self.trigger.drift
+        if drift is not None and drift.text_pair_column is None:
+            drift.text_pair_column = self.data.text_pair_column  # the recent table's pairs
+        elif drift is not None and not self.data.text_pair_column:
             raise ValueError(
-                "trigger.drift compares recent single texts with the training texts; it does "
-                "not read text pairs (data.text_pair_column) yet: remove trigger.drift"
+                "trigger.drift.text_pair_column names a second text, and the model reads "
+                "single texts (no data.text_pair_column): remove it"
             )
         if self.data.text_pair_column == self.data.text_column:
             raise ValueError(

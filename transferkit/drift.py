@@ -20,6 +20,8 @@ import numpy as np
 
 from transferkit import storage
 from transferkit.config import DriftConfig, StorageConfig
+from transferkit.data.dataset import TextPairs
+from transferkit.data.readers import read_text_pairs
 from transferkit.errors import DataError, StorageError
 
 REFERENCE_ROWS = 1000
@@ -87,10 +89,11 @@ def mmd_test(
 
 
 def read_recent(
-    drift: DriftConfig, modality: Any, storage_config: StorageConfig
-) -> list[str] | np.ndarray:
+    drift: DriftConfig, modality: Any, storage_config: StorageConfig, pairs: bool = False
+) -> list[str] | TextPairs | np.ndarray:
     """The recent inputs of ``drift.uri``, a seeded sample of at most ``drift.max_rows``:
-    texts, or uint8 images [N, H, W(, C)].
+    texts, text pairs (``pairs``: a model of pairs; columns text_column and
+    text_pair_column of a table), or uint8 images [N, H, W(, C)].
 
     Raises:
         DataError: unreadable, of the wrong kind for the model, or fewer than 20 inputs.
@@ -102,7 +105,21 @@ def read_recent(
             path = storage.fetch_file(uri, Path(scratch), storage_config)
         except StorageError as exc:
             raise StorageError(f"trigger.drift.uri: {exc}") from None
-        inputs = modality.read_unlabelled(path, uri, drift.text_column)
+        if pairs:
+            if drift.text_pair_column is None:
+                raise DataError(
+                    "trigger.drift: the champion reads text pairs; set data.text_pair_column "
+                    "(or trigger.drift.text_pair_column) to the recent table's second text"
+                )
+            inputs = read_text_pairs(
+                path,
+                f"trigger.drift.uri {uri}",
+                drift.text_column,
+                drift.text_pair_column,
+                "trigger.drift.text_column and trigger.drift.text_pair_column",
+            )
+        else:
+            inputs = modality.read_unlabelled(path, uri, drift.text_column)
         if inputs is None:
             raise DataError(
                 f"trigger.drift.uri {uri}: the champion takes {modality.unlabelled_form}; point "

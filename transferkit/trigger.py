@@ -106,7 +106,7 @@ def _drift_check(config: PipelineConfig, champion: Any, scratch: Path) -> tuple[
         )
     except ValueError as exc:
         raise TriggerError(f"cannot test drift: {exc}") from None
-    recent = read_recent(drift, card.input_modality(), config.storage)
+    recent = read_recent(drift, card.input_modality(), config.storage, pairs=card.pair)
     precision = resolve_precision(config.evaluation.precision, device())
     vectors = embed(model, tokenizer, card, recent, config.evaluation.batch_size, precision)
     result = mmd_test(reference, vectors)

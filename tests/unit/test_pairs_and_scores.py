@@ -255,7 +255,10 @@ def test_constant_targets_are_refused(tmp_path: Path) -> None:
         ({"strategy": {"name": "zero_shot"}, "no_pairs": True}, "zero_shot"),
         ({"task": "classification", "strategy": {"name": "few_shot"}}, "does not train on text"),
         ({"data_extra": {"text_pair_column": "sentence"}}, "names the text column"),
-        ({"trigger": {"drift": {"uri": "recent.txt"}}}, "does not read text pairs"),
+        (
+            {"trigger": {"drift": {"uri": "r.csv", "text_pair_column": "b"}}, "no_pairs": True},
+            "the model reads single texts",
+        ),
     ],
 )
 def test_regression_and_pair_settings_are_checked_at_validate(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from transferkit.data.dataset import TextPairs
 from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,33 @@ def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
         )
     _check_text_cells(frame, text_column, name, _position(frame, fmt))
     return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
+
+
+def read_text_pairs(path: Path, name: str, first: str, second: str, fix: str) -> TextPairs:
+    """The pairs of two text columns of an unlabelled table, in file order; rows with an
+    empty text on either side are left out.
+
+    Raises:
+        DataError: not a table, unreadable, or no such column (``fix`` names the setting).
+    """
+    if path.suffix.lower() in (".txt", ".npz"):
+        raise DataError(
+            f"{name}: the model reads text pairs, which a {path.suffix} file cannot hold; give "
+            f"a csv/tsv/jsonl/parquet table with columns '{first}' and '{second}'"
+        )
+    fmt = detect_format(name)
+    frame = _frame(path, name, fmt)
+    for column in (first, second):
+        if column not in frame.columns:
+            found = ", ".join(map(str, frame.columns[:12]))
+            raise DataError(f"{name}: no column '{column}' (columns: {found}); set {fix}")
+        _check_text_cells(frame, column, name, _position(frame, fmt))
+    cells = [
+        (a, b)
+        for a, b in zip(map(_cell, frame[first]), map(_cell, frame[second]), strict=True)
+        if a is not None and b is not None
+    ]
+    return TextPairs([a for a, _ in cells], [b for _, b in cells])
 
 
 def read_unlabelled_texts(path: Path, name: str, text_column: str) -> list[str]:

@@ -29,6 +29,7 @@ from transferkit.backbones.base import Encoder, Family, folder_family
 from transferkit.backbones.images import ImageInput
 from transferkit.backbones.modality import Modality, card_modality
 from transferkit.backbones.text import pair_tensor
+from transferkit.data.dataset import TextPairs
 from transferkit.errors import TransferkitError
 from transferkit.metrics import Decision, softmax
 from transferkit.multilabel import sigmoid
@@ -293,7 +294,7 @@ def embed(
     model: Classifier,
     tokenizer: Any,
     card: ModelCard,
-    inputs: list[str] | np.ndarray,
+    inputs: list[str] | TextPairs | np.ndarray,
     batch_size: int = 128,
     precision: str = "fp32",
 ) -> np.ndarray:
