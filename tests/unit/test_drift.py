@@ -58,6 +58,7 @@ def test_sample_rows_is_a_seeded_sorted_subset() -> None:
     assert np.array_equal(sample_rows(30, 1000), np.arange(30))
 
 
+@pytest.mark.slow
 def test_a_pair_model_s_drift_reads_recent_pairs_and_tells_a_new_domain(
     tmp_path: Path, shared_data: Path
 ) -> None:

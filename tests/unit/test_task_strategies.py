@@ -112,6 +112,7 @@ def _every_label(tmp: Path) -> float:
     return float(np.mean(2 * share / (1 + share)))
 
 
+@pytest.mark.slow
 def test_few_shot_tags_label_sets_from_k_carriers_of_each_label(emotions: tuple) -> None:
     tmp, data = emotions
     few_shot = {"name": "few_shot", "pair_iterations": 2}
@@ -140,6 +141,7 @@ def test_few_shot_tags_label_sets_from_k_carriers_of_each_label(emotions: tuple)
     assert not (tmp / "fs-big").exists()
 
 
+@pytest.mark.slow
 def test_zero_shot_tags_by_label_names_centred_on_the_usual_input(emotions: tuple) -> None:
     tmp, data = emotions
     result, scored = _train(tmp, data, "zs", strategy={"name": "zero_shot"})
@@ -166,6 +168,7 @@ def test_zero_shot_tags_by_label_names_centred_on_the_usual_input(emotions: tupl
     assert scored.scores.macro_f1 > _every_label(tmp) + 0.05, scored.scores
 
 
+@pytest.mark.slow
 def test_a_score_probe_on_a_label_budget_fits_its_ridge_on_those_rows_only(
     tmp_path: Path, shared_data: Path
 ) -> None:
@@ -219,6 +222,7 @@ def test_folds_of_label_sets_and_scores_keep_every_label_and_score_range_spread(
         check_folds(scores[:12], LabelMap(values=["score"], names=["score"]), 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["multi_label", "regression"])
 def test_cross_validation_scores_every_pooled_row_by_the_task_s_metric(
     task: str, tmp_path: Path, shared_data: Path, emotions: tuple
