@@ -19,6 +19,8 @@ def sample_per_class(
     Raises:
         TrainingError: ``strict`` and a label has fewer than k examples.
     """
+    if strict:
+        require_examples(np.bincount(labels, minlength=len(names)), k, names)
     rng = np.random.default_rng(seed)
     chosen = []
     for label in range(len(names)):
@@ -26,13 +28,23 @@ def sample_per_class(
         if not strict and len(pool) <= k:
             chosen.append(pool)
             continue
-        if len(pool) < k:
-            raise TrainingError(
-                f"few_shot needs {k} training examples of every label; '{names[label]}' has "
-                f"{len(pool)} — lower training.examples_per_class"
-            )
         chosen.append(np.sort(rng.choice(pool, size=k, replace=False)))
     return np.concatenate(chosen)
+
+
+def require_examples(counts: np.ndarray, k: int, names: list[str]) -> None:
+    """few_shot's k: every label must have k training examples (``counts`` per label).
+
+    Raises:
+        TrainingError: naming up to five labels that have fewer, and the fix.
+    """
+    short = [(names[j], int(n)) for j, n in enumerate(counts) if n < k]
+    if short:
+        named = ", ".join(f"'{name}' has {n}" for name, n in short[:5])
+        raise TrainingError(
+            f"few_shot needs {k} training examples of every label; {named}"
+            f"{' …' if len(short) > 5 else ''} — lower training.examples_per_class"
+        )
 
 
 # Rows per quantile bin of the targets when a regression split is stratified, and most bins.

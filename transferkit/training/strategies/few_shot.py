@@ -10,8 +10,7 @@ import logging
 import numpy as np
 
 from transferkit.config import FEW_SHOT_K, FewShotConfig, PipelineConfig
-from transferkit.data.sampling import sample_rows
-from transferkit.errors import TrainingError
+from transferkit.data.sampling import require_examples, sample_rows
 from transferkit.training.context import Context, Fitted
 from transferkit.training.few_shot import contrastive_tune, make_pairs, sample_per_class
 from transferkit.training.probe import fit_probe
@@ -20,23 +19,6 @@ from transferkit.training.strategies import register
 from transferkit.training.zero_shot import label_prompts
 
 log = logging.getLogger(__name__)
-
-
-def _carried(chosen: np.ndarray, truth: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
-    """``chosen`` rows, once every label is carried by k of them.
-
-    Raises:
-        TrainingError: a label is carried by fewer than k training rows.
-    """
-    carriers = truth[chosen].sum(axis=0)
-    short = [(labels[j], int(n)) for j, n in enumerate(carriers) if n < k]
-    if short:
-        named = ", ".join(f"'{name}' has {n}" for name, n in short[:5])
-        raise TrainingError(
-            f"few_shot needs {k} training examples of every label; {named}"
-            f"{' …' if len(short) > 5 else ''} — lower training.examples_per_class"
-        )
-    return chosen
 
 
 @register("few_shot")
@@ -50,10 +32,12 @@ def fit(config: PipelineConfig, strategy: FewShotConfig, ctx: Context) -> Fitted
     k = config.training.examples_per_class or FEW_SHOT_K
     sets = truth.ndim == 2
     if sets:  # the budget's rows (drawn by sample_rows), once each label has k carriers
-        drawn = (
-            pool if ctx.rows is not None else sample_rows(truth, k, config.training.seed, labels)
+        chosen = (
+            ctx.rows
+            if ctx.rows is not None
+            else sample_rows(truth, k, config.training.seed, labels)
         )
-        chosen = _carried(drawn, truth, k, labels)
+        require_examples(truth[chosen].sum(axis=0), k, labels)
     else:
         chosen = pool[sample_per_class(truth[pool], k, config.training.seed, labels)]
     shots, shot_labels = [texts[i] for i in chosen], truth[chosen]
