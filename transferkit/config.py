@@ -1328,12 +1328,27 @@ class RuntimeConfig(_Model):
     )
     feature_cache: str | None = Field(
         None,
-        description="Content-keyed feature cache directory; unset: <work_dir>/feature-cache.",
+        description="Content-keyed feature cache: a local folder, or s3://<bucket>/<prefix> "
+        "shared by every pod and node (credentials from the environment, endpoint from "
+        "storage.s3_endpoint_url; an entry counts only once its checksums.json, uploaded last, "
+        "matches every file); unset: <work_dir>/feature-cache.",
     )
     caching: bool = Field(True, description="Reuse outputs of steps whose inputs are unchanged.")
     num_threads: int | None = Field(
         None, ge=1, le=1024, description="Torch CPU threads; unset: the torch default."
     )
+
+    @field_validator("feature_cache")
+    @classmethod
+    def _cache_location(cls, value: str | None) -> str | None:
+        if value is None or not _SCHEME.match(value):
+            return value
+        if re.match(r"^(s3://[^/]+|file:///)", value, re.IGNORECASE):
+            return value
+        raise ValueError(
+            f"{_clip(value)!r} is not a feature cache location; use a local folder (a path or "
+            "file:///path) or s3://<bucket>/<prefix> for a cache shared by every node"
+        )
 
 
 # scheme://user[:password]@host… — credentials written into a URI.

@@ -11,15 +11,26 @@ identical rerun is a file link. A cache entry also holds ``checksums.json`` (siz
 of each array), written after the arrays; a hit is served only when every array matches it,
 so a truncated or altered entry (a full disk, a crash, an edit through a hard link) is
 logged and embedded again, never served.
+
+``runtime.feature_cache`` may be an ``s3://bucket/prefix`` shared by the pods of every node.
+An entry there is ``<prefix>/<key>/<version>/{train,validation,test}.npy, features.json``
+and then, uploaded last, ``<prefix>/<key>/checksums.json``, where ``<version>`` is derived
+from the checksums themselves. A reader trusts only files that match the checksums it read,
+so an upload cut short (files, no checksums) is a miss, logged, embedded and uploaded again.
+Two pods that fill one key at once both succeed: a version folder only ever receives the
+bytes its name stands for, so whichever checksums.json lands last names a complete folder,
+even when two devices computed slightly different numbers for one key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +41,7 @@ from transferkit import storage
 from transferkit.backbones import BackboneInfo, load_backbone_info
 from transferkit.config import PipelineConfig
 from transferkit.data import SPLITS
+from transferkit.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +198,92 @@ def _damage(entry: Path) -> str | None:
     return None
 
 
-def _intact(entry: Path) -> bool:
-    """Whether a cache entry can be served; a damaged one is logged in one line."""
+def _intact(entry: Path, name: str | None = None) -> bool:
+    """Whether a cache entry can be served; a damaged one is logged in one line under
+    ``name`` (default: the folder's name, the key)."""
     damage = _damage(entry)
     if damage is not None:
-        log.warning("feature cache entry %s is damaged (%s): embedding again", entry.name, damage)
+        log.warning(
+            "feature cache entry %s is damaged (%s): embedding again", name or entry.name, damage
+        )
     return damage is None
+
+
+@contextlib.contextmanager
+def _naming_the_setting() -> Iterator[None]:
+    """Storage errors of the shared cache say which setting they come from; transient ones
+    stay transient (``transferkit.retry``)."""
+    try:
+        yield
+    except StorageError as error:
+        raise StorageError(f"runtime.feature_cache: {error}", transient=error.transient) from None
+
+
+def _version(checksums: dict[str, Any]) -> str:
+    """Folder name of the files an S3 entry's checksums describe: a digest of the checksums,
+    so one folder never receives two different contents."""
+    return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fetch_remote(config: PipelineConfig, key: str, scratch: Path) -> bool:
+    """Download the S3 cache entry of ``key`` into ``scratch`` (arrays, features.json and
+    checksums.json, as a local entry) and say whether it can be served. A partial or
+    damaged entry is logged in one line and is a miss."""
+    entry = f"{config.feature_cache.rstrip('/')}/{key}"
+    with _naming_the_setting():
+        names = set(storage.list_names(entry, config.storage))
+        if not names:
+            return False
+        if CHECKSUMS not in names:  # an upload cut short, or still under way
+            log.warning(
+                "feature cache entry %s is damaged (no %s): embedding again", entry, CHECKSUMS
+            )
+            return False
+        storage.fetch_tree(entry, scratch, [CHECKSUMS], config.storage)
+        try:
+            expected = storage.read_json(scratch / CHECKSUMS)
+        except ValueError:
+            expected = None
+        if not isinstance(expected, dict):
+            log.warning(
+                "feature cache entry %s is damaged (%s is unreadable): embedding again",
+                entry,
+                CHECKSUMS,
+            )
+            return False
+        version = _version(expected)
+        # Only what is there: a listed file that is not is reported missing by _damage.
+        present = [name for name in expected if f"{version}/{name}" in names]
+        storage.fetch_tree(f"{entry}/{version}", scratch, present, config.storage)
+    return _intact(scratch, entry)
+
+
+def _upload_remote(config: PipelineConfig, key: str, folder: Path) -> None:
+    """Upload a finished feature artifact as the S3 cache entry of ``key``: the files into
+    their version folder first, its checksums.json last."""
+    entry = f"{config.feature_cache.rstrip('/')}/{key}"
+    checksums = _checksums(folder)
+    version = _version(checksums)
+    with _naming_the_setting(), tempfile.TemporaryDirectory(prefix="transferkit-") as scratch:
+        for name in checksums:
+            storage.upload_file(folder / name, f"{entry}/{version}/{name}", config.storage)
+        storage.write_json(Path(scratch) / CHECKSUMS, checksums)
+        storage.upload_file(Path(scratch) / CHECKSUMS, f"{entry}/{CHECKSUMS}", config.storage)
+    log.info("feature cache entry uploaded to %s", entry)
+
+
+def _serve(entry: Path, output_dir: Path, started: float) -> FeaturesResult:
+    """The artifact from an intact cache entry, its files linked (or copied)."""
+    recorded = storage.read_json(entry / "features.json")
+    result = FeaturesResult(
+        **{**recorded, "cache_hit": True, "seconds": round(time.perf_counter() - started, 3)}
+    )
+    with storage.atomic_dir(output_dir) as tmp:
+        for split in SPLITS:
+            storage.link_or_copy(entry / f"{split}.npy", tmp / f"{split}.npy")
+        storage.write_json(tmp / "features.json", result.model_dump())
+    log.info("features served from cache %s", result.key[:12])
+    return result
 
 
 def extract_features(
@@ -232,7 +324,9 @@ def extract_features(
         info.image.model_dump() if info.image else None,
         runtime,
     )
-    cached = Path(config.feature_cache) / key
+    remote = storage.parse(config.feature_cache).scheme == "s3"
+    # The local entry; an S3 cache has none (the node's disk holds nothing between runs).
+    cached = Path() if remote else storage.local_path(config.feature_cache) / key
     base = {
         "key": key,
         "pooling": info.pooling,
@@ -241,17 +335,16 @@ def extract_features(
         "precision": precision,
     }
 
-    if (cached / "features.json").exists() and _intact(cached):
-        recorded = storage.read_json(cached / "features.json")
-        result = FeaturesResult(
-            **{**recorded, "cache_hit": True, "seconds": round(time.perf_counter() - started, 3)}
-        )
-        with storage.atomic_dir(output_dir) as tmp:
-            for split in SPLITS:
-                storage.link_or_copy(cached / f"{split}.npy", tmp / f"{split}.npy")
-            storage.write_json(tmp / "features.json", result.model_dump())
-        log.info("features served from cache %s", key[:12])
-        return result
+    if remote:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Next to the artifact, so serving links the downloaded files rather than copying.
+        with tempfile.TemporaryDirectory(
+            prefix=f".{output_dir.name}.", suffix=".cache", dir=output_dir.parent
+        ) as scratch:
+            if _fetch_remote(config, key, Path(scratch)):
+                return _serve(Path(scratch), output_dir, started)
+    elif (cached / "features.json").exists() and _intact(cached):
+        return _serve(cached, output_dir, started)
 
     embed, runtime = _embedder(config, info, backbone_dir, dataset_dir, precision, runtime)
     rows: dict[str, int] = {}
@@ -275,10 +368,14 @@ def extract_features(
         )
         storage.write_json(tmp / "features.json", result.model_dump())
     # Populate the cache from the finished artifact; a crash here costs a cache miss, never
-    # a half-written entry (atomic_dir), and the checksums catch what happens to it later.
-    with storage.atomic_dir(cached) as entry:
-        storage.link_or_copy_tree(output_dir, entry)
-        storage.write_json(entry / CHECKSUMS, _checksums(entry))
+    # a half-written entry (atomic_dir, or checksums uploaded last), and the checksums catch
+    # what happens to it later.
+    if remote:
+        _upload_remote(config, key, output_dir)
+    else:
+        with storage.atomic_dir(cached) as entry:
+            storage.link_or_copy_tree(output_dir, entry)
+            storage.write_json(entry / CHECKSUMS, _checksums(entry))
     what = modality.noun
     log.info(
         "embedded %s %s at %.0f %s/s (%s, %s)",

@@ -386,6 +386,23 @@ def list_tree(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return names
 
 
+def list_names(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """Relative names of the files in a folder (local or S3 prefix), sorted, as ``list_tree``
+    gives them; an empty list where nothing is (``list_tree`` calls that an error).
+
+    Raises:
+        StorageError: the store could not be asked (unreachable, refused, no such bucket).
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        src = local_path(uri)
+        names = _local_files(src, uri) if src.is_dir() else []
+    else:
+        prefix = loc.path if loc.path.endswith("/") or not loc.path else loc.path + "/"
+        names = [o["Key"][len(prefix) :] for o in _list_s3(s3_client(storage), loc, uri)]
+    return sorted(n for n in names if n and not n.endswith("/") and not n.startswith("."))
+
+
 def fetch_tree(
     uri: str, dest: Path, names: list[str], storage: StorageConfig | None = None
 ) -> None:
