@@ -18,7 +18,8 @@ def compare_strategies(
     """Compare the sweep's branches; select one; flag negative transfer against scratch.
 
     Args:
-        config: the sweep configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the sweep configuration this step reads
+            (transferkit.step_inputs).
         models: every branch's train output, in plan order.
         evaluations: every branch's evaluate output, in plan order.
         model: the selected branch's model.
@@ -27,18 +28,19 @@ def compare_strategies(
         summary: the comparison table as Markdown for the KFP UI.
 
     Returns:
-        The selected branch's config, which register_model records.
+        The parts of the selected branch's config that register_model reads (and records).
     """
     import shutil
     from pathlib import Path
 
-    from transferkit import config as cfg
+    from transferkit.config import PipelineConfig
     from transferkit.logs import configure_logging
+    from transferkit.step_inputs import step_config, step_slice
     from transferkit.sweep import compare
 
     configure_logging()
     _, selected = compare(
-        cfg.PipelineConfig.model_validate(config),
+        step_config(config, "compare_strategies"),
         [Path(m.path) for m in models],
         [Path(e.path) for e in evaluations],
         Path(model.path),
@@ -46,4 +48,4 @@ def compare_strategies(
     )
     shutil.copyfile(Path(evaluation.path) / "sweep" / "report.html", report.path)
     shutil.copyfile(Path(evaluation.path) / "sweep" / "report.md", summary.path)
-    return selected
+    return step_slice(PipelineConfig.model_validate(selected), "register_model")

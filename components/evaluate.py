@@ -27,7 +27,8 @@ def evaluate(
     """Score the model on the evaluation split; metrics, confusion matrix and report.
 
     Args:
-        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the run configuration this step reads
+            (transferkit.step_inputs).
         dataset: output of ingest_data.
         model: output of train.
         evaluation: evaluation.json, predictions, confusion-matrix PNG, report.md.
@@ -39,14 +40,14 @@ def evaluate(
     import shutil
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.evaluation import evaluate as score
     from transferkit.logs import configure_logging
     from transferkit.metrics import Scores
+    from transferkit.step_inputs import step_config
 
     configure_logging()
     result = score(
-        cfg.PipelineConfig.model_validate(config),
+        step_config(config, "evaluate"),
         Path(dataset.path),
         Path(model.path),
         Path(evaluation.path),

@@ -12,23 +12,25 @@ def extract_features(
     """Embed every split with the frozen backbone (content-cached).
 
     Args:
-        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the run configuration this step reads
+            (transferkit.step_inputs).
         dataset: output of ingest_data.
         backbone: output of fetch_backbone.
         features: one float32 matrix per split plus features.json.
     """
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.features import extract_features as extract
     from transferkit.logs import configure_logging
+    from transferkit.retry import retry_transient
+    from transferkit.step_inputs import step_config
 
     configure_logging()
-    result = extract(
-        cfg.PipelineConfig.model_validate(config),
-        Path(dataset.path),
-        Path(backbone.path),
-        Path(features.path),
+    settings = step_config(config, "extract_features")
+    # With runtime.feature_cache on S3, the step reads and writes object storage.
+    result = retry_transient(
+        "extract_features",
+        lambda: extract(settings, Path(dataset.path), Path(backbone.path), Path(features.path)),
     )
     features.metadata.update(
         {"key": result.key, "dim": result.dim, "cache_hit": result.cache_hit, "rows": result.rows}

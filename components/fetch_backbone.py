@@ -13,7 +13,8 @@ def fetch_backbone(
     backbone_selection, rank the candidates by LogME on the training data and keep the best.
 
     Args:
-        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the run configuration this step reads
+            (transferkit.step_inputs).
         source_stamp: content stamp of the backbone source(s), so a changed model misses the
             cache.
         dataset: output of ingest_data (read only to rank candidates).
@@ -23,14 +24,14 @@ def fetch_backbone(
     import os
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.backbones import fetch_backbone as fetch
     from transferkit.logs import configure_logging
     from transferkit.retry import retry_transient
+    from transferkit.step_inputs import step_config
     from transferkit.storage import CACHE_ENV
 
     configure_logging()
-    settings = cfg.PipelineConfig.model_validate(config)
+    settings = step_config(config, "fetch_backbone")
     cache = os.environ.get(CACHE_ENV)  # the PVC mount that kubernetes.backbone_cache_pvc adds
     info = retry_transient(
         "fetch_backbone",

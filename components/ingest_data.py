@@ -10,19 +10,20 @@ def ingest_data(config: dict, source_stamp: str, dataset: Output[Dataset]) -> No
     """Read, validate and split the labelled target data into parquet splits.
 
     Args:
-        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the run configuration this step reads
+            (transferkit.step_inputs).
         source_stamp: content stamp of the data sources, so a changed file misses the cache.
         dataset: train/validation/test parquet, label map and stats.
     """
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.data import ingest_data as ingest
     from transferkit.logs import configure_logging
     from transferkit.retry import retry_transient
+    from transferkit.step_inputs import step_config
 
     configure_logging()
-    settings = cfg.PipelineConfig.model_validate(config)
+    settings = step_config(config, "ingest_data")
     result = retry_transient("ingest_data", lambda: ingest(settings, Path(dataset.path)))
     dataset.metadata.update(
         {

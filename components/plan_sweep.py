@@ -9,14 +9,16 @@ def plan_sweep(config: dict) -> list:
     """Expand the config's sweep into one single-strategy config per branch.
 
     Args:
-        config: the sweep configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the sweep configuration this step reads
+            (transferkit.step_inputs).
 
     Returns:
-        The branch configs, in the order compare_strategies reports them.
+        Per branch, in the order compare_strategies reports them, the parts of its config
+        that its train and evaluate steps read ({"train": …, "evaluate": …}).
     """
-    from transferkit import config as cfg
     from transferkit.logs import configure_logging
+    from transferkit.step_inputs import branch_arguments, step_config
     from transferkit.sweep import plan
 
     configure_logging()
-    return [branch.config for branch in plan(cfg.PipelineConfig.model_validate(config))]
+    return [branch_arguments(b.config) for b in plan(step_config(config, "plan_sweep"))]

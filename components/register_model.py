@@ -18,7 +18,8 @@ def register_model(
     """Log the run to MLflow, register the model and promote it if it beats the champion.
 
     Args:
-        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the run configuration this step reads
+            (transferkit.step_inputs).
         dataset: output of ingest_data.
         backbone: output of fetch_backbone.
         model: output of train.
@@ -28,13 +29,13 @@ def register_model(
     """
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.logs import configure_logging
     from transferkit.registry import register_model as register
     from transferkit.retry import retry_transient
+    from transferkit.step_inputs import step_config
 
     configure_logging()
-    settings = cfg.PipelineConfig.model_validate(config)
+    settings = step_config(config, "register_model")
     # Registering again after a lost connection reuses the version an attempt left (found
     # by the model's fingerprint) and takes over its own promotion lock.
     result = retry_transient(

@@ -15,7 +15,8 @@ def train(
     """Train a classifier with the configured transfer strategy.
 
     Args:
-        config: the run configuration (transferkit.config.PipelineConfig as a dict).
+        config: the parts of the run configuration this step reads
+            (transferkit.step_inputs).
         dataset: output of ingest_data.
         backbone: output of fetch_backbone.
         features: output of extract_features.
@@ -23,14 +24,14 @@ def train(
     """
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.logs import configure_logging
     from transferkit.retry import retry_transient
+    from transferkit.step_inputs import step_config
     from transferkit.training import artifact_metadata
     from transferkit.training import train as fit
 
     configure_logging()
-    settings = cfg.PipelineConfig.model_validate(config)
+    settings = step_config(config, "train")
     # S3 may fail under training (unlabelled text, checkpoints): a retry resumes from the
     # last checkpoint when training.checkpoint_every_steps is set.
     result = retry_transient(
@@ -58,21 +59,27 @@ def train_nodes(
     import os
     from pathlib import Path
 
-    from transferkit import config as cfg
     from transferkit.logs import configure_logging
+    from transferkit.retry import retry_transient
+    from transferkit.step_inputs import step_config
     from transferkit.training import artifact_metadata
     from transferkit.training.trainjob import run_train_job
 
     configure_logging()
+    settings = step_config(config, "train_nodes")
     # The pod's identity, from the field references the pipeline adds to this task.
     pod = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
-    result = run_train_job(
-        cfg.PipelineConfig.model_validate(config),
-        {"dataset": dataset.uri, "backbone": backbone.uri, "features": features.uri},
-        model.uri,
-        Path(model.path),
-        os.environ["POD_NAMESPACE"],
-        (pod[0], pod[1]) if pod[0] and pod[1] else None,
+    # The API server may blink: a retry finds the job it created by its name and waits.
+    result = retry_transient(
+        "train",
+        lambda: run_train_job(
+            settings,
+            {"dataset": dataset.uri, "backbone": backbone.uri, "features": features.uri},
+            model.uri,
+            Path(model.path),
+            os.environ["POD_NAMESPACE"],
+            (pod[0], pod[1]) if pod[0] and pod[1] else None,
+        ),
     )
     model.metadata.update(artifact_metadata(result))
 

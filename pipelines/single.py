@@ -22,7 +22,7 @@ def build(config: PipelineConfig | None = None) -> Any:
     """The pipeline with the pods' resources, placement and Secrets of ``config``.
 
     Kubernetes settings are fixed when a pipeline compiles, so they come from the config the
-    pipeline is built with; the run parameter ``config`` carries everything else. Unset: the
+    pipeline is built with; the run parameters carry everything else, one part per step. Unset: the
     default resources and no Secrets.
     """
     cluster = Cluster(config)
@@ -33,22 +33,42 @@ def build(config: PipelineConfig | None = None) -> Any:
         "train with a transfer strategy, evaluate, and register the model in MLflow.",
     )
     def transfer_learning(
-        config: dict,
+        ingest_data_config: dict,
+        fetch_backbone_config: dict,
+        extract_features_config: dict,
+        train_config: dict,
+        evaluate_config: dict,
+        register_model_config: dict,
         data_stamp: str = "",
         backbone_stamp: str = "",
     ) -> dsl.Artifact:
         """Args:
-        config: a transferkit.config.PipelineConfig as a dict (``transferkit validate`` checks
-            it).
+        ingest_data_config … register_model_config: each step's part of one
+            transferkit.config.PipelineConfig (``transferkit.step_inputs.step_arguments``;
+            ``transferkit run``/``submit`` compute them, ``transferkit validate`` checks the
+            whole). A step's cache key holds only what it reads, so a change re-runs only the
+            steps downstream of it.
         data_stamp: content stamp of the data sources (computed by ``transferkit run``/
             ``submit``); it keys the ingest cache, so changed bytes behind an unchanged URI are
             re-read.
         backbone_stamp: content stamp of the backbone source, likewise for fetch_backbone.
         """
-        dataset, backbone, features = prepare(config, data_stamp, backbone_stamp, cluster)
-        fit, scored = train_and_evaluate(config, dataset, backbone, features, cluster)
+        configs = {
+            "ingest_data": ingest_data_config,
+            "fetch_backbone": fetch_backbone_config,
+            "extract_features": extract_features_config,
+            "train": train_config,
+            "evaluate": evaluate_config,
+        }
+        dataset, backbone, features = prepare(configs, data_stamp, backbone_stamp, cluster)
+        fit, scored = train_and_evaluate(configs, dataset, backbone, features, cluster)
         return register(
-            config, dataset, backbone, fit.outputs["model"], scored.outputs["evaluation"], cluster
+            register_model_config,
+            dataset,
+            backbone,
+            fit.outputs["model"],
+            scored.outputs["evaluation"],
+            cluster,
         )
 
     return transfer_learning

@@ -39,22 +39,42 @@ def build(config: PipelineConfig | None = None) -> Any:
         "model.",
     )
     def strategy_sweep(
-        config: dict,
+        ingest_data_config: dict,
+        fetch_backbone_config: dict,
+        extract_features_config: dict,
+        plan_sweep_config: dict,
+        compare_strategies_config: dict,
         data_stamp: str = "",
         backbone_stamp: str = "",
     ) -> dsl.Artifact:
         """Args:
-        config: a transferkit.config.PipelineConfig with a 'sweep' section, as a dict.
+        ingest_data_config … compare_strategies_config: each step's part of one
+            transferkit.config.PipelineConfig with a 'sweep' section
+            (``transferkit.step_inputs.step_arguments``); the branches' train and evaluate
+            steps get theirs from plan_sweep, registration from compare_strategies.
         data_stamp: content stamp of the data sources (keys the ingest cache).
         backbone_stamp: content stamp of the backbone source (keys the fetch cache).
         """
-        dataset, backbone, features = prepare(config, data_stamp, backbone_stamp, cluster)
-        planned = step(plan_sweep(config=config), "plan_sweep", cache=True, cluster=cluster)
-        with dsl.ParallelFor(planned.output, parallelism=parallelism) as branch_config:
-            fit, scored = train_and_evaluate(branch_config, dataset, backbone, features, cluster)
+        configs = {
+            "ingest_data": ingest_data_config,
+            "fetch_backbone": fetch_backbone_config,
+            "extract_features": extract_features_config,
+        }
+        dataset, backbone, features = prepare(configs, data_stamp, backbone_stamp, cluster)
+        planned = step(
+            plan_sweep(config=plan_sweep_config), "plan_sweep", cache=True, cluster=cluster
+        )
+        with dsl.ParallelFor(planned.output, parallelism=parallelism) as branch:
+            fit, scored = train_and_evaluate(
+                {"train": branch.train, "evaluate": branch.evaluate},
+                dataset,
+                backbone,
+                features,
+                cluster,
+            )
         compared = step(
             compare_strategies(
-                config=config,
+                config=compare_strategies_config,
                 models=dsl.Collected(fit.outputs["model"]),
                 evaluations=dsl.Collected(scored.outputs["evaluation"]),
             ),

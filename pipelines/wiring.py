@@ -120,23 +120,25 @@ def step(task: dsl.PipelineTask, name: str, cache: bool, cluster: Cluster) -> ds
 
 
 def prepare(
-    config: dict, data_stamp: str, backbone_stamp: str, cluster: Cluster
+    configs: dict[str, Any], data_stamp: str, backbone_stamp: str, cluster: Cluster
 ) -> tuple[Any, Any, Any]:
     """ingest_data, fetch_backbone (which may rank candidate backbones on the data), then
-    extract_features.
+    extract_features, each given its own part of the config (``configs``, by step name).
 
     Returns:
         The dataset, backbone and features artifacts.
     """
     ingest = step(
-        ingest_data(config=config, source_stamp=data_stamp),
+        ingest_data(config=configs["ingest_data"], source_stamp=data_stamp),
         "ingest_data",
         cache=True,
         cluster=cluster,
     )
     fetch = step(
         fetch_backbone(
-            config=config, source_stamp=backbone_stamp, dataset=ingest.outputs["dataset"]
+            config=configs["fetch_backbone"],
+            source_stamp=backbone_stamp,
+            dataset=ingest.outputs["dataset"],
         ),
         "fetch_backbone",
         cache=True,
@@ -144,7 +146,7 @@ def prepare(
     )
     dataset, backbone = ingest.outputs["dataset"], fetch.outputs["backbone"]
     extract = step(
-        extract_features(config=config, dataset=dataset, backbone=backbone),
+        extract_features(config=configs["extract_features"], dataset=dataset, backbone=backbone),
         "extract_features",
         cache=True,
         cluster=cluster,
@@ -153,23 +155,24 @@ def prepare(
 
 
 def train_and_evaluate(
-    config: Any, dataset: Any, backbone: Any, features: Any, cluster: Cluster
+    configs: Any, dataset: Any, backbone: Any, features: Any, cluster: Cluster
 ) -> tuple[Any, Any]:
-    """train (in the CUDA image when training asks for accelerators), then evaluate.
+    """train (in the CUDA image when training asks for accelerators), then evaluate, given
+    their parts of the config (``configs["train"]``, ``configs["evaluate"]``).
 
     Returns:
         The train and evaluate tasks.
     """
     fit = step(
         cluster.train_component()(
-            config=config, dataset=dataset, backbone=backbone, features=features
+            config=configs["train"], dataset=dataset, backbone=backbone, features=features
         ),
         "train",
         cache=True,
         cluster=cluster,
     )
     scored = step(
-        evaluate(config=config, dataset=dataset, model=fit.outputs["model"]),
+        evaluate(config=configs["evaluate"], dataset=dataset, model=fit.outputs["model"]),
         "evaluate",
         cache=True,
         cluster=cluster,

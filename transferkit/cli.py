@@ -286,6 +286,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         strategy_sweep,
         transfer_learning,
     )
+    from transferkit.step_inputs import step_arguments
 
     if not args.config:
         # The packaged YAML of both pipelines, without baked-in parameters.
@@ -301,7 +302,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(
-        build_for(config), str(output), pipeline_parameters={"config": config.as_parameter()}
+        build_for(config), str(output), pipeline_parameters=step_arguments(config)
     )
     print(f"wrote {output}")
     return 0

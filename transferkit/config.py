@@ -14,7 +14,7 @@ import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -1391,6 +1391,43 @@ def _cross_head(strategy: _Model) -> None:
         strategy.head_init = "random"
 
 
+class Withheld:
+    """A part of the configuration a step was not given: using it in any way is an error.
+
+    ``is None`` cannot be intercepted, so a check like ``config.sweep is None`` is False; the
+    code that then reads the section fails here, which is the point.
+    """
+
+    __slots__ = ("_path", "_step")
+
+    def __init__(self, step: str, path: str) -> None:
+        object.__setattr__(self, "_step", step)
+        object.__setattr__(self, "_path", path)
+
+    def _refuse(self, *_: Any, **__: Any) -> NoReturn:
+        raise ConfigError(
+            f"step {self._step} read config.{self._path}, which is not among its inputs; add "
+            f"it to transferkit.step_inputs.STEP_INPUTS['{self._step}']"
+        )
+
+    def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("__"):  # copy, pickle and friends probe for optional hooks
+            raise AttributeError(name)
+        self._refuse()
+
+    def __reduce__(self) -> tuple[type[Withheld], tuple[str, str]]:
+        # A step's config crosses process boundaries (torch's spawned training processes).
+        return Withheld, (self._step, self._path)
+
+    def __repr__(self) -> str:
+        return f"<config.{self._path} withheld from {self._step}>"
+
+    __setattr__ = __bool__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+    __hash__ = __iter__ = __len__ = __getitem__ = __contains__ = __call__ = _refuse
+    __int__ = __float__ = __index__ = __str__ = __format__ = __add__ = __radd__ = _refuse
+    __sub__ = __mul__ = __truediv__ = __floordiv__ = __mod__ = __neg__ = __abs__ = _refuse
+
+
 class PipelineConfig(_Model):
     """One transferkit run.
 
@@ -1730,6 +1767,20 @@ class PipelineConfig(_Model):
             return self.registry.tracking_uri
         return f"sqlite:///{Path(self.runtime.work_dir).absolute() / 'mlflow.db'}"
 
+    def withheld(self) -> dict[str, Any]:
+        """The parts a step was not given (transferkit.step_inputs), as a pydantic ``exclude``:
+        the config of a step dumps only what it holds."""
+        exclude: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = self.__dict__.get(name)
+            if isinstance(value, Withheld):
+                exclude[name] = True
+            elif isinstance(value, BaseModel):
+                hidden = {k for k, v in value.__dict__.items() if isinstance(v, Withheld)}
+                if hidden:
+                    exclude[name] = hidden
+        return exclude
+
     def as_parameter(self) -> dict[str, Any]:
         """The config as a KFP pipeline parameter (a JSON struct, which cannot hold nulls).
 
@@ -1737,9 +1788,8 @@ class PipelineConfig(_Model):
         leaving them out keeps a change of pod size from invalidating every cached step; nor
         ``trigger``, which decides whether to run, not how.
         """
-        return self.model_dump(
-            mode="json", exclude_none=True, exclude={"resources", "kubernetes", "trigger"}
-        )
+        exclude = {**self.withheld(), "resources": True, "kubernetes": True, "trigger": True}
+        return self.model_dump(mode="json", exclude_none=True, exclude=exclude)
 
     def resolved(self, base: Path | None = None) -> PipelineConfig:
         """Return a copy whose local paths are absolute and whose derived defaults are explicit.
@@ -2168,5 +2218,5 @@ def flatten(config: PipelineConfig) -> dict[str, str]:
         else:
             out[prefix] = "" if value is None else str(value)
 
-    walk("", config.model_dump(mode="json"))
+    walk("", config.model_dump(mode="json", exclude=config.withheld()))
     return out

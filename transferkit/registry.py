@@ -765,7 +765,10 @@ def _log_run(
             mlflow.log_artifact(str(paths["backbone"] / "backbone.json"), artifact_path="data")
             mlflow.log_artifact(str(model_dir / "training.json"), artifact_path="evaluation")
             mlflow.log_text(
-                yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml"
+                yaml.safe_dump(
+                    config.model_dump(mode="json", exclude=config.withheld()), sort_keys=False
+                ),
+                "config.yaml",
             )
 
             tokenizer, model, card = load_classifier(model_dir)

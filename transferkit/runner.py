@@ -30,6 +30,7 @@ from transferkit import processes, storage
 from transferkit.backbones import hub
 from transferkit.config import PipelineConfig
 from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
+from transferkit.step_inputs import step_arguments
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
             tee = _LineTee(sink, events)
             with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
                 task = pipeline(
-                    config=config.as_parameter(),
+                    **step_arguments(config),
                     data_stamp=data_stamp,
                     backbone_stamp=backbone_stamp,
                 )

@@ -20,6 +20,7 @@ from transferkit import storage
 from transferkit.backbones.hub import is_hub_uri
 from transferkit.config import PipelineConfig
 from transferkit.errors import ConfigError, TransferkitError
+from transferkit.step_inputs import step_arguments
 
 
 class SubmitError(TransferkitError):
@@ -161,7 +162,7 @@ def submit(
         result = client.create_run_from_pipeline_package(
             package,
             arguments={
-                "config": config.as_parameter(),
+                **step_arguments(config),
                 "data_stamp": data_stamp,
                 "backbone_stamp": backbone_stamp,
             },
@@ -200,7 +201,7 @@ def schedule(
             cron_expression=expression,
             max_concurrency=max_concurrency,
             no_catchup=True,
-            params={"config": config.as_parameter(), "data_stamp": "", "backbone_stamp": ""},
+            params={**step_arguments(config), "data_stamp": "", "backbone_stamp": ""},
             pipeline_package_path=package,
             enable_caching=False,
             service_account=config.kubernetes.service_account,

@@ -21,6 +21,7 @@ from transferkit.components import (
 from tests.conftest import make_config
 from transferkit import storage
 from transferkit.config import PipelineConfig
+from transferkit.step_inputs import step_slice
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def config(tmp_path_factory: pytest.TempPathFactory, sst2_small: dict[str, Path]
 
 @pytest.fixture(scope="module")
 def ingested(config: PipelineConfig):
-    return ingest_data(config=config.as_parameter(), source_stamp="stamp-1")
+    return ingest_data(config=step_slice(config, "ingest_data"), source_stamp="stamp-1")
 
 
 # KFP's local runner cannot hand artifacts to a lone component call, so each downstream
@@ -65,7 +66,9 @@ def fetched(config: PipelineConfig, ingested):
             config=config, source_stamp="stamp-2", dataset=imported(dataset, Dataset).output
         ).outputs["backbone"]
 
-    return one_step(config=config.as_parameter(), dataset=ingested.outputs["dataset"].path)
+    return one_step(
+        config=step_slice(config, "fetch_backbone"), dataset=ingested.outputs["dataset"].path
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,7 @@ def extracted(config: PipelineConfig, ingested, fetched):
         ).outputs["features"]
 
     return one_step(
-        config=config.as_parameter(),
+        config=step_slice(config, "extract_features"),
         dataset=ingested.outputs["dataset"].path,
         backbone=fetched.output.path,
     ).output
@@ -97,7 +100,7 @@ def trained(config: PipelineConfig, ingested, fetched, extracted):
         ).outputs["model"]
 
     return one_step(
-        config=config.as_parameter(),
+        config=step_slice(config, "train"),
         dataset=ingested.outputs["dataset"].path,
         backbone=fetched.output.path,
         features=extracted.path,
@@ -128,7 +131,9 @@ def evaluated(config: PipelineConfig, ingested, trained):
         )
 
     return one_step(
-        config=config.as_parameter(), dataset=ingested.outputs["dataset"].path, model=trained.path
+        config=step_slice(config, "evaluate"),
+        dataset=ingested.outputs["dataset"].path,
+        model=trained.path,
     ).outputs
 
 
@@ -189,7 +194,7 @@ def test_register_model(config: PipelineConfig, ingested, fetched, trained, eval
         ).outputs["registration"]
 
     registration = one_step(
-        config=config.as_parameter(),
+        config=step_slice(config, "register_model"),
         dataset=ingested.outputs["dataset"].path,
         backbone=fetched.output.path,
         model=trained.path,

@@ -112,11 +112,11 @@ def test_secrets_reach_only_the_steps_that_need_them_and_no_credential_is_writte
         assert value not in text
     # The baked-in run parameter holds the configuration, not the cluster wiring.
     spec, _ = parse(out)
-    default = json_format.MessageToDict(
-        spec.root.input_definitions.parameters["config"].default_value
-    )
-    assert "kubernetes" not in default
-    assert "resources" not in default
+    for name, parameter in spec.root.input_definitions.parameters.items():
+        if name.endswith("_config"):
+            default = json_format.MessageToDict(parameter.default_value)
+            assert "kubernetes" not in default, name
+            assert "resources" not in default, name
 
 
 def test_no_step_has_a_kfp_retry_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

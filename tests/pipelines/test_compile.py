@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -76,12 +77,18 @@ def test_shape(compiled: Path) -> None:
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
     for name in STEPS:
         source = executors[f"exec-{name}"]["container"]["command"][-1]
-        retried = name in ("ingest-data", "fetch-backbone", "train", "register-model")
+        retried = name in ("ingest-data", "fetch-backbone", "extract-features", "train")
+        retried |= name == "register-model"
         assert ("retry_transient(" in source) is retried, name
     cached = {name for name, task in tasks.items() if task.caching_options.enable_cache}
     assert {"ingest-data", "fetch-backbone", "extract-features"} <= cached
     assert "register-model" not in cached
-    assert set(spec.root.input_definitions.parameters) == {"config", "data_stamp", "backbone_stamp"}
+    # One part of the config per step (transferkit.step_inputs), and the sources' stamps.
+    slices = {f"{name.replace('-', '_')}_config" for name in STEPS}
+    assert set(spec.root.input_definitions.parameters) == {*slices, "data_stamp", "backbone_stamp"}
+    for name in STEPS:
+        feeds = tasks[name].inputs.parameters["config"].component_input_parameter
+        assert feeds == f"{name.replace('-', '_')}_config", name
     assert (
         spec.root.output_definitions.artifacts["Output"].artifact_type.schema_title
         == "system.Artifact"
@@ -146,6 +153,16 @@ def test_parse_rejects_a_misspelt_platform_field(
         parse(broken)
 
 
+def baked(spec: pipeline_spec_pb2.PipelineSpec) -> dict[str, dict]:
+    """The default of every run parameter that carries a part of the config."""
+    parameters = spec.root.input_definitions.parameters
+    return {
+        name: json_format.MessageToDict(parameter.default_value)
+        for name, parameter in parameters.items()
+        if name.endswith("_config")
+    }
+
+
 def test_compile_with_a_config_bakes_it_as_default(tmp_path: Path) -> None:
     from transferkit.cli import main
 
@@ -156,12 +173,65 @@ def test_compile_with_a_config_bakes_it_as_default(tmp_path: Path) -> None:
         == 0
     )
     spec, _ = parse(out)
-    default = json_format.MessageToDict(
-        spec.root.input_definitions.parameters["config"].default_value
-    )
-    assert default["strategy"]["name"] == "linear_probe"
-    assert default["data"]["test_uri"] == "../shared/data/sst2/dev.tsv"
-    assert "tracking_uri" not in default["registry"]  # unset: no local path baked in
+    defaults = baked(spec)
+    assert defaults["train_config"]["strategy"]["name"] == "linear_probe"
+    assert defaults["ingest_data_config"]["data"]["test_uri"] == "../shared/data/sst2/dev.tsv"
+    assert "strategy" not in defaults["ingest_data_config"]
+    # unset: no local path baked in
+    assert "tracking_uri" not in defaults["register_model_config"]["registry"]
+
+
+def reruns(
+    spec: pipeline_spec_pb2.PipelineSpec, before: dict[str, Any], after: dict[str, Any]
+) -> set[str]:
+    """The steps a cluster runs again when a run's parameters go from ``before`` to ``after``.
+
+    KFP's driver keys a step's cache on its resolved input parameters, the identities of its
+    input artifacts, and its image and command: a step misses when a parameter it is given
+    changed, or when a step it takes an artifact from ran again (new artifacts), or when its
+    caching is off. This walks the compiled DAG in that way.
+    """
+    tasks = spec.root.dag.tasks
+    ran: set[str] = set()
+    for name in STEPS:  # a topological order
+        task = tasks[name]
+        fed = [p.component_input_parameter for p in task.inputs.parameters.values()]
+        producers = {a.task_output_artifact.producer_task for a in task.inputs.artifacts.values()}
+        if (
+            any(before[p] != after[p] for p in fed if p)
+            or producers & ran
+            or not task.caching_options.enable_cache
+        ):
+            ran.add(name)
+    return ran
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("training.seed=7", {"train", "evaluate", "register-model"}),
+        ("training.epochs=9", {"train", "evaluate", "register-model"}),
+        ("strategy.name=full_finetune", {"train", "evaluate", "register-model"}),
+        ("evaluation.primary_metric=macro_f1", {"train", "evaluate", "register-model"}),
+        ("registry.model_name=other", {"register-model"}),
+        ("backbone.uri=/models/other", set(STEPS) - {"ingest-data"}),
+        ("data.max_rows=500", set(STEPS)),
+        ("training.precision=fp32", set(STEPS[2:])),
+    ],
+)
+def test_a_change_misses_the_cache_of_the_steps_downstream_of_it_only(
+    compiled: Path, change: str, expected: set[str]
+) -> None:
+    from transferkit.config import load_config
+    from transferkit.step_inputs import step_arguments
+
+    spec, _ = parse(compiled)
+    example = Path(__file__).resolve().parents[2] / "examples/sst2-quickstart.yaml"
+    stamps = {"data_stamp": "d", "backbone_stamp": "b"}
+    before = {**step_arguments(load_config(example)), **stamps}
+    after = {**step_arguments(load_config(example, [change])), **stamps}
+    assert reruns(spec, before, before) == {"register-model"}  # it always runs
+    assert reruns(spec, before, after) == expected
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +280,7 @@ def test_compile_with_a_sweep_config_bakes_its_parallelism(tmp_path: Path) -> No
     spec, _ = parse(out)
     loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
     assert loop.iterator_policy.parallelism_limit == 4
-    default = json_format.MessageToDict(
-        spec.root.input_definitions.parameters["config"].default_value
-    )
-    assert default["sweep"]["parallelism"] == 4
+    assert baked(spec)["plan_sweep_config"]["sweep"]["parallelism"] == 4
 
 
 @pytest.mark.parametrize(
@@ -233,9 +300,8 @@ def test_every_example_compiles_to_a_strict_spec_with_its_config_baked_in(
     config = load_config(root / "examples" / example)
     loops = [name for name in spec.root.dag.tasks if name.startswith("for-loop")]
     assert len(loops) == (1 if config.sweep else 0)
-    default = json_format.MessageToDict(
-        spec.root.input_definitions.parameters["config"].default_value
-    )
+    defaults = baked(spec)
+    default = defaults["plan_sweep_config" if config.sweep else "train_config"]
     assert default["strategy"]["name"] == config.strategy.name
     if config.sweep:
         assert len(default["sweep"]["branches"]) == len(config.sweep.branches)

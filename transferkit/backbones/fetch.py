@@ -427,14 +427,13 @@ def resolve_family(
     config: PipelineConfig, hf_config: dict[str, Any], files: set[str], uri: str
 ) -> tuple[Family, Modality]:
     """The backbone's family (``backbone.family`` or detected) and the data's modality, checked
-    against each other and against the configured strategies.
+    against each other. The strategy is checked against the family by ``transferkit run`` for
+    a local backbone and by training: fetching does not read the strategy, so a new strategy
+    re-runs neither the fetch nor the extraction (``transferkit.step_inputs``).
 
     Raises:
         BackboneError: no family recognises the folder, or it cannot embed the data.
-        ConfigError: a configured strategy does not apply to this family.
     """
-    from transferkit.backbones.support import check_strategies
-
     if config.backbone.family:
         family = family_of(config.backbone.family)
     else:
@@ -447,7 +446,6 @@ def resolve_family(
             f"backbone.uri at a model for {modality.noun} (or set backbone.family if the "
             "detected family is wrong)"
         )
-    check_strategies(config, family, hf_config)
     return family, modality
 
 

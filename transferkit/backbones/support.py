@@ -67,8 +67,12 @@ def rungs(strategy: Any, caps: Capabilities) -> list[str]:
     return [name for name in strategy.ladder if missing(strategy.rung(name), caps) is None]
 
 
-def check_strategies(config: PipelineConfig, family: Family, hf_config: dict[str, Any]) -> None:
+def check_strategies(
+    config: PipelineConfig, family: Family, hf_config: dict[str, Any], sweep: bool = True
+) -> None:
     """Refuse, in one line, a configured strategy this family cannot run on the data.
+
+    ``sweep``: the sweep's branches too (a training step checks only its own strategy).
 
     Raises:
         ConfigError: naming the strategy's field, the family and the strategies that apply.
@@ -76,7 +80,7 @@ def check_strategies(config: PipelineConfig, family: Family, hf_config: dict[str
     modality = config.data.modality
     caps = family.capabilities(modality, hf_config)
     used: list[tuple[str, Any]] = [("strategy", config.strategy)]
-    if config.sweep is not None:
+    if sweep and config.sweep is not None:
         used += [
             (f"sweep.branches[{i}].strategy", b.strategy)
             for i, b in enumerate(config.sweep.branches)

@@ -21,6 +21,8 @@ from pydantic import BaseModel
 
 from transferkit import storage
 from transferkit.backbones import load_backbone_info
+from transferkit.backbones.base import read_config
+from transferkit.backbones.support import check_strategies
 from transferkit.backbones.text import resolve_precision
 from transferkit.config import PipelineConfig
 from transferkit.data import load_label_map, load_labels
@@ -299,6 +301,9 @@ def train(
         budget_rows(config, dataset_dir, label_map.names),
         layout or Layout(),
     )
+    # The strategy fits the backbone's family (checked here, not at fetch: see
+    # backbones.fetch.resolve_family).
+    check_strategies(config, ctx.family, read_config(ctx.model_dir), sweep=False)
     if ctx.rows is not None:
         log.info(
             "label budget: %d training rows (up to %d per label)",

@@ -47,7 +47,7 @@ class Checkpoints:
         every = config.training.checkpoint_every_steps
         if not every:
             return None
-        what = config.model_dump(mode="json")
+        what = config.as_parameter()
         for section in _NOT_TRAINING:
             what.pop(section, None)
         for field in ("checkpoint_every_steps", "checkpoint_uri"):

@@ -24,6 +24,7 @@ from pathlib import Path
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import TransferkitError
+from transferkit.step_inputs import step_config
 from transferkit.training.distributed import Layout
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        config = PipelineConfig.model_validate(json.loads(args.config_json))
+        config = step_config(json.loads(args.config_json), "train")
         layout = Layout.from_env(os.environ)  # set by the TrainJob's torch runtime
         run_node(config, layout, args.dataset, args.backbone, args.features, args.output)
     except TransferkitError as exc:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
+from transferkit.step_inputs import step_slice
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def train_job_manifest(
         "command": ["python", "-m", "transferkit.training.node"],
         "args": [
             "--config-json",
-            json.dumps(config.as_parameter(), sort_keys=True, separators=(",", ":")),
+            json.dumps(step_slice(config, "train"), sort_keys=True, separators=(",", ":")),
             "--dataset",
             inputs["dataset"],
             "--backbone",
