@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from tests.stand_ins.http import loopback
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".h5", ".onnx", ".msgpack", ".pt", ".pth", ".ot")
 
@@ -209,13 +210,6 @@ def _handler(state: HubStandIn) -> type[BaseHTTPRequestHandler]:
 def serve_hub(state: HubStandIn | None = None) -> Iterator[HubStandIn]:
     """Run the stand-in on a free loopback port for the ``with`` block."""
     state = state or HubStandIn()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    server.daemon_threads = True
-    state.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with loopback(_handler(state)) as url:
+        state.endpoint = url
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -22,6 +22,8 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from tests.stand_ins.http import send_json
+
 
 @dataclass
 class KfpStandIn:
@@ -74,12 +76,7 @@ def serve() -> tuple[KfpStandIn, ThreadingHTTPServer]:
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, body: Any) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, code, body)
 
         def _error(self, message: str) -> None:
             self._send(400, {"error_message": message, "code": 3, "message": message})

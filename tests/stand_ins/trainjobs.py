@@ -15,8 +15,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
 
@@ -38,6 +39,9 @@ class StandInTrainJobs:
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every node
     created: list[dict[str, Any]] = field(default_factory=list)
     nodes: dict[str, list[subprocess.Popen[str]]] = field(default_factory=dict)
+    # Each node's stderr, in a file: a pipe nobody reads while the node runs fills up (64 KiB
+    # of log lines) and blocks the node for good.
+    stderr: dict[str, list[IO[str]]] = field(default_factory=dict)
     polls: int = 0
 
     def create(self, namespace: str, body: dict[str, Any]) -> None:
@@ -53,7 +57,8 @@ class StandInTrainJobs:
             port = probe.getsockname()[1]
         count = trainer.num_nodes or 1
         command = [sys.executable if c == "python" else c for c in trainer.command or []]
-        processes = []
+        processes: list[subprocess.Popen[str]] = []
+        logs: list[IO[str]] = []
         for rank in range(count):
             env = {
                 **os.environ,
@@ -67,26 +72,34 @@ class StandInTrainJobs:
             for var in trainer.env or []:
                 if var.value is not None:
                     env[var.name] = var.value
+            logs.append(tempfile.TemporaryFile("w+"))  # noqa: SIM115 (outlives this call)
             processes.append(
                 subprocess.Popen(
                     [*command, *(trainer.args or [])],
                     env=env,
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
+                    stderr=logs[-1],
                     text=True,
                 )
             )
         self.nodes[job.metadata.name or ""] = processes
+        self.stderr[job.metadata.name or ""] = logs
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         self.polls += 1
         processes = self.nodes[name]
         if any(p.poll() is None for p in processes):
             return {"status": {"conditions": [{"type": "Created", "status": "True"}]}}
-        failed = [p for p in processes if p.returncode != 0]
+        failed = [
+            (p, log)
+            for p, log in zip(processes, self.stderr[name], strict=True)
+            if p.returncode != 0
+        ]
         if failed:
-            tail = (failed[0].stderr.read() if failed[0].stderr else "").strip().splitlines()
-            message = tail[-1] if tail else f"exit {failed[0].returncode}"
+            process, log = failed[0]
+            log.seek(0)
+            tail = log.read().strip().splitlines()
+            message = tail[-1] if tail else f"exit {process.returncode}"
             condition = {"type": "Failed", "status": "True", "reason": "TrainerFailed"}
             return {"status": {"conditions": [{**condition, "message": message}]}}
         return {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}

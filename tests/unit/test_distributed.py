@@ -1,5 +1,9 @@
 """Data-parallel fine-tuning (DDP) with 2 gloo processes on the CPU, against one process.
 
+The multi-node TrainJob runs through the launcher's real ``kubernetes`` client against the
+stand-in API server (tests/stand_ins/kube_apiserver.py), with the stand-in Trainer controller
+(tests/stand_ins/trainjobs.py) running its nodes as local processes: no cluster here.
+
 Without dropout the two runs see the same global batches and apply the same averaged
 gradients, so they must end at the same weights and metrics up to float summation order.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_config, save_tiny_bert
+from tests.stand_ins.kube_apiserver import (
+    KubeApiStandIn,
+    serve_kube_api,
+    use_kubeconfig,
+    write_kubeconfig,
+)
 from tests.stand_ins.trainjobs import StandInTrainJobs
 from transferkit.backbones import fetch_backbone
 from transferkit.config import PipelineConfig
@@ -102,10 +113,21 @@ def test_a_batch_smaller_than_the_processes_is_refused(deterministic_run: tuple)
         fit(deterministic_run, "too-small", processes=2, batch_size=1)
 
 
-def nodes_job(run: tuple[Path, dict], name: str, **training: object) -> tuple[Path, dict]:
-    """run_train_job with 2 nodes of 1 process each, the nodes run by the stand-in."""
+@pytest.fixture
+def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KubeApiStandIn]:
+    """The stand-in API server with the stand-in controller, and a kubeconfig for it."""
+    with serve_kube_api(KubeApiStandIn(controller=StandInTrainJobs())) as state:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", state.url, state.token)
+        use_kubeconfig(monkeypatch, kubeconfig)
+        yield state
+
+
+def nodes_job(
+    run: tuple[Path, dict], kube_api: KubeApiStandIn, name: str, **training: object
+) -> tuple[Path, dict]:
+    """run_train_job with 2 nodes of 1 process each, as the train_nodes component calls it
+    (no API object: the real client, from the kubeconfig); the nodes run by the stand-in."""
     tmp = run[0]
-    api = StandInTrainJobs()
     out = tmp / name
     run_train_job(
         config_for(run, nodes=2, processes=1, **training),
@@ -118,17 +140,21 @@ def nodes_job(run: tuple[Path, dict], name: str, **training: object) -> tuple[Pa
         out,
         "transferkit",
         ("launcher-pod", "uid-1"),
-        api=api,
         sleep=lambda _: time.sleep(0.2),
     )
-    return out, api.created[0]
+    (create,) = kube_api.sent("POST")
+    return out, create.body
 
 
 @pytest.mark.timeout(600)
-def test_two_nodes_of_a_train_job_match_one_process(deterministic_run: tuple) -> None:
+def test_two_nodes_of_a_train_job_match_one_process(
+    deterministic_run: tuple, kube_api: KubeApiStandIn
+) -> None:
     single, single_weights = fit(deterministic_run, "single-for-nodes", processes=1)
-    out, job = nodes_job(deterministic_run, "two-nodes")
+    out, job = nodes_job(deterministic_run, kube_api, "two-nodes")
     assert job["spec"]["trainer"]["numNodes"] == 2
+    (stored,) = kube_api.objects.values()  # polled until the controller reported it Complete
+    assert stored["status"] == {"conditions": [{"type": "Complete", "status": "True"}]}
     assert job["spec"]["trainer"]["command"] == ["python", "-m", "transferkit.training.node"]
     training = json.loads((out / "training.json").read_text())
     assert training["details"]["steps"] == single.details["steps"]
@@ -142,11 +168,13 @@ def test_two_nodes_of_a_train_job_match_one_process(deterministic_run: tuple) ->
 
 
 @pytest.mark.timeout(300)
-def test_a_failed_train_job_fails_the_step_and_writes_no_model(deterministic_run: tuple) -> None:
+def test_a_failed_train_job_fails_the_step_and_writes_no_model(
+    deterministic_run: tuple, kube_api: KubeApiStandIn
+) -> None:
     with pytest.raises(
         TrainingError,
         match=r"TrainJob transferkit/transferkit-\w+ failed: "
         r"TrainerFailed: error: training.batch_size 1 is smaller than the 2",
     ):
-        nodes_job(deterministic_run, "failing", batch_size=1)
+        nodes_job(deterministic_run, kube_api, "failing", batch_size=1)
     assert not (deterministic_run[0] / "failing").exists()

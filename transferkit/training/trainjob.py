@@ -18,51 +18,35 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from transferkit import storage
 from transferkit.config import PipelineConfig
 from transferkit.errors import TrainingError
 from transferkit.step_inputs import step_slice
+from transferkit.training.kube_api import (
+    GROUP,
+    VERSION,
+    KubernetesTrainJobs,
+    TrainJobApi,
+    TrainJobApiError,
+)
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_OPTIONAL_KEYS = ("AWS_SESSION_TOKEN",)
 PRIORITY_LABEL = "transferkit.dev/priority-class"
 NODE_JOB = "node"  # the replicated job of the torch runtimes that runs the trainer
 
 
-class TrainJobApi(Protocol):
-    """The two calls the launcher makes to the Kubernetes API."""
-
-    def create(self, namespace: str, body: dict[str, Any]) -> None: ...
-
-    def get(self, namespace: str, name: str) -> dict[str, Any]: ...
-
-
-class KubernetesTrainJobs:
-    """TrainJobs through the Kubernetes API (in-cluster credentials of the step's pod)."""
-
-    def __init__(self) -> None:
-        from kubernetes import client
-        from kubernetes import config as kube_config
-
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-        self._api = client.CustomObjectsApi()
-
-    def create(self, namespace: str, body: dict[str, Any]) -> None:
-        self._api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-    def get(self, namespace: str, name: str) -> dict[str, Any]:
-        found: dict[str, Any] = self._api.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
-        )
-        return found
+# What to do about an answer of the API server, by its status.
+_API_HINTS = {
+    401: "the API server refused the launcher's credentials",
+    403: "give the pipeline's ServiceAccount create and get on trainjobs.trainer.kubeflow.org "
+    "(manifests/base/rbac.yaml)",
+    404: "is Kubeflow Trainer installed in the cluster, and does the namespace exist?",
+}
 
 
 def artifact_uri(uri: str) -> str:
@@ -230,6 +214,45 @@ def train_job_manifest(
     }
 
 
+def _owner_uids(job: dict[str, Any]) -> list[str]:
+    return [o.get("uid", "") for o in job.get("metadata", {}).get("ownerReferences", [])]
+
+
+def create(api: TrainJobApi, namespace: str, body: dict[str, Any]) -> None:
+    """Create the TrainJob ``body``, or find the one the same launcher pod created before a
+    retry (same name, same owner) and keep that.
+
+    Raises:
+        TrainingError: the API server refused it (what it said, and what to do).
+    """
+    name = body["metadata"]["name"]
+    try:
+        api.create(namespace, body)
+        nodes = body["spec"]["trainer"]["numNodes"]
+        log.info("created TrainJob %s/%s: %d nodes", namespace, name, nodes)
+        return
+    except TrainJobApiError as exc:
+        error = exc
+    hint = _API_HINTS.get(error.status or 0)
+    if error.status == 409:
+        try:
+            existing = api.get(namespace, name)
+        except TrainJobApiError:
+            existing = {}
+        owner = _owner_uids(body)
+        if owner and _owner_uids(existing) == owner:
+            log.info("TrainJob %s/%s exists already (this pod's): waiting for it", namespace, name)
+            return
+        hint = (
+            "it is not this launcher pod's: delete it "
+            f"(kubectl delete trainjob -n {namespace} {name}) or rename it"
+        )
+    raise TrainingError(
+        f"TrainJob {namespace}/{name} cannot be created ({error})" + (f"; {hint}" if hint else ""),
+        transient=error.transient,
+    )
+
+
 def wait_for(
     api: TrainJobApi,
     namespace: str,
@@ -246,6 +269,13 @@ def wait_for(
     while True:
         try:
             job = api.get(namespace, name)
+        except TrainJobApiError as exc:
+            hint = "was it deleted?" if exc.status == 404 else _API_HINTS.get(exc.status or 0)
+            raise TrainingError(
+                f"TrainJob {namespace}/{name} cannot be read ({exc})"
+                + (f"; {hint}" if hint else ""),
+                transient=exc.transient,
+            ) from None
         except Exception as exc:
             raise TrainingError(
                 f"TrainJob {namespace}/{name} cannot be read ({type(exc).__name__}); was it "
@@ -307,8 +337,7 @@ def run_train_job(
         image,
         owner,
     )
-    api.create(namespace, body)
-    log.info("created TrainJob %s/%s: %d nodes", namespace, name, config.training.nodes)
+    create(api, namespace, body)
     wait_for(api, namespace, name, sleep=sleep)
     storage.download_tree(output, model_dir, config.storage)
     training: dict[str, Any] = storage.read_json(model_dir / "training.json")
