@@ -1,8 +1,9 @@
-"""The container images: the Dockerfile builds from files that exist, runs as non-root, pins
-the same torch as the README's setup, and its tags are the ones compiled pipelines name.
+"""The container images: the Dockerfile builds from files that exist, installs only from the
+wheelhouse images/build.sh resolves (against the locks), runs as non-root, pins the same torch
+as the README's setup, and its tags are the ones compiled pipelines name.
 
-No image is built here (this machine has no container engine); what a build would read is
-checked with a Dockerfile parser instead.
+What a build would read is checked here with a Dockerfile parser, in the default run; the image
+is built for real and run by tests/images/test_build.py (pytest -m image).
 """
 
 from __future__ import annotations
@@ -47,22 +48,48 @@ def ignored(path: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns)
 
 
+def stages(parser: DockerfileParser) -> list[list[dict[str, str]]]:
+    """The instructions of each build stage, in order."""
+    found: list[list[dict[str, str]]] = []
+    for instruction in parser.structure:
+        if instruction["instruction"] == "FROM":
+            found.append([])
+        if found:
+            found[-1].append(instruction)
+    return found
+
+
 def test_every_copied_path_exists_and_is_not_docker_ignored(dockerfile: DockerfileParser) -> None:
     sources = copy_sources(dockerfile)
-    assert {"pyproject.toml", "constraints.txt", "transferkit", "components"} <= set(sources)
+    assert set(sources) == {"constraints.txt", "images/wheelhouse"}
     patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for source in sources:
-        assert (ROOT / source).exists(), f"images/Dockerfile copies {source}, which is missing"
         assert not ignored(source, patterns), f".dockerignore hides {source} from the build"
-    # The package's source folders (pyproject's package-dir) all reach the image.
-    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-dir"
-    ]
-    assert set(package_dirs.values()) <= set(sources)
+    assert (ROOT / "constraints.txt").exists()
+    # The wheelhouse is what images/build.sh resolves before it builds (the transferkit wheel,
+    # made from this tree, among its wheels), and is never committed.
+    script = (ROOT / "images" / "build.sh").read_text()
+    assert "wheelhouse=images/wheelhouse " in script
+    assert 'pip wheel --quiet --no-deps --wheel-dir "$wheelhouse" "$wheel_source"' in script
+    assert "images/wheelhouse/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_wheelhouse_never_becomes_a_layer_of_the_image(dockerfile: DockerfileParser) -> None:
+    *build, final = stages(dockerfile)
+    assert build, "no build stage: the wheelhouse would be copied into the image"
+    assert not [i for i in final if i["instruction"] in ("COPY", "ADD")], final
+    runs = [i["value"] for i in final if i["instruction"] == "RUN"]
+    assert any("--mount=type=bind,from=wheels" in run for run in runs)
+    # Every stage starts from the same base, which a build argument chooses.
+    assert {i["value"] for s in stages(dockerfile) for i in s if i["instruction"] == "FROM"} == {
+        "${BASE_IMAGE} AS wheels",
+        "${BASE_IMAGE}",
+    }
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in (ROOT / "images/Dockerfile").read_text()
 
 
 def test_the_image_runs_as_an_unprivileged_user(dockerfile: DockerfileParser) -> None:
@@ -78,9 +105,19 @@ def test_the_image_runs_as_an_unprivileged_user(dockerfile: DockerfileParser) ->
 
 def test_installs_are_locked_and_torch_matches_the_readme(dockerfile: DockerfileParser) -> None:
     runs = " ".join(instructions(dockerfile, "RUN"))
-    assert "pip install -c constraints.txt ." in runs
-    for command in re.findall(r"pip install [^&]*", runs):
-        assert "constraints.txt" in command or '"torch==${TORCH_VERSION}"' in command, command
+    installs = re.findall(r"pip install [^&;]*", runs)
+    assert len(installs) == 3, installs  # torch from the wheelhouse or an index; transferkit
+    for command in installs:
+        assert "-c /wheels/constraints.txt" in command, command
+        if "--index-url" in command:
+            # Only the CUDA image's torch comes from an index: PyTorch's, pinned.
+            assert '"torch==${TORCH_VERSION}+${TORCH_VARIANT}"' in command, command
+            assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in command, command
+        else:
+            assert "--no-index --find-links /wheels/wheelhouse" in command, command
+    # torch pinned with its build: the wheelhouse's CPU one, or PyTorch's CUDA one.
+    assert runs.count('"torch==${TORCH_VERSION}+${TORCH_VARIANT}"') == 2
+    assert '"transferkit${TRANSFERKIT_VERSION:+==$TRANSFERKIT_VERSION}"' in runs
     pinned = re.search(r"ARG TORCH_VERSION=(\S+)", (ROOT / "images" / "Dockerfile").read_text())
     assert pinned
     for setup in ((ROOT / ".ci" / "run").read_text(), (ROOT / "README.md").read_text()):
@@ -95,6 +132,9 @@ def test_build_script_tags_are_the_images_compiled_pipelines_name() -> None:
     assert f"registry=${{REGISTRY:-{REGISTRY}}}" in script
     assert 'tag="$registry/transferkit-$name:$version"' in script
     assert "for image in cpu:cpu cuda:cu128" in script
+    assert "--push) push=true" in script
+    # The CUDA image's torch comes from PyTorch's index, the CPU image's from the wheelhouse.
+    assert '[[ "$variant" == cpu ]] || source=index' in script
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert version == __version__
     assert f"{REGISTRY}/transferkit-cpu:{version}" == CPU_IMAGE
