@@ -41,7 +41,16 @@ EVERYTHING = (
 TRAIN = tuple(s for s in EVERYTHING if s not in ("registry", "sweep"))
 STEP_INPUTS: dict[str, tuple[str, ...]] = {
     "ingest_data": ("task", "data", "storage"),
-    "fetch_backbone": ("task", "data", "backbone", "backbone_selection", "storage"),
+    # Ranking candidate backbones (backbone_selection) embeds a sample as extraction does.
+    "fetch_backbone": (
+        "task",
+        "data",
+        "backbone",
+        "backbone_selection",
+        "storage",
+        "training.precision",
+        "evaluation.batch_size",
+    ),
     "extract_features": (
         "task",
         "data",
@@ -169,3 +178,8 @@ def step_config(value: dict[str, Any], step: str) -> PipelineConfig:
         if name not in sections:
             object.__setattr__(config, name, Withheld(step, name))
     return config
+
+
+def as_step(config: PipelineConfig, step: str) -> PipelineConfig:
+    """``config`` as ``step`` sees it in a pipeline: its part, every other part withheld."""
+    return step_config(step_slice(config, step), step)

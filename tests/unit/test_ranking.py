@@ -14,6 +14,7 @@ from transferkit.config import PipelineConfig
 from transferkit.data.sampling import sample_rows
 from transferkit.errors import BackboneError, TrainingError
 from transferkit.ranking import logme
+from transferkit.step_inputs import as_step
 
 
 def reference_evidence(f: np.ndarray, y: np.ndarray) -> float:
@@ -157,8 +158,10 @@ def test_fetch_ranks_candidates_for_scores_of_text_pairs(
             "examples_per_class": 20,
         },
     )
-    ingest_data(config, tmp_path / "dataset")
-    info = fetch_backbone(config, tmp_path / "backbone", tmp_path / "dataset")
+    ingest_data(as_step(config, "ingest_data"), tmp_path / "dataset")
+    # As the pipeline's step runs it: on its part of the config only.
+    fetching = as_step(config, "fetch_backbone")
+    info = fetch_backbone(fetching, tmp_path / "backbone", tmp_path / "dataset")
     ranking = storage.read_json(tmp_path / "backbone" / "ranking.json")
     # The pre-trained encoder's pair features explain the similarity scores; a random
     # encoder's do not.
@@ -177,7 +180,7 @@ def test_fetch_ranks_candidates_and_keeps_the_best(
         "candidates": [{"uri": str(tiny_backbone)}, {"uri": str(minilm_dir)}],
         "examples_per_class": 100,
     }
-    ranked = PipelineConfig.model_validate(data)
+    ranked = as_step(PipelineConfig.model_validate(data), "fetch_backbone")
     info = fetch_backbone(ranked, tmp_path / "backbone", folder / "dataset")
     ranking = storage.read_json(tmp_path / "backbone" / "ranking.json")
     assert [c["uri"] for c in ranking["candidates"]] == [str(minilm_dir), str(tiny_backbone)]
