@@ -1737,7 +1737,7 @@ class PipelineConfig(_Model):
         self, strategy: Any, training: dict[str, Any] | None = None
     ) -> PipelineConfig:
         """A copy that trains ``strategy``, with optional training overrides."""
-        data = self.model_dump()
+        data = self.model_dump(exclude=self.withheld())
         data["strategy"] = strategy.model_dump()
         data["training"] = {**data["training"], **(training or {})}
         return PipelineConfig.model_validate(data)

@@ -12,6 +12,7 @@ from transferkit.errors import ConfigError
 from transferkit.step_inputs import (
     PARAMETERS,
     STEP_INPUTS,
+    as_step,
     branch_arguments,
     step_arguments,
     step_config,
@@ -130,6 +131,11 @@ def test_sweeps_and_several_nodes_get_their_own_parts() -> None:
     ]
     assert "sweep" in arguments["plan_sweep_config"]
     assert "sweep" not in arguments["extract_features_config"]
+    # The planner, on its part, plans what it plans on the whole config.
+    from transferkit.sweep import plan
+
+    planned = plan(as_step(sweep, "plan_sweep"))
+    assert [b.config for b in planned] == [b.config for b in plan(sweep)]
     branch = sweep.branch(sweep.sweep.branches[0], 16).as_parameter()  # type: ignore[union-attr]
     parts = branch_arguments(branch)
     assert parts["train"] == parts["evaluate"]
