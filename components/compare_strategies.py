@@ -33,9 +33,8 @@ def compare_strategies(
     import shutil
     from pathlib import Path
 
-    from transferkit.config import PipelineConfig
     from transferkit.logs import configure_logging
-    from transferkit.step_inputs import step_config, step_slice
+    from transferkit.step_inputs import selected_arguments, step_config
     from transferkit.sweep import compare
 
     configure_logging()
@@ -48,4 +47,4 @@ def compare_strategies(
     )
     shutil.copyfile(Path(evaluation.path) / "sweep" / "report.html", report.path)
     shutil.copyfile(Path(evaluation.path) / "sweep" / "report.md", summary.path)
-    return step_slice(PipelineConfig.model_validate(selected), "register_model")
+    return selected_arguments(selected)

@@ -180,6 +180,11 @@ def step_config(value: dict[str, Any], step: str) -> PipelineConfig:
     return config
 
 
+def selected_arguments(branch: dict[str, Any]) -> dict[str, Any]:
+    """What registration receives of the selected sweep branch, from its whole config."""
+    return step_slice(PipelineConfig.model_validate(branch), "register_model")
+
+
 def as_step(config: PipelineConfig, step: str) -> PipelineConfig:
     """``config`` as ``step`` sees it in a pipeline: its part, every other part withheld."""
     return step_config(step_slice(config, step), step)
