@@ -8,6 +8,7 @@ are not tests.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -265,3 +266,29 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def transferkit_command() -> list[str]:
+    """The console script a user types, beside this Python; else the CLI module."""
+    script = Path(sys.executable).parent / "transferkit"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "transferkit.cli"]
+
+
+def run_parser(description: str, default_config: str, repeats: int) -> argparse.ArgumentParser:
+    """The arguments of a benchmark of whole ``transferkit run`` invocations."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help="relative to the repo root")
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help=f"repetitions (default {repeats})"
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for both sides, e.g. --set data.max_rows=2000",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dirs and logs")
+    return parser

@@ -126,12 +126,6 @@ def child(command: list[str], log: Path) -> float:
     return wall
 
 
-def transferkit_command() -> list[str]:
-    """The console script a user types, beside this Python; else the CLI module."""
-    script = Path(sys.executable).parent / "transferkit"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "transferkit.cli"]
-
-
 def sets(overrides: list[str], work_dir: Path) -> list[str]:
     """``--set`` arguments: the user's, then the work dir (last, so it wins)."""
     pairs = [*overrides, f"runtime.work_dir={work_dir}"]
@@ -150,7 +144,7 @@ def run_kfp(
     config: str, work_dir: Path, overrides: list[str], tag: str
 ) -> tuple[float, dict[str, Any]]:
     summary = work_dir.parent / f"kfp-{tag}-summary.json"
-    command = [*transferkit_command(), "run", config, *sets(overrides, work_dir)]
+    command = [*common.transferkit_command(), "run", config, *sets(overrides, work_dir)]
     wall = child([*command, "--summary", str(summary)], work_dir.parent / f"kfp-{tag}.out")
     return wall, json.loads(summary.read_text())
 
@@ -266,19 +260,7 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="relative to the repo root")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions (default 3)")
-    parser.add_argument("--out", type=Path, help="also write the JSON report here")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for both sides, e.g. --set data.max_rows=2000",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work dirs and logs")
+    parser = common.run_parser((__doc__ or "").splitlines()[0], DEFAULT_CONFIG, repeats=3)
     parser.add_argument(
         "--smoke",
         action="store_true",

@@ -85,6 +85,10 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   git ls-files -z --cached --others --exclude-standard -- pyproject.toml README.md transferkit \
     components pipelines | tar --null -T - --ignore-failed-read -c 2>/dev/null | tar -x -C "$wheel_source"
 fi
+# The image's label dev.transferkit.source: a digest of the code the wheel holds, the same as
+# transferkit.containers.source_digest, by which a local run in containers tells a stale image.
+source_digest=$(cd "$wheel_source" && find transferkit -type f -name '*.py' ! -path '*/__pycache__/*' -print0 |
+  LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800} \
   "$python" -m pip wheel --quiet --no-deps --wheel-dir "$wheelhouse" "$wheel_source"
 # Every dependency at its locked version: from the wheelhouse alone when it has them all (a
@@ -111,7 +115,7 @@ for image in cpu:cpu cuda:cu128; do
   "$ENGINE" "${build[@]}" --network=host --file images/Dockerfile \
     --build-arg "BASE_IMAGE=$base_image" --build-arg "TORCH_VARIANT=$variant" \
     --build-arg "TORCH_SOURCE=$source" --build-arg "TRANSFERKIT_VERSION=$version" \
-    --build-arg "WHEELHOUSE_DIGEST=$digest" \
+    --build-arg "WHEELHOUSE_DIGEST=$digest" --build-arg "TRANSFERKIT_SOURCE=$source_digest" \
     --tag "$tag" .
   seconds=$(($(date +%s) - start))
   case "$ENGINE" in

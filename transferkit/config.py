@@ -1334,6 +1334,12 @@ class RuntimeConfig(_Model):
         "matches every file); unset: <work_dir>/feature-cache.",
     )
     caching: bool = Field(True, description="Reuse outputs of steps whose inputs are unchanged.")
+    runner: Literal["subprocess", "docker"] = Field(
+        "subprocess",
+        description="How `transferkit run` runs each step: a subprocess of this Python, or "
+        "docker: a container of the transferkit image (images/build.sh cpu) through the Docker "
+        "API at DOCKER_HOST (Docker's, or podman's `podman system service`).",
+    )
     num_threads: int | None = Field(
         None, ge=1, le=1024, description="Torch CPU threads; unset: the torch default."
     )

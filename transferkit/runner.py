@@ -257,6 +257,26 @@ def _child_environment(config: PipelineConfig) -> None:
         os.environ.setdefault(key, value)
 
 
+def _step_runner(
+    config: PipelineConfig, stamp: str
+) -> tuple[Any, contextlib.AbstractContextManager[None]]:
+    """KFP's local runner of the steps, and what the run must hold around it.
+
+    ``runtime.runner: subprocess``: a subprocess of this Python. ``docker``: a container of
+    the transferkit image through the Docker API at DOCKER_HOST (Docker's, or podman's
+    ``podman system service``), checked first: the engine answers, and the image is there
+    and holds this code (``transferkit.containers_local``).
+    """
+    from kfp import local
+
+    if config.runtime.runner == "subprocess":
+        return local.SubprocessRunner(use_venv=False), contextlib.nullcontext()
+    from transferkit import containers_local
+
+    runner = containers_local.docker_runner(config, labels={"dev.transferkit.run": stamp})
+    return runner, containers_local.exit_status_kept()
+
+
 @dataclass
 class _Interrupt:
     """The signal that interrupted a run, once one has."""
@@ -344,8 +364,9 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     log_file.parent.mkdir(parents=True, exist_ok=True)
     data_stamp, backbone_stamp = source_stamps(config)
     _child_environment(config)
+    runner, around_steps = _step_runner(config, stamp)
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=runner,
         pipeline_root=config.pipeline_root,
         enable_caching=config.runtime.caching,
         cache_root=str(work_dir / "kfp-cache"),
@@ -355,7 +376,11 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     with open(log_file, "w", encoding="utf-8") as sink, _stop_on_signals(events) as interrupt:
         try:
             tee = _LineTee(sink, events)
-            with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+            with (
+                contextlib.redirect_stdout(tee),
+                contextlib.redirect_stderr(tee),
+                around_steps,
+            ):
                 task = pipeline(
                     **step_arguments(config),
                     data_stamp=data_stamp,
@@ -367,6 +392,10 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
                 # atomically and KFP caches only a step that succeeded: nothing of a stopped
                 # step is served to a later run.
                 interrupt.stopped += len(processes.stop_tree(grace=1.0))
+                if config.runtime.runner == "docker":
+                    from transferkit.containers_local import stop_containers
+
+                    interrupt.stopped += stop_containers(stamp)
                 name = signal.Signals(interrupt.signum).name
                 raise RunInterruptedError(
                     f"{name} {interrupt.where}; stopped {interrupt.stopped} process"
