@@ -44,15 +44,16 @@ from transferkit.runner import STEPS
 DEFAULT_CONFIG = "examples/sst2-quickstart.yaml"
 RATIO_TARGET = 1.2
 SPEEDUP_TARGET = 10.0
-# register_model has side effects in MLflow: the pipeline never caches it.
-ALWAYS_RUNS = ("register_model",)
+# register_model has side effects in MLflow, and open_run and close_run open and end the run's
+# MLflow run: the pipeline never caches them.
+ALWAYS_RUNS = ("open_run", "register_model", "close_run")
 
 
 # ------------------------------------------------------------------------------ plain process
 
 
 def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
-    """The peer: the six core functions in one process, called as the components call them."""
+    """The peer: the eight core functions in one process, called as the components call them."""
     from transferkit import config as cfg
     from transferkit.runner import _child_environment
 
@@ -60,6 +61,8 @@ def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
     # The environment `transferkit run` gives its steps (offline hub, no tokenizer threads …),
     # set before the libraries that read it at import are imported.
     _child_environment(loaded)
+    from transferkit.pipelines import PIPELINE_NAME
+
     from transferkit.backbones import fetch_backbone
     from transferkit.cli import configure_logging
     from transferkit.data import ingest_data
@@ -67,6 +70,7 @@ def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
     from transferkit.features import extract_features
     from transferkit.registry import register_model
     from transferkit.storage import CACHE_ENV
+    from transferkit.tracking import close_run, open_run
     from transferkit.training import train
 
     configure_logging()
@@ -85,6 +89,7 @@ def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
         seconds[name] = round(took, 3)
         return result
 
+    opened = step("open_run", lambda: open_run(config, run_id, PIPELINE_NAME))
     step("ingest_data", lambda: ingest_data(config, dataset))
     step(
         "fetch_backbone",
@@ -96,9 +101,17 @@ def plain(config_path: str, work_dir: Path, overrides: list[str]) -> int:
     registration = step(
         "register_model",
         lambda: register_model(
-            config, dataset, backbone, model, evaluation, run_id, out / "registration.json"
+            config,
+            dataset,
+            backbone,
+            model,
+            evaluation,
+            run_id,
+            out / "registration.json",
+            opened,
         ),
     )
+    step("close_run", lambda: close_run(config, run_id, "SUCCEEDED"))
     summary = {
         "metrics": registration.metrics,
         "model_uri": registration.model_uri,

@@ -13,6 +13,7 @@ def register_model(
     model: Input[Model],
     evaluation: Input[Artifact],
     pipeline_run_id: str,
+    mlflow_run_id: str,
     registration: Output[Artifact],
 ) -> None:
     """Log the run to MLflow, register the model and promote it if it beats the champion.
@@ -25,6 +26,7 @@ def register_model(
         model: output of train.
         evaluation: output of evaluate.
         pipeline_run_id: the KFP run id, recorded on the MLflow run and model version.
+        mlflow_run_id: the pipeline run's MLflow run (open_run's output), logged into.
         registration: JSON with the model URI, version and champion decision.
     """
     from pathlib import Path
@@ -48,6 +50,7 @@ def register_model(
             Path(evaluation.path),
             pipeline_run_id,
             Path(registration.path),
+            mlflow_run_id,
         ),
     )
     registration.metadata.update(

@@ -1,6 +1,9 @@
 """The transfer-learning DAG: wiring only.
 
-    ingest_data ─ fetch_backbone ─ extract_features ─ train ─ evaluate ─ register_model
+    open_run ─ ingest_data ─ fetch_backbone ─ extract_features ─ train ─ evaluate ─ register_model
+    (close_run: the exit handler's exit step, when the rest succeeded or failed)
+
+open_run and close_run open and close the pipeline run's MLflow run (transferkit.tracking).
 
 fetch_backbone reads the dataset only when it ranks candidate backbones (backbone_selection).
 
@@ -13,7 +16,7 @@ from typing import Any
 
 from kfp import dsl
 from transferkit.pipelines import PIPELINE_NAME
-from transferkit.pipelines.wiring import Cluster, prepare, register, train_and_evaluate
+from transferkit.pipelines.wiring import Cluster, prepare, register, tracked, train_and_evaluate
 
 from transferkit.config import PipelineConfig
 
@@ -41,7 +44,7 @@ def build(config: PipelineConfig | None = None) -> Any:
         register_model_config: dict,
         data_stamp: str = "",
         backbone_stamp: str = "",
-    ) -> dsl.Artifact:
+    ) -> None:
         """Args:
         ingest_data_config … register_model_config: each step's part of one
             transferkit.config.PipelineConfig (``transferkit.step_inputs.step_arguments``;
@@ -60,16 +63,20 @@ def build(config: PipelineConfig | None = None) -> Any:
             "train": train_config,
             "evaluate": evaluate_config,
         }
-        dataset, backbone, features = prepare(configs, data_stamp, backbone_stamp, cluster)
-        fit, scored = train_and_evaluate(configs, dataset, backbone, features, cluster)
-        return register(
-            register_model_config,
-            dataset,
-            backbone,
-            fit.outputs["model"],
-            scored.outputs["evaluation"],
-            cluster,
-        )
+        with tracked(register_model_config, "register_model", PIPELINE_NAME, cluster) as opened:
+            dataset, backbone, features = prepare(
+                configs, data_stamp, backbone_stamp, cluster, opened
+            )
+            fit, scored = train_and_evaluate(configs, dataset, backbone, features, cluster)
+            register(
+                register_model_config,
+                dataset,
+                backbone,
+                fit.outputs["model"],
+                scored.outputs["evaluation"],
+                cluster,
+                opened,
+            )
 
     return transfer_learning
 

@@ -8,8 +8,9 @@ branches on the same splits, compared in one report. Wiring only.
                                                  register_model ─ compare_strategies ┘
 
 compare_strategies selects one branch (validation metric and cost) and flags negative
-transfer against scratch; register_model logs a parent MLflow run with one child per branch
-and registers the selected model.
+transfer against scratch; register_model logs one child run per branch under the pipeline
+run's MLflow run (which open_run opened first and close_run ends) and registers the selected
+model.
 """
 
 from typing import Any
@@ -17,7 +18,14 @@ from typing import Any
 from kfp import dsl
 from transferkit.components import compare_strategies, plan_sweep
 from transferkit.pipelines import SWEEP_PIPELINE_NAME
-from transferkit.pipelines.wiring import Cluster, prepare, register, step, train_and_evaluate
+from transferkit.pipelines.wiring import (
+    Cluster,
+    prepare,
+    register,
+    step,
+    tracked,
+    train_and_evaluate,
+)
 
 from transferkit.config import PipelineConfig
 
@@ -46,7 +54,7 @@ def build(config: PipelineConfig | None = None) -> Any:
         compare_strategies_config: dict,
         data_stamp: str = "",
         backbone_stamp: str = "",
-    ) -> dsl.Artifact:
+    ) -> None:
         """Args:
         ingest_data_config … compare_strategies_config: each step's part of one
             transferkit.config.PipelineConfig with a 'sweep' section
@@ -60,36 +68,42 @@ def build(config: PipelineConfig | None = None) -> Any:
             "fetch_backbone": fetch_backbone_config,
             "extract_features": extract_features_config,
         }
-        dataset, backbone, features = prepare(configs, data_stamp, backbone_stamp, cluster)
-        planned = step(
-            plan_sweep(config=plan_sweep_config), "plan_sweep", cache=True, cluster=cluster
-        )
-        with dsl.ParallelFor(planned.output, parallelism=parallelism) as branch:
-            fit, scored = train_and_evaluate(
-                {"train": branch.train, "evaluate": branch.evaluate},
+        with tracked(
+            compare_strategies_config, "compare_strategies", SWEEP_PIPELINE_NAME, cluster
+        ) as opened:
+            dataset, backbone, features = prepare(
+                configs, data_stamp, backbone_stamp, cluster, opened
+            )
+            planned = step(
+                plan_sweep(config=plan_sweep_config), "plan_sweep", cache=True, cluster=cluster
+            )
+            with dsl.ParallelFor(planned.output, parallelism=parallelism) as branch:
+                fit, scored = train_and_evaluate(
+                    {"train": branch.train, "evaluate": branch.evaluate},
+                    dataset,
+                    backbone,
+                    features,
+                    cluster,
+                )
+            compared = step(
+                compare_strategies(
+                    config=compare_strategies_config,
+                    models=dsl.Collected(fit.outputs["model"]),
+                    evaluations=dsl.Collected(scored.outputs["evaluation"]),
+                ),
+                "compare_strategies",
+                cache=True,
+                cluster=cluster,
+            )
+            register(
+                compared.outputs["Output"],
                 dataset,
                 backbone,
-                features,
+                compared.outputs["model"],
+                compared.outputs["evaluation"],
                 cluster,
+                opened,
             )
-        compared = step(
-            compare_strategies(
-                config=compare_strategies_config,
-                models=dsl.Collected(fit.outputs["model"]),
-                evaluations=dsl.Collected(scored.outputs["evaluation"]),
-            ),
-            "compare_strategies",
-            cache=True,
-            cluster=cluster,
-        )
-        return register(
-            compared.outputs["Output"],
-            dataset,
-            backbone,
-            compared.outputs["model"],
-            compared.outputs["evaluation"],
-            cluster,
-        )
 
     return strategy_sweep
 

@@ -9,14 +9,18 @@ included, and cannot tell one error from another. The steps that talk to S3 or M
 transient errors inside their own process instead (``transferkit.retry``).
 """
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from kfp import dsl, kubernetes
 from transferkit.components import (
+    close_run,
     evaluate,
     extract_features,
     fetch_backbone,
     ingest_data,
+    open_run,
     register_model,
     train,
     train_cuda,
@@ -32,10 +36,12 @@ from transferkit.training.trainjob import PRIORITY_LABEL, S3_KEYS, S3_OPTIONAL_K
 # Steps that read or write object storage: the data, the backbone, unlabelled text for domain
 # adaptation, and model artifacts that MLflow stores in S3.
 S3_STEPS = frozenset({"ingest_data", "fetch_backbone", "train", "register_model"})
-MLFLOW_STEPS = frozenset({"register_model"})
+MLFLOW_STEPS = frozenset({"open_run", "register_model", "close_run"})
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 CACHE_MOUNT = "/var/cache/transferkit/backbones"
 LAUNCHER = StepResources(cpu_request="100m", memory_request="1Gi", memory_limit="2Gi")
+# The steps that open and close the pipeline run's MLflow run (no resources.* of their own).
+BOOKKEEPING = StepResources(cpu_request="100m", memory_request="512Mi", memory_limit="1Gi")
 POD_FIELDS = {
     "POD_NAME": "metadata.name",
     "POD_UID": "metadata.uid",
@@ -60,7 +66,7 @@ class Cluster:
         return train_cuda if self.resources.train.accelerator else train
 
     def apply(self, task: dsl.PipelineTask, name: str) -> None:
-        spec: StepResources = getattr(self.resources, name)
+        spec: StepResources = getattr(self.resources, name, None) or BOOKKEEPING
         if name == "train" and self.nodes > 1:
             # The launcher only creates and watches the TrainJob, whose nodes get resources.train
             # and its placement; it needs its own pod's identity to own the job.
@@ -119,11 +125,51 @@ def step(task: dsl.PipelineTask, name: str, cache: bool, cluster: Cluster) -> ds
     return task
 
 
+@contextlib.contextmanager
+def tracked(
+    config: Any, config_step: str, pipeline_name: str, cluster: Cluster
+) -> Iterator[dsl.PipelineTask]:
+    """The pipeline run's MLflow run around the DAG built inside: open_run first, close_run as
+    the exit handler's exit task (it runs whether the DAG succeeded or failed). Neither is
+    cached; no cached step takes their outputs, so caching is unchanged.
+
+    Args:
+        config: the registration's part of the config (it reads everything), a run
+            parameter, and ``config_step``, the step it is the part of.
+
+    Yields:
+        open_run's task: its output is the MLflow run id that registration logs into.
+    """
+    close = step(
+        close_run(config=config, step=config_step, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+        "close_run",
+        cache=False,
+        cluster=cluster,
+    )
+    with dsl.ExitHandler(close, name="tracked-run"):
+        yield step(
+            open_run(
+                config=config,
+                step=config_step,
+                pipeline_name=pipeline_name,
+                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            ),
+            "open_run",
+            cache=False,
+            cluster=cluster,
+        )
+
+
 def prepare(
-    configs: dict[str, Any], data_stamp: str, backbone_stamp: str, cluster: Cluster
+    configs: dict[str, Any],
+    data_stamp: str,
+    backbone_stamp: str,
+    cluster: Cluster,
+    opened: dsl.PipelineTask,
 ) -> tuple[Any, Any, Any]:
-    """ingest_data, fetch_backbone (which may rank candidate backbones on the data), then
-    extract_features, each given its own part of the config (``configs``, by step name).
+    """ingest_data (after ``opened``, the open_run step), fetch_backbone (which may rank
+    candidate backbones on the data), then extract_features, each given its own part of the
+    config (``configs``, by step name).
 
     Returns:
         The dataset, backbone and features artifacts.
@@ -134,6 +180,8 @@ def prepare(
         cache=True,
         cluster=cluster,
     )
+    # A run that fails in any step leaves its MLflow run FAILED: the run is opened first.
+    ingest.after(opened)
     fetch = step(
         fetch_backbone(
             config=configs["fetch_backbone"],
@@ -181,7 +229,13 @@ def train_and_evaluate(
 
 
 def register(
-    config: Any, dataset: Any, backbone: Any, model: Any, evaluation: Any, cluster: Cluster
+    config: Any,
+    dataset: Any,
+    backbone: Any,
+    model: Any,
+    evaluation: Any,
+    cluster: Cluster,
+    opened: dsl.PipelineTask,
 ) -> Any:
     """register_model: it has side effects in MLflow, so it always runs (idempotent by
     content).
@@ -197,6 +251,7 @@ def register(
             model=model,
             evaluation=evaluation,
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            mlflow_run_id=opened.output,
         ),
         "register_model",
         cache=False,

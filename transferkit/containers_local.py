@@ -36,7 +36,7 @@ from transferkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # The host's settings that a step reads, passed to the container as they are.
-_FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+_FORWARDED_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TRANSFERKIT_")
 _FORWARDED = frozenset({"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS"})
 # Host settings that name host folders, which the container does not have.
 _HOST_PATHS = frozenset({"HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"})

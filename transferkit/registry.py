@@ -17,16 +17,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import io
 import logging
-import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -43,12 +43,20 @@ from transferkit.evaluation import score_metrics, set_metrics
 from transferkit.metrics import PairedComparison, paired_comparison
 from transferkit.multilabel import MultiLabelScores
 from transferkit.regression import RegressionScores
+from transferkit.served_env import WHEELS, build_served_wheel, served_requirements
 from transferkit.termination import sigterm_raises
+from transferkit.tracking import (
+    MAX_PARAM,
+    TAG,
+    http_policy,
+    redact,
+)
+from transferkit.tracking import client as _client
+from transferkit.tracking import experiment as _experiment
+from transferkit.tracking import registry_error as _registry_error
 
 log = logging.getLogger(__name__)
 
-TAG = "transferkit."
-MAX_PARAM = 6000  # MLflow's limit on a param value
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 
 
@@ -70,45 +78,6 @@ class RegistrationResult(BaseModel):
     reused: bool
     seconds: float
     sweep_run_id: str | None = None
-
-
-def redact(uri: str) -> str:
-    """A URI without user:password, safe for logs, tags and outputs."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
-
-
-@contextlib.contextmanager
-def http_policy(config: PipelineConfig) -> Iterator[None]:
-    """MLflow's HTTP retries and timeout set from ``registry`` for the calls inside, then
-    restored. MLflow reads them from its environment variables at every request, so that is
-    where they are put (MLflow's defaults, 7 retries with backoff factor 2, wait ~4 min on a
-    server that is down)."""
-    from mlflow.environment_variables import (
-        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-        MLFLOW_HTTP_REQUEST_TIMEOUT,
-    )
-
-    settings = {
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(config.registry.http_retries),
-        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: "1",
-        MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(config.registry.http_timeout),
-    }
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 LOCK_SUFFIX = ".transferkit-lock"
@@ -281,36 +250,6 @@ def promotion_lock(
                     exc,
                     lease,
                 )
-
-
-def _client(config: PipelineConfig) -> Any:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from transferkit import sqlite_store
-
-    sqlite_store.prepare(config.tracking_uri)  # a new SQLite store without its migrations
-    mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.tracking_uri)
-    return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
-
-
-def _experiment(client: Any, config: PipelineConfig) -> str:
-    """Experiment id, created on first use; local stores keep artifacts in the work dir."""
-    existing = client.get_experiment_by_name(config.registry.experiment)
-    if existing is not None:
-        return str(existing.experiment_id)
-    location = None
-    if not config.tracking_uri.startswith(("http://", "https://", "databricks")):
-        location = (Path(config.runtime.work_dir).absolute() / "mlartifacts").as_uri()
-    try:
-        return str(client.create_experiment(config.registry.experiment, artifact_location=location))
-    except Exception:
-        # Another run created it in the meantime.
-        found = client.get_experiment_by_name(config.registry.experiment)
-        if found is None:
-            raise
-        return str(found.experiment_id)
 
 
 # What MLflow answers when a registered model or an alias does not exist. Anything else
@@ -627,9 +566,14 @@ def read_sweep(evaluation_dir: Path) -> dict[str, Any] | None:
 
 
 def _log_sweep(
-    sweep_dir: Path, experiment_id: str, tags: dict[str, str], pipeline_run_id: str
+    sweep_dir: Path,
+    experiment_id: str,
+    tags: dict[str, str],
+    pipeline_run_id: str,
+    mlflow_run_id: str | None = None,
 ) -> Any:
-    """Start the sweep's parent run and log one finished child run per unselected branch.
+    """Start the sweep's parent run (the pipeline run's, ``mlflow_run_id``, where one was
+    opened) and log one finished child run per unselected branch.
 
     Returns:
         The active parent run; the selected branch's run (with the model) nests under it.
@@ -639,17 +583,22 @@ def _log_sweep(
     comparison = storage.read_json(sweep_dir / "comparison.json")
     branches = storage.read_json(sweep_dir / "branches.json")
     metric = comparison["primary_metric"]
-    parent = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"sweep-{pipeline_run_id}"[:250],
-        tags={
-            TAG + "sweep": "parent",
-            TAG + "pipeline_run_id": pipeline_run_id,
-            TAG + "data_fingerprint": tags[TAG + "data_fingerprint"],
-            TAG + "backbone_fingerprint": tags[TAG + "backbone_fingerprint"],
-            TAG + "selected_branch": comparison["selected"],
-            TAG + "negative_transfer": ",".join(comparison["negative_transfer"]) or "none",
-        },
+    parent_tags = {
+        TAG + "sweep": "parent",
+        TAG + "pipeline_run_id": pipeline_run_id,
+        TAG + "data_fingerprint": tags[TAG + "data_fingerprint"],
+        TAG + "backbone_fingerprint": tags[TAG + "backbone_fingerprint"],
+        TAG + "selected_branch": comparison["selected"],
+        TAG + "negative_transfer": ",".join(comparison["negative_transfer"]) or "none",
+    }
+    parent = (
+        mlflow.start_run(run_id=mlflow_run_id, tags=parent_tags)
+        if mlflow_run_id
+        else mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"sweep-{pipeline_run_id}"[:250],
+            tags=parent_tags,
+        )
     )
     try:
         mlflow.log_params({"branches": str(len(branches)), "margin": str(comparison["margin"])})
@@ -707,8 +656,12 @@ def _log_run(
     paths: dict[str, Path],
     tags: dict[str, str],
     metrics: dict[str, float],
+    mlflow_run_id: str | None = None,
 ) -> tuple[str, Any, str | None]:
     """Log the run and register a version; delete the version again if anything fails.
+
+    Into the pipeline run's MLflow run ``mlflow_run_id`` where one was opened: the model, the
+    training curves (under the logged model's metrics), the datasets and the step timings.
 
     A sweep's selected model is logged as a child of the sweep's parent run, beside one child
     run per other branch.
@@ -729,13 +682,15 @@ def _log_run(
     with contextlib.ExitStack() as stack:
         parent = None
         if sweep_dir.is_dir():
-            parent = _log_sweep(sweep_dir, experiment_id, tags, pipeline_run_id)
+            parent = _log_sweep(sweep_dir, experiment_id, tags, pipeline_run_id, mlflow_run_id)
             stack.enter_context(parent)
             name = f"{tags[TAG + 'sweep_branch']}"
         else:
             name = f"{config.strategy.name}-{pipeline_run_id}"
         run = stack.enter_context(
-            mlflow.start_run(
+            mlflow.start_run(run_id=mlflow_run_id, tags=tags)
+            if mlflow_run_id and parent is None
+            else mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=name[:250],
                 tags=tags,
@@ -781,6 +736,8 @@ def _log_run(
                 card.decision,
                 card.regression,
             )
+            wheels = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            wheel = build_served_wheel(wheels)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 # Models from code: the entry file is stored, not a pickle of an object.
@@ -788,8 +745,13 @@ def _log_run(
                 artifacts={"model": str(model_dir)},
                 signature=infer_signature(example, output, params={"batch_size": 64}),
                 input_example=example,
-                pip_requirements=_requirements(),
+                pip_requirements=served_requirements(wheel.name),
             )
+            # Beside the model, not in code_paths: MLflow would put those on sys.path of
+            # every process that loads the model (and _untrusted_reason refuses them). Only
+            # an environment built from requirements.txt (mlflow models serve) installs it.
+            client.log_model_artifact(info.model_id, str(wheel), WHEELS)
+            _log_lineage(config, paths, info.model_id)
             version = mlflow.register_model(info.model_uri, config.registry.model_name, tags=tags)
             client.set_registered_model_alias(
                 config.registry.model_name, "challenger", version.version
@@ -798,6 +760,81 @@ def _log_run(
             _delete_versions(client, config.registry.model_name, run.info.run_id, version)
             raise
     return run.info.run_id, version, None if parent is None else parent.info.run_id
+
+
+def _record_reuse(
+    client: Any, run_id: str, tags: dict[str, str], metrics: dict[str, float], existing: Any
+) -> None:
+    """The pipeline run's MLflow run, when its model was already registered: its figures, and
+    which version it is."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+        tags=[],
+    )
+    for key, value in {**tags, TAG + "reused_version": str(existing.version)}.items():
+        client.set_tag(run_id, key, value)
+
+
+# The artifacts whose JSON records the seconds of the step that wrote them.
+_STEP_RECORDS = {
+    "ingest_data": ("dataset", "stats.json"),
+    "fetch_backbone": ("backbone", "backbone.json"),
+    "train": ("model", "training.json"),
+    "evaluate": ("evaluation", "evaluation.json"),
+}
+
+
+def _log_lineage(config: PipelineConfig, paths: dict[str, Path], model_id: str) -> None:
+    """Into the active run: the datasets (each split with the digest of its rows), the
+    training curves per validation (as the logged model's metrics, so MLflow shows them under
+    "Model metrics") and the steps' timings as recorded by the runs that made the artifacts
+    (a cached step's are its first run's)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import LoggedModelInput
+
+    stats = storage.read_json(paths["dataset"] / "stats.json")
+    contexts = {"train": "training", "validation": "validation", "test": "test"}
+    for split, context in contexts.items():
+        path = paths["dataset"] / f"{split}.parquet"
+        if not path.is_file():
+            continue
+        source_uri = str(stats.get("sources", {}).get(split) or path)
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                source = resolve_dataset_source(source_uri.split(" ")[0])
+            except Exception:  # a source MLflow has no reader for: the ingested split
+                source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(  # type: ignore[abstract]
+            source=source,
+            name=f"{config.registry.model_name}-{split}",
+            digest=hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        )
+        mlflow.log_input(
+            dataset,
+            context=context,
+            tags={"rows": str(stats.get("rows", {}).get(split, ""))},
+            model=LoggedModelInput(model_id) if split == "train" else None,
+        )
+    training = storage.read_json(paths["model"] / "training.json")
+    metric = training["primary_metric"]
+    for point in (training.get("details") or {}).get("validations", []):
+        step = int(point["step"])
+        if metric in point:
+            mlflow.log_metric(f"curve/validation_{metric}", point[metric], step, model_id=model_id)
+        if "train_loss" in point:
+            mlflow.log_metric("curve/train_loss", point["train_loss"], step, model_id=model_id)
+    for name, (artifact, record) in _STEP_RECORDS.items():
+        path = paths[artifact] / record
+        seconds = storage.read_json(path).get("seconds") if path.is_file() else None
+        if isinstance(seconds, int | float):
+            mlflow.log_metric(f"step_seconds/{name}", float(seconds))
 
 
 def _delete_versions(client: Any, name: str, run_id: str, version: Any | None) -> None:
@@ -883,25 +920,6 @@ def _fail_abandoned(client: Any, config: PipelineConfig, holder: str) -> None:
         )
 
 
-def _requirements() -> list[str]:
-    """What serving the model needs; pinned to what trained it."""
-    import mlflow
-    import torch
-    import transformers
-
-    from transferkit import __version__
-
-    return [
-        f"transferkit=={__version__}",
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"transformers=={transformers.__version__}",
-        f"mlflow=={mlflow.__version__}",
-        "safetensors",
-        "pandas",
-        "numpy",
-    ]
-
-
 def _log_drift_reference(
     model: Any, tokenizer: Any, card: Any, dataset_dir: Path, config: PipelineConfig
 ) -> None:
@@ -973,42 +991,6 @@ def _promotion(
     return promote, reason, comparison
 
 
-# A server error or overload (5xx, 429): the same request may succeed a little later.
-_TRANSIENT_MLFLOW_CODES = frozenset(
-    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-)
-
-
-def _registry_error(config: PipelineConfig, exc: Exception) -> RegistryError:
-    """One line for a failed MLflow call: unreachable (after how many attempts; transient) or
-    refused (transient only for a server error or overload). MLflow's own message may embed
-    the tracking URI with credentials: it is never repeated."""
-    where = redact(config.tracking_uri)
-    text = str(exc)
-    markers = (
-        "Failed to establish",
-        "Max retries exceeded",
-        "Connection refused",
-        "Read timed out",
-    )
-    if isinstance(exc, ConnectionError) or any(marker in text for marker in markers):
-        tries = ""
-        if config.tracking_uri.startswith(("http://", "https://")):
-            attempts = config.registry.http_retries + 1
-            tries = f" after {attempts} attempt{'s' if attempts > 1 else ''}"
-        return RegistryError(
-            f"MLflow at {where} is unreachable{tries}; check registry.tracking_uri and that the "
-            "server is running, then retry the run",
-            transient=True,
-        )
-    code = getattr(exc, "error_code", type(exc).__name__)
-    return RegistryError(
-        f"MLflow at {where} refused the registration of '{config.registry.model_name}' "
-        f"({code}); check the server logs",
-        transient=code in _TRANSIENT_MLFLOW_CODES,
-    )
-
-
 def register_model(
     config: PipelineConfig,
     dataset_dir: Path,
@@ -1017,6 +999,7 @@ def register_model(
     evaluation_dir: Path,
     pipeline_run_id: str,
     output_path: Path,
+    mlflow_run_id: str | None = None,
 ) -> RegistrationResult:
     """Log, register and (when better) promote the model; write the result as JSON.
 
@@ -1028,6 +1011,9 @@ def register_model(
         evaluation_dir: the evaluate artifact.
         pipeline_run_id: KFP run id, recorded as a tag.
         output_path: JSON file with the RegistrationResult, written last and atomically.
+        mlflow_run_id: the pipeline run's MLflow run (transferkit.tracking.open_run), which
+            the model is logged into (a sweep's: the parent of the branches' runs); None: a
+            run of its own.
 
     Raises:
         RegistryError: MLflow could not be reached or refused the registration; nothing
@@ -1107,6 +1093,8 @@ def register_model(
                 if existing is not None:
                     run_id, version, reused = existing.run_id, existing, True
                     log.info("identical model already registered as %s v%s", name, version.version)
+                    if mlflow_run_id:
+                        _record_reuse(client, mlflow_run_id, tags, metrics, existing)
                     stamp = tags[TAG + "data_stamp"]
                     if stamp and existing.tags.get(TAG + "data_stamp") != stamp:
                         # The same weights from other sources: the trigger compares the
@@ -1123,7 +1111,7 @@ def register_model(
                     }
                     experiment_id = _experiment(client, config)
                     run_id, version, sweep_run_id = _log_run(
-                        config, client, experiment_id, paths, tags, metrics
+                        config, client, experiment_id, paths, tags, metrics, mlflow_run_id
                     )
                     attempt.run_id, attempt.version = run_id, version
                     attempt.sweep_run_id, reused = sweep_run_id, False

@@ -26,16 +26,18 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from transferkit import processes, storage
+from transferkit import processes, storage, tracking
 from transferkit.backbones import hub
 from transferkit.config import PipelineConfig
 from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
-from transferkit.step_inputs import step_arguments
+from transferkit.step_inputs import SINGLE_STEPS, step_arguments
 
 log = logging.getLogger(__name__)
 
-STEPS = ("ingest_data", "fetch_backbone", "extract_features", "train", "evaluate", "register_model")
+# open_run and close_run open and close the pipeline run's MLflow run (transferkit.tracking).
+STEPS = ("open_run", *SINGLE_STEPS, "close_run")
 SWEEP_STEPS = (
+    "open_run",
     "ingest_data",
     "fetch_backbone",
     "extract_features",
@@ -44,32 +46,21 @@ SWEEP_STEPS = (
     "evaluate",
     "compare_strategies",
     "register_model",
+    "close_run",
 )
+# The steps that open and close the run's MLflow run: never cached, never announced so.
+_BOOKKEEPING = frozenset({"open_run", "close_run"})
 # Depth of each step in the DAG: a step starts only after every step of a lower depth ended.
-DEPTH = {
-    "ingest_data": 0,
-    "fetch_backbone": 1,
-    "extract_features": 2,
-    "train": 3,
-    "evaluate": 4,
-    "register_model": 5,
-}
-SWEEP_DEPTH = {
-    "ingest_data": 0,
-    "fetch_backbone": 1,
-    "extract_features": 2,
-    "plan_sweep": 3,
-    "train": 4,
-    "evaluate": 5,
-    "compare_strategies": 6,
-    "register_model": 7,
-}
+DEPTH = {step: depth for depth, step in enumerate(STEPS)}
+SWEEP_DEPTH = {step: depth for depth, step in enumerate(SWEEP_STEPS)}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([\w-]+)'")
 _DONE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 _STEP_LOG = re.compile(r"^\s*transferkit (INFO|WARNING|ERROR) ([\w.]+) \| (.*)$")
 _ERROR = re.compile(r"^\s*transferkit\.errors\.\w+: (.*)$")
 _EXCEPTION = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+# An output artifact in KFP's "Task '…' outputs:" lines.
+_OUTPUT_URI = re.compile(r"^\s*uri='([^']+)',?$")
 
 
 class RunFailedError(TransferkitError):
@@ -120,12 +111,13 @@ class _Events:
     failure: str | None = None
     running: list[str] = field(default_factory=list)
     muted: bool = False
+    outputs: dict[str, list[str]] = field(default_factory=dict)
 
     def feed(self, raw: str) -> None:
         line = _ANSI.sub("", raw)
         if self.muted:  # interrupted: what the stopped steps print is for the log only
             return
-        if match := _START.search(line):
+        if (match := _START.search(line)) and match.group(1).replace("-", "_") in self.depth:
             self.current = step = match.group(1).replace("-", "_")
             self.running.append(step)
             self.announce_cached(before=step)
@@ -139,7 +131,7 @@ class _Events:
                 self.on_line(f"retry {step} {attempt}")
             else:
                 self.on_line(f"start {step}" if branch == 1 else f"start {step} #{branch}")
-        elif match := _DONE.search(line):
+        elif (match := _DONE.search(line)) and match.group(1).replace("-", "_") in self.depth:
             step = match.group(1).replace("-", "_")
             if step in self.running:
                 self.running.remove(step)
@@ -159,6 +151,8 @@ class _Events:
             self.on_line(f"{'done' if ok else 'failed'} {shown} {took:.1f}")
         elif self.current is not None:
             self.task_lines[self.current].append(line)
+            if uri := _OUTPUT_URI.match(line):
+                self.outputs.setdefault(self.current, []).append(uri.group(1))
             if step_log := _STEP_LOG.match(line):
                 self.on_line(f"log {step_log.group(1)} {step_log.group(2)} {step_log.group(3)}")
 
@@ -168,10 +162,14 @@ class _Events:
         When a step starts, every shallower step that did not start was served from the
         cache; at the end of a successful run, so were all the others.
         """
+        if self.failed is not None:  # the steps after a failure did not run: none was cached
+            return
         depth = self.depth.get(before, len(self.depth)) if before else len(self.depth)
         for step in self.depth:
             if self.depth[step] >= depth:
                 return
+            if step in _BOOKKEEPING:
+                continue
             if step not in self.started and step not in self.announced:
                 self.announced.add(step)
                 self.on_line(f"cached {step}")
@@ -364,6 +362,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     log_file.parent.mkdir(parents=True, exist_ok=True)
     data_stamp, backbone_stamp = source_stamps(config)
     _child_environment(config)
+    os.environ[tracking.LOCAL_RUN_ENV] = stamp  # open_run tags the MLflow run with it
     runner, around_steps = _step_runner(config, stamp)
     local.init(
         runner=runner,
@@ -381,7 +380,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
                 contextlib.redirect_stderr(tee),
                 around_steps,
             ):
-                task = pipeline(
+                pipeline(
                     **step_arguments(config),
                     data_stamp=data_stamp,
                     backbone_stamp=backbone_stamp,
@@ -406,9 +405,10 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
             if isinstance(error, _Stop):
                 raise
             step = events.failed or "pipeline"
+            _record_failure(config, stamp, events, step)
             raise RunFailedError(f"{step} failed: {events.cause()} (log: {log_file})") from None
     events.announce_cached()
-    registration_path = Path(task.output.path)
+    registration_path = _registration(events, log_file)
     result = storage.read_json(registration_path)
     comparison = None
     if sweep:
@@ -438,6 +438,26 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         sweep=comparison,
         sweep_run_id=result.get("sweep_run_id"),
     )
+
+
+def _record_failure(config: PipelineConfig, stamp: str, events: _Events, step: str) -> None:
+    """The failed step's own one-line error on the run's MLflow run, once open_run opened it
+    (close_run marked it FAILED with KFP's message, which names no cause)."""
+    if not events.runs.get("open_run"):
+        return
+    try:
+        tracking.record_failure(config, stamp, step, f"{step} failed: {events.cause()}")
+    except Exception as exc:  # the step's error matters more
+        log.warning("could not record the failure on the MLflow run: %s", exc)
+
+
+def _registration(events: _Events, log_file: Path) -> Path:
+    """register_model's output: the pipeline returns nothing (its steps run inside the exit
+    handler, from which KFP returns no output), so it is read from KFP's log of the step."""
+    for uri in events.outputs.get("register_model", []):
+        if uri.endswith("/registration"):
+            return Path(uri)
+    raise RunFailedError(f"register_model reported no registration output (log: {log_file})")
 
 
 def write_summary(summary: RunSummary, path: Path) -> None:

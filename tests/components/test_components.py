@@ -191,6 +191,7 @@ def test_register_model(config: PipelineConfig, ingested, fetched, trained, eval
             model=imported(model, Model).output,
             evaluation=imported(evaluation, Artifact).output,
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            mlflow_run_id="",  # no open_run step before it: registration opens its own run
         ).outputs["registration"]
 
     registration = one_step(

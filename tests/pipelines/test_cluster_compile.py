@@ -53,7 +53,8 @@ def test_gpu_request_selector_and_tolerations_on_the_training_task_only(
 ) -> None:
     _, executors, kube = compile_config(tmp_path, monkeypatch)
     assert set(map(step_of, executors)) == {
-        "ingest-data", "fetch-backbone", "extract-features", "train", "evaluate", "register-model"
+        "open-run", "ingest-data", "fetch-backbone", "extract-features", "train", "evaluate",
+        "register-model", "close-run",
     }  # fmt: skip
     for name, executor in executors.items():
         container = executor["container"]
@@ -103,7 +104,7 @@ def test_secrets_reach_only_the_steps_that_need_them_and_no_credential_is_writte
             assert ("transferkit-s3", "AWS_SECRET_ACCESS_KEY") in mounted
         else:
             assert "transferkit-s3" not in secrets
-        if step_of(name) == "register-model":
+        if step_of(name) in ("open-run", "register-model", "close-run"):
             assert ("transferkit-mlflow", "MLFLOW_TRACKING_PASSWORD") in mounted
         else:
             assert "transferkit-mlflow" not in secrets

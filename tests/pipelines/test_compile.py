@@ -14,6 +14,16 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from transferkit.pipelines import COMPILED, COMPILED_SWEEP, strategy_sweep, transfer_learning
 
 STEPS = ["ingest-data", "fetch-backbone", "extract-features", "train", "evaluate", "register-model"]
+# The steps that open and close the pipeline run's MLflow run (transferkit.tracking): never
+# cached, so they run every time.
+BOOKKEEPING = {"open-run", "close-run"}
+CHANNEL = "pipelinechannel--"  # KFP's prefix of a pipeline parameter inside a sub-DAG
+
+
+def body(spec: pipeline_spec_pb2.PipelineSpec) -> Any:
+    """The tasks inside the exit handler: every step but close_run."""
+    [handler] = [name for name in spec.root.dag.tasks if name.startswith("exit-handler")]
+    return spec.components[spec.root.dag.tasks[handler].component_ref.name].dag.tasks
 
 
 def parse(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
@@ -60,25 +70,37 @@ def test_committed_yaml_is_up_to_date(compiled: Path) -> None:
 
 def test_shape(compiled: Path) -> None:
     spec, _ = parse(compiled)
-    tasks = spec.root.dag.tasks
-    assert sorted(tasks) == sorted(STEPS)
+    # The DAG runs inside an exit handler whose exit step, close_run, ends the MLflow run that
+    # open_run opened first, whether the DAG succeeded or failed.
+    root = spec.root.dag.tasks
+    assert sorted(root) == ["close-run", "exit-handler-1"]
+    close = root["close-run"]
+    assert close.trigger_policy.strategy == close.trigger_policy.ALL_UPSTREAM_TASKS_COMPLETED
+    assert close.inputs.parameters["status"].task_final_status.producer_task == "exit-handler-1"
+    tasks = body(spec)
+    assert sorted(tasks) == sorted([*STEPS, "open-run"])
+    assert not close.caching_options.enable_cache
+    assert not tasks["open-run"].caching_options.enable_cache
+    opened = tasks["register-model"].inputs.parameters["mlflow_run_id"].task_output_parameter
+    assert opened.producer_task == "open-run"
     edges = {name: sorted(task.dependent_tasks) for name, task in tasks.items()}
     assert edges == {
-        "ingest-data": [],
+        "open-run": [],
+        "ingest-data": ["open-run"],
         "fetch-backbone": ["ingest-data"],
         "extract-features": ["fetch-backbone", "ingest-data"],
         "train": ["extract-features", "fetch-backbone", "ingest-data"],
         "evaluate": ["ingest-data", "train"],
-        "register-model": ["evaluate", "fetch-backbone", "ingest-data", "train"],
+        "register-model": ["evaluate", "fetch-backbone", "ingest-data", "open-run", "train"],
     }
     # No KFP retry policy: it would rerun bad input too. The I/O steps retry transient errors
     # inside their own process, and their shipped source says so.
     assert not any(task.HasField("retry_policy") for task in tasks.values())
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
-    for name in STEPS:
+    for name in [*STEPS, *BOOKKEEPING]:
         source = executors[f"exec-{name}"]["container"]["command"][-1]
         retried = name in ("ingest-data", "fetch-backbone", "extract-features", "train")
-        retried |= name == "register-model"
+        retried |= name in ("register-model", *BOOKKEEPING)
         assert ("retry_transient(" in source) is retried, name
     cached = {name for name, task in tasks.items() if task.caching_options.enable_cache}
     assert {"ingest-data", "fetch-backbone", "extract-features"} <= cached
@@ -88,11 +110,13 @@ def test_shape(compiled: Path) -> None:
     assert set(spec.root.input_definitions.parameters) == {*slices, "data_stamp", "backbone_stamp"}
     for name in STEPS:
         feeds = tasks[name].inputs.parameters["config"].component_input_parameter
-        assert feeds == f"{name.replace('-', '_')}_config", name
-    assert (
-        spec.root.output_definitions.artifacts["Output"].artifact_type.schema_title
-        == "system.Artifact"
-    )
+        assert feeds == f"{CHANNEL}{name.replace('-', '_')}_config", name
+    # open_run logs registration's part, which holds everything, as the MLflow run's params.
+    feeds = tasks["open-run"].inputs.parameters["config"].component_input_parameter
+    assert feeds == f"{CHANNEL}register_model_config"
+    # KFP returns nothing from inside an exit handler: `transferkit run` reads the
+    # registration from the step's logged outputs.
+    assert not spec.root.output_definitions.artifacts
     evaluate_outputs = spec.components["comp-evaluate"].output_definitions.artifacts
     assert {name: a.artifact_type.schema_title for name, a in evaluate_outputs.items()} == {
         "evaluation": "system.Artifact",
@@ -107,7 +131,7 @@ def test_executors_use_the_versioned_image_without_installs(compiled: Path) -> N
 
     spec, _ = parse(compiled)
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 8
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == f"ghcr.io/transferkit/transferkit-cpu:{__version__}"
@@ -118,7 +142,7 @@ def test_executors_use_the_versioned_image_without_installs(compiled: Path) -> N
 def test_platform_config_parses_as_kubernetes_executor_config(compiled: Path) -> None:
     _, platform = parse(compiled)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 8
     for name, config in executors.items():
         parsed = json_format.ParseDict(
             config,
@@ -191,11 +215,14 @@ def reruns(
     changed, or when a step it takes an artifact from ran again (new artifacts), or when its
     caching is off. This walks the compiled DAG in that way.
     """
-    tasks = spec.root.dag.tasks
+    tasks = {**body(spec), "close-run": spec.root.dag.tasks["close-run"]}
     ran: set[str] = set()
-    for name in STEPS:  # a topological order
+    for name in ["open-run", *STEPS, "close-run"]:  # a topological order
         task = tasks[name]
-        fed = [p.component_input_parameter for p in task.inputs.parameters.values()]
+        fed = [
+            p.component_input_parameter.removeprefix(CHANNEL)
+            for p in task.inputs.parameters.values()
+        ]
         producers = {a.task_output_artifact.producer_task for a in task.inputs.artifacts.values()}
         if (
             any(before[p] != after[p] for p in fed if p)
@@ -231,8 +258,9 @@ def test_a_change_misses_the_cache_of_the_steps_downstream_of_it_only(
     stamps = {"data_stamp": "d", "backbone_stamp": "b"}
     before = {**step_arguments(load_config(example)), **stamps}
     after = {**step_arguments(load_config(example, [change])), **stamps}
-    assert reruns(spec, before, before) == {"register-model"}  # it always runs
-    assert reruns(spec, before, after) == expected
+    # Registration always runs, and so do the steps that open and close the MLflow run.
+    assert reruns(spec, before, before) == {"register-model", *BOOKKEEPING}
+    assert reruns(spec, before, after) == {*expected, *BOOKKEEPING}
 
 
 @pytest.fixture(scope="module")
@@ -250,12 +278,13 @@ def test_committed_sweep_yaml_is_up_to_date(compiled_sweep: Path) -> None:
 
 def test_sweep_shape_runs_branches_in_a_parallel_for(compiled_sweep: Path) -> None:
     spec, platform = parse(compiled_sweep)
-    tasks = spec.root.dag.tasks
+    assert sorted(spec.root.dag.tasks) == ["close-run", "exit-handler-1"]
+    tasks = body(spec)
     loops = [name for name in tasks if name.startswith("for-loop")]
     assert len(loops) == 1
     loop = tasks[loops[0]]
-    expected = ["ingest-data", "fetch-backbone", "extract-features", "plan-sweep", *loops]
-    assert sorted(tasks) == sorted([*expected, "compare-strategies", "register-model"])
+    expected = ["open-run", "ingest-data", "fetch-backbone", "extract-features", "plan-sweep"]
+    assert sorted(tasks) == sorted([*expected, *loops, "compare-strategies", "register-model"])
     assert loop.parameter_iterator.items.input_parameter.endswith("plan-sweep-Output")
     assert loop.iterator_policy.parallelism_limit == 1
     branch = spec.components[loop.component_ref.name].dag.tasks
@@ -268,7 +297,7 @@ def test_sweep_shape_runs_branches_in_a_parallel_for(compiled_sweep: Path) -> No
     assert inputs["evaluations"].is_artifact_list
     assert not any(task.HasField("retry_policy") for task in tasks.values())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 8
+    assert len(executors) == 10
 
 
 def test_compile_with_a_sweep_config_bakes_its_parallelism(tmp_path: Path) -> None:
@@ -279,7 +308,7 @@ def test_compile_with_a_sweep_config_bakes_its_parallelism(tmp_path: Path) -> No
     args = ["compile", str(root / "examples" / "sst2-strategies.yaml"), "--output", str(out)]
     assert main([*args, "--set", "sweep.parallelism=4"]) == 0
     spec, _ = parse(out)
-    loop = next(t for n, t in spec.root.dag.tasks.items() if n.startswith("for-loop"))
+    loop = next(t for n, t in body(spec).items() if n.startswith("for-loop"))
     assert loop.iterator_policy.parallelism_limit == 4
     assert baked(spec)["plan_sweep_config"]["sweep"]["parallelism"] == 4
 
@@ -299,7 +328,7 @@ def test_every_example_compiles_to_a_strict_spec_with_its_config_baked_in(
     assert main(["compile", str(root / "examples" / example), "--output", str(out)]) == 0
     spec, _ = parse(out)  # strict: unknown fields in the spec or platform config fail here
     config = load_config(root / "examples" / example)
-    loops = [name for name in spec.root.dag.tasks if name.startswith("for-loop")]
+    loops = [name for name in body(spec) if name.startswith("for-loop")]
     assert len(loops) == (1 if config.sweep else 0)
     defaults = baked(spec)
     default = defaults["plan_sweep_config" if config.sweep else "train_config"]

@@ -77,8 +77,9 @@ def test_quickstart_trains_evaluates_and_registers(first_run: dict, work: Path) 
     assert summary["model_uri"] == "models:/sst2-sentiment/1"
     assert summary["champion"] is True
     assert summary["tracking_uri"] == f"sqlite:///{work / 'mlflow.db'}"
-    assert list(summary["step_seconds"]) == STEPS
-    assert all(summary["step_seconds"][s] > 0 for s in STEPS)
+    # Around the six steps, the two that open and close the run's MLflow run.
+    assert list(summary["step_seconds"]) == ["open_run", *STEPS, "close_run"]
+    assert all(summary["step_seconds"][s] > 0 for s in summary["step_seconds"])
     assert summary["cached_steps"] == []
     # The terminal shows the summary table and one line per step.
     assert "Evaluation\n  accuracy   " in summary["stdout"]
@@ -182,7 +183,12 @@ def test_bad_data_fails_in_one_line_at_the_first_attempt_and_registers_nothing(
         f"error: ingest_data failed: {bad}: training split has a single class ('1')"
     )
     assert "(log: " in error
-    assert not (tmp_path / "work" / "mlflow.db").exists()
+    # The failed run is recorded (opened by the first step, ended FAILED); nothing registered.
+    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.search_registered_models() == []
+    [run] = client.search_runs([client.get_experiment_by_name("transferkit").experiment_id])
+    assert run.info.status == "FAILED"
     assert result.stdout == ""
     [log] = (tmp_path / "work" / "logs").glob("run-*.log")
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())

@@ -101,6 +101,11 @@ def test_each_branch_is_a_child_run_of_one_parent(guarded: dict) -> None:
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.run_id == guarded["sweep_run_id"]
+    # The parent is the pipeline run's own, opened by the first step (with the sweep's
+    # config as params) and ended by the exit step.
+    assert parent.data.tags["transferkit.run_role"] == "pipeline"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.parallelism"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == [
         "linear_probe@16",

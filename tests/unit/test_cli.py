@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,33 @@ def test_cached_steps_are_announced_by_depth() -> None:
     ]
     events.announce_cached()
     assert seen[-1] == "cached register_model"
+
+
+def test_after_a_failure_the_exit_step_announces_nothing_cached() -> None:
+    """close_run runs after a failed step (it is the exit handler's exit step): the steps
+    between them never ran, and were not served from the cache either."""
+    seen: list[str] = []
+    events = _Events(on_line=seen.append)
+    for line in (
+        "Executing task 'open-run'",
+        "Task 'open-run' finished with status SUCCESS",
+        "Executing task 'ingest-data'",
+        "    transferkit.errors.DataError: train.tsv: no column 'review'; set data.text_column",
+        "Task 'ingest-data' finished with status FAILURE",
+        "Executing task 'close-run'",
+        "Task 'close-run' finished with status SUCCESS",
+    ):
+        events.feed(line)
+    events.announce_cached()
+    assert [re.sub(r" [0-9.]+$", "", line) for line in seen] == [
+        "start open_run",
+        "done open_run",
+        "start ingest_data",
+        "failed ingest_data",
+        "start close_run",
+        "done close_run",
+    ]
+    assert events.cause() == "train.tsv: no column 'review'; set data.text_column"
 
 
 @pytest.mark.parametrize(("configure", "frozen"), [(True, True), (False, False)])

@@ -288,6 +288,7 @@ def finetune(
     resumed_from = None if resumed is None else step
     stopped_early = False
     window_loss, window_count = 0.0, 0
+    curve_loss, curve_count = 0.0, 0  # the training loss since the last validation
     while step < total and not stopped_early:
         forward.train()
         keep_frozen_norms_in_eval(model)
@@ -323,8 +324,11 @@ def finetune(
                 average.update(model, step)
             step += 1
             seen += len(batch)
-            window_loss += loss.item()
+            step_loss = loss.item()
+            window_loss += step_loss
             window_count += 1
+            curve_loss += step_loss
+            curve_count += 1
             if step % max(eval_every // 4, 1) == 0:
                 elapsed = time.perf_counter() - started - validate_seconds
                 log.info(
@@ -339,7 +343,9 @@ def finetune(
                 value = validate()
                 forward.train()
                 keep_frozen_norms_in_eval(model)
-                validations.append({"step": float(step), metric: value})
+                loss_since = {"train_loss": curve_loss / curve_count} if curve_count else {}
+                validations.append({"step": float(step), metric: value, **loss_since})
+                curve_loss, curve_count = 0.0, 0
                 log.info("step %d: validation %s %.4f", step, metric, value)
                 if objective.better(value, best_value):
                     best_value, best_step, stale = value, step, 0
