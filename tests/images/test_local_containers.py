@@ -106,7 +106,12 @@ def test_the_quickstart_in_containers_equals_the_subprocess_run(
         f"containers {timings['docker']:.0f} s"
     )
     ours, theirs = results["docker"], results["subprocess"]
-    assert ours["metrics"] == theirs["metrics"]
+
+    def figures(metrics: dict[str, float]) -> dict[str, float]:  # timings differ run to run
+        return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+
+    assert figures(ours["metrics"]) == figures(theirs["metrics"])
+    assert "test_accuracy" in figures(ours["metrics"])
     assert ours["metrics"]["test_accuracy"] > 0.7
     # Nothing was served from a cache: each run did every step in its own way.
     assert ours["cached_steps"] == theirs["cached_steps"] == []
