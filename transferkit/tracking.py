@@ -22,6 +22,7 @@ import contextlib
 import getpass
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ LOCAL_RUN_ENV = "TRANSFERKIT_LOCAL_RUN"
 LOCAL_RUN_TAG = TAG + "local_run"
 MAX_PARAM = 6000  # MLflow's limit on a param value
 MAX_TAG = 5000
+_ID = re.compile(r"[\w.:-]{1,250}")
 
 
 def redact(uri: str) -> str:
@@ -159,6 +161,8 @@ def run_name(config: PipelineConfig, pipeline_run_id: str) -> str:
 
 
 def _find(client: Any, experiment_id: str, tag: str, value: str) -> Any | None:
+    if not _ID.fullmatch(value):  # it goes into a filter string
+        raise RegistryError(f"{tag} {value[:80]!r}: a run id is letters, digits, '.', '_', '-'")
     runs = client.search_runs(
         [experiment_id],
         f"tags.`{tag}` = '{value}' and tags.`{ROLE_TAG}` = 'pipeline'",
@@ -238,23 +242,41 @@ def _close(
     step: str,
     overwrite: bool = False,
 ) -> str | None:
-    with http_policy(config):
-        mlflow_client = client(config)
-        found = _find(mlflow_client, experiment(mlflow_client, config), tag, value)
-        if found is None:
-            log.warning("no MLflow run of pipeline run %s to close", value)
-            return None
-        run_id = found.info.run_id
-        if state in ("SUCCEEDED", "SUCCESS"):
-            if found.info.status == "RUNNING":
-                mlflow_client.set_terminated(run_id, "FINISHED")
-            return "FINISHED" if found.info.status == "RUNNING" else str(found.info.status)
-        if overwrite or ERROR_TAG not in found.data.tags:
-            message = error or f"the pipeline ended {state}"
-            mlflow_client.set_tag(run_id, ERROR_TAG, message[:MAX_TAG])
-            if step:
-                mlflow_client.set_tag(run_id, FAILED_STEP_TAG, step)
-        if found.info.status != "FAILED":
-            mlflow_client.set_terminated(run_id, "FAILED")
-        log.info("marked MLflow run %s FAILED", run_id)
-        return "FAILED"
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with http_policy(config):
+            return _end(client(config), config, tag, value, state, error, step, overwrite)
+    except (MlflowException, ConnectionError) as exc:
+        raise registry_error(config, exc) from None
+
+
+def _end(
+    mlflow_client: Any,
+    config: PipelineConfig,
+    tag: str,
+    value: str,
+    state: str,
+    error: str,
+    step: str,
+    overwrite: bool,
+) -> str | None:
+    """``_close`` once connected: the run found by ``tag``, ended."""
+    found = _find(mlflow_client, experiment(mlflow_client, config), tag, value)
+    if found is None:
+        log.warning("no MLflow run of pipeline run %s to close", value)
+        return None
+    run_id = found.info.run_id
+    if state in ("SUCCEEDED", "SUCCESS"):
+        if found.info.status == "RUNNING":
+            mlflow_client.set_terminated(run_id, "FINISHED")
+        return "FINISHED" if found.info.status == "RUNNING" else str(found.info.status)
+    if overwrite or ERROR_TAG not in found.data.tags:
+        message = error or f"the pipeline ended {state}"
+        mlflow_client.set_tag(run_id, ERROR_TAG, message[:MAX_TAG])
+        if step:
+            mlflow_client.set_tag(run_id, FAILED_STEP_TAG, step)
+    if found.info.status != "FAILED":
+        mlflow_client.set_terminated(run_id, "FAILED")
+    log.info("marked MLflow run %s FAILED", run_id)
+    return "FAILED"
