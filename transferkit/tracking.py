@@ -246,37 +246,24 @@ def _close(
 
     try:
         with http_policy(config):
-            return _end(client(config), config, tag, value, state, error, step, overwrite)
+            mlflow_client = client(config)
+            found = _find(mlflow_client, experiment(mlflow_client, config), tag, value)
+            if found is None:
+                log.warning("no MLflow run of pipeline run %s to close", value)
+                return None
+            run_id, status = found.info.run_id, str(found.info.status)
+            if state in ("SUCCEEDED", "SUCCESS"):
+                if status == "RUNNING":
+                    mlflow_client.set_terminated(run_id, "FINISHED")
+                return "FINISHED" if status == "RUNNING" else status
+            if overwrite or ERROR_TAG not in found.data.tags:
+                message = error or f"the pipeline ended {state}"
+                mlflow_client.set_tag(run_id, ERROR_TAG, message[:MAX_TAG])
+                if step:
+                    mlflow_client.set_tag(run_id, FAILED_STEP_TAG, step)
+            if status != "FAILED":
+                mlflow_client.set_terminated(run_id, "FAILED")
     except (MlflowException, ConnectionError) as exc:
         raise registry_error(config, exc) from None
-
-
-def _end(
-    mlflow_client: Any,
-    config: PipelineConfig,
-    tag: str,
-    value: str,
-    state: str,
-    error: str,
-    step: str,
-    overwrite: bool,
-) -> str | None:
-    """``_close`` once connected: the run found by ``tag``, ended."""
-    found = _find(mlflow_client, experiment(mlflow_client, config), tag, value)
-    if found is None:
-        log.warning("no MLflow run of pipeline run %s to close", value)
-        return None
-    run_id = found.info.run_id
-    if state in ("SUCCEEDED", "SUCCESS"):
-        if found.info.status == "RUNNING":
-            mlflow_client.set_terminated(run_id, "FINISHED")
-        return "FINISHED" if found.info.status == "RUNNING" else str(found.info.status)
-    if overwrite or ERROR_TAG not in found.data.tags:
-        message = error or f"the pipeline ended {state}"
-        mlflow_client.set_tag(run_id, ERROR_TAG, message[:MAX_TAG])
-        if step:
-            mlflow_client.set_tag(run_id, FAILED_STEP_TAG, step)
-    if found.info.status != "FAILED":
-        mlflow_client.set_terminated(run_id, "FAILED")
     log.info("marked MLflow run %s FAILED", run_id)
     return "FAILED"
