@@ -138,8 +138,11 @@ class _Events:
             took = time.perf_counter() - self.started.get(step, time.perf_counter())
             ok = match.group(2) == "SUCCESS"
             if not ok:
-                self.failed = step
-                self.failure = self._cause(self.task_lines.get(step, []))
+                # The first failure is the run's cause: close_run, the exit step, runs after
+                # it and may fail too (an MLflow server that is down fails both).
+                if self.failed is None or self.failed == step:
+                    self.failed = step
+                    self.failure = self._cause(self.task_lines.get(step, []))
                 self.seconds[step] = took
             else:
                 self.attempts[step] = 0

@@ -187,7 +187,8 @@ def test_after_a_failure_the_exit_step_announces_nothing_cached() -> None:
         "    transferkit.errors.DataError: train.tsv: no column 'review'; set data.text_column",
         "Task 'ingest-data' finished with status FAILURE",
         "Executing task 'close-run'",
-        "Task 'close-run' finished with status SUCCESS",
+        "    transferkit.errors.RegistryError: MLflow at http://m is unreachable; check it",
+        "Task 'close-run' finished with status FAILURE",
     ):
         events.feed(line)
     events.announce_cached()
@@ -197,8 +198,10 @@ def test_after_a_failure_the_exit_step_announces_nothing_cached() -> None:
         "start ingest_data",
         "failed ingest_data",
         "start close_run",
-        "done close_run",
+        "failed close_run",
     ]
+    # The exit step failing after it (MLflow down) does not hide the run's cause.
+    assert events.failed == "ingest_data"
     assert events.cause() == "train.tsv: no column 'review'; set data.text_column"
 
 
