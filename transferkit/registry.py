@@ -767,16 +767,15 @@ def _record_reuse(
 ) -> None:
     """The pipeline run's MLflow run, when its model was already registered: its figures, and
     which version it is."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     stamp = int(time.time() * 1000)
+    tags = {**tags, TAG + "reused_version": str(existing.version)}
     client.log_batch(
         run_id,
         metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
-        tags=[],
+        tags=[RunTag(k, v) for k, v in tags.items()],
     )
-    for key, value in {**tags, TAG + "reused_version": str(existing.version)}.items():
-        client.set_tag(run_id, key, value)
 
 
 # The artifacts whose JSON records the seconds of the step that wrote them.
