@@ -9,13 +9,16 @@ are not tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +295,17 @@ def run_parser(description: str, default_config: str, repeats: int) -> argparse.
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dirs and logs")
     return parser
+
+
+@contextlib.contextmanager
+def work_dirs(prefix: str, keep: bool) -> Iterator[Path]:
+    """A fresh folder for a benchmark's work dirs and logs: removed at the end unless ``keep``
+    (``--keep``), then its path is printed."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"work dirs and logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)

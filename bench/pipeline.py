@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -293,16 +291,15 @@ def main() -> int:
     # Fail fast on a bad config, before any child starts.
     config = load_config(common.ROOT / args.config, args.overrides)
     metric = config.evaluation.primary_metric
-    root = Path(tempfile.mkdtemp(prefix="transferkit-bench-pipeline-"))
-    if args.smoke:
-        data = common.smoke_data(root / "smoke-sst2")
-        args.repeats = 1
-        args.overrides += [
-            f"data.train_uri={data / 'train.tsv'}",
-            f"data.test_uri={data / 'dev.tsv'}",
-        ]
-    print(f"{args.config} {' '.join(args.overrides)}: {args.repeats} repetitions in {root}")
-    try:
+    with common.work_dirs("transferkit-bench-pipeline-", args.keep) as root:
+        if args.smoke:
+            data = common.smoke_data(root / "smoke-sst2")
+            args.repeats = 1
+            args.overrides += [
+                f"data.train_uri={data / 'train.tsv'}",
+                f"data.test_uri={data / 'dev.tsv'}",
+            ]
+        print(f"{args.config} {' '.join(args.overrides)}: {args.repeats} repetitions in {root}")
         reps = [repetition(i + 1, args, root, metric) for i in range(args.repeats)]
         report = {
             "benchmark": "pipeline overhead: KFP local runner vs one plain process",
@@ -312,11 +309,6 @@ def main() -> int:
             **summarise(reps),
             "machine": common.machine(smoke=args.smoke),
         }
-    finally:
-        if args.keep:
-            print(f"work dirs and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     common.save(args.out, report)
     return 0
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -126,9 +124,8 @@ def main() -> int:
 
     config = load_config(common.ROOT / args.config, args.overrides)
     metric = config.evaluation.primary_metric
-    root = Path(tempfile.mkdtemp(prefix="transferkit-bench-containers-"))
-    print(f"{args.config} {' '.join(args.overrides)}: {args.repeats} repetitions in {root}")
-    try:
+    with common.work_dirs("transferkit-bench-containers-", args.keep) as root:
+        print(f"{args.config} {' '.join(args.overrides)}: {args.repeats} repetitions in {root}")
         reps = [repetition(i + 1, args, root, metric) for i in range(args.repeats)]
         report = {
             "benchmark": "the quickstart in containers (DockerRunner) vs subprocesses",
@@ -138,11 +135,6 @@ def main() -> int:
             **summarise(reps, metric),
             "machine": common.machine(),
         }
-    finally:
-        if args.keep:
-            print(f"work dirs and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     common.save(args.out, report)
     return 0
 
