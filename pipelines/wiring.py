@@ -29,6 +29,13 @@ from transferkit.components import (
 
 from transferkit.config import KubernetesConfig, PipelineConfig, ResourcesConfig, StepResources
 from transferkit.storage import CACHE_ENV
+from transferkit.tracking import (
+    EXPERIMENT_ENV,
+    PIPELINE_RUN_ENV,
+    STEP_ENV,
+    TRACKING_URI_ENV,
+    redact,
+)
 
 # KFP 2.17 cannot set spec.priorityClassName; manifests/overlays/gpu maps this label onto it.
 from transferkit.training.trainjob import PRIORITY_LABEL, S3_KEYS, S3_OPTIONAL_KEYS
@@ -36,7 +43,6 @@ from transferkit.training.trainjob import PRIORITY_LABEL, S3_KEYS, S3_OPTIONAL_K
 # Steps that read or write object storage: the data, the backbone, unlabelled text for domain
 # adaptation, and model artifacts that MLflow stores in S3.
 S3_STEPS = frozenset({"ingest_data", "fetch_backbone", "train", "register_model"})
-MLFLOW_STEPS = frozenset({"open_run", "register_model", "close_run"})
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 CACHE_MOUNT = "/var/cache/transferkit/backbones"
 LAUNCHER = StepResources(cpu_request="100m", memory_request="1Gi", memory_limit="2Gi")
@@ -46,6 +52,12 @@ POD_FIELDS = {
     "POD_NAME": "metadata.name",
     "POD_UID": "metadata.uid",
     "POD_NAMESPACE": "metadata.namespace",
+}
+# Every step's pod: the pipeline run and the step, so that a failing step records its own
+# one-line error on the pipeline run's MLflow run (transferkit.tracking.report_failures).
+STEP_FIELDS = {
+    PIPELINE_RUN_ENV: "metadata.labels['pipeline/runid']",  # KFP's run id, as open_run's
+    STEP_ENV: "metadata.labels['transferkit.dev/step']",
 }
 
 
@@ -57,6 +69,16 @@ class Cluster:
         self.resources = config.resources if config else ResourcesConfig()
         self.secrets = config.kubernetes if config else KubernetesConfig()
         self.nodes = config.training.nodes if config else 1
+        # Where a failing step records its error: the configured tracking server (without
+        # credentials: they come from the MLflow Secret). Unset, a step falls back to the pod's
+        # MLFLOW_TRACKING_URI; a local SQLite store is not reachable from pods.
+        self.tracking: dict[str, str] = {}
+        uri = config.registry.tracking_uri if config else None
+        if config and uri and uri.startswith(("http://", "https://", "databricks")):
+            self.tracking = {
+                TRACKING_URI_ENV: redact(uri),
+                EXPERIMENT_ENV: config.registry.experiment,
+            }
 
     def train_component(self) -> Any:
         """The training component: a TrainJob launcher for several nodes, else the CUDA image
@@ -107,7 +129,12 @@ class Cluster:
         if self.secrets.backbone_cache_pvc and name == "fetch_backbone":
             kubernetes.mount_pvc(task, self.secrets.backbone_cache_pvc, mount_path=CACHE_MOUNT)
             task.set_env_variable(CACHE_ENV, CACHE_MOUNT)
-        if self.secrets.mlflow_secret and name in MLFLOW_STEPS:
+        for variable, path in STEP_FIELDS.items():
+            kubernetes.use_field_path_as_env(task, variable, path)
+        for variable, value in self.tracking.items():
+            task.set_env_variable(variable, value)
+        # Every step may write its failure to MLflow; these three always talk to it.
+        if self.secrets.mlflow_secret:
             kubernetes.use_secret_as_env(
                 task, self.secrets.mlflow_secret, {k: k for k in MLFLOW_KEYS}, optional=True
             )

@@ -18,8 +18,11 @@ def configure_logging(level: int = logging.INFO) -> None:
 
     The format is stable: ``transferkit run`` recognises step log lines by it. Being every
     entry point's first call, it also makes SIGTERM end the process by ``errors.Terminated`` (see
-    ``termination.exit_on_sigterm``).
+    ``termination.exit_on_sigterm``) and, in a step's pod on a cluster, puts an uncaught error on
+    the pipeline run's MLflow run (``tracking.report_failures``).
     """
+    from transferkit import tracking
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger("transferkit")
@@ -28,6 +31,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.propagate = False
     _quick_exit()
     termination.exit_on_sigterm()
+    tracking.report_failures()
 
 
 _exit_freeze_registered = False

@@ -5,11 +5,13 @@ with the pipeline run id, with the flattened config as params and the system tag
 user, transferkit's version); a retried step finds the run it created. Registration logs into
 that run (a sweep's branches as its children, see ``transferkit.registry``). ``close_run`` (the
 exit step, which runs whether the DAG succeeded or not) ends it: FINISHED, or FAILED with the
-error. ``transferkit run`` then records the failed step's own one-line error on it
-(``record_failure``), since KFP's final status says only which task failed.
+error. KFP's final status says only which task failed, so the failed step's own one-line
+error is recorded apart: by ``transferkit run`` after the run (``record_failure``), and on a
+cluster by the failing step itself as its pod exits (``report_failures``; the pod knows its
+pipeline run id and step from its labels).
 
-The cached steps do not know the pipeline run id (it would be in their cache key), so nothing
-between the first step and registration talks to MLflow.
+The cached steps do not know the pipeline run id as an input (it would be in their cache key),
+so nothing between the first step and registration talks to MLflow but a failing step.
 
 The connection to MLflow (client, experiment, HTTP retries, one-line errors) lives here too,
 for registration, the trigger and these two steps; MLflow itself is imported only when
@@ -24,6 +26,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from transferkit import __version__
 from transferkit.config import PipelineConfig, flatten
-from transferkit.errors import RegistryError
+from transferkit.errors import RegistryError, TransferkitError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,12 @@ FAILED_STEP_TAG = TAG + "failed_step"
 # so that the runner finds the run it started (KFP's local runner makes its own run id).
 LOCAL_RUN_ENV = "TRANSFERKIT_LOCAL_RUN"
 LOCAL_RUN_TAG = TAG + "local_run"
+# A step's pod on a cluster (pipelines.wiring): the pipeline run id and the step from its labels
+# (downward API), the MLflow to record a failure on from the compiled config.
+PIPELINE_RUN_ENV = "TRANSFERKIT_PIPELINE_RUN_ID"
+STEP_ENV = "TRANSFERKIT_STEP"
+TRACKING_URI_ENV = "TRANSFERKIT_TRACKING_URI"
+EXPERIMENT_ENV = "TRANSFERKIT_EXPERIMENT"
 MAX_PARAM = 6000  # MLflow's limit on a param value
 MAX_TAG = 5000
 _ID = re.compile(r"[\w.:-]{1,250}")
@@ -267,3 +276,70 @@ def _close(
         raise registry_error(config, exc) from None
     log.info("marked MLflow run %s FAILED", run_id)
     return "FAILED"
+
+
+def one_line(error: BaseException) -> str:
+    """An error as ``transferkit run`` reports a step's: a transferkit error's own message, any
+    other as its type and first line (``ValueError: …``)."""
+    if isinstance(error, TransferkitError):
+        return str(error)
+    kind = type(error)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{name}: {first}"[:MAX_TAG] if first else name
+
+
+def report_failures() -> bool:
+    """In a step's pod on a cluster: put an uncaught error on the pipeline run's MLflow run
+    (``transferkit.error`` = ``<step> failed: <one line>``, ``transferkit.failed_step``, FAILED)
+    after the traceback is printed. Active only where the pod's environment names the pipeline
+    run and an MLflow (``pipelines.wiring``); a local run records it from its runner instead.
+    A SIGTERM (``errors.Terminated``) is a stop, not an error: close_run records how it ended.
+    Whether it was installed."""
+    run_id = os.environ.get(PIPELINE_RUN_ENV, "")
+    uri = os.environ.get(TRACKING_URI_ENV) or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not run_id or not uri:
+        return False
+    step = os.environ.get(STEP_ENV) or "a step"
+    experiment_name = os.environ.get(EXPERIMENT_ENV) or "transferkit"
+    previous = sys.excepthook
+    if getattr(previous, "transferkit_reports", False):  # configure_logging ran twice
+        return True
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        previous(kind, error, trace)
+        if not isinstance(error, Exception):
+            return
+        try:
+            record_step_failure(uri, experiment_name, run_id, step, one_line(error))
+        except Exception as exc:  # the step's own error is already printed; it matters more
+            log.warning("could not record the failure on the MLflow run: %s", one_line(exc))
+
+    hook.transferkit_reports = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+    return True
+
+
+def record_step_failure(
+    uri: str, experiment_name: str, pipeline_run_id: str, step: str, error: str
+) -> str | None:
+    """The failed step's one-line error on the MLflow run of ``pipeline_run_id``, unless a
+    step recorded one first (a sweep's branches may fail together; the first is the cause).
+    One attempt per request, 10 s each: the pod is on its way out. Its final status, or None
+    where open_run never opened the run."""
+    from transferkit.config import RegistryConfig, RuntimeConfig
+
+    # Only the registry's connection settings are read (client, experiment, http_policy): the
+    # step's config (data and all) is not at hand in the excepthook, nor needed.
+    parts: dict[str, Any] = {
+        "registry": RegistryConfig(
+            tracking_uri=uri, experiment=experiment_name, http_retries=0, http_timeout=10
+        ),
+        "runtime": RuntimeConfig(),
+    }
+    config = PipelineConfig.model_construct(**parts)
+    return _close(config, RUN_ID_TAG, pipeline_run_id, "FAILED", f"{step} failed: {error}", step)

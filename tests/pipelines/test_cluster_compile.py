@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 from transferkit.components.images import CPU_IMAGE, CUDA_IMAGE
+from transferkit.pipelines.wiring import STEP_FIELDS
 
 from tests.pipelines.test_compile import parse
 from transferkit.cli import main
@@ -104,10 +105,8 @@ def test_secrets_reach_only_the_steps_that_need_them_and_no_credential_is_writte
             assert ("transferkit-s3", "AWS_SECRET_ACCESS_KEY") in mounted
         else:
             assert "transferkit-s3" not in secrets
-        if step_of(name) in ("open-run", "register-model", "close-run"):
-            assert ("transferkit-mlflow", "MLFLOW_TRACKING_PASSWORD") in mounted
-        else:
-            assert "transferkit-mlflow" not in secrets
+        # Every step may record its own failure on the pipeline run's MLflow run.
+        assert ("transferkit-mlflow", "MLFLOW_TRACKING_PASSWORD") in mounted
     text = out.read_text()
     for value in CREDENTIALS.values():
         assert value not in text
@@ -118,6 +117,38 @@ def test_secrets_reach_only_the_steps_that_need_them_and_no_credential_is_writte
             default = json_format.MessageToDict(parameter.default_value)
             assert "kubernetes" not in default, name
             assert "resources" not in default, name
+
+
+def test_every_step_can_record_its_failure_on_the_pipeline_runs_mlflow_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pod's pipeline run id and step from its labels, the tracking server (its credentials
+    come from the MLflow Secret); tests/integration/test_step_failures.py records a failure
+    through them."""
+    out, executors, kube = compile_config(
+        tmp_path,
+        monkeypatch,
+        "registry.tracking_uri=http://mlflow.example:5000",
+    )
+    assert len(executors) == 8
+    for name, executor in executors.items():
+        fields = {f["name"]: f["fieldPath"] for f in kube[name]["fieldPathAsEnv"]}
+        assert fields["TRANSFERKIT_PIPELINE_RUN_ID"] == "metadata.labels['pipeline/runid']"
+        assert fields["TRANSFERKIT_STEP"] == "metadata.labels['transferkit.dev/step']"
+        assert kube[name]["podMetadata"]["labels"]["transferkit.dev/step"] == (
+            step_of(name).replace("-", "_")
+        )
+        env = {e["name"]: e["value"] for e in executor["container"]["env"]}
+        assert env["TRANSFERKIT_TRACKING_URI"] == "http://mlflow.example:5000"
+        assert env["TRANSFERKIT_EXPERIMENT"] == "transferkit"
+    assert all(value not in out.read_text() for value in CREDENTIALS.values())
+    # A local SQLite store is not reachable from pods: no tracking environment.
+    _, executors, kube = compile_config(
+        tmp_path, monkeypatch, config=ROOT / "examples" / "sst2-finetune.yaml"
+    )
+    for name, executor in executors.items():
+        assert "TRANSFERKIT_TRACKING_URI" not in str(executor["container"].get("env", []))
+        assert len(kube[name]["fieldPathAsEnv"]) == 2
 
 
 def test_no_step_has_a_kfp_retry_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,8 +213,12 @@ def test_several_nodes_make_training_a_light_train_job_launcher(
         "POD_NAME": "metadata.name",
         "POD_UID": "metadata.uid",
         "POD_NAMESPACE": "metadata.namespace",
+        **STEP_FIELDS,
     }
-    assert {s["secretName"] for s in placement["secretAsEnv"]} == {"transferkit-s3"}
+    assert {s["secretName"] for s in placement["secretAsEnv"]} == {
+        "transferkit-s3",
+        "transferkit-mlflow",
+    }
     text = out.read_text()
     assert all(value not in text for value in CREDENTIALS.values())
 

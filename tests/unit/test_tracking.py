@@ -4,6 +4,8 @@ KFP's; bad run ids and an unreachable server are one-line errors."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,16 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import make_config
 from transferkit.config import PipelineConfig
 from transferkit.errors import RegistryError
-from transferkit.tracking import LOCAL_RUN_ENV, close_run, open_run, record_failure
+from transferkit.tracking import (
+    LOCAL_RUN_ENV,
+    PIPELINE_RUN_ENV,
+    TRACKING_URI_ENV,
+    close_run,
+    one_line,
+    open_run,
+    record_failure,
+    report_failures,
+)
 
 
 @pytest.fixture
@@ -88,3 +99,32 @@ def test_an_unreachable_server_is_one_transient_line(tmp_path: Path) -> None:
     assert "is unreachable" in str(raised.value)
     assert raised.value.transient
     assert "\n" not in str(raised.value)
+
+
+def test_a_steps_error_is_one_line_as_the_runner_reports_it() -> None:
+    assert one_line(RegistryError("MLflow at x is unreachable")) == "MLflow at x is unreachable"
+    assert one_line(ValueError("bad value\nsecond line")) == "ValueError: bad value"
+    assert one_line(KeyError("label")) == "KeyError: 'label'"
+    assert one_line(OSError()) == "OSError"
+    assert one_line(json.JSONDecodeError("Expecting value", "x", 0)).startswith(
+        "json.decoder.JSONDecodeError: Expecting value"
+    )
+
+
+def test_the_failure_hook_is_installed_in_a_pod_only_and_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = sys.excepthook
+    monkeypatch.setattr(sys, "excepthook", original)
+    for name in (PIPELINE_RUN_ENV, TRACKING_URI_ENV, "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    assert report_failures() is False  # a local run: its runner records failures
+    monkeypatch.setenv(TRACKING_URI_ENV, "http://127.0.0.1:9")
+    assert report_failures() is False  # no pipeline run id: not a KFP pod
+    assert sys.excepthook is original
+    monkeypatch.setenv(PIPELINE_RUN_ENV, "5b2c")
+    assert report_failures() is True
+    hook = sys.excepthook
+    assert hook is not original
+    assert report_failures() is True  # configure_logging called again: one hook still
+    assert sys.excepthook is hook
