@@ -1340,6 +1340,12 @@ class RuntimeConfig(_Model):
         "docker: a container of the transferkit image (images/build.sh cpu) through the Docker "
         "API at DOCKER_HOST (Docker's, or podman's `podman system service`).",
     )
+    warm_start: bool = Field(
+        True,
+        description="runner subprocess: start each step from a helper process that imported "
+        "torch, transformers and MLflow once (a fork per step) instead of a fresh Python; "
+        "false: KFP's own subprocess per step.",
+    )
     num_threads: int | None = Field(
         None, ge=1, le=1024, description="Torch CPU threads; unset: the torch default."
     )

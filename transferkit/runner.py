@@ -260,10 +260,11 @@ def _child_environment(config: PipelineConfig) -> None:
 
 def _step_runner(
     config: PipelineConfig, stamp: str
-) -> tuple[Any, contextlib.AbstractContextManager[None]]:
+) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
     """KFP's local runner of the steps, and what the run must hold around it.
 
-    ``runtime.runner: subprocess``: a subprocess of this Python. ``docker``: a container of
+    ``runtime.runner: subprocess``: a subprocess of this Python, forked from a warm helper
+    with ``runtime.warm_start`` (``transferkit.warm_steps``). ``docker``: a container of
     the transferkit image through the Docker API at DOCKER_HOST (Docker's, or podman's
     ``podman system service``), checked first: the engine answers, and the image is there
     and holds this code (``transferkit.containers_local``).
@@ -271,7 +272,12 @@ def _step_runner(
     from kfp import local
 
     if config.runtime.runner == "subprocess":
-        return local.SubprocessRunner(use_venv=False), contextlib.nullcontext()
+        from transferkit import warm_steps
+
+        around: contextlib.AbstractContextManager[Any] = (
+            warm_steps.started() if config.runtime.warm_start else contextlib.nullcontext()
+        )
+        return local.SubprocessRunner(use_venv=False), around
     from transferkit import containers_local
 
     runner = containers_local.docker_runner(config, labels={"dev.transferkit.run": stamp})

@@ -22,7 +22,9 @@ STEPS = ["ingest_data", "fetch_backbone", "extract_features", "train", "evaluate
 pytestmark = pytest.mark.slow
 
 
-def small_config(tmp_path: Path, sst2_small: dict[str, Path], tiny_backbone: Path) -> Path:
+def small_config(
+    tmp_path: Path, sst2_small: dict[str, Path], tiny_backbone: Path, warm_start: bool = True
+) -> Path:
     """300 real rows, the tiny random BERT, fine-tuned for far longer than the test waits."""
     config = {
         "data": {
@@ -35,7 +37,7 @@ def small_config(tmp_path: Path, sst2_small: dict[str, Path], tiny_backbone: Pat
         "strategy": {"name": "full_finetune"},
         "training": {"epochs": 500, "batch_size": 16, "precision": "fp32"},
         "registry": {"model_name": "interrupted"},
-        "runtime": {"work_dir": str(tmp_path / "work")},
+        "runtime": {"work_dir": str(tmp_path / "work"), "warm_start": warm_start},
     }
     path = tmp_path / "interrupt.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -43,27 +45,40 @@ def small_config(tmp_path: Path, sst2_small: dict[str, Path], tiny_backbone: Pat
 
 
 def step_of(proc: processes.Proc) -> str | None:
-    """The KFP step a process runs (its command line names the function), if any."""
+    """The KFP step a step's Python runs, if it is one: a fresh ``python -m
+    kfp.dsl.executor_main`` names it on its command line (its ``sh`` parent too, but that is
+    not the step yet); one forked from the warm helper (transferkit.warm_steps) in its name."""
     try:
         args = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        name = Path(f"/proc/{proc.pid}/comm").read_text().strip()
     except OSError:
         return None
-    if b"--function_to_execute" not in args:
-        return None
-    return args[args.index(b"--function_to_execute") + 1].decode()
+    if b"kfp.dsl.executor_main" in args and b"--function_to_execute" in args:
+        return args[args.index(b"--function_to_execute") + 1].decode()
+    return name if name in STEPS else None
+
+
+def forked(proc: processes.Proc) -> bool:
+    """Whether a step's process was forked from the warm helper (its command line)."""
+    try:
+        return b"transferkit.warm_steps" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize(
-    ("signum", "target", "wait_for", "whole_group"),
+    ("signum", "target", "wait_for", "whole_group", "warm"),
     [
-        # SIGTERM to the run alone (kill PID, a supervisor): mid-training.
-        (signal.SIGTERM, "train", "step 0: validation", False),
+        # SIGTERM to the run alone (kill PID, a supervisor): mid-training, the step forked
+        # from the warm helper (the default), and as a fresh Python (warm_start: false).
+        (signal.SIGTERM, "train", "step 0: validation", False, True),
+        (signal.SIGTERM, "train", "step 0: validation", False, False),
         # SIGINT to the run alone (kill -INT PID): the step does not receive it.
-        (signal.SIGINT, "fetch_backbone", None, False),
+        (signal.SIGINT, "fetch_backbone", None, False, None),
         # Ctrl-C on a terminal: SIGINT to the whole foreground process group.
-        (signal.SIGINT, "ingest_data", None, True),
+        (signal.SIGINT, "ingest_data", None, True, None),
     ],
-    ids=["sigterm-in-train", "sigint-in-fetch", "ctrl-c-in-ingest"],
+    ids=["sigterm-in-train", "sigterm-in-a-cold-train", "sigint-in-fetch", "ctrl-c-in-ingest"],
 )
 def test_an_interrupted_run_stops_every_process_it_started(
     tmp_path: Path,
@@ -73,8 +88,11 @@ def test_an_interrupted_run_stops_every_process_it_started(
     target: str,
     wait_for: str | None,
     whole_group: bool,
+    warm: bool | None,
 ) -> None:
-    config = small_config(tmp_path, sst2_small, tiny_backbone)
+    """``warm``: whether the step must have been forked from the warm helper (None: either,
+    as the helper's imports and the first steps race)."""
+    config = small_config(tmp_path, sst2_small, tiny_backbone, warm is not False)
     script = Path(sys.executable).with_name("transferkit")
     run = subprocess.Popen(
         [str(script), "run", str(config), "--verbose"],
@@ -90,6 +108,7 @@ def test_an_interrupted_run_stops_every_process_it_started(
     reader.start()
     seen: dict[int, processes.Proc] = {}
     named: dict[int, str | None] = {}  # the step each process ran, read while it lived
+    was_forked: dict[int, bool] = {}
     try:
         deadline = time.monotonic() + 600
         signalled = False
@@ -98,12 +117,13 @@ def test_an_interrupted_run_stops_every_process_it_started(
                 seen[proc.pid] = proc
                 if named.get(proc.pid) is None:
                     named[proc.pid] = step_of(proc)
+                    was_forked[proc.pid] = forked(proc)
             running = [named[p.pid] for p in seen.values() if processes.alive(p)]
-            # The step's shell and the Python below it both run (a plain kill of the shell
-            # would orphan the Python).
+            # The step's Python runs (below KFP's shell, or forked from the warm helper):
+            # every process below the run must stop, not only its children.
             if (
                 not signalled
-                and running.count(target) >= 2
+                and target in running
                 and (wait_for is None or wait_for in "".join(err))
             ):
                 if whole_group:
@@ -113,6 +133,9 @@ def test_an_interrupted_run_stops_every_process_it_started(
                 signalled = True
             time.sleep(0.05)
         assert signalled, "".join(err)[-3000:]
+        step = next(p for p in seen.values() if named[p.pid] == target)
+        if warm is not None:
+            assert was_forked[step.pid] is warm
         assert run.wait(timeout=60) == 128 + signum, "".join(err)[-3000:]
         reader.join(timeout=10)
         # The run waits for its processes: none is left once it has ended.
