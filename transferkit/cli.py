@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transferkit import __version__
 from transferkit.errors import BackboneError, ConfigError, RunInterruptedError, TransferkitError
 from transferkit.logs import LOG_FORMAT, configure_logging
 
@@ -266,7 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args).resolved()
     print(
-        f"transferkit run {args.config}: {_what(config)}, work dir {config.runtime.work_dir}",
+        f"transferkit run {args.config}: {_what(config)}, work dir {config.runtime.work_dir} "
+        f"(transferkit {__version__})",
         file=sys.stderr,
     )
     summary = run_local(config, on_event=_Console(verbose=args.verbose))
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="transferkit",
         description="Transfer-learning pipelines for Kubeflow Pipelines.",
     )
+    parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -8,11 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from transferkit import __version__
 from transferkit.cli import main
 from transferkit.runner import _Events
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "examples" / "sst2-quickstart.yaml")
+
+
+def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out == f"transferkit {version('transferkit')}\n"
 
 
 def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,6 +75,8 @@ def test_run_refuses_several_nodes_locally(
     code = run_quickstart(tmp_path / "w", "strategy.name=full_finetune", "training.nodes=2")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
+    # The header names the version that ran.
+    assert err[0].endswith(f"work dir {tmp_path / 'w'} (transferkit {__version__})"), err[0]
     assert err[-1].startswith("error: training.nodes 2: several nodes train on a cluster")
     assert not (tmp_path / "w" / "mlflow.db").exists()
 
