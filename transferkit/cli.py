@@ -230,6 +230,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for line in getattr(exc, "all_lines", [str(exc)]):
             print(f"error: {line}", file=sys.stderr)
         return 2
+    from transferkit.preflight import problems
+
+    # The sources, as `run` would find them before its first step: exit 1, as run exits.
+    found = problems(config, offline=args.offline)
+    for line in found:
+        print(f"error: {line}", file=sys.stderr)
+    if found:
+        return 1
     data = config.data
     source = data.uri or data.train_uri
     print(
@@ -513,8 +521,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="show step log lines")
     run.set_defaults(func=cmd_run)
 
-    validate = sub.add_parser("validate", help="check a config file without running it")
+    validate = sub.add_parser(
+        "validate",
+        help="check a config file and the sources it names (paths, schemes, columns, S3 "
+        "objects) without running it",
+    )
     with_config(validate)
+    validate.add_argument(
+        "--offline", action="store_true", help="skip the checks that need the network (S3)"
+    )
     validate.set_defaults(func=cmd_validate)
 
     schema = sub.add_parser("schema", help="print the config JSON Schema")

@@ -229,3 +229,19 @@ def test_a_tampered_backbone_cache_entry_is_refused(
         f"there after caching); refusing to use it — delete {entry}"
     )
     assert not (tmp_path / "second").exists()
+
+
+def test_validate_finds_a_missing_s3_object_and_skips_s3_offline(
+    tmp_path: Path, s3_env: S3Server, bucket: str
+) -> None:
+    from transferkit.preflight import problems
+
+    config = s3_config(tmp_path, s3_env)
+    assert problems(config) == []
+    missing = s3_config(tmp_path, s3_env, test_uri="s3://transferkit/sst2/gone.tsv")
+    assert problems(missing) == ["s3://transferkit/sst2/gone.tsv: no such object; check the key"]
+    # The same line stops ingest.
+    with pytest.raises(StorageError) as stopped:
+        ingest_data(missing, tmp_path / "dataset")
+    assert str(stopped.value) == problems(missing)[0]
+    assert problems(missing, offline=True) == []

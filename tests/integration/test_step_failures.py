@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import SHARED_DATA
 from tests.integration.conftest import MlflowServer
 from transferkit import tracking
 from transferkit.config import PipelineConfig
@@ -27,7 +28,7 @@ from transferkit.step_inputs import step_arguments
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
+DATA = SHARED_DATA / "sst2"
 
 STEP = """
 import json, sys

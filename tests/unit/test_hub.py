@@ -15,7 +15,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.conftest import ROOT, make_config
+from tests.conftest import ROOT, SHARED_DATA, make_config
 from tests.stand_ins.hub import HubStandIn, Repo, folder_files, serve_hub
 from transferkit.backbones import fetch_backbone
 from transferkit.backbones.hub import hub_cache, is_hub_uri, parse_hub_uri
@@ -330,7 +330,10 @@ def test_malformed_hub_id_is_refused_at_validation(tmp_path: Path, uri: str) -> 
 def test_validate_refuses_a_bare_hub_id(
     uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    data = SHARED_DATA / "sst2"
+    monkeypatch.chdir(tmp_path)  # where the quickstart's relative data paths do not lead
+    absolute = ["--set", f"data.train_uri={data / 'train.tsv'}"]
+    absolute += ["--set", f"data.test_uri={data / 'dev.tsv'}"]
     assert main(["validate", QUICKSTART_CONFIG, "--set", f"backbone.uri={uri}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
@@ -338,8 +341,10 @@ def test_validate_refuses_a_bare_hub_id(
     assert f"write hf://{uri}" in err
     # The same name as an existing local folder is that folder; as hf:// it is the Hub's.
     (tmp_path / uri).mkdir(parents=True)
-    assert main(["validate", QUICKSTART_CONFIG, "--set", f"backbone.uri={uri}"]) == 0
-    assert main(["validate", QUICKSTART_CONFIG, "--set", f"backbone.uri=hf://{uri}"]) == 0
+    assert main(["validate", QUICKSTART_CONFIG, *absolute, "--set", f"backbone.uri={uri}"]) == 0
+    assert (
+        main(["validate", QUICKSTART_CONFIG, *absolute, "--set", f"backbone.uri=hf://{uri}"]) == 0
+    )
 
 
 def test_hub_backbone_embeds_like_the_local_folder(
