@@ -364,7 +364,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
     # Only the DAG this run needs is built (the package builds each when first asked for).
     pipeline = pipelines.strategy_sweep if sweep else pipelines.transfer_learning
     steps = SWEEP_STEPS if sweep else STEPS
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     work_dir = Path(config.runtime.work_dir)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     log_file = work_dir / "logs" / f"run-{stamp}.log"
@@ -400,6 +400,7 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
                 # atomically and KFP caches only a step that succeeded: nothing of a stopped
                 # step is served to a later run.
                 interrupt.stopped += len(processes.stop_tree(grace=1.0))
+                _discard_stopped(Path(config.pipeline_root), began, events.running)
                 if config.runtime.runner == "docker":
                     from transferkit.containers_local import stop_containers
 
@@ -447,6 +448,20 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         sweep=comparison,
         sweep_run_id=result.get("sweep_run_id"),
     )
+
+
+def _discard_stopped(pipeline_root: Path, began: float, running: list[str]) -> None:
+    """The output folders of the steps a signal stopped, in this run's folder of the pipeline
+    root. KFP never recorded them, so nothing would serve them, but a step that finished its
+    (atomic) writes just as the signal came would leave a complete one behind."""
+    import shutil
+
+    if not running or not pipeline_root.is_dir():
+        return
+    for run_dir in pipeline_root.iterdir():
+        if run_dir.is_dir() and run_dir.stat().st_mtime >= began - 1:
+            for step in running:
+                shutil.rmtree(run_dir / step.replace("_", "-"), ignore_errors=True)
 
 
 def _record_failure(config: PipelineConfig, stamp: str, events: _Events, step: str) -> None:

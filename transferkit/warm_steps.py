@@ -10,8 +10,9 @@ reads as KFP's own runner reads the subprocess's. A step is still a process of i
 memory, its exit status, SIGTERM to stop it, ``processes.stop_tree`` finds it below the
 runner), and what it computes is unchanged.
 
-A step whose command is not KFP's lightweight-component command, or that comes before the
-helper has finished its imports, or after it is gone, runs as KFP runs it (a fresh Python).
+The first step waits for the helper's imports (about as long as a cold step's own); a step
+whose command is not KFP's lightweight-component command, or that comes after the helper is
+gone or when it was not ready within ``READY_TIMEOUT``, runs as KFP runs it (a fresh Python).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ WARM_MODULES = (
     "transferkit.tracking",
 )
 _HEADER = struct.Struct("!I")
+# Seconds the first step waits for the helper's imports before it runs as KFP runs it.
+READY_TIMEOUT = 120.0
 _COMMAND = re.compile(r"_KFP_RUNTIME=true \S+ -m kfp\.dsl\.executor_main\s")
 
 
@@ -84,6 +88,16 @@ class WarmSteps:
     def ready(self) -> bool:
         return self.process.poll() is None and os.path.exists(self.address)
 
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> bool:
+        """Wait for the helper's imports (a step started cold meanwhile would import the same
+        modules beside it, on the same cores); False if it ended or is not ready in time."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def run(
         self, original: Callable[..., int], full_command: list[str], env_vars: dict | None = None
     ) -> int:
@@ -91,7 +105,7 @@ class WarmSteps:
         output printed line by line."""
         self.steps += 1
         request = step_request(full_command)
-        if request is None or not self.ready():
+        if request is None or not self.wait_ready():
             return original(full_command=full_command, env_vars=env_vars)
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
