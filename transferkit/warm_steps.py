@@ -10,9 +10,11 @@ reads as KFP's own runner reads the subprocess's. A step is still a process of i
 memory, its exit status, SIGTERM to stop it, ``processes.stop_tree`` finds it below the
 runner), and what it computes is unchanged.
 
-The first step waits for the helper's imports (about as long as a cold step's own); a step
-whose command is not KFP's lightweight-component command, or that comes after the helper is
-gone or when it was not ready within ``READY_TIMEOUT``, runs as KFP runs it (a fresh Python).
+The helper starts with the first step that KFP did not serve from its cache and that not every
+run runs (``ALWAYS_RUN``): a cached rerun runs only those, cold, and starts no helper. That
+step waits for the helper's imports (about as long as its own cold imports); a step whose
+command is not KFP's lightweight-component command, or that comes after the helper is gone or
+when it was not ready within ``READY_TIMEOUT``, runs as KFP runs it (a fresh Python).
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ READY_TIMEOUT = 120.0
 _COMMAND = re.compile(r"_KFP_RUNTIME=true \S+ -m kfp\.dsl\.executor_main\s")
 
 
+# Steps that run in every run, cached or not (they open and close the MLflow run, and register):
+# they never start the helper, since a cached rerun runs only them, and its start-up (importing
+# everything, ~5 s here) would cost more than their own cold imports. They use it once it runs.
+ALWAYS_RUN = frozenset({"open_run", "register_model", "close_run"})
+
+
+def _always_runs(args: list[str]) -> bool:
+    names = (
+        args[args.index("--function_to_execute") + 1 :] if "--function_to_execute" in args else []
+    )
+    return bool(names) and names[0] in ALWAYS_RUN
+
+
 def step_request(full_command: list[str]) -> dict[str, Any] | None:
     """The component source and executor arguments of KFP's lightweight-component command
     (``sh -ec SCRIPT SOURCE ARGS…``), or None for any other command."""
@@ -75,6 +90,14 @@ class WarmSteps:
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="transferkit-warm-"))
         self.address = str(self.folder / "steps.sock")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.warm = 0  # steps started warm, and all steps: for the run's log
+        self.steps = 0
+
+    def start(self) -> None:
+        """Start the helper (once)."""
+        if self.process is not None:
+            return
         with open(self.folder / "helper.log", "wb") as log:  # why it never got ready
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "transferkit.warm_steps", self.address, str(os.getpid())],
@@ -82,18 +105,22 @@ class WarmSteps:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
-        self.warm = 0  # steps started warm, and all steps: for the run's log
-        self.steps = 0
 
     def ready(self) -> bool:
-        return self.process.poll() is None and os.path.exists(self.address)
+        return (
+            self.process is not None
+            and self.process.poll() is None
+            and os.path.exists(self.address)
+        )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> bool:
         """Wait for the helper's imports (a step started cold meanwhile would import the same
         modules beside it, on the same cores); False if it ended or is not ready in time."""
         deadline = time.monotonic() + timeout
         while not self.ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
         return True
@@ -105,6 +132,8 @@ class WarmSteps:
         output printed line by line."""
         self.steps += 1
         request = step_request(full_command)
+        if request is not None and self.process is None and not _always_runs(request["args"]):
+            self.start()
         if request is None or not self.wait_ready():
             return original(full_command=full_command, env_vars=env_vars)
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,14 +165,16 @@ class WarmSteps:
     def report(self) -> str:
         """One line for the run's log: how many steps started warm, or why none could."""
         line = f"warm start: {self.warm} of {self.steps} steps forked from the helper"
-        if self.process.poll() is not None:
+        if self.process is None:
+            line += " (not started: no cacheable step ran)"
+        elif self.process.poll() is not None:
             log = (self.folder / "helper.log").read_text(errors="replace").strip()
             last = log.splitlines()[-1] if log else "no output"
             line += f"; the helper ended with status {self.process.returncode}: {last}"
         return line
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=10)

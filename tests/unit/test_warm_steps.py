@@ -48,6 +48,8 @@ def runner(tmp_path: Path) -> None:
 
 
 def ready(warm: warm_steps.WarmSteps, timeout: float = 180.0) -> None:
+    warm.start()
+    assert warm.process is not None
     deadline = time.monotonic() + timeout
     while not warm.ready():
         assert warm.process.poll() is None, warm.report()
@@ -71,6 +73,9 @@ def test_kfps_lightweight_command_is_recognised_and_nothing_else() -> None:
     assert "def probe(name: str) -> str:" in request["source"]
     assert request["args"] == ["--executor_input", "{}", "--function_to_execute", "probe"]
     assert warm_steps.step_request([sys.executable, "-c", "print(1)"]) is None
+    # What every run runs, cached or not, starts no helper (a cached rerun runs only those).
+    assert warm_steps._always_runs(["--function_to_execute", "register_model"])
+    assert not warm_steps._always_runs(request["args"])
     assert warm_steps.step_request(["sh", "-ec", "python3 x.py", "x"]) is None
 
 
@@ -130,11 +135,26 @@ def test_without_the_helper_a_step_runs_as_kfp_runs_it(
     assert "the helper ended with status -15" in capsys.readouterr().out
 
 
+def test_a_run_of_always_run_steps_only_starts_no_helper(
+    runner: None, capsys: pytest.CaptureFixture
+) -> None:
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def close_run() -> str:
+        return "closed"
+
+    with warm_steps.started() as warm:
+        assert close_run().output == "closed"
+        assert warm.process is None
+        assert warm.steps == 1
+    assert "(not started: no cacheable step ran)" in capsys.readouterr().out
+
+
 def test_the_helper_ends_when_the_run_that_started_it_is_gone(tmp_path: Path) -> None:
     script = (
         "import os, sys, time\n"
         "from transferkit.warm_steps import WarmSteps\n"
         "warm = WarmSteps()\n"
+        "warm.start()\n"
         "print(warm.process.pid, warm.folder, flush=True)\n"
         "os._exit(0)\n"  # killed, as by SIGKILL: no cleanup
     )
