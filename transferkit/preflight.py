@@ -77,14 +77,14 @@ def _has_s3_credentials() -> bool:
 
 def _readable(uri: str, path: Path) -> None:
     if not path.exists():
-        raise StorageError(f"{uri}: no such file or folder; check the path")
+        raise storage.not_found(uri)
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise StorageError(f"{uri}: not readable by this user; check its permissions")
 
 
 def _columns(config: PipelineConfig, uri: str, role: str) -> list[str]:
     """The configured columns missing from a local table's header, as the reader words it."""
-    from transferkit.data.readers import detect_format
+    from transferkit.data.readers import detect_format, missing_column
 
     path = storage.local_path(uri)
     data = config.data
@@ -101,11 +101,8 @@ def _columns(config: PipelineConfig, uri: str, role: str) -> list[str]:
         if data.text_pair_column:
             wanted.append((data.text_pair_column, "data.text_pair_column"))
         wanted.append((data.label_column, "data.label_column"))
-    shown = ", ".join(header[:12])
     return [
-        f"{uri}: no column '{column}' (columns: {shown}); set {key}"
-        for column, key in wanted
-        if column not in header
+        missing_column(uri, column, header, key) for column, key in wanted if column not in header
     ]
 
 

@@ -609,6 +609,11 @@ def fetch_tree_cached(
     return hit
 
 
+def not_found(uri: str) -> StorageError:
+    """The one line for a local path with nothing behind it (also ``transferkit validate``'s)."""
+    return StorageError(f"{uri}: no such file or folder; check the path")
+
+
 def stamp(uri: str, storage: StorageConfig | None = None) -> str:
     """A content stamp of a file or folder: changes whenever the bytes behind the URI change.
 
@@ -623,7 +628,7 @@ def stamp(uri: str, storage: StorageConfig | None = None) -> str:
             return sha256_file(path)
         if path.is_dir():
             return sha256_tree(path)
-        raise StorageError(f"{uri}: no such file or folder; check the path")
+        raise not_found(uri)
     client = s3_client(storage)
     objects: list[dict[str, Any]] = []
     if loc.path and not loc.path.endswith("/"):

@@ -66,11 +66,15 @@ _COMMAND = re.compile(r"_KFP_RUNTIME=true \S+ -m kfp\.dsl\.executor_main\s")
 ALWAYS_RUN = frozenset({"open_run", "register_model", "close_run"})
 
 
+def _function(args: list[str]) -> str | None:
+    """The step's function, from KFP's executor arguments."""
+    if "--function_to_execute" not in args[:-1]:
+        return None
+    return args[args.index("--function_to_execute") + 1]
+
+
 def _always_runs(args: list[str]) -> bool:
-    names = (
-        args[args.index("--function_to_execute") + 1 :] if "--function_to_execute" in args else []
-    )
-    return bool(names) and names[0] in ALWAYS_RUN
+    return _function(args) in ALWAYS_RUN
 
 
 def step_request(full_command: list[str]) -> dict[str, Any] | None:
@@ -226,9 +230,10 @@ def _receive(connection: socket.socket) -> tuple[dict[str, Any], int]:
 def _name_process(args: list[str]) -> None:
     """The step's function as the process name (``ps``, ``top``, ``/proc/PID/comm``): its
     command line is the helper's (Linux; elsewhere it keeps the helper's name)."""
-    if "--function_to_execute" not in args[:-1]:
+    function = _function(args)
+    if function is None:
         return
-    name = args[args.index("--function_to_execute") + 1].encode()[:15]
+    name = function.encode()[:15]
     with contextlib.suppress(Exception):
         import ctypes
 

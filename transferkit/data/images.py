@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from transferkit.data.readers import missing_column
 from transferkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,7 @@ def csv_entries(frame: pd.DataFrame, where: str, image_column: str, label_column
     """
     for column, key in ((image_column, "image_column"), (label_column, "label_column")):
         if column not in frame.columns:
-            found = ", ".join(map(str, frame.columns[:12]))
-            raise DataError(f"{where}: no column '{column}' (columns: {found}); set data.{key}")
+            raise DataError(missing_column(where, column, frame.columns, f"data.{key}"))
     entries: list[tuple[str, str]] = []
     for line, (path, label) in enumerate(
         zip(frame[image_column], frame[label_column], strict=True), start=2

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,13 @@ def detect_format(name: str, declared: str = "auto") -> str:
             f"to one of csv, tsv, jsonl, parquet (images: npz, image_folder, image_csv)"
         )
     return FORMATS[suffix]
+
+
+def missing_column(name: str, column: str, found: Iterable[Any], setting: str) -> str:
+    """The one line for a table without a configured column: its first 12 columns, and the
+    setting that names it (also ``transferkit validate``'s, transferkit.preflight)."""
+    shown = ", ".join(map(str, list(found)[:12]))
+    return f"{name}: no column '{column}' (columns: {shown}); set {setting}"
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -336,10 +343,7 @@ def read_texts(path: Path, name: str, fmt: str, text_column: str) -> list[str]:
     """
     frame = _frame(path, name, fmt)
     if text_column not in frame.columns:
-        found = ", ".join(map(str, frame.columns[:12]))
-        raise DataError(
-            f"{name}: no column '{text_column}' (columns: {found}); set strategy.text_column"
-        )
+        raise DataError(missing_column(name, text_column, frame.columns, "strategy.text_column"))
     _check_text_cells(frame, text_column, name, _position(frame, fmt))
     return [text for text in map(_cell, frame[text_column].tolist()) if text is not None]
 
@@ -360,8 +364,7 @@ def read_text_pairs(path: Path, name: str, first: str, second: str, fix: str) ->
     frame = _frame(path, name, fmt)
     for column in (first, second):
         if column not in frame.columns:
-            found = ", ".join(map(str, frame.columns[:12]))
-            raise DataError(f"{name}: no column '{column}' (columns: {found}); set {fix}")
+            raise DataError(missing_column(name, column, frame.columns, fix))
         _check_text_cells(frame, column, name, _position(frame, fmt))
     cells = [
         (a, b)
@@ -561,8 +564,7 @@ def read_table(
         wanted.insert(1, (pair_column, "text_pair_column"))
     for column, key in wanted:
         if column not in frame.columns:
-            found = ", ".join(map(str, frame.columns[:12]))
-            raise DataError(f"{name}: no column '{column}' (columns: {found}); set data.{key}")
+            raise DataError(missing_column(name, column, frame.columns, f"data.{key}"))
     at = _position(frame, fmt, header=not columns)
     text_columns = {"text": text_column}
     if pair_column is not None:
