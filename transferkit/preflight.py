@@ -46,11 +46,16 @@ def problems(config: PipelineConfig, offline: bool = False) -> list[str]:
                     storage.stamp(uri, config.storage)  # ETags only: nothing is downloaded
                 continue
             _readable(uri, storage.local_path(uri))
-            if role in ("data", "unlabelled") and config.data.modality == "text":
+            if role in ("data", "unlabelled") and HEADER_CHECKED[config.data.modality]:
                 found.extend(_columns(config, uri, role))
         except TransferkitError as error:
             found.append(str(error))
     return found
+
+
+# Which kinds of data (data.modality) have their configured columns checked against the table's
+# header here: an image table's columns are resolved by its reader (folders, npz, path columns).
+HEADER_CHECKED = {"text": True, "image": False}
 
 
 def _sources(config: PipelineConfig) -> Iterator[tuple[str, str]]:
