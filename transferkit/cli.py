@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit import __version__
+from transferkit.console import Console
 from transferkit.errors import BackboneError, ConfigError, RunInterruptedError, TransferkitError
 from transferkit.logs import LOG_FORMAT, configure_logging
 
@@ -36,49 +37,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ output
-
-
-class _Console:
-    """Step lines while the pipeline runs: live on a terminal, plain lines otherwise."""
-
-    def __init__(self, verbose: bool) -> None:
-        # Bound now: while the pipeline runs, sys.stderr is redirected into the run's log.
-        self.out = sys.stderr
-        self.tty = self.out.isatty()
-        self.verbose = verbose
-        self._transient = False
-
-    def _print(self, text: str, transient: bool = False) -> None:
-        if self._transient:
-            self.out.write("\r\x1b[2K")
-        self.out.write(text if transient else text + "\n")
-        self.out.flush()
-        self._transient = transient
-
-    def __call__(self, event: str) -> None:
-        kind, _, rest = event.partition(" ")
-        if kind == "start":
-            self._print(f"  ▸ {rest:<17} running…", transient=self.tty)
-        elif kind == "cached":
-            self._print(f"  ✓ {rest:<17} cached")
-        elif kind == "done":
-            step, seconds = rest.rsplit(" ", 1)
-            self._print(f"  ✓ {step:<17} {float(seconds):7.1f} s")
-        elif kind == "failed":
-            step, seconds = rest.rsplit(" ", 1)
-            self._print(f"  ✗ {step:<17} failed after {float(seconds):.1f} s")
-        elif kind == "retry":
-            step, attempt = rest.split()
-            self._print(f"  ↻ {step:<17} attempt {attempt} (retry policy)")
-        elif kind == "log":
-            level, name, message = rest.split(" ", 2)
-            if level != "INFO":
-                self._print(f"    {level.lower()}: {message}")
-            elif name == "transferkit.progress":
-                if self.tty:
-                    self._print(f"    {message}", transient=True)
-            elif self.verbose:
-                self._print(f"    {message}")
 
 
 def _sweep_table(sweep: dict[str, Any]) -> list[str]:
@@ -279,7 +237,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(transferkit {__version__})",
         file=sys.stderr,
     )
-    summary = run_local(config, on_event=_Console(verbose=args.verbose))
+    console = Console(sys.stderr, verbose=args.verbose, quiet=args.quiet)
+    try:
+        summary = run_local(config, on_event=console)
+    finally:
+        console.close()
     print(_summary_table(summary))
     if args.summary:
         write_summary(summary, Path(args.summary))
@@ -519,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--summary", metavar="FILE", help="also write the summary as JSON")
     run.add_argument("-v", "--verbose", action="store_true", help="show step log lines")
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="no live progress, only the step lines"
+    )
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser(

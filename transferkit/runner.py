@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from transferkit import processes, storage, tracking
+from transferkit import processes, progress, storage, tracking
 from transferkit.backbones import hub
 from transferkit.config import PipelineConfig
 from transferkit.errors import ConfigError, RunInterruptedError, TransferkitError
@@ -50,6 +50,7 @@ SWEEP_STEPS = (
 )
 # The steps that open and close the run's MLflow run: never cached, never announced so.
 _BOOKKEEPING = frozenset({"open_run", "close_run"})
+STEP_PROGRESS_SECONDS = 2.0  # between two progress lines of a step (TRANSFERKIT_PROGRESS_SECONDS)
 # Depth of each step in the DAG: a step starts only after every step of a lower depth ended.
 DEPTH = {step: depth for depth, step in enumerate(STEPS)}
 SWEEP_DEPTH = {step: depth for depth, step in enumerate(SWEEP_STEPS)}
@@ -157,7 +158,11 @@ class _Events:
             if uri := _OUTPUT_URI.match(line):
                 self.outputs.setdefault(self.current, []).append(uri.group(1))
             if step_log := _STEP_LOG.match(line):
-                self.on_line(f"log {step_log.group(1)} {step_log.group(2)} {step_log.group(3)}")
+                level, name, message = step_log.groups()
+                if name == "transferkit.progress" and level == "INFO":
+                    self.on_line(f"progress {self.current} {message}")
+                else:
+                    self.on_line(f"log {level} {name} {message}")
 
     def announce_cached(self, before: str | None = None) -> None:
         """Report steps that never started as cached (KFP's local runner does not log hits).
@@ -254,6 +259,8 @@ def _child_environment(config: PipelineConfig) -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PYTHONUNBUFFERED": "1",
+        # A progress line every 2 s: the step's line on the screen shows the latest.
+        progress.INTERVAL_ENV: str(STEP_PROGRESS_SECONDS),
     }.items():
         os.environ.setdefault(key, value)
 

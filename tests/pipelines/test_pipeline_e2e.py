@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from transferkit.console import PLAIN_EVERY
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ["ingest_data", "fetch_backbone", "extract_features", "train", "evaluate", "register_model"]
 
@@ -86,6 +88,15 @@ def test_quickstart_trains_evaluates_and_registers(first_run: dict, work: Path) 
     assert "registered  models:/sst2-sentiment/1" in summary["stdout"]
     for step in STEPS:
         assert f"✓ {step}" in summary["stderr"]
+    # Not a terminal: the long extraction's progress as plain lines, a few, not a bar.
+    plain = re.findall(
+        r"^    extract_features: embed train: \d+/\d+ batches \(\d+%\), .*, ETA .+$",
+        summary["stderr"],
+        re.MULTILINE,
+    )
+    most = summary["step_seconds"]["extract_features"] / PLAIN_EVERY + 1
+    assert 1 <= len(plain) <= most, summary["stderr"][-2000:]
+    assert "\r" not in summary["stderr"]
 
 
 def test_registered_champion_loads_back_and_scores_as_evaluated(

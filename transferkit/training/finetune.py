@@ -27,6 +27,7 @@ from transferkit.backbones.modality import Inputs, length_grouped_batches
 from transferkit.backbones.text import autocast
 from transferkit.config import PipelineConfig, TrainingConfig
 from transferkit.errors import TrainingError
+from transferkit.progress import Ticker
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.objective import Objective
 
@@ -287,7 +288,8 @@ def finetune(
         log.info("resumed from the checkpoint at step %d of %d", step, total)
     resumed_from = None if resumed is None else step
     stopped_early = False
-    window_loss, window_count = 0.0, 0
+    window_loss, window_count = 0.0, 0  # the training loss since the last progress line
+    ticker = Ticker("train", total, "step")
     curve_loss, curve_count = 0.0, 0  # the training loss since the last validation
     while step < total and not stopped_early:
         forward.train()
@@ -329,15 +331,9 @@ def finetune(
             window_count += 1
             curve_loss += step_loss
             curve_count += 1
-            if step % max(eval_every // 4, 1) == 0:
-                elapsed = time.perf_counter() - started - validate_seconds
-                log.info(
-                    "step %d/%d: loss %.4f, %.0f examples/s",
-                    step,
-                    total,
-                    window_loss / window_count,
-                    seen / max(elapsed, 1e-9),
-                )
+            last = f", validation {metric} {validations[-1][metric]:.4f}" if validations else ""
+            epoch = f"epoch {seen / max(len(train), 1):.1f}, loss {window_loss / window_count:.4f}"
+            if ticker.update(step, epoch + last):
                 window_loss, window_count = 0.0, 0
             if step % eval_every == 0 or step == total:
                 value = validate()

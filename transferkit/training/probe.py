@@ -8,7 +8,6 @@ weights so that the saved head applies directly to raw pooled vectors.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,9 +17,7 @@ from torch import nn
 
 from transferkit.metrics import metric_of_logits
 from transferkit.multilabel import metric_of_set_logits
-
-log = logging.getLogger(__name__)
-
+from transferkit.progress import note
 
 # L-BFGS stops when the largest gradient entry or the change of the loss falls below these.
 # The features are held in DTYPE (the products with them run in it), the weights in float64:
@@ -182,7 +179,8 @@ def fit_probe(
     # Strongest penalty first: on ties the simpler model wins. Each fit starts from the
     # previous penalty's solution, near its own (the objective is convex: the same minimum).
     head: nn.Linear | None = None
-    for l2 in sorted(l2_grid, reverse=True):
+    penalties = sorted(l2_grid, reverse=True)
+    for number, l2 in enumerate(penalties, start=1):
         head = _fit(x, y, len(labels), l2, max_iter, weights, start=head)
         with torch.no_grad():
             logits = head(xv.double()).numpy()
@@ -190,7 +188,10 @@ def fit_probe(
             val_y, logits, labels, primary_metric
         )
         grid[f"{l2:g}"] = value
-        log.info("probe l2=%g: validation %s %.4f", l2, primary_metric, value)
+        note(
+            f"probe: penalty {number}/{len(penalties)} (l2={l2:g}), "
+            f"validation {primary_metric} {value:.4f}"
+        )
         if best is None or value > best[1]:
             best = (l2, value, head)
     assert best is not None

@@ -9,6 +9,7 @@ import time
 
 from transferkit.backbones.support import rungs
 from transferkit.config import AutoStrategyConfig, PipelineConfig
+from transferkit.progress import note
 from transferkit.regression import orientation
 from transferkit.training.context import Context, Fitted
 from transferkit.training.runtime import seed_everything
@@ -24,7 +25,9 @@ def fit(config: PipelineConfig, strategy: AutoStrategyConfig, ctx: Context) -> F
     fitted: list[tuple[str, Fitted, float]] = []
     best: Fitted | None = None
     stopped = "reached the top of the ladder"
-    for name in rungs(strategy, ctx.capabilities()):
+    ladder = rungs(strategy, ctx.capabilities())
+    for number, name in enumerate(ladder, start=1):
+        note(f"auto: rung {number}/{len(ladder)} {name}")
         rung = config.with_strategy(strategy.rung(name), strategy.training.get(name))
         seed_everything(config.training.seed)
         started = time.perf_counter()
