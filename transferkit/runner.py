@@ -50,6 +50,7 @@ SWEEP_STEPS = (
 )
 # The steps that open and close the run's MLflow run: never cached, never announced so.
 _BOOKKEEPING = frozenset({"open_run", "close_run"})
+BRANCH_STEPS = frozenset({"train", "evaluate"})  # a sweep's ParallelFor (pipelines/sweep.py)
 STEP_PROGRESS_SECONDS = 2.0  # between two progress lines of a step (TRANSFERKIT_PROGRESS_SECONDS)
 # Depth of each step in the DAG: a step starts only after every step of a lower depth ended.
 DEPTH = {step: depth for depth, step in enumerate(STEPS)}
@@ -113,6 +114,7 @@ class _Events:
     running: list[str] = field(default_factory=list)
     muted: bool = False
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    branches: int = 0  # a sweep's branches, each running BRANCH_STEPS once
 
     def feed(self, raw: str) -> None:
         line = _ANSI.sub("", raw)
@@ -131,7 +133,7 @@ class _Events:
             if attempt > 1:
                 self.on_line(f"retry {step} {attempt}")
             else:
-                self.on_line(f"start {step}" if branch == 1 else f"start {step} #{branch}")
+                self.on_line(f"start {self.branch(step, branch)}")
         elif (match := _DONE.search(line)) and match.group(1).replace("-", "_") in self.depth:
             step = match.group(1).replace("-", "_")
             if step in self.running:
@@ -151,7 +153,7 @@ class _Events:
                 # Branch steps add up: the summary gives the time spent in each kind of step.
                 self.seconds[step] = self.seconds.get(step, 0.0) + took
             runs = self.runs.get(step, 0)
-            shown = step if runs <= 1 or not ok else f"{step} #{runs}"
+            shown = self.branch(step, runs if ok else runs + 1)
             self.on_line(f"{'done' if ok else 'failed'} {shown} {took:.1f}")
         elif self.current is not None:
             self.task_lines[self.current].append(line)
@@ -163,6 +165,12 @@ class _Events:
                     self.on_line(f"progress {self.current} {message}")
                 else:
                     self.on_line(f"log {level} {name} {message}")
+
+    def branch(self, step: str, number: int) -> str:
+        """A step as the screen names it: ``train #2/6`` in a sweep's branches."""
+        if self.branches and step in BRANCH_STEPS:
+            return f"{step} #{number}/{self.branches}"
+        return step if number <= 1 else f"{step} #{number}"
 
     def announce_cached(self, before: str | None = None) -> None:
         """Report steps that never started as cached (KFP's local runner does not log hits).
@@ -388,6 +396,10 @@ def run_local(config: PipelineConfig, on_event: Callable[[str], None] | None = N
         raise_on_error=True,
     )
     events = _Events(on_line=on_event or (lambda _: None), depth=SWEEP_DEPTH if sweep else DEPTH)
+    if sweep:
+        from transferkit.sweep import plan
+
+        events.branches = len(plan(config))
     with open(log_file, "w", encoding="utf-8") as sink, _stop_on_signals(events) as interrupt:
         try:
             tee = _LineTee(sink, events)

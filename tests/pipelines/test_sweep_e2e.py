@@ -4,6 +4,7 @@ the comparison report, parent/child MLflow runs, and the negative-transfer guard
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, sst2_small: dict[str, Path
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((folder / "guarded.json").read_text())
     summary["stdout"], summary["folder"] = result.stdout, folder
+    summary["stderr"] = result.stderr
     return summary
 
 
@@ -75,6 +77,10 @@ def test_sweep_runs_every_branch_and_reports_them(guarded: dict) -> None:
     assert (report.parent / "learning_curve.png").stat().st_size > 1000
     assert "Sweep (3 branches; accuracy; margin 0.9)" in guarded["stdout"]
     assert set(guarded["step_seconds"]) >= {"plan_sweep", "compare_strategies"}
+    # The step table counts the branches as they run.
+    for step in ("train", "evaluate"):
+        for number in (1, 2, 3):
+            assert re.search(rf"✓ {step} #{number}/3 +[\d.]+ s\n", guarded["stderr"])
 
 
 def test_negative_transfer_is_flagged_tagged_and_never_promoted(guarded: dict) -> None:
