@@ -181,21 +181,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         config = validate_mapping(raw, str(path))
         refuse_bare_hub_ids(config, str(path))
-        from transferkit.backbones.support import check_local
-
-        check_local(config)
-    except (ConfigError, BackboneError) as exc:
-        for line in getattr(exc, "all_lines", [str(exc)]):
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        return _config_errors(exc)
     from transferkit.preflight import problems
 
-    # The sources, as `run` would find them before its first step: exit 1, as run exits.
+    # First the sources, as `run` would find them before its first step (exit 1, as run
+    # exits): quick, nothing of the model code loaded. Then, with the sources there, what
+    # fetch_backbone checks: the family embeds the data and allows the strategy.
     found = problems(config, offline=args.offline)
     for line in found:
         print(f"error: {line}", file=sys.stderr)
     if found:
         return 1
+    try:
+        from transferkit.backbones.support import check_local
+
+        check_local(config)
+    except (ConfigError, BackboneError) as exc:
+        return _config_errors(exc)
     data = config.data
     source = data.uri or data.train_uri
     print(
@@ -204,6 +207,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"'{config.registry.model_name}'"
     )
     return 0
+
+
+def _config_errors(exc: TransferkitError) -> int:
+    for line in getattr(exc, "all_lines", [str(exc)]):
+        print(f"error: {line}", file=sys.stderr)
+    return 2
 
 
 def _what(config: Any) -> str:

@@ -67,6 +67,30 @@ def test_validate_catches_what_run_would_stop_at(
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {line.format(tmp=tmp_path)}"
 
 
+def test_the_source_checks_load_no_model_code(tmp_path: Path) -> None:
+    """What makes them quick (issue: under a second): a missing data file, a missing backbone
+    folder and an unknown scheme are found without importing torch or transformers, which
+    the family check after them needs (2 s of imports here)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from transferkit.cli import main; code = main(sys.argv[1:]); "
+        "print(code, sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    )
+    for override in (
+        f"data.train_uri={tmp_path}/missing.tsv",
+        f"backbone.uri={tmp_path}/no-model",
+        "data.test_uri=gs://b/dev.tsv",
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, "validate", str(QUICKSTART), "--set", override],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.stdout.strip() == "1 []", (override, done.stdout, done.stderr)
+        assert done.stderr.startswith("error: ")
+
+
 def test_validate_lists_every_source_problem_and_says_ok_otherwise(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
