@@ -74,14 +74,18 @@ def test_finetune_smoke(tmp_path: Path, shared_data: Path) -> None:
     bench("finetune.py", "--smoke", "--out", str(tmp_path / "r.json"), data=shared_data)
     result = report(tmp_path / "r.json")
     (run,) = result["repetitions"]
-    ours, peer = run["transferkit"], run["peer"]
-    assert ours["rows"] == peer["rows"] == result["rows"]["ingested"]["train"] == 64
-    assert ours["steps"] == peer["steps"] == 2  # one epoch of 64 rows in batches of 32
+    ours, best, fp32 = run["transferkit"], run["Trainer bf16+grouped"], run["Trainer fp32"]
+    assert ours["rows"] == best["rows"] == fp32["rows"] == result["rows"]["ingested"]["train"]
+    assert ours["rows"] == 64
+    # one epoch of 64 rows in batches of 32, on each side
+    assert ours["steps"] == best["steps"] == fp32["steps"] == 2
+    assert (best["precision"], fp32["precision"]) == ("bf16 autocast", "fp32")
     assert result["rows"]["ingested"]["test"] == 100
-    for side in (ours, peer):
+    for side in (ours, best, fp32):
         assert side["examples_per_second"] > 0
         assert 0 <= side["dev_accuracy"] <= 1
-    assert result["medians"]["examples_per_second"]["ratio"] > 0
+    assert result["medians"]["ratio_to_best_peer"] > 0
+    assert result["medians"]["ratio_to_fp32_peer"] > 0
 
 
 def test_pipeline_smoke(tmp_path: Path, shared_data: Path) -> None:
