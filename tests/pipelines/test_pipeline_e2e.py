@@ -88,6 +88,10 @@ def test_quickstart_trains_evaluates_and_registers(first_run: dict, work: Path) 
     assert "registered  models:/sst2-sentiment/1" in summary["stdout"]
     for step in STEPS:
         assert f"✓ {step}" in summary["stderr"]
+    # The README prints this run's evaluation, figure for figure.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = readme[readme.index("Evaluation\n  accuracy") :].split("\n\nModel\n")[0]
+    assert shown in summary["stdout"]
     # Not a terminal: the long extraction's progress as plain lines, a few, not a bar.
     plain = re.findall(
         r"^    extract_features: embed train: \d+/\d+ batches \(\d+%\), .*, ETA .+$",
