@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, list[float]]:
+def on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, list[tuple[int, float]]]:
     """Run ``args`` with a pseudo-terminal as stdout and stderr: (exit status, what it
-    wrote, when each write arrived)."""
+    wrote, (where in it each write ended, when it arrived))."""
     master, slave = pty.openpty()
     process = subprocess.Popen(
         args,
@@ -50,7 +50,13 @@ def on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, list[
         elif process.poll() is not None:
             break
     os.close(master)
-    return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace"), arrivals
+    text = b"".join(chunks).decode("utf-8", "replace")
+    # Where each write ends in the text, with when it arrived.
+    ends, total = [], 0
+    for chunk in chunks:
+        total += len(chunk.decode("utf-8", "replace"))
+        ends.append(total)
+    return process.wait(timeout=60), text, list(zip(ends, arrivals, strict=True))
 
 
 def test_a_terminal_sees_each_long_step_progress_in_its_line(
@@ -72,7 +78,13 @@ def test_a_terminal_sees_each_long_step_progress_in_its_line(
     # Every progress line a step logs (the runner's default is one each 2 s: a small run
     # would show few).
     env = dict(os.environ, TRANSFERKIT_PROGRESS_SECONDS="0", COLUMNS="200")
-    status, screen, arrivals = on_a_terminal(args, env)
+    status, screen, writes = on_a_terminal(args, env)
+    # The longest the screen stood still from the start of extraction to the end of
+    # training, for the record (issue 21 asks at most 5 s; the line is redrawn each second).
+    start, end = screen.index("▸ extract_features"), screen.index("✓ train")
+    during = [when for where, when in writes if start <= where <= end + 40]
+    still = max(b - a for a, b in itertools.pairwise(during))
+    print(f"\nlongest time without a change on the screen, extraction to training: {still:.1f} s")
     screen = screen.replace("\r\n", "\n")  # the terminal's line ends
     (tmp_path / "screen.txt").write_text(screen)
     assert status == 0, screen[-3000:]
@@ -97,6 +109,3 @@ def test_a_terminal_sees_each_long_step_progress_in_its_line(
     for step in ("ingest_data", "fetch_backbone", "extract_features", "train", "evaluate"):
         assert re.search(rf"  ✓ {step} +[\d.]+ s\n", screen)
     assert "registered  models:/sst2-sentiment/1" in screen
-    # The longest the screen stood still, for the record (the redraw is each second).
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    print(f"\nlongest time without a change on the screen: {max(gaps):.1f} s")
