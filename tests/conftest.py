@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,30 @@ SHARED_DATA = Path(os.environ.get("TRANSFERKIT_SHARED_DATA", ROOT.parent / "shar
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # Under xdist each worker (and the step processes it starts) gets its share of the
+        # cores: two workers each running torch on every core would oversubscribe them.
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", share)
+        os.environ.setdefault("MKL_NUM_THREADS", share)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(autouse=True)
+def _transferkit_logging_restored() -> Iterator[None]:
+    """A test that calls an entry point in-process (the CLI's ``main``, a component) gets
+    ``configure_logging``'s level, handler and ``propagate=False`` on the ``transferkit``
+    logger; the next test in the process finds the logger as it was before, whatever ran
+    before it on its xdist worker."""
+    logger = logging.getLogger("transferkit")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])  # setLevel, not .level =: it clears the loggers' level cache
+    logger.handlers[:], logger.propagate = saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")
@@ -257,3 +279,28 @@ def breast_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, resn
     fetch_backbone(config, root / "backbone")
     extract_features(config, root / "dataset", root / "backbone", root / "features")
     return root, data, resnet20
+
+
+# Files whose parametrised tests are scheduled by row (the id without its last "-" part: the
+# family matrix's ``{row}-{modality}-{strategy}``), not whole: a row's pairs share its built
+# model and caches, and the rows spread over the workers.
+BY_ROW = {"tests/unit/test_family_matrix.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``-n N`` (``--dist loadfile``, the default here) a test file's tests run on one
+    worker, so a module's shared fixture (often a whole pipeline run) is built once; the
+    family matrix goes by row. (xdist's own ``loadgroup`` marks do not reach its scheduler
+    under pytest 9: it suffixes ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFileOrRow(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path, _, rest = nodeid.partition("::")
+            if path in BY_ROW and rest.endswith("]"):
+                return f"{path}::{rest[rest.index('[') + 1 : -1].rsplit('-', 1)[0]}"
+            return path
+
+    return ByFileOrRow(config, log)

@@ -42,7 +42,12 @@ def _free(port: int) -> bool:
 
 
 def free_port_pair(start: int) -> int:
-    """A port p such that p and p + 10000 (SeaweedFS's gRPC convention) are both free."""
+    """A port p such that p and p + 10000 (SeaweedFS's gRPC convention) are both free.
+
+    Each xdist worker searches from its own offset, so two workers starting servers at the
+    same moment never pick the same free port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    start += 300 * int(worker.removeprefix("gw") or 0)
     for port in range(start, start + 2000):
         if _free(port) and _free(port + 10000):
             return port

@@ -165,7 +165,11 @@ def test_a_partial_or_damaged_entry_is_a_miss_and_is_repaired(
     with caplog.at_level(logging.WARNING, logger="transferkit.features"):
         second = extract_features(config, dataset, backbone, tmp_path / "f2")
     assert not second.cache_hit
-    warned = [r.getMessage() for r in caplog.records if r.name == "transferkit.features"]
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "transferkit.features" and r.levelno >= logging.WARNING
+    ]
     assert len(warned) == 1, warned
     assert warned[0].startswith(f"feature cache entry {cache}/{first.key} is damaged (")
     assert {

@@ -14,8 +14,8 @@ Every row of the matrix also runs one of its pairs through ``transferkit run`` i
 local runner, a process per step), served from the registry: the runner, the artifact passing
 and the processes are the same for every strategy, so one pair a row (a different strategy
 each row, eight of the nine) proves the CLI path per family, while the in-process check above
-proves every pair. Both are marked ``families`` (``pytest -m families -n 2 --dist
-loadgroup``, a row's pairs on one worker; .ci/run runs it), kept out of the default run, which
+proves every pair. Both are marked ``families`` (``pytest -m families -n 2``, a row's
+pairs on one worker; .ci/run runs it), kept out of the default run, which
 the families' own tests (``test_family_*.py``) and the refusals below keep within its time.
 """
 
@@ -321,11 +321,11 @@ def _params(supported: bool, only: set[tuple[str, str, str]] | None = None) -> l
             continue
         # `vision` (ResNet) → vision-ResNet
         row = re.sub(r"[^A-Za-z0-9]+", "-", kind.row).strip("-")
-        # A row's pairs share its built model and caches: under pytest-xdist (``-n 2
-        # --dist loadgroup``, as .ci/run runs them) they stay on one worker.
-        group = pytest.mark.xdist_group(f"{row}-{kind.modality}")
+        # A row's pairs share its built model and caches: under pytest-xdist (``-n 2``, as
+        # .ci/run runs them) they stay on one worker, scheduled by this id's row
+        # (tests/conftest.py: BY_ROW).
         name = f"{row}-{kind.modality}-{strategy}"
-        out.append(pytest.param(kind, strategy, id=name, marks=group))
+        out.append(pytest.param(kind, strategy, id=name))
     return out
 
 
