@@ -275,11 +275,17 @@ def run_peer(config: PipelineConfig, prepared: Prepared, folder: Path, best: boo
     seconds, result = common.timed(trainer.train)
     predicted = trainer.predict(test_set)  # type: ignore[arg-type]
     logits = np.asarray(predicted.predictions)
+    # Scored against the labels the Trainer returns with its predictions, in its order: with
+    # length-grouped batches transformers 5 predicts in length-grouped order too (its
+    # _get_eval_sampler), so the test file's label order would score a shuffle (chance).
+    scored_labels = np.asarray(predicted.label_ids)
+    if sorted(scored_labels.tolist()) != sorted(np.asarray(test_labels).tolist()):
+        raise RuntimeError("the Trainer's predictions do not cover the test rows once each")
     return Run(
         side=BEST if best else FP32,
         examples_per_second=float(result.metrics["train_samples_per_second"]),
         train_wall_seconds=round(seconds, 2),
-        dev_accuracy=float(np.mean(logits.argmax(axis=-1) == test_labels)),
+        dev_accuracy=float(np.mean(logits.argmax(axis=-1) == scored_labels)),
         rows=len(train_set),
         steps=int(trainer.state.global_step),
         precision="bf16 autocast" if best else "fp32",
@@ -371,6 +377,14 @@ def summary(runs: list[dict[str, Run]]) -> dict[str, Any]:
     )
     return {
         "examples_per_second": {name: common.spread(values) for name, values in speed.items()},
+        # The medians under plain keys, for the README's figure markers.
+        "headline": {
+            "ours": ours,
+            "best_peer": medians[BEST],
+            "fp32_peer": medians[FP32],
+            "ours_accuracy_percent": accuracy["transferkit"],
+            "best_peer_accuracy_percent": accuracy[BEST],
+        },
         "ratio_to_best_peer": ratio,
         "ratio_to_fp32_peer": ours / medians[FP32],
         "dev_accuracy_percent_mean": accuracy,
