@@ -41,13 +41,15 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_port_pair(start: int) -> int:
-    """A port p such that p and p + 10000 (SeaweedFS's gRPC convention) are both free.
-
-    Each xdist worker searches from its own offset, so two workers starting servers at the
-    same moment never pick the same free port."""
+def worker_base(start: int) -> int:
+    """``start`` moved to this xdist worker's own range (300 ports a worker), so two workers
+    starting servers at the same moment never pick the same free port."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    start += 300 * int(worker.removeprefix("gw") or 0)
+    return start + 300 * int(worker.removeprefix("gw") or 0)
+
+
+def free_port_pair(start: int) -> int:
+    """A port p such that p and p + 10000 (SeaweedFS's gRPC convention) are both free."""
     for port in range(start, start + 2000):
         if _free(port) and _free(port + 10000):
             return port
@@ -100,7 +102,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         )
     )
     ports = {}
-    start = 21000
+    start = worker_base(21000)
     for name in ("master", "volume", "filer", "s3", "admin"):
         ports[name] = start = free_port_pair(start)
         start += 1
@@ -116,7 +118,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         f"-s3.port={ports['s3']}",
         f"-admin.port={ports['admin']}",
         "-webdav=false",
+        # Iceberg's and Lance's listeners have fixed default ports (8181, 9101): a second
+        # server at once (another xdist worker's) would die binding them. Neither is used.
         "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         f"-s3.config={config}",
     ]
     (root / "data").mkdir()
@@ -230,7 +235,10 @@ def mlflow_server(
     'mlflow' bucket."""
     s3_server.client().create_bucket(Bucket="mlflow")
     server = MlflowServer(
-        tmp_path_factory.mktemp("mlflow-server"), free_port_pair(25000), s3_server, "mlflow"
+        tmp_path_factory.mktemp("mlflow-server"),
+        free_port_pair(worker_base(25000)),
+        s3_server,
+        "mlflow",
     )
     server.start()
     yield server
